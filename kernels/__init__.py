@@ -1,0 +1,9 @@
+"""Kernels of tierkv, each beside the plain PyTorch reference it must agree with.
+
+On a machine without CUDA the reference is what runs; tests run the Triton kernels on tiny shapes under
+TRITON_INTERPRET=1 against it.
+"""
+
+from tierkv.kernels.block_copy import copy_blocks, copy_blocks_reference, copy_blocks_triton
+
+__all__ = ["copy_blocks", "copy_blocks_reference", "copy_blocks_triton"]

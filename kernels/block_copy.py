@@ -1,0 +1,74 @@
+"""Batched block copy between two block pools: one launch for a whole batch of blocks.
+
+A pool is a tensor whose first axis indexes block slots and whose other axes are one contiguous block.
+`copy_blocks(src, dst, src_idx, dst_idx)` does `dst[dst_idx[i]] = src[src_idx[i]]` for every i.
+
+Where either pool is on a CUDA device, one Triton kernel does the whole batch, reading or writing pinned
+host memory in place through unified virtual addressing (zero-copy), so scattered blocks move at close to
+the speed of one contiguous copy instead of paying one DMA setup per block (see ANCHORS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency; kept importable for docs tools
+    triton = None
+
+# Words per program: 16 KiB of int32 per program keeps thousands of loads in flight over PCIe.
+_WORDS_PER_PROGRAM = 4096
+
+
+def copy_blocks_reference(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """Plain PyTorch: `dst[dst_idx] = src[src_idx]`. Pools must share a device. Indices are int64, distinct in dst_idx."""
+    dst.index_copy_(0, dst_idx, src.index_select(0, src_idx))
+
+
+def _words(pool: torch.Tensor) -> torch.Tensor:
+    """The pool as rows of 32-bit words (or bytes when a block is not a whole number of words)."""
+    flat = pool.view(pool.shape[0], -1)
+    nbytes = flat.shape[1] * flat.element_size()
+    as_bytes = flat.view(torch.uint8)
+    return as_bytes.view(torch.int32) if nbytes % 4 == 0 else as_bytes
+
+
+if triton is not None:
+
+    @triton.jit
+    def _copy_blocks_kernel(src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, WORDS: tl.constexpr):
+        pair = tl.program_id(0)
+        chunk = tl.program_id(1)
+        s = tl.load(src_idx_ptr + pair).to(tl.int64)
+        d = tl.load(dst_idx_ptr + pair).to(tl.int64)
+        offs = chunk.to(tl.int64) * WORDS + tl.arange(0, WORDS)
+        mask = offs < words_per_block
+        x = tl.load(src_ptr + s * words_per_block + offs, mask=mask)
+        tl.store(dst_ptr + d * words_per_block + offs, x, mask=mask)
+
+
+def copy_blocks_triton(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """The Triton kernel. Pools may be device memory or pinned host memory (read/written through UVA).
+
+    `src_idx`, `dst_idx`: int64 tensors on the launching device (or on the CPU under TRITON_INTERPRET=1).
+    Runs on the current CUDA stream; the caller orders it against other streams.
+    """
+    if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
+        raise ValueError(f"copy_blocks: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
+    n = src_idx.numel()
+    if n == 0:
+        return
+    src_w, dst_w = _words(src), _words(dst)
+    words_per_block = src_w.shape[1]
+    grid = (n, triton.cdiv(words_per_block, _WORDS_PER_PROGRAM))
+    _copy_blocks_kernel[grid](src_w, dst_w, src_idx, dst_idx, words_per_block, WORDS=_WORDS_PER_PROGRAM)
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """`dst[dst_idx] = src[src_idx]` in one launch: the Triton kernel where CUDA is involved, else the reference."""
+    if src.is_cuda or dst.is_cuda:
+        copy_blocks_triton(src, dst, src_idx, dst_idx)
+    else:
+        copy_blocks_reference(src, dst, src_idx, dst_idx)

@@ -1,0 +1,112 @@
+"""Configuration of the page manager, validated on construction, before anything is allocated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.errors import ConfigError
+from tierkv.layout import KVLayout
+from tierkv.sizes import parse_nbytes
+
+EVICTION_NAMES = ("lru", "clock")
+
+
+def resolve_blocks(name: str, num_blocks: int | None, nbytes: str | int | None, block_nbytes: int) -> int:
+    """A tier's capacity in blocks, given as a block count or as a byte size (floor division)."""
+    if num_blocks is not None and nbytes is not None:
+        raise ConfigError(f"{name} tier: give {name}_blocks or {name}_memory, not both")
+    if nbytes is not None:
+        return parse_nbytes(nbytes, f"{name}_memory") // block_nbytes
+    if num_blocks is None:
+        return 0
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+        raise ConfigError(f"{name}_blocks must be a non-negative integer, got {num_blocks!r}")
+    return num_blocks
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """torch.device from "cpu", "cuda" or "cuda:N", refused if CUDA is asked for and absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name; use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
+    return dev
+
+
+@dataclass
+class PageManagerConfig:
+    """Capacities of the three tiers and how blocks move between them.
+
+    Capacities are in blocks (`*_blocks`) or in bytes (`*_memory`, e.g. "20GiB"); a tier of 0 blocks is absent,
+    except the GPU tier, which needs at least one block. On a machine without CUDA the "gpu" tier lives in
+    ordinary memory and everything runs synchronously through the same code.
+    """
+
+    layout: KVLayout
+    device: str | torch.device = "cpu"
+    gpu_blocks: int | None = None
+    gpu_memory: str | int | None = None
+    cpu_blocks: int | None = None
+    cpu_memory: str | int | None = None
+    nvme_dir: str | None = None
+    nvme_blocks: int | None = None
+    nvme_memory: str | int | None = None
+    eviction: str = "lru"
+    nvme_backend: str = "auto"
+    # Extra GPU slots, beyond gpu_blocks, that let a promotion land before its victim leaves when every
+    # tier below is full. None: 1/16 of the GPU tier, at least 1 and at most 64.
+    gpu_reserve_blocks: int | None = None
+    # Pinned staging for NVMe <-> GPU transfers on CUDA, in blocks (bounds the size of one I/O chunk).
+    staging_blocks: int = 32
+    # Tests only: random delays on transfer streams and the I/O thread, to expose missing orderings.
+    debug_delays: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layout, KVLayout):
+            raise ConfigError(f"layout must be a tierkv.KVLayout, got {type(self.layout).__name__}")
+        self.device = resolve_device(self.device)
+        nbytes = self.layout.block_nbytes
+        self.gpu_blocks = resolve_blocks("gpu", self.gpu_blocks, self.gpu_memory, nbytes)
+        self.cpu_blocks = resolve_blocks("cpu", self.cpu_blocks, self.cpu_memory, nbytes)
+        self.nvme_blocks = resolve_blocks("nvme", self.nvme_blocks, self.nvme_memory, nbytes)
+        self.gpu_memory = self.cpu_memory = self.nvme_memory = None
+        if self.gpu_blocks < 1:
+            raise ConfigError(
+                f"the GPU tier needs at least 1 block of {nbytes} bytes; got gpu_blocks={self.gpu_blocks} "
+                "(a gpu_memory below one block rounds down to 0); raise gpu_blocks or gpu_memory"
+            )
+        if self.nvme_blocks and not self.nvme_dir:
+            raise ConfigError(f"nvme_blocks={self.nvme_blocks} needs nvme_dir: a directory on the NVMe disk for the block files")
+        if self.nvme_dir is not None:
+            if not isinstance(self.nvme_dir, (str, os.PathLike)) or not str(self.nvme_dir):
+                raise ConfigError(f"nvme_dir must be a directory path, got {self.nvme_dir!r}")
+            if os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):
+                raise ConfigError(f"nvme_dir {str(self.nvme_dir)!r} exists and is not a directory; give a directory path")
+            if self.nvme_blocks == 0:
+                raise ConfigError(f"nvme_dir {str(self.nvme_dir)!r} is set but the NVMe tier has 0 blocks; set nvme_blocks or nvme_memory")
+        if self.eviction not in EVICTION_NAMES:
+            raise ConfigError(f"eviction {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
+        if self.nvme_backend not in ("auto", "kvikio", "posix"):
+            raise ConfigError(f"nvme_backend {self.nvme_backend!r} is not one of 'auto', 'kvikio', 'posix'")
+        if self.gpu_reserve_blocks is None:
+            self.gpu_reserve_blocks = min(64, max(1, self.gpu_blocks // 16))
+        if not isinstance(self.gpu_reserve_blocks, int) or self.gpu_reserve_blocks < 1:
+            raise ConfigError(f"gpu_reserve_blocks must be a positive integer, got {self.gpu_reserve_blocks!r}")
+        if not isinstance(self.staging_blocks, int) or self.staging_blocks < 1:
+            raise ConfigError(f"staging_blocks must be a positive integer, got {self.staging_blocks!r}")
+
+    @property
+    def total_blocks(self) -> int:
+        return self.gpu_blocks + self.cpu_blocks + self.nvme_blocks

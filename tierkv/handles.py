@@ -1,0 +1,101 @@
+"""Completion handles: what a caller waits on for a batched transfer to finish.
+
+A handle answers three questions: is it done (without blocking), wait for it on the host, and make a
+CUDA stream wait for it without blocking the host where the work is on the device. On a machine
+without CUDA every transfer completes before its call returns and its handle is `DONE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import Future
+
+
+class Handle:
+    """Completion of some work. Subclasses override the three methods."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Block the calling thread until the work is complete; re-raise its error if it failed."""
+
+    def wait_on(self, stream) -> None:
+        """Order `stream` (a torch.cuda.Stream) after the work; blocks the host only for host-side work."""
+
+
+DONE = Handle()
+
+
+class EventHandle(Handle):
+    """Device work, complete when a CUDA event recorded after it has been reached."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event) -> None:
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+    def wait_on(self, stream) -> None:
+        stream.wait_event(self.event)
+
+
+class FutureHandle(Handle):
+    """Host work on a worker thread (NVMe I/O) whose result is a further handle for any device work it queued."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done() and (self.future.exception() is not None or self._inner().done())
+
+    def _inner(self) -> Handle:
+        inner = self.future.result()
+        return DONE if inner is None else inner
+
+    def wait(self) -> None:
+        self._inner().wait()
+
+    def wait_on(self, stream) -> None:
+        self._inner().wait_on(stream)
+
+
+class AllOf(Handle):
+    """Complete when every one of its parts is."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Handle]) -> None:
+        self.parts = parts
+
+    def done(self) -> bool:
+        return all(p.done() for p in self.parts)
+
+    def wait(self) -> None:
+        for p in self.parts:
+            p.wait()
+
+    def wait_on(self, stream) -> None:
+        for p in self.parts:
+            p.wait_on(stream)
+
+
+def all_of(handles: Iterable[Handle]) -> Handle:
+    """One handle for many, dropping the ones already known complete."""
+    parts: list[Handle] = []
+    seen: set[int] = set()
+    for h in handles:
+        if h is DONE or id(h) in seen:
+            continue
+        seen.add(id(h))
+        parts.extend(h.parts if isinstance(h, AllOf) else [h])
+    if not parts:
+        return DONE
+    return parts[0] if len(parts) == 1 else AllOf(parts)

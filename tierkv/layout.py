@@ -1,0 +1,94 @@
+"""The shape of one KV block, the unit every tier stores and moves."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tierkv.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype from a name ("bfloat16", "float16", "float32") or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported for the KV cache; use one of {sorted(DTYPES)}")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported for the KV cache; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """One block holds `block_size` tokens of keys and values for every layer.
+
+    Block shape: (num_layers, 2, block_size, num_kv_heads, head_dim), index 0 of the second axis = keys,
+    1 = values. All of a block's bytes are contiguous, so a block is one large extent on every tier
+    (an 8B-class model at block_size 16 gives 2 MiB blocks).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"KV layout: {name} must be a positive integer, got {value!r}")
+        if self.block_size > 4096:
+            raise ConfigError(f"KV layout: block_size {self.block_size} tokens is too large; use at most 4096 (16 is usual)")
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def token_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one token's KV across layers: (num_layers, 2, num_kv_heads, head_dim)."""
+        return (self.num_layers, 2, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_numel(self) -> int:
+        return math.prod(self.block_shape)
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.block_numel * self.dtype.itemsize
+
+    @property
+    def token_nbytes(self) -> int:
+        return self.block_nbytes // self.block_size
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def describe(self) -> dict:
+        """JSON-able description; two layouts with equal descriptions store identical bytes per block."""
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        return d
+
+    @classmethod
+    def from_hf_config(cls, config, dtype: str | torch.dtype = torch.bfloat16, block_size: int = 16) -> "KVLayout":
+        """The layout for a transformers decoder config (Llama, Mistral, Qwen2 and kin)."""
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        return cls(config.num_hidden_layers, num_kv_heads, head_dim, parse_dtype(dtype), block_size)

@@ -1,0 +1,251 @@
+"""Executes block transfers between tiers: one batched launch (or one batched I/O submission) per call.
+
+The mover owns the side streams, the NVMe worker thread and the staging buffer; it holds no bookkeeping of
+which block lives where. Every transfer waits for its dependencies (the writes that produced its source,
+the reads that last used its destination slots) and returns a handle that completes when the bytes have
+landed.
+
+Where the work runs:
+- CPU only (no CUDA): synchronously, on the calling thread; every handle is DONE.
+- host memory <-> GPU: one Triton kernel on the h2d or d2h stream, reading or writing pinned host memory in
+  place (zero-copy through UVA). GPU -> GPU copies (copy-on-write) run on the h2d stream.
+- anything touching NVMe on a CUDA machine: on one FIFO worker thread (kvikio's own pool parallelises the
+  I/O); GPU-side bytes go through a bounded pinned staging buffer in chunks.
+A transfer whose dependencies include unfinished host work is also sent to the worker thread, so the caller
+never blocks on I/O it did not ask to wait for.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.errors import CapacityError
+from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, all_of
+from tierkv.kernels import copy_blocks
+from tierkv.tiers import MemoryTier, NvmeTier, Tier
+
+
+@dataclass
+class LinkStats:
+    """Traffic over one (source tier -> destination tier) link."""
+
+    blocks: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+
+
+class Mover:
+    """Runs batched transfers between `tiers`; `device` is the compute device ("cpu" or a CUDA device)."""
+
+    def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
+        self.tiers = list(tiers)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.links: dict[tuple[str, str], LinkStats] = {}
+        self._lock = threading.Lock()
+        self._timed: list[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event]] = []
+        self._debug_rng = random.Random(0) if debug_delays else None
+        self._io: ThreadPoolExecutor | None = None
+        self._staging: MemoryTier | None = None
+        self._staging_reader: torch.cuda.Event | None = None  # last device copy out of the staging buffer
+        if self.cuda:
+            self.h2d_stream = torch.cuda.Stream(device)
+            self.d2h_stream = torch.cuda.Stream(device)
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="tierkv-io")
+            if any(isinstance(t, NvmeTier) for t in self.tiers):
+                layout = self.tiers[0].layout
+                self._staging = MemoryTier(1, layout, staging_blocks, staging_blocks, torch.device("cpu"), pin=True)
+
+    # -- public ------------------------------------------------------------------------------------------
+    def compute_marker(self) -> Handle:
+        """A handle for all work queued so far on the current (compute) stream; DONE off CUDA."""
+        if not self.cuda:
+            return DONE
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return EventHandle(ev)
+
+    def move(self, src: Tier, src_slots: Sequence[int], dst: Tier, dst_slots: Sequence[int], deps: Sequence[Handle] = ()) -> Handle:
+        """Copy blocks `src_slots` of `src` into `dst_slots` of `dst` after `deps`; one batch, one direction."""
+        if len(src_slots) != len(dst_slots):
+            raise ValueError(f"move: {len(src_slots)} source slots but {len(dst_slots)} destination slots")
+        if not src_slots:
+            return DONE
+        link = self._link(src, dst)
+        with self._lock:
+            link.blocks += len(src_slots)
+            link.nbytes += len(src_slots) * src.layout.block_nbytes
+            link.batches += 1
+        dep = all_of(deps)
+        if isinstance(src, NvmeTier) and isinstance(dst, NvmeTier):
+            raise ValueError("move: NVMe to NVMe is not a transfer the page manager plans")
+        if not self.cuda:
+            dep.wait()
+            t0 = time.perf_counter()
+            self._run_sync(src, list(src_slots), dst, list(dst_slots))
+            self._add_time(link, time.perf_counter() - t0)
+            return DONE
+        touches_nvme = isinstance(src, NvmeTier) or isinstance(dst, NvmeTier)
+        if touches_nvme or not _device_waitable(dep):
+            fut = self._io.submit(self._run_on_worker, src, list(src_slots), dst, list(dst_slots), dep, link)
+            return FutureHandle(fut)
+        return self._launch(src, list(src_slots), dst, list(dst_slots), dep, link)
+
+    def collect(self) -> None:
+        """Fold the times of finished device transfers into the link stats (cheap; call at step boundaries)."""
+        with self._lock:
+            pending = []
+            for link, start, end in self._timed:
+                if end.query():
+                    link.seconds += start.elapsed_time(end) / 1e3
+                else:
+                    pending.append((link, start, end))
+            self._timed = pending
+
+    def synchronize(self) -> None:
+        """Wait for every transfer submitted so far."""
+        if self.cuda:
+            if self._io is not None:
+                self._io.submit(lambda: None).result()
+            self.h2d_stream.synchronize()
+            self.d2h_stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        self.collect()
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        if self.cuda:
+            self.synchronize()
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _link(self, src: Tier, dst: Tier) -> LinkStats:
+        key = (src.name, dst.name)
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = LinkStats()
+        return link
+
+    def _add_time(self, link: LinkStats, seconds: float) -> None:
+        with self._lock:
+            link.seconds += seconds
+
+    def _run_sync(self, src: Tier, src_slots: list[int], dst: Tier, dst_slots: list[int]) -> None:
+        """Everything in host memory or files: plain copies and file I/O on this thread."""
+        if isinstance(dst, NvmeTier):
+            dst.store.write(dst_slots, src.pool, src_slots)
+        elif isinstance(src, NvmeTier):
+            src.store.read(src_slots, dst.pool, dst_slots)
+        else:
+            copy_blocks(src.pool, dst.pool, _index(src_slots, src.pool.device), _index(dst_slots, dst.pool.device))
+
+    def _stream_for(self, src: Tier, dst: Tier):
+        # GPU -> GPU (copy-on-write) shares the h2d stream: consumers wait on the returned handle either way.
+        return self.h2d_stream if dst.is_cuda else self.d2h_stream
+
+    def _delay(self, stream) -> None:
+        """Debug hook: hold the stream for a random while, so that missing orderings show as wrong data."""
+        if self._debug_rng is not None:
+            torch.cuda._sleep(self._debug_rng.randrange(0, 2_000_000))
+
+    def _launch(self, src: MemoryTier, src_slots, dst: MemoryTier, dst_slots, dep: Handle, link: LinkStats) -> Handle:
+        """Memory to memory with CUDA involved: one kernel on the right stream, ordered after `dep`."""
+        stream = self._stream_for(src, dst)
+        with torch.cuda.stream(stream):
+            dep.wait_on(stream)
+            self._delay(stream)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            copy_blocks(src.pool, dst.pool, _index(src_slots, self.device), _index(dst_slots, self.device))
+            end.record(stream)
+        with self._lock:
+            self._timed.append((link, start, end))
+        return EventHandle(end)
+
+    def _run_on_worker(self, src: Tier, src_slots, dst: Tier, dst_slots, dep: Handle, link: LinkStats) -> Handle:
+        """Body of a transfer on the worker thread; returns a handle for any device work it left queued."""
+        dep.wait()
+        if self._debug_rng is not None:
+            time.sleep(self._debug_rng.random() * 0.002)
+        t0 = time.perf_counter()
+        try:
+            if isinstance(dst, NvmeTier):
+                if src.is_host_memory:
+                    dst.store.write(dst_slots, src.pool, src_slots)
+                else:
+                    self._gpu_to_nvme(src, src_slots, dst, dst_slots)
+                return DONE
+            if isinstance(src, NvmeTier):
+                if dst.is_host_memory:
+                    src.store.read(src_slots, dst.pool, dst_slots)
+                    return DONE
+                return self._nvme_to_gpu(src, src_slots, dst, dst_slots)
+            handle = self._launch(src, src_slots, dst, dst_slots, DONE, link)
+            return handle
+        finally:
+            if isinstance(src, NvmeTier) or isinstance(dst, NvmeTier):
+                self._add_time(link, time.perf_counter() - t0)
+
+    def _chunks(self, n: int):
+        step = self._staging.num_slots
+        for i in range(0, n, step):
+            yield i, min(n, i + step)
+
+    def _staging_free(self) -> None:
+        """Wait until no device copy still reads the staging buffer (worker thread only)."""
+        if self._staging_reader is not None:
+            self._staging_reader.synchronize()
+            self._staging_reader = None
+
+    def _gpu_to_nvme(self, src: MemoryTier, src_slots, dst: NvmeTier, dst_slots) -> None:
+        staging = self._staging
+        self._staging_free()
+        for i, j in self._chunks(len(src_slots)):
+            rows = list(range(j - i))
+            with torch.cuda.stream(self.d2h_stream):
+                copy_blocks(src.pool, staging.pool, _index(src_slots[i:j], self.device), _index(rows, self.device))
+                done = torch.cuda.Event()
+                done.record(self.d2h_stream)
+            done.synchronize()
+            dst.store.write(dst_slots[i:j], staging.pool, rows)
+
+    def _nvme_to_gpu(self, src: NvmeTier, src_slots, dst: MemoryTier, dst_slots) -> Handle:
+        staging = self._staging
+        for i, j in self._chunks(len(src_slots)):
+            rows = list(range(j - i))
+            self._staging_free()  # the staging buffer is about to be overwritten
+            src.store.read(src_slots[i:j], staging.pool, rows)
+            with torch.cuda.stream(self.h2d_stream):
+                self._delay(self.h2d_stream)
+                copy_blocks(staging.pool, dst.pool, _index(rows, self.device), _index(dst_slots[i:j], self.device))
+                self._staging_reader = torch.cuda.Event()
+                self._staging_reader.record(self.h2d_stream)
+        return EventHandle(self._staging_reader)
+
+
+def _device_waitable(handle: Handle) -> bool:
+    """True if a stream can wait for `handle` without the host blocking (device events, finished host work)."""
+    if isinstance(handle, FutureHandle):
+        return handle.future.done()
+    parts = getattr(handle, "parts", None)
+    if parts is not None:
+        return all(_device_waitable(p) for p in parts)
+    return True
+
+
+def _index(slots: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Slot numbers as an int64 tensor on `device` (pinned staging and a non-blocking copy for CUDA)."""
+    t = torch.tensor(slots, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

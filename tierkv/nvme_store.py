@@ -1,0 +1,388 @@
+"""The NVMe tier's files: preallocated block slots, a checksummed slot index, a lock, two I/O backends.
+
+Files in `nvme_dir`:
+- `blocks.bin`: a 4 KiB header (JSON: format version, KV layout, slot count, slot stride) then the slots,
+  each `slot_stride` bytes (the block size rounded up to 4 KiB so every slot is O_DIRECT-aligned).
+- `slots.idx`: one 64-byte record per slot (magic, checksum of the block's bytes, tokens, content key),
+  written only after the block's bytes are written, so a record never vouches for bytes that are not there.
+- `LOCK`: held with flock while a process uses the directory; a second process gets a clear error.
+
+Backends: kvikio (CuFile pread/pwrite through its thread pool) where CUDA and kvikio work, else plain
+positional file I/O with O_DIRECT where buffers and offsets allow. The choice is made at open and reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from tierkv.errors import ConfigError, CorruptBlockError, StoreError
+from tierkv.layout import KVLayout
+from tierkv.sizes import format_nbytes
+
+FORMAT_VERSION = 1
+HEADER_NBYTES = 4096
+ALIGN = 4096
+RECORD = struct.Struct("<4sHHQQII32s")  # magic, version, flags, checksum, generation, num_tokens, reserved, key
+RECORD_NBYTES = 64
+MAGIC = b"TKVS"
+assert RECORD.size == RECORD_NBYTES
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def block_checksum(data) -> int:
+    """64-bit checksum of a block's bytes (xxh3); `data` is a buffer or a contiguous CPU tensor."""
+    if isinstance(data, torch.Tensor):
+        data = data.reshape(-1).view(torch.uint8).numpy()
+    return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    checksum: int
+    generation: int
+    num_tokens: int
+    key: bytes
+
+
+def _host_bytes(t: torch.Tensor):
+    """A writable numpy uint8 view of a contiguous CPU tensor (shares memory)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class _PosixBackend:
+    """os.preadv/os.pwritev; O_DIRECT for runs whose buffer, offset and length are 4 KiB-aligned."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.direct_fd = -1
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            except OSError:
+                self.direct_fd = -1  # e.g. tmpfs refuses O_DIRECT
+        self.name = "posix+O_DIRECT" if self.direct_fd >= 0 else "posix"
+
+    def _fd_for(self, buf, offset: int) -> int:
+        addr = buf.ctypes.data
+        if self.direct_fd >= 0 and addr % ALIGN == 0 and offset % ALIGN == 0 and buf.nbytes % ALIGN == 0:
+            return self.direct_fd
+        return self.fd
+
+    def read(self, runs: Sequence[tuple[int, object]]) -> None:
+        for offset, buf in runs:
+            fd = self._fd_for(buf, offset)
+            view = memoryview(buf).cast("B")
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise StoreError(f"NVMe tier: short read at offset {offset + done}: the block file is truncated")
+                done += n
+
+    def write(self, runs: Sequence[tuple[int, object]]) -> None:
+        for offset, buf in runs:
+            fd = self._fd_for(buf, offset)
+            view = memoryview(buf).cast("B")
+            done = 0
+            while done < len(view):
+                done += os.pwritev(fd, [view[done:]], offset + done)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
+
+
+class _KvikioBackend:
+    """kvikio.CuFile: every run of a batch is submitted at once to kvikio's thread pool, then awaited."""
+
+    def __init__(self, path: str) -> None:
+        import kvikio
+
+        self._file = kvikio.CuFile(path, "r+")
+        compat = kvikio.defaults.is_compat_mode_preferred()
+        self.name = "kvikio (compat mode: POSIX through kvikio's thread pool)" if compat else "kvikio (GPUDirect Storage)"
+
+    def read(self, runs: Sequence[tuple[int, object]]) -> None:
+        futures = [(self._file.pread(buf, buf.nbytes, offset), buf.nbytes, offset) for offset, buf in runs]
+        for fut, nbytes, offset in futures:
+            got = fut.get()
+            if got != nbytes:
+                raise StoreError(f"NVMe tier: kvikio read {got} of {nbytes} bytes at offset {offset}")
+
+    def write(self, runs: Sequence[tuple[int, object]]) -> None:
+        futures = [(self._file.pwrite(buf, buf.nbytes, offset), buf.nbytes, offset) for offset, buf in runs]
+        for fut, nbytes, offset in futures:
+            got = fut.get()
+            if got != nbytes:
+                raise StoreError(f"NVMe tier: kvikio wrote {got} of {nbytes} bytes at offset {offset}")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _kvikio_unusable_reason() -> str | None:
+    """None where kvikio can be used here, else why not (kvikio needs the CUDA driver even in compat mode)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (kvikio needs the CUDA driver)"
+    try:
+        import kvikio  # noqa: F401
+    except Exception as exc:  # ImportError, or a CUDA library load failure
+        return f"kvikio is not importable ({type(exc).__name__}: {exc}); install tierkv[gpu]"
+    return None
+
+
+class NvmeStore:
+    """Fixed-size block slots in files under `directory`, with a checksum per slot verified on every read."""
+
+    def __init__(self, directory: str, layout: KVLayout, num_slots: int, backend: str = "auto") -> None:
+        if backend not in ("auto", "kvikio", "posix"):
+            raise ConfigError(f"nvme_backend {backend!r} is not one of 'auto', 'kvikio', 'posix'")
+        if num_slots < 1:
+            raise ConfigError(f"NVMe tier: needs at least 1 block slot, got {num_slots}")
+        self.directory = os.path.abspath(directory)
+        self.layout = layout
+        self.num_slots = num_slots
+        self.slot_stride = _round_up(layout.block_nbytes, ALIGN)
+        self._lock_fd = -1
+        self._backend = None
+        self._idx_fd = -1
+        self._generation = 0
+        self.warnings: list[str] = []
+        self._prepare_directory()
+        try:
+            self._lock()
+            self._open_files()
+            self._backend, self.backend_reason = self._choose_backend(backend)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening -----------------------------------------------------------------------------------------
+    def _prepare_directory(self) -> None:
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ConfigError(f"nvme_dir {self.directory!r} exists and is not a directory; give a directory path")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"nvme_dir {self.directory!r} cannot be created ({exc.strerror}); give a writable directory") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"nvme_dir {self.directory!r} is not writable; give a writable directory")
+
+    def _lock(self) -> None:
+        path = os.path.join(self.directory, "LOCK")
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise StoreError(
+                f"nvme_dir {self.directory!r} is in use by another tierkv process (pid {holder}); "
+                "give each process its own nvme_dir, or stop the other process first"
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _header(self) -> dict:
+        return {
+            "format": "tierkv-nvme",
+            "version": FORMAT_VERSION,
+            "layout": self.layout.describe(),
+            "slot_stride": self.slot_stride,
+        }
+
+    def _open_files(self) -> None:
+        data_path = os.path.join(self.directory, "blocks.bin")
+        idx_path = os.path.join(self.directory, "slots.idx")
+        want = self._header()
+        reuse = False
+        if os.path.exists(data_path) and os.path.exists(idx_path):
+            with open(data_path, "rb") as f:
+                raw = f.read(HEADER_NBYTES).rstrip(b"\0")
+            try:
+                found = json.loads(raw.decode())
+                found_slots = found.pop("num_slots", 0)
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                found, found_slots = None, 0
+            if found == want:
+                reuse = True
+            else:
+                self._warn(
+                    f"NVMe store in {self.directory} was written with another layout or format "
+                    f"({found!r}); its blocks are dropped and the store is reinitialised"
+                )
+        need = HEADER_NBYTES + self.num_slots * self.slot_stride
+        have = os.path.getsize(data_path) if reuse else 0
+        free = shutil.disk_usage(self.directory).free
+        if need - have > free:
+            raise StoreError(
+                f"NVMe tier needs {format_nbytes(need)} in {self.directory} but the disk has only "
+                f"{format_nbytes(free + have)} for it; lower nvme_blocks/nvme_memory or choose another nvme_dir"
+            )
+        mode = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC)
+        fd = os.open(data_path, mode, 0o644)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, need)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise StoreError(
+                        f"NVMe tier: disk full while reserving {format_nbytes(need)} in {self.directory}; "
+                        "lower nvme_blocks/nvme_memory or choose another nvme_dir"
+                    ) from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise StoreError(f"NVMe tier: cannot reserve {format_nbytes(need)} in {self.directory}: {exc}") from None
+                os.ftruncate(fd, max(need, have))
+            if have > need:
+                os.ftruncate(fd, need)
+            header = json.dumps({**want, "num_slots": self.num_slots}).encode()
+            os.pwrite(fd, header.ljust(HEADER_NBYTES, b"\0"), 0)
+        finally:
+            os.close(fd)
+        self._data_path = data_path
+        self._idx_fd = os.open(idx_path, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
+        os.ftruncate(self._idx_fd, self.num_slots * RECORD_NBYTES)
+        self._records: list[SlotRecord | None] = self._load_records()
+        self._generation = max((r.generation for r in self._records if r), default=0)
+
+    def _load_records(self) -> list[SlotRecord | None]:
+        raw = os.pread(self._idx_fd, self.num_slots * RECORD_NBYTES, 0)
+        records: list[SlotRecord | None] = []
+        for slot in range(self.num_slots):
+            magic, version, _flags, checksum, gen, ntok, _res, key = RECORD.unpack_from(raw, slot * RECORD_NBYTES)
+            ok = magic == MAGIC and version == FORMAT_VERSION
+            records.append(SlotRecord(checksum, gen, ntok, key) if ok else None)
+        return records
+
+    def _choose_backend(self, backend: str):
+        reason = _kvikio_unusable_reason() if backend in ("auto", "kvikio") else "posix asked for"
+        if backend == "kvikio" and reason is not None:
+            raise ConfigError(f"nvme_backend 'kvikio' cannot be used: {reason}; use nvme_backend='auto' or 'posix'")
+        if reason is None:
+            try:
+                return _KvikioBackend(self._data_path), "kvikio usable"
+            except Exception as exc:
+                if backend == "kvikio":
+                    raise ConfigError(f"nvme_backend 'kvikio' failed to open {self._data_path}: {exc}") from None
+                reason = f"kvikio failed to open the block file ({exc})"
+        return _PosixBackend(self._data_path), reason
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- I/O -----------------------------------------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name if self._backend else "closed"
+
+    def _offset(self, slot: int) -> int:
+        return HEADER_NBYTES + slot * self.slot_stride
+
+    def _runs(self, slots: Sequence[int], pool: torch.Tensor, rows: Sequence[int]) -> list[tuple[int, object]]:
+        """(file offset, host buffer) runs, merging slots adjacent both in the file and in the pool."""
+        contiguous_file = self.slot_stride == self.layout.block_nbytes
+        pairs = sorted(zip(slots, rows))
+        runs: list[tuple[int, object]] = []
+        i = 0
+        while i < len(pairs):
+            j = i + 1
+            if contiguous_file:
+                while j < len(pairs) and pairs[j][0] == pairs[j - 1][0] + 1 and pairs[j][1] == pairs[j - 1][1] + 1:
+                    j += 1
+            slot0, row0 = pairs[i]
+            runs.append((self._offset(slot0), _host_bytes(pool[row0 : row0 + (j - i)])))
+            i = j
+        return runs
+
+    def _check_slots(self, slots: Sequence[int]) -> None:
+        for s in slots:
+            if not 0 <= s < self.num_slots:
+                raise IndexError(f"NVMe slot {s} out of range 0..{self.num_slots - 1}")
+
+    def write(
+        self,
+        slots: Sequence[int],
+        pool: torch.Tensor,
+        rows: Sequence[int],
+        num_tokens: Sequence[int] | None = None,
+        keys: Sequence[bytes | None] | None = None,
+    ) -> None:
+        """Write `pool[rows[i]]` (a contiguous CPU block pool) to `slots[i]`, then record their checksums."""
+        self._check_slots(slots)
+        if len(set(slots)) != len(slots):
+            raise ValueError("NVMe write: a slot appears twice in one batch")
+        checksums = [block_checksum(_host_bytes(pool[r])) for r in rows]
+        try:
+            self._backend.write(self._runs(slots, pool, rows))
+        except OSError as exc:
+            hint = "the disk is full; free space or lower nvme_blocks" if exc.errno == errno.ENOSPC else str(exc)
+            raise StoreError(f"NVMe tier: write to {self._data_path} failed: {hint}") from None
+        self._write_records(slots, checksums, num_tokens, keys)
+
+    def _write_records(self, slots, checksums, num_tokens, keys) -> None:
+        for i, slot in enumerate(slots):
+            self._generation += 1
+            key = (keys[i] if keys and keys[i] else b"").ljust(32, b"\0")[:32]
+            ntok = num_tokens[i] if num_tokens else self.layout.block_size
+            rec = SlotRecord(checksums[i], self._generation, ntok, key)
+            raw = RECORD.pack(MAGIC, FORMAT_VERSION, 0, rec.checksum, rec.generation, rec.num_tokens, 0, rec.key)
+            os.pwrite(self._idx_fd, raw, slot * RECORD_NBYTES)
+            self._records[slot] = rec
+
+    def read(self, slots: Sequence[int], pool: torch.Tensor, rows: Sequence[int]) -> None:
+        """Read `slots[i]` into `pool[rows[i]]`; raise CorruptBlockError if a block fails its checksum."""
+        self._check_slots(slots)
+        missing = [s for s in slots if self._records[s] is None]
+        if missing:
+            raise StoreError(f"NVMe tier: slots {missing[:8]} hold no block (never written); this is a tierkv bug")
+        try:
+            self._backend.read(self._runs(slots, pool, rows))
+        except OSError as exc:
+            raise StoreError(f"NVMe tier: read from {self._data_path} failed: {exc}") from None
+        bad = [s for s, r in zip(slots, rows) if block_checksum(_host_bytes(pool[r])) != self._records[s].checksum]
+        if bad:
+            raise CorruptBlockError(
+                f"NVMe tier: {len(bad)} block(s) in {self._data_path} (slots {bad[:8]}) do not match their "
+                "checksums: the file was changed or damaged on disk"
+            )
+
+    def record(self, slot: int) -> SlotRecord | None:
+        """What the index says slot `slot` holds (None: nothing written since the store was created)."""
+        return self._records[slot]
+
+    def __enter__(self) -> "NvmeStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the files and release the directory lock. Safe to call twice."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        if self._idx_fd >= 0:
+            os.close(self._idx_fd)
+            self._idx_fd = -1
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1

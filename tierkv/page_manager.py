@@ -1,0 +1,616 @@
+"""The page manager: which KV block lives in which tier, and the decisions that move blocks between tiers.
+
+Bookkeeping only: blocks, block tables, reference counts, residence, pins, policies. Bytes are moved by the
+`Mover`, which it drives with batched transfers (one per source tier and direction per decision).
+
+Life of a block: it is created by `append_tokens` in the fastest tier with free room (empty: it holds no
+bytes yet, so moving it costs nothing); `acquire` brings every block of the sequences of a step to the GPU
+(copying a block shared with another sequence before it is written: copy-on-write), pins them, and makes
+the compute stream wait until they have landed; `release` unpins; when a tier is full its eviction policy
+picks unpinned victims, which are demoted one tier down (GPU -> CPU -> NVMe), pushing that tier's victims
+further down first. A block has one residence at a time; while a transfer into it is in flight its `ready`
+handle says when the bytes are there, and the slot it left stays busy until the transfer has read it.
+
+Block identity is the `Block` object (`block_id`), not its slot, so a content key (`Block.key`, a hash of
+the tokens and of the prefix) can index shared blocks without changing how blocks move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tierkv.config import PageManagerConfig
+from tierkv.errors import CapacityError
+from tierkv.handles import DONE, Handle, all_of
+from tierkv.layout import KVLayout
+from tierkv.mover import Mover
+from tierkv.policies import EvictionPolicy, NextScheduledPrefetch, PrefetchPolicy, make_eviction_policy
+from tierkv.stats import TierCounters, build_stats, format_stats
+from tierkv.tiers import CPU, GPU, NVME, TIER_NAMES, MemoryTier, NvmeTier, Tier
+
+
+@dataclass(eq=False)
+class Block:
+    """One KV block. `tier`/`slot` is its residence (its destination while a move is in flight)."""
+
+    block_id: int
+    tier: int
+    slot: int
+    ready: Handle = DONE  # completes when the bytes at (tier, slot) are valid, or the slot may be written
+    readers: Handle = DONE  # transfers still reading (tier, slot) as a copy-on-write source
+    ref_count: int = 1
+    pins: int = 0
+    has_data: bool = False  # False until first written: an empty block moves without copying bytes
+    reserved_step: int = -1  # prefetched for this step: other prefetches leave it alone until then
+    key: bytes | None = None  # content key for prefix sharing; None = private to its sequences
+
+
+@dataclass
+class _Sequence:
+    blocks: list[Block] = field(default_factory=list)
+    num_tokens: int = 0
+    pinned: list[list[Block]] = field(default_factory=list)  # one entry per outstanding acquire
+
+
+class PageManager:
+    """KV blocks of fixed size across GPU, pinned CPU and NVMe tiers, with block tables per sequence."""
+
+    def __init__(self, config: PageManagerConfig, prefetch_policy: PrefetchPolicy | None = None) -> None:
+        self.config = config
+        self.layout: KVLayout = config.layout
+        self.device: torch.device = config.device
+        cuda = self.device.type == "cuda"
+        self.tiers: dict[int, Tier] = {}
+        try:
+            self.tiers[GPU] = MemoryTier(GPU, self.layout, config.gpu_blocks, config.gpu_blocks + config.gpu_reserve_blocks, self.device, pin=False)
+            if config.cpu_blocks:
+                self.tiers[CPU] = MemoryTier(CPU, self.layout, config.cpu_blocks, config.cpu_blocks, torch.device("cpu"), pin=cuda)
+            if config.nvme_blocks:
+                self.tiers[NVME] = NvmeTier(self.layout, config.nvme_blocks, config.nvme_dir, config.nvme_backend)
+            self.mover = Mover(list(self.tiers.values()), self.device, config.staging_blocks, config.debug_delays)
+        except BaseException:
+            for tier in self.tiers.values():
+                tier.close()
+            raise
+        self.kinds: list[int] = sorted(self.tiers)  # fastest first
+        self.policies: dict[int, EvictionPolicy] = {k: make_eviction_policy(config.eviction) for k in self.kinds}
+        self.prefetch_policy = prefetch_policy or NextScheduledPrefetch()
+        self.counters: dict[int, TierCounters] = {k: TierCounters() for k in self.kinds}
+        self.blocks: dict[int, Block] = {}
+        self.sequences: dict[Hashable, _Sequence] = {}
+        self.step = 0
+        self.cow_copies = 0
+        self._next_block_id = 0
+        self._closed = False
+
+    # -- capacity ------------------------------------------------------------------------------------------
+    def resident(self, kind: int) -> int:
+        """Blocks living in tier `kind` now."""
+        return len(self.policies[kind])
+
+    def free_blocks(self, kind: int | None = None) -> int:
+        """Blocks that can still be created in tier `kind` (or in all tiers together)."""
+        if kind is None:
+            return sum(self.free_blocks(k) for k in self.kinds)
+        return max(0, self.tiers[kind].num_blocks - self.resident(kind))
+
+    def _check_room(self, new_blocks: int, what: str) -> None:
+        free = self.free_blocks()
+        if new_blocks > free:
+            detail = ", ".join(
+                f"{TIER_NAMES[k]} {self.free_blocks(k)} of {self.tiers[k].num_blocks}" for k in self.kinds
+            )
+            raise CapacityError(
+                f"{what} needs {new_blocks} new KV blocks ({self.layout.block_size} tokens each) but only {free} are "
+                f"free across all tiers (free: {detail}); free finished sequences or give the tiers more capacity"
+            )
+
+    # -- sequences -----------------------------------------------------------------------------------------
+    def add_sequence(self, seq_id: Hashable) -> None:
+        """Start an empty sequence."""
+        if seq_id in self.sequences:
+            raise KeyError(f"sequence {seq_id!r} already exists")
+        self.sequences[seq_id] = _Sequence()
+
+    def _seq(self, seq_id: Hashable) -> _Sequence:
+        try:
+            return self.sequences[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence {seq_id!r}") from None
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        return self._seq(seq_id).num_tokens
+
+    def block_table(self, seq_id: Hashable) -> list[Block]:
+        """The sequence's blocks in logical order (do not mutate)."""
+        return self._seq(seq_id).blocks
+
+    def append_tokens(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Grow the sequence by `num_tokens` token positions, creating blocks as needed.
+
+        New blocks are empty and go to the fastest tier with free room; `acquire` brings them to the GPU.
+        Raises CapacityError, changing nothing, if the tiers together cannot hold them.
+        """
+        seq = self._seq(seq_id)
+        if num_tokens < 0:
+            raise ValueError(f"append_tokens: num_tokens must be >= 0, got {num_tokens}")
+        need = self.layout.num_blocks_for(seq.num_tokens + num_tokens) - len(seq.blocks)
+        self._check_room(need, f"appending {num_tokens} tokens to sequence {seq_id!r}")
+        for _ in range(need):
+            kind = next(k for k in self.kinds if self.free_blocks(k) > 0)
+            slot, busy = self.tiers[kind].slots.take()
+            block = Block(self._next_block_id, kind, slot, ready=busy)
+            self._next_block_id += 1
+            self.blocks[block.block_id] = block
+            self.policies[kind].insert(block.block_id)
+            seq.blocks.append(block)
+        seq.num_tokens += num_tokens
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """New sequence `child_id` sharing every block of `parent_id` (copy-on-write)."""
+        parent = self._seq(parent_id)
+        if child_id in self.sequences:
+            raise KeyError(f"sequence {child_id!r} already exists")
+        for block in parent.blocks:
+            block.ref_count += 1
+        self.sequences[child_id] = _Sequence(list(parent.blocks), parent.num_tokens)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop the sequence; blocks no other sequence holds return to their tier's free slots."""
+        seq = self.sequences.pop(seq_id, None)
+        if seq is None:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        for pinned in seq.pinned:
+            for block in pinned:
+                block.pins -= 1
+        marker = self.mover.compute_marker()  # the last step may still read these blocks on the device
+        for block in seq.blocks:
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._drop(block, marker)
+
+    def _drop(self, block: Block, marker: Handle) -> None:
+        self.policies[block.tier].remove(block.block_id)
+        busy = [block.ready, block.readers] + ([marker] if block.tier == GPU else [])
+        self.tiers[block.tier].slots.give(block.slot, all_of(busy))
+        del self.blocks[block.block_id]
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def begin_step(self) -> int:
+        """Advance the step counter (prefetch reservations for earlier steps lapse); returns the new step."""
+        self.step += 1
+        self.mover.collect()
+        return self.step
+
+    def acquire(
+        self,
+        seq_ids: Sequence[Hashable],
+        writes: dict[Hashable, tuple[int, int]] | None = None,
+        block_ranges: dict[Hashable, tuple[int, int]] | None = None,
+    ) -> list[list[int]]:
+        """Bring the blocks of `seq_ids` to the GPU, pin them, and order the compute stream after their arrival.
+
+        `writes[seq] = (start, end)`: the step writes token positions [start, end) of that sequence; the blocks
+        they fall in are made private first (copy-on-write) and count as holding data afterwards.
+        `block_ranges[seq] = (first, stop)`: only logical blocks [first, stop) are acquired (default: all);
+        the others stay where they are (e.g. for attention that streams them). They must cover the writes.
+        Returns, per sequence, the GPU slot numbers of its acquired blocks in logical order. Raises
+        CapacityError, changing nothing, if those blocks cannot all be on the GPU at once.
+        """
+        writes = writes or {}
+        block_ranges = block_ranges or {}
+        seqs = [self._seq(s) for s in seq_ids]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("acquire: a sequence is listed twice")
+        for s in list(writes) + list(block_ranges):
+            if s not in seq_ids:
+                raise ValueError(f"acquire: sequence {s!r} is named in writes/block_ranges but not acquired")
+        bs = self.layout.block_size
+        spans = []  # acquired logical block range per sequence
+        write_spans: dict[Hashable, tuple[int, int]] = {}
+        for seq_id, seq in zip(seq_ids, seqs):
+            first, stop = block_ranges.get(seq_id, (0, len(seq.blocks)))
+            if not 0 <= first <= stop <= len(seq.blocks):
+                raise ValueError(f"acquire: block range [{first}, {stop}) outside sequence {seq_id!r}'s {len(seq.blocks)} blocks")
+            spans.append((first, stop))
+            if seq_id in writes:
+                lo, hi = writes[seq_id]
+                if not 0 <= lo <= hi <= seq.num_tokens:
+                    raise ValueError(f"acquire: write [{lo}, {hi}) outside sequence {seq_id!r}'s {seq.num_tokens} tokens")
+                wlo, whi = lo // bs, -(-hi // bs)
+                if hi > lo and not (first <= wlo and whi <= stop):
+                    raise ValueError(f"acquire: write [{lo}, {hi}) of {seq_id!r} falls outside its acquired blocks [{first}, {stop})")
+                if hi > lo:
+                    write_spans[seq_id] = (wlo, whi)
+        cow = self._cow_plan(seq_ids, seqs, write_spans)
+        self._check_room(len(cow), "copy-on-write of shared blocks")
+        before = {b.block_id: b for seq, (first, stop) in zip(seqs, spans) for b in seq.blocks[first:stop]}
+        after_refs: dict[int, int] = {}
+        for seq, (first, stop) in zip(seqs, spans):
+            for b in seq.blocks[first:stop]:
+                after_refs[b.block_id] = after_refs.get(b.block_id, 0) + 1
+        for _, _, old in cow:
+            after_refs[old.block_id] -= 1
+        on_gpu_after = sum(1 for n in after_refs.values() if n > 0) + len(cow)
+        pinned_elsewhere = sum(1 for b in self.blocks.values() if b.pins and b.block_id not in before)
+        gpu_need = on_gpu_after + pinned_elsewhere
+        if gpu_need > self.tiers[GPU].num_blocks:
+            raise CapacityError(
+                f"this step needs {gpu_need} KV blocks on the GPU at once ({on_gpu_after} for its sequences, "
+                f"{pinned_elsewhere} pinned by other steps) but the GPU tier holds {self.tiers[GPU].num_blocks}; "
+                "run fewer or shorter sequences per step or raise gpu_blocks"
+            )
+        for block in before.values():
+            self._count_lookup(block)
+        if cow:
+            # Originals this step stops using may be demoted to make room; their copies read them wherever they are.
+            self._copy_on_write(seqs, cow, {bid for bid, n in after_refs.items() if n > 0})
+        needed = {b.block_id: b for seq, (first, stop) in zip(seqs, spans) for b in seq.blocks[first:stop]}
+        self._promote(list(needed.values()), set(needed), allow_reserved=True)
+        for seq_id, seq, (first, stop) in zip(seq_ids, seqs, spans):
+            for block in seq.blocks[first:stop]:
+                block.pins += 1
+            seq.pinned.append(seq.blocks[first:stop])
+            if seq_id in write_spans:
+                wlo, whi = write_spans[seq_id]
+                for block in seq.blocks[wlo:whi]:
+                    block.has_data = True
+        gpu_policy = self.policies[GPU]
+        for block in needed.values():
+            gpu_policy.touch(block.block_id)
+            if block.ready is not DONE and block.ready.done():
+                block.ready = DONE
+        if self.mover.cuda:
+            all_of(b.ready for b in needed.values()).wait_on(torch.cuda.current_stream(self.device))
+        return [[b.slot for b in seq.blocks[first:stop]] for seq, (first, stop) in zip(seqs, spans)]
+
+    def _cow_plan(self, seq_ids, seqs, write_spans) -> list[tuple[int, int, Block]]:
+        """(sequence index, block index, shared block) for each private copy this step's writes need.
+
+        Writers take copies in order; the last holder of a shared block keeps the original."""
+        plan = []
+        remaining: dict[int, int] = {}
+        for i, (seq_id, seq) in enumerate(zip(seq_ids, seqs)):
+            if seq_id not in write_spans:
+                continue
+            wlo, whi = write_spans[seq_id]
+            for j in range(wlo, whi):
+                block = seq.blocks[j]
+                left = remaining.get(block.block_id, block.ref_count)
+                if left > 1:
+                    plan.append((i, j, block))
+                remaining[block.block_id] = left - 1
+        return plan
+
+    def release(self, seq_ids: Sequence[Hashable]) -> None:
+        """Unpin the blocks pinned by the matching `acquire`."""
+        for seq_id in seq_ids:
+            seq = self._seq(seq_id)
+            if not seq.pinned:
+                raise RuntimeError(f"release({seq_id!r}) without a matching acquire")
+            for block in seq.pinned.pop():
+                block.pins -= 1
+
+    def prefetch(self, seq_ids: Sequence[Hashable], before_step: int | None = None, budget_blocks: int | None = None) -> int:
+        """Start bringing the blocks of `seq_ids` (in that order of urgency) to the GPU; returns at once.
+
+        Best effort: it never evicts pinned blocks or blocks prefetched for an earlier deadline, and stops
+        when the GPU has no such room. The blocks are kept for `before_step` (default: the next step).
+        Returns the number of blocks whose transfer was started.
+        """
+        step = self.step + 1 if before_step is None else before_step
+        budget = self.tiers[GPU].num_blocks if budget_blocks is None else budget_blocks
+        upcoming = [[b.block_id for b in self._seq(s).blocks] for s in seq_ids]
+        wanted = self.prefetch_policy.plan(upcoming, lambda bid: self.blocks[bid].tier == GPU, budget)
+        for s in seq_ids:
+            for block in self._seq(s).blocks:
+                if block.tier == GPU:
+                    block.reserved_step = max(block.reserved_step, step)
+        todo = [self.blocks[bid] for bid in wanted]
+        started = self._promote(todo, set(wanted), allow_reserved=False, best_effort=True)
+        for block in todo[:started]:
+            block.reserved_step = max(block.reserved_step, step)
+        self.counters[GPU].prefetched += started
+        return started
+
+    def evict(self, seq_ids: Sequence[Hashable], to: str = "cpu") -> int:
+        """Swap the unpinned blocks of `seq_ids` down to tier `to` ("cpu" or "nvme") or below, where there is room.
+
+        Used for preemption by swapping. Returns the number of blocks moved; blocks that are pinned, already
+        there or below, or that find no room stay where they are.
+        """
+        target = TIER_NAMES.index(to)
+        if target == GPU or target not in self.tiers:
+            raise ValueError(f"evict: tier {to!r} is not a lower tier of this page manager (have {[TIER_NAMES[k] for k in self.kinds]})")
+        blocks = {b.block_id: b for s in seq_ids for b in self._seq(s).blocks if b.tier < target and b.pins == 0}
+        room = sum(self.free_blocks(k) for k in self.kinds if k >= target)
+        chosen = sorted(blocks.values(), key=lambda b: b.tier)[:room]
+        for block in chosen:
+            self.policies[block.tier].remove(block.block_id)
+        self._place_below(chosen, target, protect=set(blocks), allow_reserved=True)
+        return len(chosen)
+
+    # -- moving ----------------------------------------------------------------------------------------------
+    def _count_lookup(self, block: Block) -> None:
+        if block.tier == GPU:
+            self.counters[GPU].hits += 1
+            return
+        self.counters[GPU].misses += 1
+        for k in self.kinds[1:]:
+            if k == block.tier:
+                self.counters[k].hits += 1
+                break
+            self.counters[k].misses += 1
+
+    def _evictable(self, protect: set[int], allow_reserved: bool):
+        step = self.step
+        blocks = self.blocks
+
+        def evictable(bid: Hashable) -> bool:
+            b = blocks[bid]
+            return b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step < step)
+
+        return evictable
+
+    def _make_room(self, kind: int, n: int, protect: set[int], allow_reserved: bool) -> int:
+        """Try to have `n` free slots in tier `kind` by demoting its victims; returns how many are free (<= n)."""
+        free = self.free_blocks(kind)
+        if free >= n:
+            return n
+        below = [k for k in self.kinds if k > kind]
+        absorb = sum(self.free_blocks(k) for k in below)
+        want = min(n - free, absorb)
+        if want <= 0:
+            return free
+        victims = self.policies[kind].pop_victims(want, self._evictable(protect, allow_reserved))
+        self._place_below([self.blocks[v] for v in victims], below[0], protect, allow_reserved)
+        return free + len(victims)
+
+    def _place_below(self, blocks: list[Block], start: int, protect: set[int], allow_reserved: bool) -> None:
+        """Demote `blocks` (already out of their policies) into tier `start`, or the tiers below it where it is full."""
+        remaining = blocks
+        for kind in (k for k in self.kinds if k >= start):
+            if not remaining:
+                break
+            got = self._make_room(kind, len(remaining), protect, allow_reserved)
+            batch, remaining = remaining[:got], remaining[got:]
+            for block in batch:
+                self.counters[block.tier].evictions_out += 1
+            self.counters[kind].evictions_in += len(batch)
+            self._move(batch, kind)
+        if remaining:
+            raise AssertionError(f"tierkv bug: {len(remaining)} demoted blocks found no room below {TIER_NAMES[start]}")
+
+    def _promote(self, blocks: list[Block], protect: set[int], allow_reserved: bool, best_effort: bool = False) -> int:
+        """Bring `blocks` to the GPU in as few batches as room allows; returns how many were started.
+
+        With free GPU slots, blocks land there. With none, victims are demoted first where the tier below the
+        GPU has room; where it is full, a batch first lands in the GPU's reserve slots and as many victims
+        then follow into the slots the batch vacated (so the demotion cascade stays LRU-ordered and no
+        transfer waits on one queued after it).
+        """
+        todo = [b for b in blocks if b.tier != GPU]
+        gpu = self.tiers[GPU]
+        started = 0
+        while todo:
+            free = self.free_blocks(GPU)
+            if free == 0 and self.free_blocks(self.kinds[1]) > 0:
+                free = self._make_room(GPU, len(todo), protect, allow_reserved)
+            if free:
+                batch = todo[:free]
+            else:
+                reserve = len(gpu.slots)  # no usable slot is free, so every free slot is a reserve slot
+                evictable = self._evictable(protect, allow_reserved)
+                candidates = sum(1 for bid in self.policies[GPU] if evictable(bid))
+                size = min(len(todo), reserve, candidates)
+                if size == 0:
+                    if best_effort:
+                        break
+                    raise AssertionError("tierkv bug: no GPU room for a promotion that passed the capacity check")
+                batch = todo[:size]
+            for block in batch:
+                self.policies[block.tier].remove(block.block_id)
+            self._move(batch, GPU)
+            started += len(batch)
+            todo = todo[len(batch):]
+            over = self.resident(GPU) - gpu.num_blocks
+            if over > 0:
+                victims = self.policies[GPU].pop_victims(over, self._evictable(protect, allow_reserved))
+                self._place_below([self.blocks[v] for v in victims], self.kinds[1], protect, allow_reserved)
+        return started
+
+    def _copy_on_write(self, seqs: list[_Sequence], plan: list[tuple[int, int, Block]], protect: set[int]) -> None:
+        """Give the planned sequences private GPU copies of shared blocks: one transfer per source tier."""
+        room = self._make_room(GPU, len(plan), protect, allow_reserved=True)
+        if room < len(plan):
+            raise AssertionError("tierkv bug: copy-on-write found no GPU room after the capacity check")
+        by_tier: dict[int, list[tuple[Block, Block]]] = {}
+        for i, j, old in plan:
+            slot, busy = self.tiers[GPU].slots.take()
+            new = Block(self._next_block_id, GPU, slot, ready=busy, has_data=old.has_data)
+            self._next_block_id += 1
+            self.blocks[new.block_id] = new
+            self.policies[GPU].insert(new.block_id)
+            seqs[i].blocks[j] = new
+            old.ref_count -= 1
+            if old.has_data:
+                by_tier.setdefault(old.tier, []).append((old, new))
+        for kind, pairs in by_tier.items():
+            deps = [b.ready for pair in pairs for b in pair]
+            if kind == GPU:
+                deps.append(self.mover.compute_marker())
+            handle = self.mover.move(self.tiers[kind], [o.slot for o, _ in pairs], self.tiers[GPU], [n.slot for _, n in pairs], deps)
+            for old, new in pairs:
+                new.ready = handle
+                old.readers = all_of([old.readers, handle])
+        self.cow_copies += len(plan)
+
+    def _move(self, blocks: list[Block], dst_kind: int) -> None:
+        """Move `blocks` (already out of their source policies) into tier `dst_kind`: one transfer per source tier."""
+        if not blocks:
+            return
+        dst = self.tiers[dst_kind]
+        by_src: dict[int, list[Block]] = {}
+        for block in blocks:
+            by_src.setdefault(block.tier, []).append(block)
+        for src_kind, group in by_src.items():
+            src = self.tiers[src_kind]
+            taken = [dst.slots.take() for _ in group]
+            moving = [(b, t) for b, t in zip(group, taken) if b.has_data]
+            deps = [b.ready for b, _ in moving] + [busy for _, (_, busy) in moving]
+            if src_kind == GPU and moving:
+                deps.append(self.mover.compute_marker())
+            try:
+                handle = self.mover.move(src, [b.slot for b, _ in moving], dst, [s for _, (s, _) in moving], deps)
+            except BaseException:
+                for slot, busy in taken:
+                    dst.slots.give(slot, busy)
+                for block in group:
+                    self.policies[block.tier].insert(block.block_id)
+                raise
+            c_src, c_dst = self.counters[src_kind], self.counters[dst_kind]
+            c_src.blocks_out += len(moving)
+            c_dst.blocks_in += len(moving)
+            for block, (slot, busy) in zip(group, taken):
+                # The old slot is free once the transfer has read it (an empty block was never written).
+                src.slots.give(block.slot, all_of([handle, block.ready, block.readers]) if block.has_data else block.ready)
+                block.readers = DONE
+                block.tier, block.slot = dst_kind, slot
+                block.ready = handle if block.has_data else busy
+                self.policies[dst_kind].insert(block.block_id)
+
+    # -- data access -------------------------------------------------------------------------------------------
+    def write_tokens(self, seq_id: Hashable, start: int, kv: torch.Tensor) -> None:
+        """Write KV for token positions [start, start + n) of the sequence; `kv` has shape (L, 2, n, H, D).
+
+        The host-side writer (tests, tools); the engine writes from its own kernels into the slots `acquire`
+        returns. Positions must already exist (`append_tokens`).
+        """
+        seq = self._seq(seq_id)
+        n = kv.shape[2]
+        expect = (self.layout.num_layers, 2, n, self.layout.num_kv_heads, self.layout.head_dim)
+        if tuple(kv.shape) != expect:
+            raise ValueError(f"write_tokens: kv has shape {tuple(kv.shape)}, expected {expect}")
+        if start < 0 or start + n > seq.num_tokens:
+            raise ValueError(f"write_tokens: positions [{start}, {start + n}) outside the sequence's {seq.num_tokens} tokens")
+        if n == 0:
+            return
+        bs = self.layout.block_size
+        # Check the copy-on-write room for the whole range first, so a failure leaves nothing half-written.
+        shared = sum(1 for b in seq.blocks[start // bs : -(-(start + n) // bs)] if b.ref_count > 1)
+        self._check_room(shared, f"copy-on-write for writing sequence {seq_id!r}")
+        pinned_elsewhere = sum(1 for b in self.blocks.values() if b.pins)
+        chunk_blocks = max(1, self.tiers[GPU].num_blocks - pinned_elsewhere)  # longer ranges are written in pieces
+        pos = start
+        while pos < start + n:
+            first = pos // bs
+            end = min(start + n, (first + chunk_blocks) * bs)
+            stop = -(-end // bs)
+            table = self.acquire([seq_id], writes={seq_id: (pos, end)}, block_ranges={seq_id: (first, stop)})[0]
+            try:
+                tokens = torch.arange(pos, end)
+                slots = torch.tensor(table, dtype=torch.int64)[tokens // bs - first]
+                pool = self.tiers[GPU].pool
+                values = kv[:, :, pos - start : end - start].to(device=pool.device, dtype=pool.dtype, non_blocking=True)
+                pool[slots.to(pool.device), :, :, (tokens % bs).to(pool.device)] = values.permute(2, 0, 1, 3, 4)
+            finally:
+                self.release([seq_id])
+            pos = end
+
+    def read_block(self, block: Block) -> torch.Tensor:
+        """A CPU copy of the block's bytes, from whichever tier holds it (waits for moves in flight)."""
+        block.ready.wait()
+        tier = self.tiers[block.tier]
+        if isinstance(tier, NvmeTier):
+            out = torch.empty((1, *self.layout.block_shape), dtype=self.layout.dtype)
+            tier.store.read([block.slot], out, [0])
+            return out[0]
+        if tier.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        return tier.pool[block.slot].to("cpu", copy=True)
+
+    def read_tokens(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """A CPU copy of the KV of token positions [start, end), shape (L, 2, n, H, D), without moving blocks."""
+        seq = self._seq(seq_id)
+        end = seq.num_tokens if end is None else end
+        if not 0 <= start <= end <= seq.num_tokens:
+            raise ValueError(f"read_tokens: [{start}, {end}) is outside the sequence's {seq.num_tokens} tokens")
+        bs = self.layout.block_size
+        parts = []
+        for i in range(start // bs, -(-end // bs)):
+            data = self.read_block(seq.blocks[i])
+            lo = max(start, i * bs) - i * bs
+            hi = min(end, (i + 1) * bs) - i * bs
+            parts.append(data[:, :, lo:hi])
+        if not parts:
+            return torch.empty((self.layout.num_layers, 2, 0, self.layout.num_kv_heads, self.layout.head_dim), dtype=self.layout.dtype)
+        return torch.cat(parts, dim=2)
+
+    def residence(self, block: Block) -> tuple[str, bool]:
+        """(tier name, whether a transfer into it is still in flight)."""
+        return TIER_NAMES[block.tier], not block.ready.done()
+
+    # -- stats, checks, shutdown -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Per-tier capacity, use and traffic (what happened, not what was configured), as a dict."""
+        self.mover.collect()
+        return build_stats(self)
+
+    def format_stats(self) -> str:
+        """The stats as a printable table."""
+        return format_stats(self.stats())
+
+    def synchronize(self) -> None:
+        """Wait for every transfer in flight."""
+        self.mover.synchronize()
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (used by tests; O(blocks))."""
+        refs: dict[int, int] = {}
+        for seq in self.sequences.values():
+            assert len(seq.blocks) == self.layout.num_blocks_for(seq.num_tokens), "table length != tokens"
+            for b in seq.blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+        assert set(refs) == set(self.blocks), "live blocks != blocks referenced by tables"
+        for bid, block in self.blocks.items():
+            assert block.ref_count == refs[bid], f"block {bid}: ref_count {block.ref_count} != {refs[bid]} references"
+            assert bid in self.policies[block.tier], f"block {bid} not tracked by its tier's policy"
+        pins: dict[int, int] = {}
+        for seq in self.sequences.values():
+            for pinned in seq.pinned:
+                for b in pinned:
+                    pins[b.block_id] = pins.get(b.block_id, 0) + 1
+        for bid, block in self.blocks.items():
+            assert block.pins == pins.get(bid, 0), f"block {bid}: pins {block.pins} != {pins.get(bid, 0)}"
+        for kind, tier in self.tiers.items():
+            used = [b.slot for b in self.blocks.values() if b.tier == kind]
+            assert len(used) == len(set(used)), f"{tier.name}: two blocks share a slot"
+            assert len(used) == self.resident(kind), f"{tier.name}: policy tracks {self.resident(kind)}, {len(used)} live"
+            assert self.resident(kind) <= tier.num_blocks, f"{tier.name}: {self.resident(kind)} blocks > capacity {tier.num_blocks}"
+            free = tier.slots.free_slots()
+            assert len(free) == len(tier.slots), f"{tier.name}: a slot is free twice"
+            assert not (free & set(used)), f"{tier.name}: a used slot is also free"
+            assert len(free) + len(used) == tier.num_slots, f"{tier.name}: slots leaked"
+
+    def close(self) -> None:
+        """Wait for transfers, close the NVMe files and release the directory. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.mover.close()
+        for tier in self.tiers.values():
+            tier.close()
+
+    def __enter__(self) -> "PageManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        tiers = ", ".join(f"{TIER_NAMES[k]}={self.resident(k)}/{self.tiers[k].num_blocks}" for k in self.kinds)
+        return f"PageManager({self.layout.block_nbytes} B/block, {tiers}, eviction={self.config.eviction})"
+

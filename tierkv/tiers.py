@@ -1,0 +1,137 @@
+"""The three tiers as block pools with slot allocators: GPU memory, pinned host memory, NVMe files.
+
+A tier only stores: it hands out slots and exposes its bytes. Which block lives where is the page
+manager's business; moving bytes between tiers is the mover's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from tierkv.errors import CapacityError
+from tierkv.handles import DONE, Handle
+from tierkv.layout import KVLayout
+from tierkv.nvme_store import NvmeStore
+from tierkv.sizes import format_nbytes
+
+GPU, CPU, NVME = 0, 1, 2
+TIER_NAMES = ("gpu", "cpu", "nvme")
+
+
+class SlotAllocator:
+    """Free slots of one tier, oldest-freed first. A freed slot may still be read by work in flight:
+    it comes back with the handle of that work, which its next writer must wait on."""
+
+    def __init__(self, num_slots: int) -> None:
+        self._free: deque[tuple[int, Handle]] = deque((s, DONE) for s in range(num_slots))
+
+    def take(self) -> tuple[int, Handle]:
+        return self._free.popleft()
+
+    def give(self, slot: int, busy: Handle = DONE) -> None:
+        self._free.append((slot, busy))
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def free_slots(self) -> set[int]:
+        return {s for s, _ in self._free}
+
+
+class Tier:
+    """A pool of `num_slots` block slots, of which `num_blocks` may hold resident blocks at rest
+    (the rest is the swap reserve, used only in the middle of a promotion)."""
+
+    kind: int
+    name: str
+
+    def __init__(self, kind: int, layout: KVLayout, num_blocks: int, num_slots: int) -> None:
+        self.kind = kind
+        self.name = TIER_NAMES[kind]
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.num_slots = num_slots
+        self.slots = SlotAllocator(num_slots)
+
+    @property
+    def is_cuda(self) -> bool:
+        return False
+
+    @property
+    def is_host_memory(self) -> bool:
+        """True where the pool is CPU-addressable memory (pinned or plain)."""
+        return False
+
+    def describe(self) -> dict:
+        return {"name": self.name, "num_blocks": self.num_blocks, "nbytes": self.num_blocks * self.layout.block_nbytes}
+
+    def close(self) -> None:
+        pass
+
+
+def _aligned_cpu_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool, align: int = 4096) -> torch.Tensor:
+    """An uninitialised CPU tensor whose storage starts on an `align`-byte boundary (O_DIRECT needs it)."""
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if pin:
+        raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=True)
+    else:
+        raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % align
+    return raw[skip : skip + nbytes].view(dtype).view(shape)
+
+
+class MemoryTier(Tier):
+    """Blocks in one tensor `pool` of shape (num_slots, *block_shape): device memory, pinned or plain host memory."""
+
+    def __init__(self, kind: int, layout: KVLayout, num_blocks: int, num_slots: int, device: torch.device, pin: bool) -> None:
+        super().__init__(kind, layout, num_blocks, num_slots)
+        self.device = device
+        self.pinned = pin
+        shape = (num_slots, *layout.block_shape)
+        nbytes = num_slots * layout.block_nbytes
+        try:
+            if device.type == "cuda":
+                self.pool = torch.empty(shape, dtype=layout.dtype, device=device)
+            else:
+                self.pool = _aligned_cpu_empty(shape, layout.dtype, pin)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            where = f"{device}" + (" pinned" if pin else "")
+            raise CapacityError(
+                f"cannot allocate the {self.name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {where} memory "
+                f"({str(exc).splitlines()[0]}); lower {self.name}_blocks / {self.name}_memory"
+            ) from None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def is_host_memory(self) -> bool:
+        return self.device.type == "cpu"
+
+    def describe(self) -> dict:
+        where = "cuda" if self.is_cuda else ("pinned host" if self.pinned else "host")
+        return {**super().describe(), "memory": where, "device": str(self.device)}
+
+
+class NvmeTier(Tier):
+    """Blocks in preallocated files through an `NvmeStore` (kvikio or plain file I/O)."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, directory: str, backend: str = "auto") -> None:
+        super().__init__(NVME, layout, num_blocks, num_blocks)
+        self.store = NvmeStore(directory, layout, num_blocks, backend)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "directory": self.store.directory,
+            "backend": self.store.backend_name,
+            "backend_reason": self.store.backend_reason,
+        }
+
+    def close(self) -> None:
+        self.store.close()
