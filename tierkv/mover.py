@@ -121,11 +121,14 @@ class Mover:
         self.collect()
 
     def close(self) -> None:
+        if self.cuda:
+            self.synchronize()
         if self._io is not None:
             self._io.shutdown(wait=True)
             self._io = None
-        if self.cuda:
-            self.synchronize()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
 
     # -- internals ---------------------------------------------------------------------------------------
     def _link(self, src: Tier, dst: Tier) -> LinkStats:

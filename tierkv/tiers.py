@@ -71,17 +71,24 @@ class Tier:
         pass
 
 
-def _aligned_cpu_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool, align: int = 4096) -> torch.Tensor:
+def _aligned_cpu_empty(shape: tuple[int, ...], dtype: torch.dtype, align: int = 4096) -> torch.Tensor:
     """An uninitialised CPU tensor whose storage starts on an `align`-byte boundary (O_DIRECT needs it)."""
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
-    if pin:
-        raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=True)
-    else:
-        raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
     skip = (-raw.data_ptr()) % align
     return raw[skip : skip + nbytes].view(dtype).view(shape)
+
+
+def _register_pinned(t: torch.Tensor) -> None:
+    """Page-lock `t` in place and map it into the device's address space (cudaHostRegister).
+
+    Used instead of torch's pinned allocator, which rounds every allocation up to a power of two
+    (a 96 GiB CPU tier would ask for 128 GiB)."""
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister failed with CUDA error {int(err)}")
 
 
 class MemoryTier(Tier):
@@ -93,11 +100,15 @@ class MemoryTier(Tier):
         self.pinned = pin
         shape = (num_slots, *layout.block_shape)
         nbytes = num_slots * layout.block_nbytes
+        self._registered = False
         try:
             if device.type == "cuda":
                 self.pool = torch.empty(shape, dtype=layout.dtype, device=device)
             else:
-                self.pool = _aligned_cpu_empty(shape, layout.dtype, pin)
+                self.pool = _aligned_cpu_empty(shape, layout.dtype)
+                if pin:
+                    _register_pinned(self.pool)
+                    self._registered = True
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             where = f"{device}" + (" pinned" if pin else "")
             raise CapacityError(
@@ -116,6 +127,11 @@ class MemoryTier(Tier):
     def describe(self) -> dict:
         where = "cuda" if self.is_cuda else ("pinned host" if self.pinned else "host")
         return {**super().describe(), "memory": where, "device": str(self.device)}
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.pool.data_ptr())
+            self._registered = False
 
 
 class NvmeTier(Tier):

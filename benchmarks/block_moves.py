@@ -1,0 +1,171 @@
+"""Batched block moves between pinned host memory and the GPU, against a contiguous copy in the same run.
+
+For each block size: N blocks at random (scattered) slots of a pinned host pool and a GPU pool are moved in
+one batch by tierkv's mover (one Triton launch reading/writing host memory through UVA), host->device,
+device->host, and both at once (two streams); the ceiling is one contiguous pinned copy of the same bytes
+(`copy_`, non_blocking), measured the same way. A per-block `copy_` loop is timed too, as the naive
+baseline. The median of --reps runs is reported.
+
+    python benchmarks/block_moves.py --out results.json --record BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from tierkv.layout import KVLayout
+from tierkv.mover import Mover
+from tierkv.tiers import CPU, GPU, MemoryTier
+
+
+def timed(fn, reps: int, sync) -> float:
+    """Median wall seconds of fn() followed by sync(), after one warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.device) -> dict:
+    # A layout whose block is block_kib KiB: 8 KV heads of 128 bf16 values, block_size 16, L layers.
+    layers = max(1, block_kib * 1024 // (2 * 16 * 8 * 128 * 2))
+    layout = KVLayout(num_layers=layers, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
+    nbytes = layout.block_nbytes
+    n = max(1, total_mib * 2**20 // nbytes)
+    gpu = MemoryTier(GPU, layout, 2 * n, 2 * n, device, pin=False)
+    cpu = MemoryTier(CPU, layout, 2 * n, 2 * n, torch.device("cpu"), pin=True)
+    gpu.pool.view(torch.uint8).random_()
+    cpu.pool.view(torch.uint8).random_()
+    mover = Mover([gpu, cpu], device)
+    g = torch.Generator().manual_seed(0)
+    host_slots = torch.randperm(2 * n, generator=g)[:n].tolist()
+    dev_slots = torch.randperm(2 * n, generator=g)[:n].tolist()
+    host_slots2 = torch.randperm(2 * n, generator=g)[:n].tolist()
+    dev_slots2 = torch.randperm(2 * n, generator=g)[:n].tolist()
+    moved = n * nbytes
+
+    def sync():
+        torch.cuda.synchronize(device)
+
+    res: dict = {"block_bytes": nbytes, "blocks": n, "bytes": moved}
+    # Ceiling: one contiguous pinned copy of the same bytes, each direction, and both at once.
+    host_flat = cpu.pool[:n].view(-1)
+    dev_flat = gpu.pool[:n].view(-1)
+    host_flat2 = cpu.pool[n:].view(-1)
+    dev_flat2 = gpu.pool[n:].view(-1)
+    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def contig_h2d():
+        with torch.cuda.stream(s1):
+            dev_flat.copy_(host_flat, non_blocking=True)
+
+    def contig_d2h():
+        with torch.cuda.stream(s2):
+            host_flat2.copy_(dev_flat2, non_blocking=True)
+
+    def contig_both():
+        contig_h2d()
+        contig_d2h()
+
+    res["contig_h2d_gbps"] = moved / timed(contig_h2d, reps, sync) / 1e9
+    res["contig_d2h_gbps"] = moved / timed(contig_d2h, reps, sync) / 1e9
+    res["contig_both_gbps"] = 2 * moved / timed(contig_both, reps, sync) / 1e9
+
+    def batched_h2d():
+        mover.move(cpu, host_slots, gpu, dev_slots)
+
+    def batched_d2h():
+        mover.move(gpu, dev_slots2, cpu, host_slots2)
+
+    def batched_both():
+        batched_h2d()
+        batched_d2h()
+
+    res["batched_h2d_gbps"] = moved / timed(batched_h2d, reps, sync) / 1e9
+    res["batched_d2h_gbps"] = moved / timed(batched_d2h, reps, sync) / 1e9
+    res["batched_both_gbps"] = 2 * moved / timed(batched_both, reps, sync) / 1e9
+    # Check the bytes once: a fast wrong copy must not count.
+    batched_h2d()
+    sync()
+    assert torch.equal(gpu.pool[dev_slots].cpu(), cpu.pool[host_slots]), "batched h2d moved wrong bytes"
+
+    def per_block_h2d():
+        with torch.cuda.stream(s1):
+            for h, d in zip(host_slots, dev_slots):
+                gpu.pool[d].copy_(cpu.pool[h], non_blocking=True)
+
+    res["per_block_h2d_gbps"] = moved / timed(per_block_h2d, max(1, reps // 2), sync) / 1e9
+    for d in ("h2d", "d2h", "both"):
+        res[f"ratio_{d}"] = res[f"batched_{d}_gbps"] / res[f"contig_{d}_gbps"]
+    mover.close()
+    cpu.close()
+    del gpu, cpu
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block-kib", type=int, nargs="+", default=[64, 512, 2048], help="block sizes in KiB")
+    ap.add_argument("--total-mib", type=int, default=1024, help="bytes per batch, MiB")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", help="write the JSON results here")
+    ap.add_argument("--record", help="append one line per block size to this markdown file (BENCHMARKS.md)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("block_moves: needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    rows = [bench_block_size(k, args.total_mib, args.reps, device) for k in args.block_kib]
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "command": "python " + " ".join(sys.argv),
+    }
+    try:
+        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    hdr = f"{'block':>8} {'blocks':>7} | {'contig GB/s h2d/d2h/both':>26} | {'batched GB/s h2d/d2h/both':>26} | {'ratio':>17} | per-block h2d"
+    print(hdr)
+    for r in rows:
+        print(
+            f"{r['block_bytes'] // 1024:>6}KiB {r['blocks']:>7} | "
+            f"{r['contig_h2d_gbps']:>8.1f} {r['contig_d2h_gbps']:>8.1f} {r['contig_both_gbps']:>8.1f} | "
+            f"{r['batched_h2d_gbps']:>8.1f} {r['batched_d2h_gbps']:>8.1f} {r['batched_both_gbps']:>8.1f} | "
+            f"{r['ratio_h2d']:>5.0%} {r['ratio_d2h']:>5.0%} {r['ratio_both']:>5.0%} | {r['per_block_h2d_gbps']:.1f}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if args.record:
+        with open(args.record, "a") as f:
+            for r in rows:
+                f.write(
+                    f"| {meta['date']} | {meta['device']} | block moves {r['block_bytes'] // 1024} KiB x {r['blocks']} | "
+                    f"batched {r['batched_h2d_gbps']:.1f} / {r['batched_d2h_gbps']:.1f} / {r['batched_both_gbps']:.1f} GB/s "
+                    f"(h2d / d2h / both) | contiguous {r['contig_h2d_gbps']:.1f} / {r['contig_d2h_gbps']:.1f} / "
+                    f"{r['contig_both_gbps']:.1f} GB/s | {r['ratio_h2d']:.0%} / {r['ratio_d2h']:.0%} / {r['ratio_both']:.0%} | "
+                    f"per-block copy_ {r['per_block_h2d_gbps']:.1f} GB/s | `{meta['command']}` |\n"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
