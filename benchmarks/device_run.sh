@@ -7,10 +7,11 @@ out="${OUT:-/tmp/out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -m venv --system-site-packages /tmp/venv
-/tmp/venv/bin/python -m pip install -q --no-deps --no-index --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+# The image's python3 is itself a venv holding torch: install tierkv (editable) straight into it.
+python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site
-py=/tmp/venv/bin/python
+py=python3
+tierkv_bin="$(dirname "$(command -v python3)")/tierkv"
 { nvidia-smi -L; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.txt"
 stage="${1:-all}"
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
@@ -18,6 +19,6 @@ if [ "$stage" = all ] || [ "$stage" = tests ]; then
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 150 $py benchmarks/block_moves.py --out "$out/block_moves.json" --record "$out/BENCHMARKS.rows.md" 2>&1 | tee "$out/block_moves.log"
-    timeout 120 /tmp/venv/bin/tierkv bench --device cuda --layout llama-3.1-8b --num-seqs 48 --prompt-min 256 --prompt-max 2048 \
+    timeout 120 "$tierkv_bin" bench --device cuda --layout llama-3.1-8b --num-seqs 48 --prompt-min 256 --prompt-max 2048 \
         --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | grep -v "sequences:" | tee "$out/pm_bench.log"
 fi
