@@ -52,10 +52,12 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     cpu.pool.view(torch.uint8).random_()
     mover = Mover([gpu, cpu], device)
     g = torch.Generator().manual_seed(0)
-    host_slots = torch.randperm(2 * n, generator=g)[:n].tolist()
-    dev_slots = torch.randperm(2 * n, generator=g)[:n].tolist()
-    host_slots2 = torch.randperm(2 * n, generator=g)[:n].tolist()
-    dev_slots2 = torch.randperm(2 * n, generator=g)[:n].tolist()
+    # h2d reads host slots [0, n) and writes device slots [0, n); d2h reads device [n, 2n) and writes host
+    # [n, 2n): scattered within each half, disjoint between directions so "both at once" races nothing.
+    host_slots = torch.randperm(n, generator=g).tolist()
+    dev_slots = torch.randperm(n, generator=g).tolist()
+    host_slots2 = (torch.randperm(n, generator=g) + n).tolist()
+    dev_slots2 = (torch.randperm(n, generator=g) + n).tolist()
     moved = n * nbytes
 
     def sync():
@@ -66,7 +68,7 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     host_flat = cpu.pool[:n].view(-1)
     dev_flat = gpu.pool[:n].view(-1)
     host_flat2 = cpu.pool[n:].view(-1)
-    dev_flat2 = gpu.pool[n:].view(-1)
+    dev_flat2 = gpu.pool[n:].view(-1)  # same halves as the batched moves
     s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
     def contig_h2d():
@@ -101,7 +103,11 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     # Check the bytes once: a fast wrong copy must not count.
     batched_h2d()
     sync()
-    assert torch.equal(gpu.pool[dev_slots].cpu(), cpu.pool[host_slots]), "batched h2d moved wrong bytes"
+    # Compare bytes: random bits include NaN patterns, which torch.equal never calls equal.
+    assert torch.equal(gpu.pool[dev_slots].cpu().view(torch.uint8), cpu.pool[host_slots].view(torch.uint8)), "batched h2d moved wrong bytes"
+    batched_d2h()
+    sync()
+    assert torch.equal(gpu.pool[dev_slots2].cpu().view(torch.uint8), cpu.pool[host_slots2].view(torch.uint8)), "batched d2h moved wrong bytes"
 
     def per_block_h2d():
         with torch.cuda.stream(s1):
