@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from tierkv.kernels import copy_blocks_triton
+from tierkv.kernels.block_copy import default_max_programs
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover
 from tierkv.tiers import CPU, GPU, MemoryTier
@@ -40,7 +42,7 @@ def timed(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.device) -> dict:
+def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.device, programs: list[int]) -> dict:
     # A layout whose block is block_kib KiB: 8 KV heads of 128 bf16 values, block_size 16, L layers.
     layers = max(1, block_kib * 1024 // (2 * 16 * 8 * 128 * 2))
     layout = KVLayout(num_layers=layers, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
@@ -109,6 +111,29 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     sync()
     assert torch.equal(gpu.pool[dev_slots2].cpu().view(torch.uint8), cpu.pool[host_slots2].view(torch.uint8)), "batched d2h moved wrong bytes"
 
+    # How many programs the kernel needs: bandwidth at bounded grids (fewer programs = more SMs for compute).
+    src_i, dst_i = torch.tensor(host_slots, device=device), torch.tensor(dev_slots, device=device)
+    src_i2, dst_i2 = torch.tensor(dev_slots2, device=device), torch.tensor(host_slots2, device=device)
+    res["by_programs"] = {}
+    for progs in programs:
+        def h2d():
+            with torch.cuda.stream(s1):
+                copy_blocks_triton(cpu.pool, gpu.pool, src_i, dst_i, max_programs=progs)
+
+        def d2h():
+            with torch.cuda.stream(s2):
+                copy_blocks_triton(gpu.pool, cpu.pool, src_i2, dst_i2, max_programs=progs)
+
+        def both():
+            h2d()
+            d2h()
+
+        res["by_programs"][progs] = {
+            "h2d_gbps": moved / timed(h2d, reps, sync) / 1e9,
+            "d2h_gbps": moved / timed(d2h, reps, sync) / 1e9,
+            "both_gbps": 2 * moved / timed(both, reps, sync) / 1e9,
+        }
+
     def per_block_h2d():
         with torch.cuda.stream(s1):
             for h, d in zip(host_slots, dev_slots):
@@ -129,6 +154,7 @@ def main() -> int:
     ap.add_argument("--block-kib", type=int, nargs="+", default=[64, 512, 2048], help="block sizes in KiB")
     ap.add_argument("--total-mib", type=int, default=1024, help="bytes per batch, MiB")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--programs", type=int, nargs="*", default=[8, 16, 32, 66, 132, 264, 1056], help="grid sizes to sweep")
     ap.add_argument("--out", help="write the JSON results here")
     ap.add_argument("--record", help="append one line per block size to this markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
@@ -136,7 +162,7 @@ def main() -> int:
         print("block_moves: needs a CUDA device", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    rows = [bench_block_size(k, args.total_mib, args.reps, device) for k in args.block_kib]
+    rows = [bench_block_size(k, args.total_mib, args.reps, device, args.programs) for k in args.block_kib]
     meta = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device),
@@ -157,6 +183,10 @@ def main() -> int:
             f"{r['batched_h2d_gbps']:>8.1f} {r['batched_d2h_gbps']:>8.1f} {r['batched_both_gbps']:>8.1f} | "
             f"{r['ratio_h2d']:>5.0%} {r['ratio_d2h']:>5.0%} {r['ratio_both']:>5.0%} | {r['per_block_h2d_gbps']:.1f}"
         )
+    print(f"grid sweep (default grid here: {default_max_programs(device)} programs), GB/s h2d / d2h / both:")
+    for r in rows:
+        cells = "  ".join(f"{p}: {v['h2d_gbps']:.1f}/{v['d2h_gbps']:.1f}/{v['both_gbps']:.1f}" for p, v in r["by_programs"].items())
+        print(f"  {r['block_bytes'] // 1024:>5}KiB  {cells}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -38,22 +38,41 @@ def _words(pool: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _copy_blocks_kernel(src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, WORDS: tl.constexpr):
-        pair = tl.program_id(0)
-        chunk = tl.program_id(1)
-        s = tl.load(src_idx_ptr + pair).to(tl.int64)
-        d = tl.load(dst_idx_ptr + pair).to(tl.int64)
-        offs = chunk.to(tl.int64) * WORDS + tl.arange(0, WORDS)
-        mask = offs < words_per_block
-        x = tl.load(src_ptr + s * words_per_block + offs, mask=mask)
-        tl.store(dst_ptr + d * words_per_block + offs, x, mask=mask)
+    def _copy_blocks_kernel(
+        src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, chunks_per_block, num_tiles, WORDS: tl.constexpr
+    ):
+        # Grid-stride over (block pair, chunk) tiles: a bounded grid leaves SMs free for compute and for a
+        # transfer in the other direction running at the same time.
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            pair = tile // chunks_per_block
+            chunk = tile - pair * chunks_per_block
+            s = tl.load(src_idx_ptr + pair).to(tl.int64)
+            d = tl.load(dst_idx_ptr + pair).to(tl.int64)
+            offs = chunk.to(tl.int64) * WORDS + tl.arange(0, WORDS)
+            mask = offs < words_per_block
+            x = tl.load(src_ptr + s * words_per_block + offs, mask=mask)
+            tl.store(dst_ptr + d * words_per_block + offs, x, mask=mask)
 
 
-def copy_blocks_triton(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+_sm_count: dict[int, int] = {}
+
+
+def default_max_programs(device: torch.device) -> int:
+    """Programs per copy launch: 2 per SM, enough to keep PCIe busy while leaving room beside it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _sm_count[index]
+
+
+def copy_blocks_triton(
+    src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, max_programs: int | None = None
+) -> None:
     """The Triton kernel. Pools may be device memory or pinned host memory (read/written through UVA).
 
     `src_idx`, `dst_idx`: int64 tensors on the launching device (or on the CPU under TRITON_INTERPRET=1).
-    Runs on the current CUDA stream; the caller orders it against other streams.
+    `max_programs` bounds the grid (default: 2 per SM; 4 under the interpreter). Runs on the current CUDA
+    stream; the caller orders it against other streams.
     """
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(f"copy_blocks: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
@@ -62,8 +81,11 @@ def copy_blocks_triton(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tens
         return
     src_w, dst_w = _words(src), _words(dst)
     words_per_block = src_w.shape[1]
-    grid = (n, triton.cdiv(words_per_block, _WORDS_PER_PROGRAM))
-    _copy_blocks_kernel[grid](src_w, dst_w, src_idx, dst_idx, words_per_block, WORDS=_WORDS_PER_PROGRAM)
+    chunks = triton.cdiv(words_per_block, _WORDS_PER_PROGRAM)
+    if max_programs is None:
+        max_programs = default_max_programs(src_idx.device) if src_idx.is_cuda else 4
+    grid = (min(n * chunks, max_programs),)
+    _copy_blocks_kernel[grid](src_w, dst_w, src_idx, dst_idx, words_per_block, chunks, n * chunks, WORDS=_WORDS_PER_PROGRAM)
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
