@@ -73,21 +73,30 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     dev_flat2 = gpu.pool[n:].view(-1)  # same halves as the batched moves
     s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
-    def contig_h2d():
-        with torch.cuda.stream(s1):
-            dev_flat.copy_(host_flat, non_blocking=True)
+    def three_ways(h2d, d2h) -> dict:
+        """GB/s of h2d alone, d2h alone, and both at once (bytes of both counted)."""
 
-    def contig_d2h():
-        with torch.cuda.stream(s2):
-            host_flat2.copy_(dev_flat2, non_blocking=True)
+        def both():
+            h2d()
+            d2h()
 
-    def contig_both():
-        contig_h2d()
-        contig_d2h()
+        return {
+            "h2d": moved / timed(h2d, reps, sync) / 1e9,
+            "d2h": moved / timed(d2h, reps, sync) / 1e9,
+            "both": 2 * moved / timed(both, reps, sync) / 1e9,
+        }
 
-    res["contig_h2d_gbps"] = moved / timed(contig_h2d, reps, sync) / 1e9
-    res["contig_d2h_gbps"] = moved / timed(contig_d2h, reps, sync) / 1e9
-    res["contig_both_gbps"] = 2 * moved / timed(contig_both, reps, sync) / 1e9
+    def on(stream, fn):
+        def run():
+            with torch.cuda.stream(stream):
+                fn()
+
+        return run
+
+    contig = three_ways(
+        on(s1, lambda: dev_flat.copy_(host_flat, non_blocking=True)),
+        on(s2, lambda: host_flat2.copy_(dev_flat2, non_blocking=True)),
+    )
 
     def batched_h2d():
         mover.move(cpu, host_slots, gpu, dev_slots)
@@ -95,13 +104,10 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     def batched_d2h():
         mover.move(gpu, dev_slots2, cpu, host_slots2)
 
-    def batched_both():
-        batched_h2d()
-        batched_d2h()
-
-    res["batched_h2d_gbps"] = moved / timed(batched_h2d, reps, sync) / 1e9
-    res["batched_d2h_gbps"] = moved / timed(batched_d2h, reps, sync) / 1e9
-    res["batched_both_gbps"] = 2 * moved / timed(batched_both, reps, sync) / 1e9
+    batched = three_ways(batched_h2d, batched_d2h)
+    for d in ("h2d", "d2h", "both"):
+        res[f"contig_{d}_gbps"] = contig[d]
+        res[f"batched_{d}_gbps"] = batched[d]
     # Check the bytes once: a fast wrong copy must not count.
     batched_h2d()
     sync()
@@ -114,25 +120,16 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     # How many programs the kernel needs: bandwidth at bounded grids (fewer programs = more SMs for compute).
     src_i, dst_i = torch.tensor(host_slots, device=device), torch.tensor(dev_slots, device=device)
     src_i2, dst_i2 = torch.tensor(dev_slots2, device=device), torch.tensor(host_slots2, device=device)
-    res["by_programs"] = {}
-    for progs in programs:
-        def h2d():
-            with torch.cuda.stream(s1):
-                copy_blocks_triton(cpu.pool, gpu.pool, src_i, dst_i, max_programs=progs)
-
-        def d2h():
-            with torch.cuda.stream(s2):
-                copy_blocks_triton(gpu.pool, cpu.pool, src_i2, dst_i2, max_programs=progs)
-
-        def both():
-            h2d()
-            d2h()
-
-        res["by_programs"][progs] = {
-            "h2d_gbps": moved / timed(h2d, reps, sync) / 1e9,
-            "d2h_gbps": moved / timed(d2h, reps, sync) / 1e9,
-            "both_gbps": 2 * moved / timed(both, reps, sync) / 1e9,
+    res["by_programs"] = {
+        progs: {
+            f"{d}_gbps": v
+            for d, v in three_ways(
+                on(s1, lambda p=progs: copy_blocks_triton(cpu.pool, gpu.pool, src_i, dst_i, max_programs=p)),
+                on(s2, lambda p=progs: copy_blocks_triton(gpu.pool, cpu.pool, src_i2, dst_i2, max_programs=p)),
+            ).items()
         }
+        for progs in programs
+    }
 
     def per_block_h2d():
         with torch.cuda.stream(s1):

@@ -195,7 +195,7 @@ class PageManagerMachine(RuleBasedStateMachine):
 
 
 PageManagerMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestPageManagerCPU = PageManagerMachine.TestCase
 
