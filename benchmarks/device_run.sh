@@ -15,7 +15,7 @@ tierkv_bin="$(dirname "$(command -v python3)")/tierkv"
 { nvidia-smi -L; $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.txt"
 stage="${1:-all}"
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
-    timeout 300 $py -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$out/pytest.log" | tail -25
+    timeout 300 $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest.log" | tail -25
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 150 $py benchmarks/block_moves.py --out "$out/block_moves.json" --record "$out/BENCHMARKS.rows.md" 2>&1 | tee "$out/block_moves.log"
