@@ -5,5 +5,27 @@ TRITON_INTERPRET=1 against it.
 """
 
 from tierkv.kernels.block_copy import copy_blocks, copy_blocks_reference, copy_blocks_triton
+from tierkv.kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
+from tierkv.kernels.paged_attention import (
+    PagedBatch,
+    attention_reference,
+    merge_partials,
+    paged_attention,
+    paged_attention_reference,
+    paged_attention_triton,
+)
 
-__all__ = ["copy_blocks", "copy_blocks_reference", "copy_blocks_triton"]
+__all__ = [
+    "copy_blocks",
+    "copy_blocks_reference",
+    "copy_blocks_triton",
+    "write_kv",
+    "write_kv_reference",
+    "write_kv_triton",
+    "PagedBatch",
+    "attention_reference",
+    "merge_partials",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_attention_triton",
+]

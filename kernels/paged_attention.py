@@ -1,0 +1,351 @@
+"""Attention over a paged KV cache, for prefill (chunked, causal) and decode, with GQA and sliding windows.
+
+One layer's cache is two views `k_cache`, `v_cache` of shape (num_slots, block_size, num_kv_heads, head_dim)
+(strided: tierkv keeps every layer of a block together). A batch is described by `PagedBatch`: per entry, the
+query rows it owns in the flattened `q` (shape (T, num_heads, head_dim)), the absolute position of its first
+query token, its context length after this step, and its block table: the slots of its logical blocks
+`first_block, first_block + 1, ...` (blocks before `first_block` are not in the table: the caller streams them
+and merges their partial results with `merge_partials`).
+
+Every function returns the attention output and, when asked, the log-sum-exp of the scores per (row, head),
+which is what partial results over disjoint key sets need to be merged exactly.
+
+`paged_attention_reference` is plain PyTorch (it is what runs on CPU); `paged_attention_triton` is the Triton
+implementation: a split-K decode kernel that reads each KV head once for all its query heads, and a prefill
+kernel for everything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+@dataclass
+class PagedBatch:
+    """Per-entry description of one attention call (all int tensors on the device of `q`, except where noted).
+
+    q_starts: (B + 1,) int32, entry i owns rows q_starts[i]:q_starts[i+1] of q.
+    q_pos0: (B,) int32, absolute position of each entry's first query row.
+    context_lens: (B,) int32, keys [0, context_len) exist once this step's keys are written.
+    first_block: (B,) int32, logical index of block_tables[i, 0].
+    block_tables: (B, max_blocks) int32 slots, padded with 0.
+    max_q: the largest number of query rows of an entry (host int).
+    """
+
+    q_starts: torch.Tensor
+    q_pos0: torch.Tensor
+    context_lens: torch.Tensor
+    first_block: torch.Tensor
+    block_tables: torch.Tensor
+    max_q: int
+
+    @property
+    def num_entries(self) -> int:
+        return self.q_pos0.shape[0]
+
+
+# -- reference --------------------------------------------------------------------------------------------------
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    need_lse: bool = False,
+):
+    """Dense attention of q (n, Hq, D) over k, v (m, Hkv, D) at absolute positions, causal (k_pos <= q_pos) and
+    windowed (k_pos > q_pos - window when window > 0). Returns out (n, Hq, D) [, lse (n, Hq) float32]."""
+    n, num_heads, _ = q.shape
+    group = num_heads // k.shape[1]
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if sliding_window:
+        allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, m, D)
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    qh = q.transpose(0, 1)  # (Hq, n, D)
+    if not need_lse:
+        if bool(allowed.all()):
+            out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], scale=scale)[0]
+        elif n == k.shape[0] and not sliding_window and bool((q_pos == k_pos).all()):
+            out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True, scale=scale)[0]
+        else:
+            out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=allowed, scale=scale)[0]
+        return out.transpose(0, 1)
+    scores = torch.matmul(qh.float(), kh.float().transpose(1, 2)) * scale  # (Hq, n, m)
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (Hq, n)
+    weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.matmul(weights, vh.float())
+    return out.transpose(0, 1).to(q.dtype), lse.transpose(0, 1)
+
+
+def gather_keys(cache: torch.Tensor, table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The first `num_tokens` tokens of the blocks `table` of one layer's cache, as (num_tokens, Hkv, D)."""
+    blocks = cache[table.long()]  # (nb, bs, Hkv, D)
+    return blocks.reshape(-1, *cache.shape[2:])[:num_tokens]
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    sliding_window: int = 0,
+    need_lse: bool = False,
+):
+    """Plain PyTorch, one entry at a time. Returns out (T, Hq, D) [, lse (T, Hq) float32]."""
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device) if need_lse else None
+    starts = batch.q_starts.tolist()
+    for i in range(batch.num_entries):
+        r0, r1 = starts[i], starts[i + 1]
+        if r0 == r1:
+            continue
+        p0 = int(batch.q_pos0[i])
+        ctx = int(batch.context_lens[i])
+        first = int(batch.first_block[i])
+        kv0 = first * bs
+        nblocks = -(-(ctx - kv0) // bs)
+        table = batch.block_tables[i, :nblocks]
+        k = gather_keys(k_cache, table, ctx - kv0)
+        v = gather_keys(v_cache, table, ctx - kv0)
+        q_pos = torch.arange(p0, p0 + r1 - r0, device=q.device)
+        k_pos = torch.arange(kv0, ctx, device=q.device)
+        res = attention_reference(q[r0:r1], k, v, q_pos, k_pos, scale, sliding_window, need_lse)
+        if need_lse:
+            out[r0:r1], lse[r0:r1] = res
+        else:
+            out[r0:r1] = res
+    return (out, lse) if need_lse else out
+
+
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Exact merge of two attention results over disjoint key sets: (out, lse). Rows with no keys have lse -inf."""
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isinf(m), 0.0, m)
+    wa = torch.exp(lse_a - m_safe)
+    wb = torch.exp(lse_b - m_safe)
+    total = wa + wb
+    denom = torch.where(total == 0, 1.0, total)
+    out = (out_a.float() * (wa / denom)[..., None] + out_b.float() * (wb / denom)[..., None]).to(out_a.dtype)
+    return out, torch.where(total == 0, float("-inf"), m_safe + torch.log(denom))
+
+
+# -- Triton -----------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(
+        Q, K, V, O, LSE, BT, TILE_ENTRY, TILE_M0, Q_STARTS, Q_POS0, CTX, FIRST,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh, stride_bt,
+        scale, window,
+        GROUP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        e = tl.load(TILE_ENTRY + tile)
+        m0 = tl.load(TILE_M0 + tile)
+        qs = tl.load(Q_STARTS + e)
+        n_q = tl.load(Q_STARTS + e + 1) - qs
+        p0 = tl.load(Q_POS0 + e)
+        ctx = tl.load(CTX + e)
+        kv0 = tl.load(FIRST + e) * BS
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n_q
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        rows = (qs + offs_m).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q_pos = p0 + offs_m
+        hi = tl.minimum(ctx, p0 + m0 + BLOCK_M)
+        lo = kv0
+        if window > 0:
+            lo = tl.maximum(kv0, p0 + m0 - window + 1)
+            lo = kv0 + ((lo - kv0) // BLOCK_N) * BLOCK_N
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            rel = offs_n - kv0
+            slot = tl.load(BT + e * stride_bt + rel // BS, mask=n_mask, other=0).to(tl.int64)
+            tok = rel % BS
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            if window > 0:
+                valid = valid & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(LSE + rows * stride_lt + h, lse, mask=m_mask)
+
+    @triton.jit
+    def _decode_kernel(
+        Q, K, V, O_PART, L_PART, BT, Q_ROW, CTX, FIRST,
+        stride_qt, stride_qh, stride_oe, stride_op, stride_oh, stride_le, stride_lp,
+        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh, stride_bt,
+        scale, window, partition,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        e = tl.program_id(0)
+        kvh = tl.program_id(1)
+        part = tl.program_id(2)
+        row = tl.load(Q_ROW + e).to(tl.int64)
+        ctx = tl.load(CTX + e)
+        kv0 = tl.load(FIRST + e) * BS
+        q_pos = ctx - 1
+        offs_g = tl.arange(0, GROUP_PAD)
+        g_mask = offs_g < GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        heads = kvh * GROUP + offs_g
+        q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        lo = kv0 + part * partition
+        hi = tl.minimum(ctx, lo + partition)
+        if window > 0:
+            lo = tl.maximum(lo, q_pos - window + 1)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            rel = offs_n - kv0
+            slot = tl.load(BT + e * stride_bt + rel // BS, mask=n_mask, other=0).to(tl.int64)
+            tok = rel % BS
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+        o_ptr = O_PART + e * stride_oe + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr, out, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(L_PART + e * stride_le + part * stride_lp + heads, lse, mask=g_mask)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(1, n) - 1).bit_length())
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    sliding_window: int = 0,
+    need_lse: bool = False,
+    decode_partition: int = 512,
+):
+    """Triton implementation of `paged_attention_reference` (same arguments and results)."""
+    T, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    bs = k_cache.shape[1]
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    block_d = _pow2(head_dim)
+    precision = _precision(q.dtype)
+    bt = batch.block_tables
+    if batch.max_q == 1 and T == batch.num_entries:
+        # Decode: split the keys into partitions; each program reads one KV head once for all its query heads.
+        max_ctx = int(batch.context_lens.max()) if T else 0
+        parts = max(1, -(-max_ctx // decode_partition))
+        o_part = torch.empty((T, parts, num_heads, head_dim), dtype=torch.float32, device=q.device)
+        l_part = torch.full((T, parts, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+        if T:
+            q_row = batch.q_starts[:-1]
+            _decode_kernel[(T, num_kv_heads, parts)](
+                q, k_cache, v_cache, o_part, l_part, bt, q_row, batch.context_lens, batch.first_block,
+                q.stride(0), q.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                bt.stride(0), scale, sliding_window, decode_partition,
+                GROUP=group, GROUP_PAD=_pow2(group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_D=block_d, PRECISION=precision,
+            )
+        # Reduce over partitions: partitions past a sequence's end hold lse -inf and weigh nothing.
+        m = l_part.max(dim=1).values
+        m_safe = torch.where(torch.isinf(m), 0.0, m)
+        w = torch.exp(l_part - m_safe[:, None])
+        total = w.sum(dim=1)
+        denom = torch.where(total == 0, 1.0, total)
+        out = ((o_part * w[..., None]).sum(dim=1) / denom[..., None]).to(q.dtype)
+        lse = torch.where(total == 0, float("-inf"), m_safe + torch.log(denom))
+        return (out, lse) if need_lse else out
+    block_m = 16 if batch.max_q <= 16 else 64
+    starts = batch.q_starts.tolist()
+    tile_entry, tile_m0 = [], []
+    for i in range(batch.num_entries):
+        for m0 in range(0, starts[i + 1] - starts[i], block_m):
+            tile_entry.append(i)
+            tile_m0.append(m0)
+    out = torch.empty_like(q)
+    lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
+    if tile_entry:
+        te = torch.tensor(tile_entry, dtype=torch.int32, device=q.device)
+        tm = torch.tensor(tile_m0, dtype=torch.int32, device=q.device)
+        _prefill_kernel[(len(tile_entry), num_heads)](
+            q, k_cache, v_cache, out, lse, bt, te, tm, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            bt.stride(0), scale, sliding_window,
+            GROUP=group, BS=bs, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, PRECISION=precision,
+        )
+    return (out, lse) if need_lse else out
+
+
+def paged_attention(q, k_cache, v_cache, batch: PagedBatch, scale: float, sliding_window: int = 0, need_lse: bool = False):
+    """The Triton kernels on CUDA, the reference elsewhere."""
+    if q.is_cuda:
+        return paged_attention_triton(q, k_cache, v_cache, batch, scale, sliding_window, need_lse)
+    return paged_attention_reference(q, k_cache, v_cache, batch, scale, sliding_window, need_lse)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
