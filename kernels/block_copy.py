@@ -27,19 +27,27 @@ def copy_blocks_reference(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.T
     dst.index_copy_(0, dst_idx, src.index_select(0, src_idx))
 
 
-def _words(pool: torch.Tensor) -> torch.Tensor:
-    """The pool as rows of 32-bit words (or bytes when a block is not a whole number of words)."""
-    flat = pool.view(pool.shape[0], -1)
-    nbytes = flat.shape[1] * flat.element_size()
-    as_bytes = flat.view(torch.uint8)
-    return as_bytes.view(torch.int32) if nbytes % 4 == 0 else as_bytes
+def _row_layout(pool: torch.Tensor) -> tuple[int, int]:
+    """(bytes per row, row stride in bytes). Rows may be strided (e.g. one layer of every block: `pool[:, layer]`),
+    but each row must be contiguous."""
+    row = pool[0] if pool.shape[0] else pool
+    if not row.is_contiguous():
+        raise ValueError("copy_blocks: each block (row) of a pool must be contiguous")
+    return row.numel() * pool.element_size(), pool.stride(0) * pool.element_size()
+
+
+def _as_units(pool: torch.Tensor, unit: int) -> torch.Tensor:
+    """The pool's rows reinterpreted as int32 words (unit 4) or bytes (unit 1), keeping the row stride."""
+    flat = pool.flatten(1).view(torch.uint8)
+    return flat.view(torch.int32) if unit == 4 else flat
 
 
 if triton is not None:
 
     @triton.jit
     def _copy_blocks_kernel(
-        src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, chunks_per_block, num_tiles, WORDS: tl.constexpr
+        src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, src_stride, dst_stride, chunks_per_block, num_tiles,
+        WORDS: tl.constexpr,
     ):
         # Grid-stride over (block pair, chunk) tiles: a bounded grid leaves SMs free for compute and for a
         # transfer in the other direction running at the same time.
@@ -50,8 +58,8 @@ if triton is not None:
             d = tl.load(dst_idx_ptr + pair).to(tl.int64)
             offs = chunk.to(tl.int64) * WORDS + tl.arange(0, WORDS)
             mask = offs < words_per_block
-            x = tl.load(src_ptr + s * words_per_block + offs, mask=mask)
-            tl.store(dst_ptr + d * words_per_block + offs, x, mask=mask)
+            x = tl.load(src_ptr + s * src_stride + offs, mask=mask)
+            tl.store(dst_ptr + d * dst_stride + offs, x, mask=mask)
 
 
 _sm_count: dict[int, int] = {}
@@ -79,13 +87,19 @@ def copy_blocks_triton(
     n = src_idx.numel()
     if n == 0:
         return
-    src_w, dst_w = _words(src), _words(dst)
-    words_per_block = src_w.shape[1]
+    row_bytes, src_stride = _row_layout(src)
+    _, dst_stride = _row_layout(dst)
+    aligned = all(x % 4 == 0 for x in (row_bytes, src_stride, dst_stride, src.data_ptr(), dst.data_ptr()))
+    unit = 4 if aligned else 1
+    src_w, dst_w = _as_units(src, unit), _as_units(dst, unit)
+    words_per_block, src_stride, dst_stride = row_bytes // unit, src_stride // unit, dst_stride // unit
     chunks = triton.cdiv(words_per_block, _WORDS_PER_PROGRAM)
     if max_programs is None:
         max_programs = default_max_programs(src_idx.device) if src_idx.is_cuda else 4
     grid = (min(n * chunks, max_programs),)
-    _copy_blocks_kernel[grid](src_w, dst_w, src_idx, dst_idx, words_per_block, chunks, n * chunks, WORDS=_WORDS_PER_PROGRAM)
+    _copy_blocks_kernel[grid](
+        src_w, dst_w, src_idx, dst_idx, words_per_block, src_stride, dst_stride, chunks, n * chunks, WORDS=_WORDS_PER_PROGRAM
+    )
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:

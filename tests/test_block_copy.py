@@ -43,3 +43,29 @@ def test_dispatch_uses_the_reference_off_cuda():
 def test_mismatched_pools_are_refused():
     with pytest.raises(ValueError, match="pools differ"):
         copy_blocks_triton(torch.zeros(2, 4), torch.zeros(2, 5), torch.tensor([0]), torch.tensor([1]))
+
+
+def test_strided_rows_copy_one_layer_of_each_block():
+    """One layer's slice of scattered blocks (rows strided by a whole block) into a dense staging pool, and back."""
+    g = torch.Generator().manual_seed(7)
+    pool = torch.randn((6, 3, 2, 4, 2, 8), generator=g)  # (slots, layers, K/V, bs, Hkv, D)
+    staging = torch.zeros((4, 2, 4, 2, 8))
+    src_idx, dst_idx = torch.tensor([5, 1, 3]), torch.tensor([0, 1, 2])
+    want = staging.clone()
+    copy_blocks_reference(pool[:, 2], want, src_idx, dst_idx)
+    assert torch.equal(want[1], pool[1, 2])
+    back_want = pool.clone()
+    copy_blocks_reference(want, back_want[:, 0], dst_idx, src_idx)
+    if torch.cuda.is_available():  # pinned host pool -> device staging -> pinned host pool
+        host = pool.pin_memory()
+        got = staging.cuda()
+        copy_blocks_triton(host[:, 2], got, src_idx.cuda(), dst_idx.cuda())
+        copy_blocks_triton(got, host[:, 0], dst_idx.cuda(), src_idx.cuda())
+        torch.cuda.synchronize()
+        got, back = got.cpu(), host
+    else:
+        got, back = staging.clone(), pool.clone()
+        copy_blocks_triton(pool[:, 2], got, src_idx, dst_idx, max_programs=2)
+        copy_blocks_triton(got, back[:, 0], dst_idx, src_idx, max_programs=2)
+    assert torch.equal(got, want)
+    assert torch.equal(back, back_want)
