@@ -1,13 +1,21 @@
 """tierkv: a tiered KV-cache runtime. KV blocks live in GPU memory, pinned CPU memory or NVMe files."""
 
-from tierkv.config import PageManagerConfig
+from tierkv.config import EngineConfig, PageManagerConfig
 from tierkv.errors import CapacityError, ConfigError, CorruptBlockError, StoreError, TierKVError
 from tierkv.layout import KVLayout
+from tierkv.llm import LLM
+from tierkv.outputs import CompletionOutput, RequestOutput
 from tierkv.page_manager import Block, PageManager
+from tierkv.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EngineConfig",
     "KVLayout",
     "PageManager",
     "PageManagerConfig",

@@ -110,3 +110,67 @@ class PageManagerConfig:
     @property
     def total_blocks(self) -> int:
         return self.gpu_blocks + self.cpu_blocks + self.nvme_blocks
+
+
+@dataclass
+class EngineConfig:
+    """Everything `tierkv.LLM` takes besides the model, validated before the model loads.
+
+    Tier capacities as in PageManagerConfig; None picks a default from the machine once the model's KV
+    block size is known (GPU: `gpu_memory_utilization` of the device memory left after the weights; CPU
+    tier: a quarter of the RAM, at most 64 GiB, when the compute device is a GPU; NVMe: half of the free
+    disk, at most 256 GiB, when nvme_dir is given).
+    """
+
+    model: str
+    tokenizer: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    load_format: str = "auto"
+    block_size: int = 16
+    gpu_blocks: int | None = None
+    gpu_memory: str | int | None = None
+    cpu_blocks: int | None = None
+    cpu_memory: str | int | None = None
+    nvme_dir: str | None = None
+    nvme_blocks: int | None = None
+    nvme_memory: str | int | None = None
+    eviction: str = "lru"
+    nvme_backend: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    staging_blocks: int = 64
+    slice_steps: int = 8
+    prefetch: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model must be a checkpoint folder, a config file or a preset name, got {self.model!r}")
+        if self.device is not None:
+            resolve_device(self.device)
+        if self.dtype is not None:
+            from tierkv.layout import parse_dtype
+
+            parse_dtype(self.dtype)
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format {self.load_format!r} is not one of 'auto', 'dummy'")
+        if self.eviction not in EVICTION_NAMES:
+            raise ConfigError(f"eviction {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "staging_blocks", "slice_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ConfigError(f"max_model_len must be a positive integer or None, got {self.max_model_len!r}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for tier in ("gpu", "cpu", "nvme"):
+            if getattr(self, f"{tier}_blocks") is not None and getattr(self, f"{tier}_memory") is not None:
+                raise ConfigError(f"give {tier}_blocks or {tier}_memory, not both")
+        if (self.nvme_blocks or self.nvme_memory) and not self.nvme_dir:
+            raise ConfigError("an NVMe tier size needs nvme_dir: a directory on the NVMe disk for the block files")
+        if self.nvme_dir is not None and os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):
+            raise ConfigError(f"nvme_dir {self.nvme_dir!r} exists and is not a directory; give a directory path")

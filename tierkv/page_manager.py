@@ -285,6 +285,40 @@ class PageManager:
                 remaining[block.block_id] = left - 1
         return plan
 
+    def pin_in_place(self, seq_id: Hashable, stop_block: int) -> list[tuple[int, int]]:
+        """Pin the sequence's blocks [0, stop_block) where they are, for attention that streams them; returns each
+        block's (tier, slot). Blocks on NVMe are first promoted to the CPU tier (streaming reads memory, not disk).
+        Needs an outstanding `acquire` of the sequence; its `release` unpins these too."""
+        seq = self._seq(seq_id)
+        if not seq.pinned:
+            raise RuntimeError(f"pin_in_place({seq_id!r}) needs an outstanding acquire of the sequence")
+        blocks = seq.blocks[:stop_block]
+        on_disk = [b for b in blocks if b.tier == NVME]
+        for block in blocks:
+            self._count_lookup(block)
+        if on_disk:
+            if CPU not in self.tiers:
+                raise CapacityError(
+                    f"sequence {seq_id!r} is longer than the GPU tier and {len(on_disk)} of its blocks are on NVMe: "
+                    "streaming them needs a CPU tier; set cpu_blocks or cpu_memory"
+                )
+            protect = {b.block_id for b in blocks}
+            room = self._make_room(CPU, len(on_disk), protect, allow_reserved=True)
+            if room < len(on_disk):
+                raise CapacityError(
+                    f"sequence {seq_id!r}: streaming needs {len(on_disk)} of its blocks moved from NVMe to the CPU tier, "
+                    f"but only {room} CPU slots can be freed (the tiers below are full); raise cpu_blocks or nvme_blocks"
+                )
+            for block in on_disk:
+                self.policies[NVME].remove(block.block_id)
+            self._move(on_disk, CPU)
+        for block in blocks:
+            block.pins += 1
+        seq.pinned[-1].extend(blocks)
+        if self.mover.cuda:
+            all_of(b.ready for b in blocks).wait_on(torch.cuda.current_stream(self.device))
+        return [(b.tier, b.slot) for b in blocks]
+
     def release(self, seq_ids: Sequence[Hashable]) -> None:
         """Unpin the blocks pinned by the matching `acquire`."""
         for seq_id in seq_ids:

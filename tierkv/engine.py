@@ -1,0 +1,187 @@
+"""The engine: one step = schedule, place KV blocks, run the model over the paged cache, sample, update."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.attention import StepAttention, StreamedEntry
+from tierkv.kernels import PagedBatch
+from tierkv.loader import LoadedModel
+from tierkv.page_manager import PageManager
+from tierkv.sampling import SamplingParams, make_generator, sample_row, top_logprobs
+from tierkv.scheduler import ScheduledEntry, Scheduler
+from tierkv.sequence import Request, Sequence
+from tierkv.tiers import GPU
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens whose KV was computed
+    generated_tokens: int = 0
+    streamed_steps: int = 0  # steps in which some KV was streamed from below the GPU window
+    busy_s: float = 0.0  # wall time inside step()
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, pm: PageManager, scheduler: Scheduler, staging_blocks: int, seed: int, prefetch: bool) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.spec = loaded.spec
+        self.pm = pm
+        self.scheduler = scheduler
+        self.device = pm.device
+        self.block_size = pm.layout.block_size
+        self.prefetch_enabled = prefetch
+        self.counters = EngineCounters()
+        self.requests: list[Request] = []
+        self._next_seq = 0
+        self._arrivals = 0
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        layout = pm.layout
+        self.staging = torch.empty(
+            (staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=self.device
+        )
+        self.scale = self.spec.head_dim**-0.5
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
+        req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals)
+        self._arrivals += 1
+        self.scheduler.add(req)
+        self.requests.append(req)
+        return req
+
+    def _new_sequence(self, req: Request, sample_index: int, token_ids: list[int], num_computed: int) -> Sequence:
+        seq = Sequence(
+            self._next_seq, req, sample_index, list(token_ids), len(req.prompt_ids),
+            make_generator(req.params, sample_index, self.device, self._generator), num_computed,
+        )
+        self._next_seq += 1
+        req.sequences.append(seq)
+        return seq
+
+    def _admit(self, req: Request) -> Sequence:
+        seq = self._new_sequence(req, 0, req.prompt_ids, 0)
+        self.pm.add_sequence(seq.seq_id)
+        return seq
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that got new tokens (or finished) in it."""
+        t0 = time.perf_counter()
+        self.scheduler.admit(self._admit)
+        entries = self.scheduler.schedule()
+        if not entries:
+            if self.scheduler.running:
+                raise RuntimeError("tierkv bug: running sequences but nothing could be scheduled")
+            return []
+        pm = self.pm
+        pm.begin_step()
+        for e in entries:
+            grow = e.end - pm.num_tokens(e.seq.seq_id)
+            if grow > 0:
+                pm.append_tokens(e.seq.seq_id, grow)
+        ids = [e.seq.seq_id for e in entries]
+        tables = pm.acquire(
+            ids,
+            writes={e.seq.seq_id: (e.start, e.end) for e in entries},
+            block_ranges={e.seq.seq_id: (e.first_block, self.scheduler.blocks_for(e.end)) for e in entries},
+        )
+        try:
+            streamed = self._stream_plan(entries)
+            attend = self._attention(entries, tables, streamed)
+            input_ids = torch.tensor([t for e in entries for t in e.seq.token_ids[e.start : e.end]], dtype=torch.long)
+            positions = torch.cat([torch.arange(e.start, e.end) for e in entries])
+            hidden = self.model(input_ids.to(self.device), positions.to(self.device), attend)
+            rows, sampled = [], []
+            row = 0
+            for e in entries:
+                row += e.num_tokens
+                if e.samples:
+                    rows.append(row - 1)
+                    sampled.append(e)
+            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
+        finally:
+            pm.release(ids)
+        touched = self._update(entries, sampled, logits)
+        if self.prefetch_enabled:
+            upcoming = [s.seq_id for s in self.scheduler.upcoming()]
+            if upcoming:
+                pm.prefetch(upcoming)
+        self.counters.steps += 1
+        self.counters.streamed_steps += bool(streamed)
+        self.counters.busy_s += time.perf_counter() - t0
+        return touched
+
+    def _stream_plan(self, entries: list[ScheduledEntry]) -> list[StreamedEntry]:
+        plans = []
+        row = 0
+        for i, e in enumerate(entries):
+            if e.first_block:
+                placed = self.pm.pin_in_place(e.seq.seq_id, e.first_block)
+                tiers = [self.pm.tiers[kind] for kind, _ in placed]
+                plans.append(StreamedEntry(i, (row, row + e.num_tokens), e.start, tiers, [slot for _, slot in placed]))
+            row += e.num_tokens
+        return plans
+
+    def _attention(self, entries: list[ScheduledEntry], tables: list[list[int]], streamed: list[StreamedEntry]) -> StepAttention:
+        bs = self.block_size
+        starts, slot_mapping = [0], []
+        for e, table in zip(entries, tables):
+            starts.append(starts[-1] + e.num_tokens)
+            for p in range(e.start, e.end):
+                slot_mapping.append(table[p // bs - e.first_block] * bs + p % bs)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        batch = PagedBatch(
+            q_starts=torch.tensor(starts, dtype=torch.int32, device=dev),
+            q_pos0=torch.tensor([e.start for e in entries], dtype=torch.int32, device=dev),
+            context_lens=torch.tensor([e.end for e in entries], dtype=torch.int32, device=dev),
+            first_block=torch.tensor([e.first_block for e in entries], dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            max_q=max(e.num_tokens for e in entries),
+        )
+        return StepAttention(
+            self.pm.tiers[GPU], batch, torch.tensor(slot_mapping, dtype=torch.int64, device=dev), streamed,
+            self.staging, self.scale, self.spec.sliding_windows,
+        )
+
+    def _update(self, entries: list[ScheduledEntry], sampled: list[ScheduledEntry], logits: torch.Tensor | None) -> list[Request]:
+        touched: dict[int, Request] = {}
+        for e in entries:
+            seq = e.seq
+            if seq.prefilling:
+                self.counters.prompt_tokens += min(e.end, seq.num_prompt) - e.start
+            seq.num_computed = e.end
+        if logits is not None:
+            logits = logits.float()
+        for i, e in enumerate(sampled):
+            seq = e.seq
+            req = seq.request
+            row = logits[i]
+            targets = [seq]
+            if req.params.n > 1 and len(req.sequences) == 1:
+                # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
+                for k in range(1, req.params.n):
+                    child = self._new_sequence(req, k, seq.token_ids, seq.num_computed)
+                    self.pm.fork(seq.seq_id, child.seq_id)
+                    self.scheduler.add_running(child, after=targets[-1])
+                    targets.append(child)
+            for s in targets:
+                token = sample_row(row, req.params, s.generator)
+                lp = top_logprobs(row, token, req.params.logprobs) if req.params.logprobs is not None else None
+                s.append(token, lp, self.loaded.eos_token_ids, self.loaded.tokenizer)
+                self.counters.generated_tokens += 1
+                if s.finished:
+                    self.scheduler.finish(s)
+                    self.pm.free(s.seq_id)
+            touched[req.arrival] = req
+        return list(touched.values())

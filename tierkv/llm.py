@@ -1,0 +1,239 @@
+"""`tierkv.LLM`: the Python API, in the shape users know from vLLM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+
+import torch
+
+from tierkv.config import EngineConfig, PageManagerConfig, resolve_blocks, resolve_device
+from tierkv.engine import Engine
+from tierkv.errors import CapacityError, ConfigError
+from tierkv.layout import KVLayout
+from tierkv.loader import load_model
+from tierkv.outputs import RequestOutput
+from tierkv.page_manager import PageManager
+from tierkv.sampling import SamplingParams
+from tierkv.scheduler import Scheduler
+from tierkv.sizes import format_nbytes
+
+MIN_GPU_BLOCKS = 2  # one step's window: the blocks its new tokens are written into (a chunk may straddle two)
+
+PromptType = str | Sequence[int]
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class LLM:
+    """A model with a tiered paged KV cache (GPU memory, pinned CPU memory, NVMe files).
+
+        llm = tierkv.LLM("path/to/checkpoint", gpu_memory="20GiB", cpu_memory="64GiB", nvme_dir="/mnt/nvme/kv")
+        outputs = llm.generate(["Once upon a time"], tierkv.SamplingParams(max_tokens=64, temperature=0))
+
+    Keyword arguments are the fields of `tierkv.config.EngineConfig`.
+    """
+
+    def __init__(self, model: str, **kwargs) -> None:
+        known = {f.name for f in fields(EngineConfig)} - {"model"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"LLM() got unknown option(s) {unknown}; known options: {sorted(known)}")
+        self.config = cfg = EngineConfig(model=model, **kwargs)
+        device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.loaded = load_model(cfg.model, device, _dtype(cfg.dtype), cfg.load_format, cfg.seed)
+        if cfg.tokenizer is not None:
+            from tierkv.loader import load_tokenizer
+
+            self.loaded.tokenizer = load_tokenizer(cfg.tokenizer)
+        spec = self.loaded.spec
+        dtype = next(self.loaded.model.parameters()).dtype
+        self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size)
+        gpu, cpu, nvme = self._capacities(device)
+        if gpu < MIN_GPU_BLOCKS:
+            raise ConfigError(
+                f"the GPU tier holds {gpu} blocks ({format_nbytes(gpu * self.layout.block_nbytes)}); it needs at least "
+                f"{MIN_GPU_BLOCKS} (the blocks one step writes into; older KV can be streamed from the CPU tier); "
+                "raise gpu_blocks or gpu_memory"
+            )
+        self.max_model_len = cfg.max_model_len or spec.max_position_embeddings or 1 << 30
+        self.pm = PageManager(
+            PageManagerConfig(
+                self.layout, device=device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=cfg.nvme_dir if nvme else None,
+                nvme_blocks=nvme, eviction=cfg.eviction, nvme_backend=cfg.nvme_backend,
+            )
+        )
+        self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
+        self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch)
+        self._t_created = time.perf_counter()
+        self._closed = False
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+    def _capacities(self, device: torch.device) -> tuple[int, int, int]:
+        cfg, nbytes = self.config, self.layout.block_nbytes
+        if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
+            gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, nbytes)
+        elif device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            activations = 2 * 2**30  # room for one step's activations and the streaming staging
+            gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // nbytes
+        else:
+            gpu = min(2**30, _ram_bytes() // 10) // nbytes
+        if cfg.cpu_blocks is not None or cfg.cpu_memory is not None:
+            cpu = resolve_blocks("cpu", cfg.cpu_blocks, cfg.cpu_memory, nbytes)
+        else:
+            cpu = min(64 * 2**30, _ram_bytes() // 4) // nbytes if device.type == "cuda" else 0
+        if cfg.nvme_blocks is not None or cfg.nvme_memory is not None:
+            nvme = resolve_blocks("nvme", cfg.nvme_blocks, cfg.nvme_memory, nbytes)
+        elif cfg.nvme_dir:
+            os.makedirs(cfg.nvme_dir, exist_ok=True)
+            nvme = min(256 * 2**30, shutil.disk_usage(cfg.nvme_dir).free // 2) // nbytes
+        else:
+            nvme = 0
+        return gpu, cpu, nvme
+
+    def get_tokenizer(self):
+        return self.loaded.tokenizer
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def _prepare(self, prompts, sampling_params) -> list[tuple[str | None, list[int], SamplingParams]]:
+        """Tokenize and check every prompt before anything runs, so a bad one fails the call, not the run."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ConfigError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        tok = self.loaded.tokenizer
+        vocab = self.loaded.spec.vocab_size
+        prepared = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, str):
+                if tok is None:
+                    raise ConfigError(f"prompt {i} is text but the model has no tokenizer; pass token ids or tokenizer=")
+                ids = tok(prompt).input_ids
+                text = prompt
+            else:
+                ids = [int(t) for t in prompt]
+                text = None
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+            total = len(ids) + p.max_tokens
+            if total > self.max_model_len:
+                raise ConfigError(
+                    f"prompt {i}: {len(ids)} tokens + max_tokens {p.max_tokens} = {total} exceeds max_model_len {self.max_model_len}"
+                )
+            prepared.append((text, ids, p))
+        self._check_capacity(prepared)
+        return prepared
+
+    def _check_capacity(self, prepared) -> None:
+        gpu = self.pm.tiers[0].num_blocks
+        cpu = self.pm.tiers[1].num_blocks if 1 in self.pm.tiers else 0
+        total = sum(t.num_blocks for t in self.pm.tiers.values())
+        for i, (_, ids, p) in enumerate(prepared):
+            probe = self.scheduler.reservation(_Probe(ids, p))
+            if probe > total:
+                raise CapacityError(
+                    f"prompt {i} ({len(ids)} tokens, max_tokens {p.max_tokens}, n {p.n}) may need {probe} KV blocks but all "
+                    f"tiers together hold {total} (gpu {gpu} + cpu {cpu} + nvme {total - gpu - cpu}); "
+                    "raise the tier capacities (nvme_dir/nvme_memory is the cheapest) or shorten the request"
+                )
+            longest = self.scheduler.blocks_for(len(ids) + p.max_tokens)
+            if longest > gpu and longest - gpu > cpu:
+                raise CapacityError(
+                    f"prompt {i} needs {longest} blocks, more than the GPU tier's {gpu}: its older blocks are streamed from the "
+                    f"CPU tier, which must hold {longest - gpu} of them but holds {cpu}; raise cpu_blocks/cpu_memory or gpu_blocks"
+                )
+
+    def _add(self, prompts, sampling_params):
+        prepared = self._prepare(prompts, sampling_params)
+        base = self.engine._arrivals
+        return [self.engine.add_request(str(base + i), i, text, ids, p) for i, (text, ids, p) in enumerate(prepared)]
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run the prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order."""
+        requests = self._add(prompts, sampling_params)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(requests), desc="generating", unit="req", dynamic_ncols=True)
+        done = 0
+        t0 = time.perf_counter()
+        tokens0 = self.engine.counters.generated_tokens
+        while not all(r.finished for r in requests):
+            self.engine.step()
+            if bar is not None:
+                now = sum(r.finished for r in requests)
+                rate = (self.engine.counters.generated_tokens - tokens0) / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+                bar.update(now - done)
+                done = now
+        if bar is not None:
+            bar.close()
+        return [r.output() for r in requests]
+
+    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+        """Like generate, but yields a RequestOutput (cumulative, as in vLLM) each time a request gets new tokens."""
+        requests = self._add(prompts, sampling_params)
+        mine = {r.arrival for r in requests}
+        while not all(r.finished for r in requests):
+            for req in self.engine.step():
+                if req.arrival in mine:
+                    yield req.output()
+
+    # -- figures and shutdown --------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """The page manager's per-tier stats plus the scheduler's and engine's figures."""
+        c = self.engine.counters
+        s = self.pm.stats()
+        s["engine"] = {
+            "steps": c.steps,
+            "prompt_tokens": c.prompt_tokens,
+            "generated_tokens": c.generated_tokens,
+            "busy_s": c.busy_s,
+            "generated_tokens_per_s": c.generated_tokens / c.busy_s if c.busy_s else None,
+            "preemptions": self.scheduler.preemptions,
+            "streamed_steps": c.streamed_steps,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+        return s
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.pm.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Probe:
+    """Just enough of a Request for Scheduler.reservation."""
+
+    def __init__(self, prompt_ids, params) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+
+
+def _dtype(name):
+    if name is None:
+        return None
+    from tierkv.layout import parse_dtype
+
+    return parse_dtype(name)

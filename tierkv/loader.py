@@ -1,0 +1,163 @@
+"""Load a model: a local Hugging Face checkpoint folder, or a config with dummy (random) weights at real shapes.
+
+`model` may be
+- a folder with config.json and *.safetensors (and tokenizer files): the checkpoint's weights;
+- a config: a folder or .json file with a config, or a preset name from `configs/models/` (e.g.
+  "llama-3.1-8b"), with load_format="dummy": random weights of the real shapes, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.errors import ConfigError
+from tierkv.model import CausalLM, ModelSpec
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    spec: ModelSpec
+    hf_config: object
+    tokenizer: object | None
+    eos_token_ids: tuple[int, ...]
+    source: str
+
+
+def preset_names() -> list[str]:
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(PRESET_DIR) if f.endswith(".json")) if os.path.isdir(PRESET_DIR) else []
+
+
+def resolve_config_path(model: str) -> str:
+    """The folder or .json file holding the config for `model` (a path or a preset name)."""
+    if os.path.isdir(model) or os.path.isfile(model):
+        return model
+    preset = os.path.join(PRESET_DIR, f"{model}.json")
+    if os.path.isfile(preset):
+        return preset
+    names = ", ".join(preset_names()) or "none"
+    raise ConfigError(
+        f"model {model!r} is neither a checkpoint folder, a config file, nor a preset (presets: {names}); "
+        "give the path of a local Hugging Face checkpoint folder"
+    )
+
+
+def load_hf_config(path: str):
+    from transformers import AutoConfig
+
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError(f"config file {path} has no model_type; it must be a transformers config.json")
+        return AutoConfig.for_model(model_type, **data)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model folder {path} has no config.json; give a Hugging Face checkpoint folder")
+    return AutoConfig.from_pretrained(path)
+
+
+def default_dtype(hf_config, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype on CUDA (bfloat16 when unset); float32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+def _eos_ids(hf_config, path: str) -> tuple[int, ...]:
+    ids = getattr(hf_config, "eos_token_id", None)
+    gen = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
+    if gen and os.path.isfile(gen):
+        with open(gen) as f:
+            ids = json.load(f).get("eos_token_id", ids)
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+
+
+def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ConfigError(f"model folder {folder} has no *.safetensors weights; use load_format='dummy' for random weights")
+    params = dict(model.named_parameters())
+    seen = set()
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in params:
+                    if name == "lm_head.weight" and model.spec.tie_word_embeddings:
+                        continue
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    raise ConfigError(f"checkpoint tensor {name!r} in {path} has no place in a {model.spec.architecture}")
+                tensor = f.get_tensor(name)
+                target = params[name]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(tensor.to(device=device, dtype=dtype))
+                seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype | None = None, load_format: str = "auto", seed: int = 0) -> LoadedModel:
+    """Build the model on `device` and fill its weights from the checkpoint, or randomly for load_format='dummy'."""
+    if load_format not in ("auto", "dummy"):
+        raise ConfigError(f"load_format {load_format!r} is not one of 'auto', 'dummy'")
+    path = resolve_config_path(model)
+    hf_config = load_hf_config(path)
+    spec = ModelSpec.from_hf_config(hf_config)
+    dtype = dtype or default_dtype(hf_config, device)
+    with torch.device("meta"):
+        net = CausalLM(spec, hf_config)
+    net = net.to_empty(device=device).to(dtype)
+    net.rotary = type(net.rotary)(hf_config, spec.head_dim).to(device)  # its buffer is computed, not loaded
+    if load_format == "dummy" or os.path.isfile(path):
+        if load_format != "dummy":
+            raise ConfigError(f"{model!r} is a config without weights; pass load_format='dummy' for random weights")
+        _init_dummy(net, hf_config, seed)
+    else:
+        _load_safetensors(net, path, device, dtype)
+    net.eval()
+    tokenizer = None
+    if os.path.isdir(path):
+        tokenizer = load_tokenizer(path)
+    return LoadedModel(net, spec, hf_config, tokenizer, _eos_ids(hf_config, path), path)
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, or None where the folder has no tokenizer files."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def _init_dummy(net: CausalLM, hf_config, seed: int) -> None:
+    """Random weights of the real shapes: normal(0, initializer_range) matrices, unit norms, zero biases."""
+    std = getattr(hf_config, "initializer_range", 0.02)
+    gen = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)

@@ -1,0 +1,224 @@
+"""tierkv's own forward pass for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) over the paged KV cache.
+
+Module and parameter names follow transformers' checkpoints (`model.layers.N.self_attn.q_proj.weight`, ...) so
+safetensors load by name. The arithmetic follows transformers' own, step for step (RMSNorm in float32, rotary
+embeddings as cos/sin of float32 angles, residual adds in the model dtype), so that greedy decoding matches
+`generate()` token for token in float32. Attention goes through a per-step callable that owns the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tierkv.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# (layer index, q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, D)) -> attention output (T, Hq, D)
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What tierkv needs to know of a decoder config, normalised across architectures."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_windows: tuple[int, ...]  # per layer; 0 = full attention
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelSpec":
+        archs = getattr(config, "architectures", None) or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+            arch = by_type.get(getattr(config, "model_type", ""))
+        if arch is None:
+            raise ConfigError(
+                f"model architecture {archs or getattr(config, 'model_type', '?')} is not supported; "
+                f"tierkv runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {config.hidden_act!r} is not supported; tierkv's MLP is SiLU-gated")
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        layers = config.num_hidden_layers
+        window = getattr(config, "sliding_window", None) or 0
+        if arch == "MistralForCausalLM":
+            windows = (window,) * layers
+        elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+            windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+        else:
+            windows = (0,) * layers
+        qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=True if qwen2 else bool(getattr(config, "attention_bias", False)),
+            o_bias=False if qwen2 else bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_windows=windows,
+            max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables from the config's rope parameters (default, linear, llama3, yarn, longrope)."""
+
+    def __init__(self, config, head_dim: int) -> None:
+        super().__init__()
+        params = getattr(config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "default":
+            base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        elif rope_type == "dynamic":
+            raise ConfigError("rope_type 'dynamic' (NTK scaling that changes with the sequence length) is not supported")
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ConfigError(f"rope_type {rope_type!r} is not supported")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling = scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D); cos, sin (T, D)."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        d, h, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        self.spec = spec
+        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+
+    def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        spec = self.spec
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, spec.num_heads, spec.head_dim)
+        k = self.k_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
+        v = self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(layer, q, k, v)
+        return self.o_proj(out.reshape(T, spec.num_heads * spec.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, layer: int, h: torch.Tensor, cos, sin, attend: AttentionFn) -> torch.Tensor:
+        h = h + self.self_attn(layer, self.input_layernorm(h), cos, sin, attend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Body(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder. `forward` runs the flattened tokens of one step; `logits` projects chosen rows to the vocab."""
+
+    def __init__(self, spec: ModelSpec, hf_config) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = _Body(spec)
+        self.rotary = RotaryEmbedding(hf_config, spec.head_dim)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        """input_ids, positions: (T,); returns the final-normed hidden states (T, hidden)."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(i, h, cos, sin, attend)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()

@@ -1,0 +1,116 @@
+"""Sampling parameters (the fields vLLM users know) and the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tierkv.errors import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token, and when to stop.
+
+    temperature 0 is greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those filters. `seed` makes a
+    request's samples reproducible whatever else runs beside it. `n` samples share the prompt's KV blocks
+    (copy-on-write). `stop` strings end the text before them (unless include_stop_str_in_output);
+    `stop_token_ids` and the model's EOS end the output after that token (EOS unless ignore_eos).
+    `logprobs=k` returns, per generated token, the log-probabilities of the chosen token and the k most likely
+    (from the model's distribution before temperature and filters).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    stop_list: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value, want: str) -> ConfigError:
+            return ConfigError(f"SamplingParams.{name}={value!r}: {want}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise bad("top_k", self.top_k, "must be an integer (<= 0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "must be in [0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise bad("seed", self.seed, "must be an integer or None")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise bad("n", self.n, "must be an integer >= 1")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise bad("logprobs", self.logprobs, "must be None or an integer >= 0")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise bad("stop", self.stop, "must be a non-empty string or a list of them")
+        self.stop_list = stop
+        if self.stop_token_ids is not None and any(not isinstance(t, int) for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be a list of integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, sample_index: int, device: torch.device, fallback: torch.Generator) -> torch.Generator:
+    """Each seeded sample gets its own stream of random numbers: reproducible whatever runs beside it."""
+    if params.seed is None:
+        return fallback
+    g = torch.Generator(device=device)
+    g.manual_seed((params.seed * 1_000_003 + sample_index) % (2**63))
+    return g
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p as -inf masks; one row (V,) float32."""
+    x = logits / params.temperature
+    if params.top_k > 0 and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+        drop = before >= params.top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return x
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from one row of float32 logits."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = process_logits(logits, params).softmax(-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with one generator per sample.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int(torch.argmax(probs / noise))
+
+
+def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, float]:
+    """log-probabilities of `token` and of the k most likely tokens, from the raw distribution."""
+    lp = torch.log_softmax(logits, dim=-1)
+    out = {token: float(lp[token])}
+    if k:
+        values, ids = torch.topk(lp, k)
+        for v, i in zip(values.tolist(), ids.tolist()):
+            out.setdefault(i, v)
+    return out

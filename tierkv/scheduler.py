@@ -1,0 +1,158 @@
+"""Continuous batching: which sequences run in each step, and how many of their tokens.
+
+- Admission: a request joins when the tiers together can hold everything it may ever need (its prompt and
+  max_tokens for each of its n samples, prompt blocks shared), so a running request never runs out of KV.
+- Each step: decodes first (one token each), then prefill chunks, under a token budget (chunked prefill, so a
+  long prompt never stalls running decodes) and under the GPU tier's block budget: a step's sequences must have
+  their blocks on the GPU together. A sequence too long for the GPU tier runs alone, with only its newest blocks
+  on the GPU and the older ones streamed by the attention.
+- When the running sequences do not all fit on the GPU, a group keeps the GPU for `slice_steps` steps, then
+  the next group takes over (preemption by swapping: the page manager demotes the old group's blocks and the
+  new group's blocks are prefetched a step ahead).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tierkv.sequence import Request, Sequence
+
+
+@dataclass
+class ScheduledEntry:
+    seq: Sequence
+    start: int  # first position computed in this step (= seq.num_computed)
+    num_tokens: int
+    first_block: int  # the step's GPU window starts at this logical block; earlier blocks are streamed
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True if this step computes the sequence's last known token, so a next token is sampled."""
+        return self.end == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, block_size: int, gpu_blocks: int, total_blocks: int, max_num_batched_tokens: int, max_num_seqs: int, slice_steps: int) -> None:
+        self.block_size = block_size
+        self.gpu_blocks = gpu_blocks
+        self.total_blocks = total_blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.slice_steps = slice_steps
+        self.waiting: deque[Request] = deque()
+        self.running: deque[Sequence] = deque()
+        self.reserved: dict[int, int] = {}  # request arrival -> blocks reserved
+        self.preemptions = 0
+        self._slice_left = slice_steps
+        self._last_group: set[int] = set()
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def reservation(self, request: Request) -> int:
+        """Blocks a request may need at most: its n samples share the prompt's full blocks."""
+        p = len(request.prompt_ids)
+        full = self.blocks_for(p + request.params.max_tokens)
+        shared = p // self.block_size
+        return full + (request.params.n - 1) * (full - shared)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def admit(self, make_sequence) -> list[Request]:
+        """Move waiting requests (first come, first served) into running while their reservations fit."""
+        admitted = []
+        while self.waiting:
+            req = self.waiting[0]
+            need = self.reservation(req)
+            seqs_after = len(self.running) + req.params.n
+            if sum(self.reserved.values()) + need > self.total_blocks or (self.running and seqs_after > self.max_num_seqs):
+                break
+            self.waiting.popleft()
+            self.reserved[req.arrival] = need
+            self.running.append(make_sequence(req))
+            admitted.append(req)
+        return admitted
+
+    def add_running(self, seq: Sequence, after: Sequence) -> None:
+        """A forked sample joins right after its parent."""
+        self.running.insert(self.running.index(after) + 1, seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.request.finished:
+            self.reserved.pop(seq.request.arrival, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledEntry]:
+        """The entries of the next step (empty only when nothing is running)."""
+        tokens = self.max_num_batched_tokens
+        blocks = self.gpu_blocks
+        entries: list[ScheduledEntry] = []
+        skipped = False
+        order = list(self.running)
+        for seq in order:  # decodes
+            if seq.prefilling or len(entries) >= self.max_num_seqs or tokens == 0:
+                continue
+            need = self.blocks_for(seq.num_computed + 1)
+            if need <= blocks:
+                entries.append(ScheduledEntry(seq, seq.num_computed, 1, 0))
+            elif not entries:
+                entries.append(ScheduledEntry(seq, seq.num_computed, 1, need - blocks))  # too long for the GPU: stream
+                need = blocks
+            else:
+                skipped = True
+                continue
+            blocks -= need
+            tokens -= 1
+        for seq in order:  # prefill chunks
+            if not seq.prefilling or len(entries) >= self.max_num_seqs or tokens == 0:
+                continue
+            start = seq.num_computed
+            n = min(len(seq.token_ids) - start, tokens)
+            need = self.blocks_for(start + n)
+            first = 0
+            if need > blocks:
+                if entries:
+                    skipped = True
+                    continue
+                # Alone and too long for the GPU: the window holds the written blocks, older ones are streamed.
+                n = min(n, blocks * self.block_size - start % self.block_size)
+                need = self.blocks_for(start + n)
+                first = max(0, need - blocks)
+            entries.append(ScheduledEntry(seq, start, n, first))
+            blocks -= need - first
+            tokens -= n
+        self._time_slice(entries, skipped)
+        return entries
+
+    def _time_slice(self, entries: list[ScheduledEntry], skipped: bool) -> None:
+        """Rotate the running order every `slice_steps` steps while not everything fits on the GPU."""
+        group = {e.seq.seq_id for e in entries}
+        if not skipped:
+            self._slice_left = self.slice_steps
+            self._last_group = group
+            return
+        self._slice_left -= 1
+        if self._slice_left <= 0:
+            ran = [s for s in self.running if s.seq_id in group]
+            for s in ran:
+                self.running.remove(s)
+                self.running.append(s)
+            self.preemptions += sum(1 for s in ran if not s.finished)
+            self._slice_left = self.slice_steps
+        self._last_group = group
+
+    def upcoming(self) -> list[Sequence]:
+        """Sequences likely to run in the next slice that are not running now (for prefetch)."""
+        if self._slice_left > 1:
+            return []
+        return [s for s in self.running if s.seq_id not in self._last_group]

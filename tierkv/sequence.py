@@ -1,0 +1,99 @@
+"""Requests and the sequences (samples) they run as, with their stop checks and incremental text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tierkv.outputs import CompletionOutput, RequestOutput
+from tierkv.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    index: int  # position in the caller's list
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    sequences: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.params.n and all(s.finished for s in self.sequences)
+
+    def output(self) -> RequestOutput:
+        outs = [s.completion() for s in sorted(self.sequences, key=lambda s: s.sample_index)]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    sample_index: int
+    token_ids: list[int]  # prompt + generated
+    num_prompt: int
+    generator: torch.Generator
+    num_computed: int = 0  # tokens whose KV is in the cache
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt
+
+    def append(self, token: int, logprobs: dict[int, float] | None, eos_ids: tuple[int, ...], tokenizer) -> None:
+        """Add a sampled token, then decide whether the sequence is done."""
+        self.token_ids.append(token)
+        p = self.params
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token]
+        if p.stop_token_ids and token in p.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif not p.ignore_eos and token in eos_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        if tokenizer is not None:
+            self.text = tokenizer.decode(self.output_ids, skip_special_tokens=p.skip_special_tokens)
+            if not self.finished:
+                self._check_stop_strings()
+        if not self.finished and len(self.output_ids) >= p.max_tokens:
+            self.finish_reason = "length"
+
+    def _check_stop_strings(self) -> None:
+        for stop in self.params.stop_list:
+            at = self.text.find(stop)
+            if at >= 0:
+                end = at + len(stop) if self.params.include_stop_str_in_output else at
+                self.text = self.text[:end]
+                self.finish_reason, self.stop_reason = "stop", stop
+                return
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.sample_index,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+            cumulative_logprob=self.cumulative_logprob if self.params.logprobs is not None else None,
+        )
