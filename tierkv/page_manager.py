@@ -83,6 +83,8 @@ class PageManager:
         self.sequences: dict[Hashable, _Sequence] = {}
         self.step = 0
         self.cow_copies = 0
+        self.forks = 0
+        self.peak_live_blocks = 0
         self._next_block_id = 0
         self._closed = False
 
@@ -148,6 +150,7 @@ class PageManager:
             self.policies[kind].insert(block.block_id)
             seq.blocks.append(block)
         seq.num_tokens += num_tokens
+        self.peak_live_blocks = max(self.peak_live_blocks, len(self.blocks))
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """New sequence `child_id` sharing every block of `parent_id` (copy-on-write)."""
@@ -157,6 +160,7 @@ class PageManager:
         for block in parent.blocks:
             block.ref_count += 1
         self.sequences[child_id] = _Sequence(list(parent.blocks), parent.num_tokens)
+        self.forks += 1
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence; blocks no other sequence holds return to their tier's free slots."""
@@ -469,6 +473,7 @@ class PageManager:
             self.blocks[new.block_id] = new
             self.policies[GPU].insert(new.block_id)
             seqs[i].blocks[j] = new
+            self.peak_live_blocks = max(self.peak_live_blocks, len(self.blocks))
             old.ref_count -= 1
             if old.has_data:
                 by_tier.setdefault(old.tier, []).append((old, new))

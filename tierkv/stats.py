@@ -66,6 +66,8 @@ def build_stats(pm: "PageManager") -> dict:
         "step": pm.step,
         "live_blocks": len(pm.blocks),
         "sequences": len(pm.sequences),
+        "peak_live_blocks": pm.peak_live_blocks,
+        "forks": pm.forks,
         "cow_copies": pm.cow_copies,
         "tiers": tiers,
         "links": links,

@@ -1,0 +1,170 @@
+"""The engine against transformers: greedy output token for token with the KV cache spread over GPU, CPU and
+NVMe tiers (float32, CPU), plus sampling, n > 1, stop conditions, streaming and bad input."""
+
+import pytest
+import torch
+
+import tierkv
+from tierkv import CapacityError, ConfigError, SamplingParams
+from tiny_models import ARCHS, hf_greedy, make_checkpoint, random_prompts
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+    for arch in ARCHS:
+        path = tmp_path_factory.mktemp(arch)
+        made[arch] = (str(path), make_checkpoint(path, arch))
+    return made
+
+
+def tiered_llm(path, nvme_dir, **kw):
+    # GPU tier: 12 blocks of 16 tokens = 192 tokens, less than the longest prompt (300): those stream.
+    # CPU tier: 10 blocks, far less than the ~200 blocks of all requests: the rest spill to NVMe.
+    opts = dict(device="cpu", block_size=16, gpu_blocks=12, cpu_blocks=10, nvme_dir=str(nvme_dir), nvme_blocks=400, max_num_batched_tokens=128)
+    opts.update(kw)
+    return tierkv.LLM(path, **opts)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_transformers_across_three_tiers(checkpoints, arch, tmp_path):
+    path, hf = checkpoints[arch]
+    prompts = random_prompts(16, 5, 300, hf.config.vocab_size, seed=1)
+    prompts[0] = prompts[0] + random_prompts(1, 300, 300, hf.config.vocab_size, seed=2)[0][: 300 - len(prompts[0])]
+    want = [hf_greedy(hf, p, 32) for p in prompts]
+    with tiered_llm(path, tmp_path / "nvme") as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)
+        stats = llm.stats()
+    for i, (out, w) in enumerate(zip(outs, want)):
+        assert out.prompt_token_ids == prompts[i]
+        assert out.outputs[0].token_ids == w, f"prompt {i} ({len(prompts[i])} tokens) differs from transformers"
+    tiers, links = stats["tiers"], stats["links"]
+    assert tiers["cpu"]["blocks_in"] > 0 and tiers["nvme"]["blocks_in"] > 0 and tiers["nvme"]["blocks_out"] > 0
+    assert links["gpu->cpu"]["blocks"] > 0 and any(k.startswith("nvme->") for k in links)
+    assert stats["engine"]["streamed_steps"] > 0  # the 300-token prompt did not fit the GPU tier
+    assert stats["engine"]["generated_tokens"] == sum(len(w) for w in want)
+
+
+def test_one_sequence_longer_than_the_gpu_tier_streams_exactly(checkpoints, tmp_path):
+    path, hf = checkpoints["llama"]
+    prompt = random_prompts(1, 290, 290, hf.config.vocab_size, seed=3)[0]
+    with tiered_llm(path, tmp_path / "nvme", gpu_blocks=3, cpu_blocks=24, max_num_batched_tokens=64) as llm:
+        out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
+        assert llm.stats()["engine"]["streamed_steps"] > 20
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 24)
+
+
+def test_sliding_window_model_matches(tmp_path):
+    hf = make_checkpoint(tmp_path / "m", "mistral", sliding_window=40)
+    prompts = random_prompts(4, 60, 150, hf.config.vocab_size, seed=4)
+    with tiered_llm(str(tmp_path / "m"), tmp_path / "nvme") as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 16)
+
+
+def test_logprobs_are_the_models_distribution(checkpoints, tmp_path):
+    path, hf = checkpoints["qwen2"]
+    prompt = random_prompts(1, 40, 40, hf.config.vocab_size, seed=5)[0]
+    ids = torch.tensor([prompt])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with tiered_llm(path, tmp_path / "nvme") as llm:
+        out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=3), use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 6
+    for step, (lp, logits) in enumerate(zip(out.logprobs, ref.logits)):
+        want = torch.log_softmax(logits[0].float(), -1)
+        token = out.token_ids[step]
+        assert len(lp) >= 3 and token in lp
+        for t, v in lp.items():
+            assert abs(v - float(want[t])) < 1e-4
+        assert set(torch.topk(want, 3).indices.tolist()) <= set(lp)
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for lp, t in zip(out.logprobs, out.token_ids)))
+
+
+def test_seeded_sampling_is_reproducible_alone_or_in_a_crowd(checkpoints, tmp_path):
+    path, hf = checkpoints["llama"]
+    prompts = random_prompts(6, 10, 80, hf.config.vocab_size, seed=6)
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, min_p=0.01, seed=1234)
+    with tiered_llm(path, tmp_path / "nvme") as llm:
+        crowd = llm.generate(prompts, params, use_tqdm=False)
+        alone = llm.generate([prompts[3]], params, use_tqdm=False)[0]
+        again = llm.generate(prompts, params, use_tqdm=False)
+        other = llm.generate([prompts[3]], SamplingParams(max_tokens=20, temperature=0.9, seed=99), use_tqdm=False)[0]
+    for a, b in zip(crowd, again):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert alone.outputs[0].token_ids == crowd[3].outputs[0].token_ids
+    assert other.outputs[0].token_ids != alone.outputs[0].token_ids
+    greedy = hf_greedy(hf, prompts[3], 20)
+    assert crowd[3].outputs[0].token_ids != greedy  # it really sampled
+
+
+def test_n_samples_share_the_prompt_blocks(checkpoints, tmp_path):
+    path, hf = checkpoints["llama"]
+    prompt = random_prompts(1, 100, 100, hf.config.vocab_size, seed=7)[0]  # 6 full blocks + 1 partial
+    with tiered_llm(path, tmp_path / "nvme", gpu_blocks=40) as llm:
+        out = llm.generate([prompt], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=5), use_tqdm=False)[0]
+        stats = llm.stats()
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert all(len(o.token_ids) == 8 for o in out.outputs)
+    # Four private copies would peak at 4 x 7 = 28 blocks; shared, the 6 full prompt blocks exist once.
+    assert stats["peak_live_blocks"] <= 6 + 4 * 2
+    assert stats["forks"] == 3 and stats["cow_copies"] == 3  # each child copied only the partial last block
+
+
+def test_stop_strings_and_stop_tokens(checkpoints, tmp_path):
+    path, hf = checkpoints["llama"]
+    prompt = random_prompts(1, 30, 30, hf.config.vocab_size, seed=8)[0]
+    with tiered_llm(path, tmp_path / "nvme") as llm:
+        free = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)[0].outputs[0]
+        assert free.finish_reason == "length" and len(free.token_ids) == 32
+        text = free.text
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        cut = text.find(stop)
+        out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop=[stop]), use_tqdm=False)[0].outputs[0]
+        assert out.text == text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
+        assert free.token_ids[: len(out.token_ids)] == out.token_ids and len(out.token_ids) < 32
+        incl = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop=stop, include_stop_str_in_output=True), use_tqdm=False)
+        assert incl[0].outputs[0].text == text[: cut + len(stop)]
+        token = free.token_ids[5]
+        first = free.token_ids.index(token)
+        out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[token]), use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == free.token_ids[: first + 1] and out.stop_reason == token
+
+
+def test_text_prompts_and_streaming(checkpoints, tmp_path):
+    path, hf = checkpoints["qwen3"]
+    with tiered_llm(path, tmp_path / "nvme") as llm:
+        tok = llm.get_tokenizer()
+        prompts = ["Once upon a time", "The quick brown fox"]
+        final = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)
+        seen: dict[str, list[int]] = {}
+        for update in llm.stream(prompts, SamplingParams(max_tokens=10, temperature=0)):
+            previous = seen.get(update.prompt, [])
+            assert update.outputs[0].token_ids[: len(previous)] == previous  # tokens only ever get appended
+            seen[update.prompt] = update.outputs[0].token_ids
+    for p, out in zip(prompts, final):
+        assert out.prompt_token_ids == tok(p).input_ids
+        assert seen[p] == out.outputs[0].token_ids
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 10)
+
+
+def test_bad_input_is_refused_with_the_fix(checkpoints, tmp_path):
+    path, _ = checkpoints["llama"]
+    with pytest.raises(ConfigError, match="unknown option"):
+        tierkv.LLM(path, device="cpu", gpu_blokcs=4)
+    with pytest.raises(ConfigError, match="needs at least 2"):
+        tierkv.LLM(path, device="cpu", gpu_blocks=1)
+    with pytest.raises(ConfigError, match="neither a checkpoint folder"):
+        tierkv.LLM(str(tmp_path / "nowhere"), device="cpu")
+    with tiered_llm(path, tmp_path / "nvme", gpu_blocks=4, cpu_blocks=4, nvme_blocks=8) as llm:
+        with pytest.raises(CapacityError, match="all tiers together hold 16"):
+            llm.generate([[5] * 300], SamplingParams(max_tokens=8), use_tqdm=False)
+        with pytest.raises(ConfigError, match="prompt 1 is empty"):
+            llm.generate([[5, 6], []], use_tqdm=False)
+        with pytest.raises(ConfigError, match="outside the vocabulary"):
+            llm.generate([[10**6]], use_tqdm=False)
+        with pytest.raises(ConfigError, match="max_tokens=0"):
+            SamplingParams(max_tokens=0)
+        # Nothing was queued by the refused calls: a good request still runs.
+        assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
