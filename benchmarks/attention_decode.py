@@ -1,0 +1,106 @@
+"""Paged decode attention (tierkv's Triton kernel) against SDPA over contiguous KV, on the same data.
+
+bf16, 32 query / 8 KV heads, head_dim 128, block_size 16, blocks scattered at random over the pool (the worst
+case for a paged kernel). Effective bandwidth = bytes of K and V read / time. Median of do_bench.
+
+    python benchmarks/attention_decode.py --out attn.json --record BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from tierkv.kernels import PagedBatch, paged_attention_reference, paged_attention_triton
+
+
+def case(batch: int, length: int, args) -> dict:
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    hq, hkv, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    dev = torch.device("cuda")
+    k = torch.randn(batch, hkv, length, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(batch, hkv, length, d, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(batch, hq, 1, d, device=dev, dtype=torch.bfloat16)
+    scale = d**-0.5
+    # Paged copy of the same K/V: block b of sequence i goes to a random slot of one pool.
+    nb = length // bs
+    slots = torch.randperm(batch * nb, device=dev).view(batch, nb)
+    pool = torch.empty(batch * nb, 1, 2, bs, hkv, d, device=dev, dtype=torch.bfloat16)
+    pool[slots.flatten(), 0, 0] = k.view(batch, hkv, nb, bs, d).permute(0, 2, 3, 1, 4).reshape(batch * nb, bs, hkv, d)
+    pool[slots.flatten(), 0, 1] = v.view(batch, hkv, nb, bs, d).permute(0, 2, 3, 1, 4).reshape(batch * nb, bs, hkv, d)
+    kc, vc = pool[:, 0, 0], pool[:, 0, 1]
+    meta = PagedBatch(
+        q_starts=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+        q_pos0=torch.full((batch,), length - 1, dtype=torch.int32, device=dev),
+        context_lens=torch.full((batch,), length, dtype=torch.int32, device=dev),
+        first_block=torch.zeros(batch, dtype=torch.int32, device=dev),
+        block_tables=slots.to(torch.int32),
+        max_q=1,
+    )
+    qp = q[:, :, 0].contiguous()  # (T, Hq, D)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    def paged():
+        return paged_attention_triton(qp, kc, vc, meta, scale, decode_partition=args.partition)
+
+    want = sdpa()[:, :, 0].float()
+    got = paged().float()
+    err = ((got - want).norm() / want.norm()).item()
+    if err > 1e-2:
+        raise AssertionError(f"paged decode differs from SDPA: relative error {err:.2e}")
+    t_sdpa = do_bench(sdpa, warmup=25, rep=200, return_mode="median") / 1e3
+    t_paged = do_bench(paged, warmup=25, rep=200, return_mode="median") / 1e3
+    nbytes = 2 * k.numel() * k.element_size()
+    return {
+        "batch": batch, "length": length, "kv_bytes": nbytes, "rel_error": err,
+        "sdpa_ms": t_sdpa * 1e3, "paged_ms": t_paged * 1e3,
+        "sdpa_tbps": nbytes / t_sdpa / 1e12, "paged_tbps": nbytes / t_paged / 1e12, "ratio": t_sdpa / t_paged,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["32x8192", "1x131072", "8x32768"], help="BATCHxLENGTH")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--partition", type=int, default=512, help="tokens per split-K partition")
+    ap.add_argument("--out")
+    ap.add_argument("--record")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("attention_decode: needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = []
+    for c in args.cases:
+        b, length = (int(x) for x in c.split("x"))
+        rows.append(case(b, length, args))
+        r = rows[-1]
+        print(f"B={b:>3} L={length:>7}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tbps']:.2f} TB/s)  paged {r['paged_ms']:.3f} ms "
+              f"({r['paged_tbps']:.2f} TB/s)  paged/SDPA bandwidth {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}")
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "command": "python " + " ".join(sys.argv)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if args.record:
+        with open(args.record, "a") as f:
+            for r in rows:
+                f.write(f"| {meta['date']} | {meta['device']} | decode attention B={r['batch']} L={r['length']} (bf16, 32q/8kv, d=128, bs {args.block_size}) | "
+                        f"paged {r['paged_ms']:.3f} ms = {r['paged_tbps']:.2f} TB/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tbps']:.2f} TB/s | "
+                        f"{r['ratio']:.0%} | `{meta['command']}` |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The engine on a CUDA device (device machine): Triton kernels inside the whole model, against transformers."""
+
+import pytest
+import torch
+
+import tierkv
+from tierkv import SamplingParams
+from tiny_models import hf_greedy, make_checkpoint, random_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_float32_on_gpu_equals_transformers(arch, tmp_path):
+    hf = make_checkpoint(tmp_path / "m", arch).cuda()
+    prompts = random_prompts(8, 5, 300, hf.config.vocab_size, seed=1)
+    want = [hf_greedy(hf, p, 24) for p in prompts]
+    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=12, cpu_blocks=10,
+                    nvme_dir=str(tmp_path / "nvme"), nvme_blocks=200, max_num_batched_tokens=128) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
+        stats = llm.stats()
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["tiers"]["nvme"]["blocks_in"] > 0 and stats["engine"]["streamed_steps"] > 0
+
+
+def test_bfloat16_logits_close_and_greedy_agrees(tmp_path):
+    hf = make_checkpoint(tmp_path / "m", "llama").to("cuda", torch.bfloat16)
+    prompts = random_prompts(6, 20, 200, hf.config.vocab_size, seed=2)
+    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="bfloat16", gpu_blocks=8, cpu_blocks=16,
+                    nvme_dir=str(tmp_path / "nvme"), nvme_blocks=200, max_num_batched_tokens=64) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=5), use_tqdm=False)
+    agree = 0
+    for p, out in zip(prompts, outs):
+        ids = torch.tensor([p], device="cuda")
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+        want_lp = torch.log_softmax(ref.logits[0][0].float(), -1)
+        got_lp = out.outputs[0].logprobs[0]
+        for t, v in got_lp.items():  # first generated token: same prompt, so the distributions must be close
+            assert abs(v - float(want_lp[t])) < 0.05, (t, v, float(want_lp[t]))
+        agree += out.outputs[0].token_ids == ref.sequences[0, len(p):].tolist()
+    assert agree == len(prompts)
