@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the device machine: set up tierkv against the image's torch, run the whole test suite
-# (GPU tests included), the block-move benchmark and the page-manager offload benchmark at an 8B shape.
+# (GPU tests included), the block-move benchmark and the page-manager offload benchmark at an 8B shape,
+# the decode-attention benchmark and an engine throughput run. Stages: all | tests | engine | bench.
 # Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -16,6 +17,11 @@ tierkv_bin="$(dirname "$(command -v python3)")/tierkv"
 stage="${1:-all}"
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
     timeout 300 $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest.log" | tail -25
+fi
+if [ "$stage" = all ] || [ "$stage" = engine ]; then
+    timeout 200 $py benchmarks/attention_decode.py --out "$out/attention_decode.json" --record "$out/BENCHMARKS.attn.md" 2>&1 | tee "$out/attention_decode.log"
+    timeout 300 $py benchmarks/engine_throughput.py --model llama-3.1-8b --num-requests 64 --prompt-len 512 --output-len 32 \
+        --cpu-memory 4GiB --out "$out/engine_throughput.json" 2>&1 | tee "$out/engine_throughput.log"
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 150 $py benchmarks/block_moves.py --out "$out/block_moves.json" --record "$out/BENCHMARKS.rows.md" 2>&1 | tee "$out/block_moves.log"
