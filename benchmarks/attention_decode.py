@@ -43,14 +43,15 @@ def case(batch: int, length: int, args) -> dict:
         first_block=torch.zeros(batch, dtype=torch.int32, device=dev),
         block_tables=slots.to(torch.int32),
         max_q=1,
+        max_context=length,
     )
     qp = q[:, :, 0].contiguous()  # (T, Hq, D)
 
     def sdpa():
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
-    def paged():
-        return paged_attention_triton(qp, kc, vc, meta, scale, decode_partition=args.partition)
+    def paged(config=None):
+        return paged_attention_triton(qp, kc, vc, meta, scale, decode_config=config)
 
     want = sdpa()[:, :, 0].float()
     got = paged().float()
@@ -60,7 +61,24 @@ def case(batch: int, length: int, args) -> dict:
     t_sdpa = do_bench(sdpa, warmup=25, rep=200, return_mode="median") / 1e3
     t_paged = do_bench(paged, warmup=25, rep=200, return_mode="median") / 1e3
     nbytes = 2 * k.numel() * k.element_size()
+    sweep = []
+    if args.sweep:
+        for partition in (256, 512, 1024):
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (1, 2, 3):
+                        cfg = {"partition": partition, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+                        try:
+                            t = do_bench(lambda: paged(cfg), warmup=5, rep=40, return_mode="median") / 1e3
+                        except Exception as exc:  # a config that does not compile (resources) is skipped
+                            print(f"  {cfg}: {type(exc).__name__}")
+                            continue
+                        sweep.append({**cfg, "ms": t * 1e3, "tbps": nbytes / t / 1e12})
+        sweep.sort(key=lambda r: r["ms"])
+        for r in sweep[:5]:
+            print(f"  sweep B={batch} L={length}: {r}")
     return {
+        "sweep": sweep,
         "batch": batch, "length": length, "kv_bytes": nbytes, "rel_error": err,
         "sdpa_ms": t_sdpa * 1e3, "paged_ms": t_paged * 1e3,
         "sdpa_tbps": nbytes / t_sdpa / 1e12, "paged_tbps": nbytes / t_paged / 1e12, "ratio": t_sdpa / t_paged,
@@ -74,7 +92,7 @@ def main() -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--partition", type=int, default=512, help="tokens per split-K partition")
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of kernel configurations")
     ap.add_argument("--out")
     ap.add_argument("--record")
     args = ap.parse_args()

@@ -19,7 +19,7 @@ if [ "$stage" = all ] || [ "$stage" = tests ]; then
     timeout 300 $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest.log" | tail -25
 fi
 if [ "$stage" = all ] || [ "$stage" = engine ]; then
-    timeout 200 $py benchmarks/attention_decode.py --out "$out/attention_decode.json" --record "$out/BENCHMARKS.attn.md" 2>&1 | tee "$out/attention_decode.log"
+    timeout 400 $py benchmarks/attention_decode.py --sweep --out "$out/attention_decode.json" --record "$out/BENCHMARKS.attn.md" 2>&1 | tee "$out/attention_decode.log"
     timeout 300 $py benchmarks/engine_throughput.py --model llama-3.1-8b --num-requests 64 --prompt-len 512 --output-len 32 \
         --cpu-memory 4GiB --out "$out/engine_throughput.json" 2>&1 | tee "$out/engine_throughput.log"
 fi

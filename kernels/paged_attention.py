@@ -40,6 +40,7 @@ class PagedBatch:
     first_block: (B,) int32, logical index of block_tables[i, 0].
     block_tables: (B, max_blocks) int32 slots, padded with 0.
     max_q: the largest number of query rows of an entry (host int).
+    max_context: the largest context length (host int; sizes the decode kernel's grid without a device sync).
     """
 
     q_starts: torch.Tensor
@@ -48,6 +49,7 @@ class PagedBatch:
     first_block: torch.Tensor
     block_tables: torch.Tensor
     max_q: int
+    max_context: int
 
     @property
     def num_entries(self) -> int:
@@ -224,7 +226,7 @@ if triton is not None:
         e = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
-        row = tl.load(Q_ROW + e).to(tl.int64)
+        row = tl.load(Q_ROW + e).to(tl.int64)  # decode: entry e owns query row q_starts[e]
         ctx = tl.load(CTX + e)
         kv0 = tl.load(FIRST + e) * BS
         q_pos = ctx - 1
@@ -267,6 +269,41 @@ if triton is not None:
         tl.store(L_PART + e * stride_le + part * stride_lp + heads, lse, mask=g_mask)
 
 
+    @triton.jit
+    def _reduce_kernel(
+        O_PART, L_PART, OUT, LSE, parts,
+        stride_oe, stride_op, stride_oh, stride_le, stride_lp, stride_ot, stride_oh2, stride_lt,
+        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        e = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m = tl.max(tl.full([BLOCK_P], float("-inf"), tl.float32), 0)
+        for p0 in range(0, parts, BLOCK_P):
+            lp = tl.load(L_PART + e * stride_le + (p0 + offs_p) * stride_lp + h, mask=p0 + offs_p < parts, other=float("-inf"))
+            m = tl.maximum(m, tl.max(lp, 0))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        total = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)
+        for p0 in range(0, parts, BLOCK_P):
+            p_mask = p0 + offs_p < parts
+            lp = tl.load(L_PART + e * stride_le + (p0 + offs_p) * stride_lp + h, mask=p_mask, other=float("-inf"))
+            w = tl.exp(lp - m_safe)
+            o = tl.load(O_PART + e * stride_oe + (p0 + offs_p)[:, None] * stride_op + h * stride_oh + offs_d[None, :],
+                        mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+            acc += tl.sum(o * w[:, None], 0)
+            total += tl.sum(w, 0)
+        denom = tl.where(total == 0.0, 1.0, total)
+        tl.store(OUT + e * stride_ot + h * stride_oh2 + offs_d, (acc / denom).to(OUT.dtype.element_ty), mask=d_mask)
+        tl.store(LSE + e * stride_lt + h, tl.where(total == 0.0, float("-inf"), m_safe + tl.log(denom)))
+
+
+# Tuned on an H100 (benchmarks/attention_decode.py --sweep): see BENCHMARKS.md.
+DECODE_CONFIG = {"partition": 512, "block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(1, n) - 1).bit_length())
 
@@ -283,9 +320,11 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int = 0,
     need_lse: bool = False,
-    decode_partition: int = 512,
+    decode_config: dict | None = None,
 ):
-    """Triton implementation of `paged_attention_reference` (same arguments and results)."""
+    """Triton implementation of `paged_attention_reference` (same arguments and results).
+
+    `decode_config` overrides DECODE_CONFIG (tokens per split-K partition, keys per iteration, warps, stages)."""
     T, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -296,27 +335,29 @@ def paged_attention_triton(
     bt = batch.block_tables
     if batch.max_q == 1 and T == batch.num_entries:
         # Decode: split the keys into partitions; each program reads one KV head once for all its query heads.
-        max_ctx = int(batch.context_lens.max()) if T else 0
-        parts = max(1, -(-max_ctx // decode_partition))
+        cfg = {**DECODE_CONFIG, **(decode_config or {})}
+        partition = cfg["partition"]
+        parts = max(1, -(-batch.max_context // partition))
         o_part = torch.empty((T, parts, num_heads, head_dim), dtype=torch.float32, device=q.device)
-        l_part = torch.full((T, parts, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((T, parts, num_heads), dtype=torch.float32, device=q.device)
+        out = torch.empty_like(q)
+        lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
         if T:
-            q_row = batch.q_starts[:-1]
             _decode_kernel[(T, num_kv_heads, parts)](
-                q, k_cache, v_cache, o_part, l_part, bt, q_row, batch.context_lens, batch.first_block,
+                q, k_cache, v_cache, o_part, l_part, bt, batch.q_starts, batch.context_lens, batch.first_block,
                 q.stride(0), q.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                bt.stride(0), scale, sliding_window, decode_partition,
-                GROUP=group, GROUP_PAD=_pow2(group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_D=block_d, PRECISION=precision,
+                bt.stride(0), scale, sliding_window, partition,
+                GROUP=group, GROUP_PAD=_pow2(group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+                PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
-        # Reduce over partitions: partitions past a sequence's end hold lse -inf and weigh nothing.
-        m = l_part.max(dim=1).values
-        m_safe = torch.where(torch.isinf(m), 0.0, m)
-        w = torch.exp(l_part - m_safe[:, None])
-        total = w.sum(dim=1)
-        denom = torch.where(total == 0, 1.0, total)
-        out = ((o_part * w[..., None]).sum(dim=1) / denom[..., None]).to(q.dtype)
-        lse = torch.where(total == 0, float("-inf"), m_safe + torch.log(denom))
+            # Merge the partitions; those past a sequence's end hold lse -inf and weigh nothing.
+            _reduce_kernel[(T, num_heads)](
+                o_part, l_part, out, lse, parts,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0),
+                HEAD_DIM=head_dim, BLOCK_P=16, BLOCK_D=block_d,
+            )
         return (out, lse) if need_lse else out
     block_m = 16 if batch.max_q <= 16 else 64
     starts = batch.q_starts.tolist()

@@ -41,12 +41,14 @@ def make_case(seed, entries, num_heads=4, num_kv_heads=2, head_dim=8, bs=4, dtyp
         first_block=torch.tensor([f for _, _, f in entries], dtype=torch.int32),
         block_tables=bt,
         max_q=max(n for _, n, _ in entries),
+        max_context=max(ctxs),
     )
     return q, k_cache, v_cache, batch
 
 
 def to(batch: PagedBatch, device) -> PagedBatch:
-    return PagedBatch(*(getattr(batch, f).to(device) for f in ("q_starts", "q_pos0", "context_lens", "first_block", "block_tables")), batch.max_q)
+    fields = ("q_starts", "q_pos0", "context_lens", "first_block", "block_tables")
+    return PagedBatch(*(getattr(batch, f).to(device) for f in fields), batch.max_q, batch.max_context)
 
 
 MIXED = [(0, 9, 0), (5, 1, 0), (12, 3, 1), (0, 1, 0), (20, 1, 2), (7, 6, 0)]
@@ -95,7 +97,7 @@ def test_triton_decode_splits_long_contexts_into_partitions():
     entries = [(300, 1, 0), (77, 1, 2), (5, 1, 0)]
     q, kc, vc, batch = make_case(2, entries, bs=8, num_slots=64)
     want, want_lse = paged_attention_reference(q, kc, vc, batch, 0.2, need_lse=True)
-    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.2, need_lse=True, decode_partition=64)
+    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.2, need_lse=True, decode_config={"partition": 64, "block_n": 32})
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
 

@@ -24,19 +24,26 @@ def test_float32_on_gpu_equals_transformers(arch, tmp_path):
 
 
 def test_bfloat16_logits_close_and_greedy_agrees(tmp_path):
-    hf = make_checkpoint(tmp_path / "m", "llama").to("cuda", torch.bfloat16)
+    """bf16: the first token's distribution is close to transformers', and greedy paths agree token for token
+    except where transformers' own logits put our token within bf16 rounding of its top choice (a near tie)."""
+    hf = make_checkpoint(tmp_path / "m", "llama", initializer_range=0.2).to("cuda", torch.bfloat16)
     prompts = random_prompts(6, 20, 200, hf.config.vocab_size, seed=2)
     with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="bfloat16", gpu_blocks=8, cpu_blocks=16,
                     nvme_dir=str(tmp_path / "nvme"), nvme_blocks=200, max_num_batched_tokens=64) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=5), use_tqdm=False)
-    agree = 0
+    exact = 0
     for p, out in zip(prompts, outs):
         ids = torch.tensor([p], device="cuda")
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                           output_logits=True, return_dict_in_generate=True)
         want_lp = torch.log_softmax(ref.logits[0][0].float(), -1)
-        got_lp = out.outputs[0].logprobs[0]
-        for t, v in got_lp.items():  # first generated token: same prompt, so the distributions must be close
+        for t, v in out.outputs[0].logprobs[0].items():
             assert abs(v - float(want_lp[t])) < 0.05, (t, v, float(want_lp[t]))
-        agree += out.outputs[0].token_ids == ref.sequences[0, len(p):].tolist()
-    assert agree == len(prompts)
+        got, want = out.outputs[0].token_ids, ref.sequences[0, len(p):].tolist()
+        if got == want:
+            exact += 1
+            continue
+        j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        logits = ref.logits[j][0].float()
+        assert float(logits.max() - logits[got[j]]) < 0.1, f"step {j}: not a near tie in transformers' own logits"
+    assert exact >= len(prompts) // 2, f"only {exact} of {len(prompts)} greedy paths agree in full"

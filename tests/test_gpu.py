@@ -64,7 +64,8 @@ def test_mover_all_links_with_staging_chunks(tmp_path):
         assert mover.links[("gpu", "cpu")].seconds > 0
     finally:
         mover.close()
-        nvme.close()
+        for tier in (gpu, cpu, nvme):
+            tier.close()
 
 
 def test_eviction_waits_for_a_slow_compute_stream(tmp_path):

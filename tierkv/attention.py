@@ -93,6 +93,7 @@ class StepAttention:
                     first_block=torch.tensor([first], dtype=torch.int32, device=q.device),
                     block_tables=table,
                     max_q=r1 - r0,
+                    max_context=(first + n) * bs,
                 )
                 part = paged_attention(q_rows, self.staging[:, 0], self.staging[:, 1], chunk, self.scale, window, need_lse=True)
                 out[r0:r1], lse[r0:r1] = merge_partials(out[r0:r1], lse[r0:r1], *part)

@@ -148,6 +148,7 @@ class Engine:
             first_block=torch.tensor([e.first_block for e in entries], dtype=torch.int32, device=dev),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
             max_q=max(e.num_tokens for e in entries),
+            max_context=max(e.end for e in entries),
         )
         return StepAttention(
             self.pm.tiers[GPU], batch, torch.tensor(slot_mapping, dtype=torch.int64, device=dev), streamed,

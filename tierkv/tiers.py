@@ -6,6 +6,7 @@ manager's business; moving bytes between tiers is the mover's.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 
 import torch
@@ -81,14 +82,23 @@ def _aligned_cpu_empty(shape: tuple[int, ...], dtype: torch.dtype, align: int = 
     return raw[skip : skip + nbytes].view(dtype).view(shape)
 
 
-def _register_pinned(t: torch.Tensor) -> None:
-    """Page-lock `t` in place and map it into the device's address space (cudaHostRegister).
+def _register_pinned(owner, t: torch.Tensor) -> weakref.finalize:
+    """Page-lock `t`'s memory in place and map it into the device's address space (cudaHostRegister).
 
-    Used instead of torch's pinned allocator, which rounds every allocation up to a power of two
-    (a 96 GiB CPU tier would ask for 128 GiB)."""
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister failed with CUDA error {int(err)}")
+    Used instead of torch's pinned allocator, which rounds every allocation up to a power of two (a 96 GiB CPU
+    tier would ask for 128 GiB). Returns a finalizer, run by close() or when `owner` is collected, that
+    unregisters the memory before letting go of `t`: memory freed while still registered would make every later
+    registration of that address range fail."""
+    cudart = torch.cuda.cudart()
+    err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+    if err != 0:
+        cudart.cudaGetLastError()  # clear it, or torch reports it at its next kernel launch
+        raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
+    return weakref.finalize(owner, _unregister, t.data_ptr(), t)
+
+
+def _unregister(ptr: int, _keepalive: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class MemoryTier(Tier):
@@ -100,15 +110,14 @@ class MemoryTier(Tier):
         self.pinned = pin
         shape = (num_slots, *layout.block_shape)
         nbytes = num_slots * layout.block_nbytes
-        self._registered = False
+        self._unpin: weakref.finalize | None = None
         try:
             if device.type == "cuda":
                 self.pool = torch.empty(shape, dtype=layout.dtype, device=device)
             else:
                 self.pool = _aligned_cpu_empty(shape, layout.dtype)
                 if pin:
-                    _register_pinned(self.pool)
-                    self._registered = True
+                    self._unpin = _register_pinned(self, self.pool)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             where = f"{device}" + (" pinned" if pin else "")
             raise CapacityError(
@@ -129,9 +138,9 @@ class MemoryTier(Tier):
         return {**super().describe(), "memory": where, "device": str(self.device)}
 
     def close(self) -> None:
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.pool.data_ptr())
-            self._registered = False
+        """Unregister pinned memory now (it is also unregistered when the tier is garbage-collected)."""
+        if self._unpin is not None:
+            self._unpin()
 
 
 class NvmeTier(Tier):
