@@ -301,7 +301,7 @@ if triton is not None:
 
 
 # Tuned on an H100 (benchmarks/attention_decode.py --sweep): see BENCHMARKS.md.
-DECODE_CONFIG = {"partition": 512, "block_n": 64, "num_warps": 4, "num_stages": 2}
+DECODE_CONFIG = {"partition": 1024, "block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 def _pow2(n: int, floor: int = 16) -> int:
