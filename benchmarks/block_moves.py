@@ -42,7 +42,7 @@ def timed(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.device, programs: list[int]) -> dict:
+def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.device, programs: list[int], tiles) -> dict:
     # A layout whose block is block_kib KiB: 8 KV heads of 128 bf16 values, block_size 16, L layers.
     layers = max(1, block_kib * 1024 // (2 * 16 * 8 * 128 * 2))
     layout = KVLayout(num_layers=layers, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
@@ -120,6 +120,13 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     # How many programs the kernel needs: bandwidth at bounded grids (fewer programs = more SMs for compute).
     src_i, dst_i = torch.tensor(host_slots, device=device), torch.tensor(dev_slots, device=device)
     src_i2, dst_i2 = torch.tensor(dev_slots2, device=device), torch.tensor(host_slots2, device=device)
+    res["by_tile"] = {
+        f"{words}w/{warps}warps": three_ways(
+            on(s1, lambda w=words, nw=warps: copy_blocks_triton(cpu.pool, gpu.pool, src_i, dst_i, words_per_program=w, num_warps=nw)),
+            on(s2, lambda w=words, nw=warps: copy_blocks_triton(gpu.pool, cpu.pool, src_i2, dst_i2, words_per_program=w, num_warps=nw)),
+        )
+        for words, warps in tiles
+    }
     res["by_programs"] = {
         progs: {
             f"{d}_gbps": v
@@ -152,6 +159,7 @@ def main() -> int:
     ap.add_argument("--total-mib", type=int, default=1024, help="bytes per batch, MiB")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--programs", type=int, nargs="*", default=[8, 16, 32, 66, 132, 264, 1056], help="grid sizes to sweep")
+    ap.add_argument("--tiles", nargs="*", default=[], help="WORDSxWARPS tile shapes to sweep, e.g. 2048x4 8192x8")
     ap.add_argument("--out", help="write the JSON results here")
     ap.add_argument("--record", help="append one line per block size to this markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
@@ -159,7 +167,8 @@ def main() -> int:
         print("block_moves: needs a CUDA device", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    rows = [bench_block_size(k, args.total_mib, args.reps, device, args.programs) for k in args.block_kib]
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
+    rows = [bench_block_size(k, args.total_mib, args.reps, device, args.programs, tiles) for k in args.block_kib]
     meta = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device),
@@ -184,6 +193,9 @@ def main() -> int:
     for r in rows:
         cells = "  ".join(f"{p}: {v['h2d_gbps']:.1f}/{v['d2h_gbps']:.1f}/{v['both_gbps']:.1f}" for p, v in r["by_programs"].items())
         print(f"  {r['block_bytes'] // 1024:>5}KiB  {cells}")
+    for r in rows:
+        for name, v in r["by_tile"].items():
+            print(f"  tile {r['block_bytes'] // 1024}KiB {name}: {v['h2d']:.1f} / {v['d2h']:.1f} / {v['both']:.1f} GB/s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -74,7 +74,13 @@ def default_max_programs(device: torch.device) -> int:
 
 
 def copy_blocks_triton(
-    src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, max_programs: int | None = None
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    max_programs: int | None = None,
+    words_per_program: int = _WORDS_PER_PROGRAM,
+    num_warps: int = 4,
 ) -> None:
     """The Triton kernel. Pools may be device memory or pinned host memory (read/written through UVA).
 
@@ -93,12 +99,13 @@ def copy_blocks_triton(
     unit = 4 if aligned else 1
     src_w, dst_w = _as_units(src, unit), _as_units(dst, unit)
     words_per_block, src_stride, dst_stride = row_bytes // unit, src_stride // unit, dst_stride // unit
-    chunks = triton.cdiv(words_per_block, _WORDS_PER_PROGRAM)
+    chunks = triton.cdiv(words_per_block, words_per_program)
     if max_programs is None:
         max_programs = default_max_programs(src_idx.device) if src_idx.is_cuda else 4
     grid = (min(n * chunks, max_programs),)
     _copy_blocks_kernel[grid](
-        src_w, dst_w, src_idx, dst_idx, words_per_block, src_stride, dst_stride, chunks, n * chunks, WORDS=_WORDS_PER_PROGRAM
+        src_w, dst_w, src_idx, dst_idx, words_per_block, src_stride, dst_stride, chunks, n * chunks,
+        WORDS=words_per_program, num_warps=num_warps,
     )
 
 
