@@ -1,0 +1,78 @@
+"""The scheduler's decisions on stub sequences: decodes first, chunked prefill, GPU budget, streaming, slicing."""
+
+import torch
+
+from tierkv import SamplingParams
+from tierkv.scheduler import Scheduler
+from tierkv.sequence import Request, Sequence
+
+
+def make(prompt_len, computed, arrival, generated=0, max_tokens=64):
+    req = Request(str(arrival), arrival, None, [3] * prompt_len, SamplingParams(max_tokens=max_tokens), arrival)
+    seq = Sequence(arrival, req, 0, [3] * (prompt_len + generated), prompt_len, torch.Generator(), computed)
+    req.sequences.append(seq)
+    return seq
+
+
+def scheduler(gpu_blocks=100, tokens=64, slice_steps=2):
+    return Scheduler(block_size=16, gpu_blocks=gpu_blocks, total_blocks=10_000, max_num_batched_tokens=tokens, max_num_seqs=8, slice_steps=slice_steps)
+
+
+def test_decodes_go_first_and_a_long_prompt_is_chunked():
+    s = scheduler()
+    long_prompt = make(500, 0, 0)
+    decoding = [make(20, 20, i, generated=1) for i in (1, 2)]
+    s.running.extend([long_prompt, *decoding])
+    for step in range(3):
+        entries = s.schedule()
+        kinds = [(e.seq.seq_id, e.num_tokens) for e in entries]
+        assert kinds[:2] == [(1, 1), (2, 1)]  # every step keeps the decodes going
+        assert kinds[2] == (0, 62)  # the rest of the 64-token budget goes to the prompt
+        for e in entries:
+            e.seq.num_computed = e.end
+            if e.samples:
+                e.seq.token_ids.append(3)
+
+
+def test_sequences_that_do_not_fit_the_gpu_wait_and_take_turns():
+    s = scheduler(gpu_blocks=4, slice_steps=2)
+    seqs = [make(30, 30, i, generated=1) for i in range(4)]  # 2 blocks each after the next token
+    s.running.extend(seqs)
+    groups = []
+    for _ in range(6):
+        groups.append([e.seq.seq_id for e in s.schedule()])
+    assert groups == [[0, 1], [0, 1], [2, 3], [2, 3], [0, 1], [0, 1]]
+    assert s.preemptions == 6  # a group of two rotated out after steps 2, 4 and 6
+
+
+def test_a_sequence_longer_than_the_gpu_runs_alone_with_a_window():
+    s = scheduler(gpu_blocks=3, tokens=200, slice_steps=100)
+    big = make(300, 0, 0)
+    small = make(10, 0, 1)
+    s.running.extend([big, small])
+    entries = s.schedule()
+    assert len(entries) == 1 and entries[0].seq is big
+    e = entries[0]
+    assert e.num_tokens == 48 and e.first_block == 0  # the window of 3 blocks holds the chunk
+    big.num_computed = 160
+    e = s.schedule()[0]
+    # Positions [160, 208) are written into blocks 10..12: the window is exactly those; blocks 0..9 are streamed.
+    assert (e.seq, e.start, e.num_tokens, e.first_block) == (big, 160, 48, 10)
+    big.num_computed = 170  # mid-block: the chunk shrinks so that its blocks still fit the window
+    e = s.schedule()[0]
+    assert (e.start, e.num_tokens, e.first_block) == (170, 38, 10)
+
+
+def test_admission_reserves_every_sample():
+    s = Scheduler(block_size=16, gpu_blocks=8, total_blocks=9, max_num_batched_tokens=64, max_num_seqs=8, slice_steps=8)
+    a = Request("a", 0, None, [3] * 40, SamplingParams(max_tokens=24, n=2), 0)  # 4 blocks + 1 more for the 2nd sample
+    b = Request("b", 1, None, [3] * 40, SamplingParams(max_tokens=24), 1)  # 4 blocks: does not fit beside a
+    assert s.reservation(a) == 4 + (4 - 2)
+    s.add(a)
+    s.add(b)
+
+    def make_seq(req):
+        return Sequence(req.arrival, req, 0, list(req.prompt_ids), len(req.prompt_ids), torch.Generator())
+
+    admitted = s.admit(make_seq)
+    assert [r.request_id for r in admitted] == ["a"] and list(s.waiting) == [b]
