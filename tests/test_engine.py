@@ -169,3 +169,35 @@ def test_bad_input_is_refused_with_the_fix(checkpoints, tmp_path):
             SamplingParams(max_tokens=0)
         # Nothing was queued by the refused calls: a good request still runs.
         assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    ],
+    ids=lambda r: r["rope_type"],
+)
+def test_scaled_rotary_embeddings_match(rope, tmp_path):
+    hf = make_checkpoint(tmp_path / "m", "llama", rope_parameters=rope)
+    prompts = random_prompts(3, 80, 200, hf.config.vocab_size, seed=9)
+    with tiered_llm(str(tmp_path / "m"), tmp_path / "nvme") as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)
+
+
+def test_dummy_weights_from_a_preset_name(tmp_path):
+    from tierkv.loader import load_hf_config, resolve_config_path
+    from tierkv.model import ModelSpec
+
+    spec = ModelSpec.from_hf_config(load_hf_config(resolve_config_path("llama-3.1-8b")))
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (32, 32, 8, 128, 128256)
+    with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=8) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5
+    with pytest.raises(ConfigError, match="load_format='dummy'"):
+        tierkv.LLM("tiny-llama", device="cpu", gpu_blocks=8)
