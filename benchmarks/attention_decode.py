@@ -9,14 +9,13 @@ case for a paged kernel). Effective bandwidth = bytes of K and V read / time. Me
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from tierkv.kernels import PagedBatch, paged_attention_reference, paged_attention_triton
+from common import append_rows, run_meta, write_json
+from tierkv.kernels import PagedBatch, paged_attention_triton
 
 
 def case(batch: int, length: int, args) -> dict:
@@ -106,17 +105,14 @@ def main() -> int:
         r = rows[-1]
         print(f"B={b:>3} L={length:>7}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tbps']:.2f} TB/s)  paged {r['paged_ms']:.3f} ms "
               f"({r['paged_tbps']:.2f} TB/s)  paged/SDPA bandwidth {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}")
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "command": "python " + " ".join(sys.argv)}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    if args.record:
-        with open(args.record, "a") as f:
-            for r in rows:
-                f.write(f"| {meta['date']} | {meta['device']} | decode attention B={r['batch']} L={r['length']} (bf16, 32q/8kv, d=128, bs {args.block_size}) | "
-                        f"paged {r['paged_ms']:.3f} ms = {r['paged_tbps']:.2f} TB/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tbps']:.2f} TB/s | "
-                        f"{r['ratio']:.0%} | `{meta['command']}` |\n")
+    meta = run_meta()
+    write_json(args.out, meta, rows=rows)
+    append_rows(args.record, [
+        f"| {meta['date']} | {meta['device']} | decode attention B={r['batch']} L={r['length']} (bf16, 32q/8kv, d=128, bs {args.block_size}) | "
+        f"paged {r['paged_ms']:.3f} ms = {r['paged_tbps']:.2f} TB/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tbps']:.2f} TB/s | "
+        f"{r['ratio']:.0%} | `{meta['command']}` |"
+        for r in rows
+    ])
     return 0
 
 

@@ -12,16 +12,13 @@ baseline. The median of --reps runs is reported.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from common import append_rows, run_meta, write_json
 from tierkv.kernels import copy_blocks_triton
 from tierkv.kernels.block_copy import default_max_programs
 from tierkv.layout import KVLayout
@@ -148,8 +145,6 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
         res[f"ratio_{d}"] = res[f"batched_{d}_gbps"] / res[f"contig_{d}_gbps"]
     mover.close()
     cpu.close()
-    del gpu, cpu
-    torch.cuda.empty_cache()
     return res
 
 
@@ -169,17 +164,7 @@ def main() -> int:
     device = torch.device("cuda")
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]
     rows = [bench_block_size(k, args.total_mib, args.reps, device, args.programs, tiles) for k in args.block_kib]
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "command": "python " + " ".join(sys.argv),
-    }
-    try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
+    meta = run_meta()
     hdr = f"{'block':>8} {'blocks':>7} | {'contig GB/s h2d/d2h/both':>26} | {'batched GB/s h2d/d2h/both':>26} | {'ratio':>17} | per-block h2d"
     print(hdr)
     for r in rows:
@@ -196,19 +181,15 @@ def main() -> int:
     for r in rows:
         for name, v in r["by_tile"].items():
             print(f"  tile {r['block_bytes'] // 1024}KiB {name}: {v['h2d']:.1f} / {v['d2h']:.1f} / {v['both']:.1f} GB/s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    if args.record:
-        with open(args.record, "a") as f:
-            for r in rows:
-                f.write(
-                    f"| {meta['date']} | {meta['device']} | block moves {r['block_bytes'] // 1024} KiB x {r['blocks']} | "
-                    f"batched {r['batched_h2d_gbps']:.1f} / {r['batched_d2h_gbps']:.1f} / {r['batched_both_gbps']:.1f} GB/s "
-                    f"(h2d / d2h / both) | contiguous {r['contig_h2d_gbps']:.1f} / {r['contig_d2h_gbps']:.1f} / "
-                    f"{r['contig_both_gbps']:.1f} GB/s | {r['ratio_h2d']:.0%} / {r['ratio_d2h']:.0%} / {r['ratio_both']:.0%} | "
-                    f"per-block copy_ {r['per_block_h2d_gbps']:.1f} GB/s | `{meta['command']}` |\n"
-                )
+    write_json(args.out, meta, rows=rows)
+    append_rows(args.record, [
+        f"| {meta['date']} | {meta['device']} | block moves {r['block_bytes'] // 1024} KiB x {r['blocks']} | "
+        f"batched {r['batched_h2d_gbps']:.1f} / {r['batched_d2h_gbps']:.1f} / {r['batched_both_gbps']:.1f} GB/s "
+        f"(h2d / d2h / both) | contiguous {r['contig_h2d_gbps']:.1f} / {r['contig_d2h_gbps']:.1f} / "
+        f"{r['contig_both_gbps']:.1f} GB/s | {r['ratio_h2d']:.0%} / {r['ratio_d2h']:.0%} / {r['ratio_both']:.0%} | "
+        f"per-block copy_ {r['per_block_h2d_gbps']:.1f} GB/s | `{meta['command']}` |"
+        for r in rows
+    ])
     return 0
 
 

@@ -8,14 +8,13 @@ Prints output tokens/s and the per-tier stats; writes JSON with --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 
 import torch
 
 import tierkv
+from common import run_meta, write_json
 from tierkv.stats import format_stats
 
 
@@ -58,11 +57,7 @@ def main() -> int:
     print(f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
           f"{generated / wall:.1f} output tok/s, {(generated + args.num_requests * args.prompt_len) / wall:.0f} total tok/s "
           f"(load {load_s:.1f} s; {stats['engine']['steps']} steps, {stats['engine']['preemptions']} preemptions)")
-    if args.out:
-        meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                "command": "python " + " ".join(sys.argv)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "wall_s": wall, "output_tokens": generated, "output_tok_per_s": generated / wall, "stats": stats}, f, indent=2)
+    write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats)
     llm.close()
     return 0
 

@@ -154,6 +154,48 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
 if triton is not None:
 
     @triton.jit
+    def _attend_keys(
+        q, q_pos, K, V, BT_ROW, kv0, lo, hi, kvh, scale, window, m_i, l_i, acc,
+        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
+        CAUSAL: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Online softmax of the query rows `q` over keys [lo, hi) of one sequence, whose block table row is
+        BT_ROW (logical block 0 of the table is at position kv0). Returns the updated (m_i, l_i, acc)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            rel = offs_n - kv0
+            slot = tl.load(BT_ROW + rel // BS, mask=n_mask, other=0).to(tl.int64)
+            tok = rel % BS
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            valid = n_mask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= q_pos[:, None])
+                if window > 0:
+                    valid = valid & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _normalise(acc, m_i, l_i):
+        """(output, log-sum-exp) from the running softmax state; rows that saw no key get 0 and -inf."""
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        return acc / l_safe[:, None], tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+
+    @triton.jit
     def _prefill_kernel(
         Q, K, V, O, LSE, BT, TILE_ENTRY, TILE_M0, Q_STARTS, Q_POS0, CTX, FIRST,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
@@ -164,13 +206,11 @@ if triton is not None:
     ):
         tile = tl.program_id(0)
         h = tl.program_id(1)
-        kvh = h // GROUP
         e = tl.load(TILE_ENTRY + tile)
         m0 = tl.load(TILE_M0 + tile)
         qs = tl.load(Q_STARTS + e)
         n_q = tl.load(Q_STARTS + e + 1) - qs
         p0 = tl.load(Q_POS0 + e)
-        ctx = tl.load(CTX + e)
         kv0 = tl.load(FIRST + e) * BS
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < n_q
@@ -178,39 +218,19 @@ if triton is not None:
         d_mask = offs_d < HEAD_DIM
         rows = (qs + offs_m).to(tl.int64)
         q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        q_pos = p0 + offs_m
-        hi = tl.minimum(ctx, p0 + m0 + BLOCK_M)
+        hi = tl.minimum(tl.load(CTX + e), p0 + m0 + BLOCK_M)
         lo = kv0
         if window > 0:
             lo = tl.maximum(kv0, p0 + m0 - window + 1)
-            lo = kv0 + ((lo - kv0) // BLOCK_N) * BLOCK_N
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < hi
-            rel = offs_n - kv0
-            slot = tl.load(BT + e * stride_bt + rel // BS, mask=n_mask, other=0).to(tl.int64)
-            tok = rel % BS
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            if window > 0:
-                valid = valid & (offs_n[None, :] > q_pos[:, None] - window)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+        m_i, l_i, acc = _attend_keys(
+            q, p0 + offs_m, K, V, BT + e * stride_bt, kv0, lo, hi, h // GROUP, scale, window, m_i, l_i, acc,
+            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
+            CAUSAL=True, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
+        out, lse = _normalise(acc, m_i, l_i)
         tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
         tl.store(LSE + rows * stride_lt + h, lse, mask=m_mask)
 
@@ -229,7 +249,6 @@ if triton is not None:
         row = tl.load(Q_ROW + e).to(tl.int64)  # decode: entry e owns query row q_starts[e]
         ctx = tl.load(CTX + e)
         kv0 = tl.load(FIRST + e) * BS
-        q_pos = ctx - 1
         offs_g = tl.arange(0, GROUP_PAD)
         g_mask = offs_g < GROUP
         offs_d = tl.arange(0, BLOCK_D)
@@ -239,35 +258,20 @@ if triton is not None:
         lo = kv0 + part * partition
         hi = tl.minimum(ctx, lo + partition)
         if window > 0:
-            lo = tl.maximum(lo, q_pos - window + 1)
+            lo = tl.maximum(lo, ctx - window)  # the query sits at ctx - 1: keys after ctx - 1 - window
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < hi
-            rel = offs_n - kv0
-            slot = tl.load(BT + e * stride_bt + rel // BS, mask=n_mask, other=0).to(tl.int64)
-            tok = rel % BS
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+        # Keys [lo, hi) all precede the query and lie in its window: no causal mask needed.
+        m_i, l_i, acc = _attend_keys(
+            q, offs_g, K, V, BT + e * stride_bt, kv0, lo, hi, kvh, scale, window, m_i, l_i, acc,
+            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
+            CAUSAL=False, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
+        out, lse = _normalise(acc, m_i, l_i)
         o_ptr = O_PART + e * stride_oe + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptr, out, mask=g_mask[:, None] & d_mask[None, :])
         tl.store(L_PART + e * stride_le + part * stride_lp + heads, lse, mask=g_mask)
-
 
     @triton.jit
     def _reduce_kernel(

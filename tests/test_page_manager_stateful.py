@@ -169,7 +169,6 @@ class PageManagerMachine(RuleBasedStateMachine):
             return
         assert len(distinct) <= self.pm.tiers[0].num_blocks
         pool = self.pm.tiers[0].pool
-        bs = self.pm.layout.block_size
         if self.device == "cuda":
             torch.cuda._sleep(1_000_000)  # a slow compute stream must not be overtaken by later transfers
         for seq, table in zip(seqs, tables):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.errors import CapacityError
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, all_of
 from tierkv.kernels import copy_blocks
 from tierkv.tiers import MemoryTier, NvmeTier, Tier

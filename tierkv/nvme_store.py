@@ -224,9 +224,9 @@ class NvmeStore:
                 raw = f.read(HEADER_NBYTES).rstrip(b"\0")
             try:
                 found = json.loads(raw.decode())
-                found_slots = found.pop("num_slots", 0)
+                found.pop("num_slots", None)  # a different slot count is fine: the files are resized
             except (ValueError, UnicodeDecodeError, AttributeError):
-                found, found_slots = None, 0
+                found = None
             if found == want:
                 reuse = True
             else:
