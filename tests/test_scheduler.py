@@ -51,16 +51,33 @@ def test_a_sequence_longer_than_the_gpu_runs_alone_with_a_window():
     small = make(10, 0, 1)
     s.running.extend([big, small])
     entries = s.schedule()
-    assert len(entries) == 1 and entries[0].seq is big
-    e = entries[0]
-    assert e.num_tokens == 48 and e.first_block == 0  # the window of 3 blocks holds the chunk
+    # While its KV still fits, the long prompt shares the GPU: 2 blocks for its chunk, 1 for the short prompt.
+    assert [(e.seq, e.start, e.num_tokens, e.first_block) for e in entries] == [(big, 0, 32, 0), (small, 0, 10, 0)]
     big.num_computed = 160
-    e = s.schedule()[0]
-    # Positions [160, 208) are written into blocks 10..12: the window is exactly those; blocks 0..9 are streamed.
-    assert (e.seq, e.start, e.num_tokens, e.first_block) == (big, 160, 48, 10)
+    entries = s.schedule()
+    # Now it is longer than the GPU tier: alone, positions [160, 208) go into blocks 10..12 (its window of 3)
+    # and blocks 0..9 are streamed.
+    assert [(e.seq, e.start, e.num_tokens, e.first_block) for e in entries] == [(big, 160, 48, 10)]
     big.num_computed = 170  # mid-block: the chunk shrinks so that its blocks still fit the window
     e = s.schedule()[0]
     assert (e.start, e.num_tokens, e.first_block) == (170, 38, 10)
+
+
+def test_prefills_get_their_turn_beside_a_long_decode():
+    """A decoding sequence that fills the GPU tier must not starve prompts waiting to be prefilled."""
+    s = scheduler(gpu_blocks=2, slice_steps=2)
+    long_decode = make(40, 40, 0, generated=1)  # 3 blocks after the next token: streams alone
+    waiting = make(20, 0, 1)
+    s.running.extend([long_decode, waiting])
+    ran = []
+    for _ in range(4):
+        entries = s.schedule()
+        ran.append([e.seq.seq_id for e in entries])
+        for e in entries:
+            e.seq.num_computed = e.end
+            if e.samples:
+                e.seq.token_ids.append(3)
+    assert ran == [[0], [0], [1], [1]]
 
 
 def test_admission_reserves_every_sample():

@@ -71,12 +71,64 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a YAML batch job (resumable); without CONFIG, the demo",
+        description=(
+            "Run every record of the config's input JSONL that is not yet in its output JSONL, appending each result "
+            "as it finishes. Killed and started again, it finishes the rest. Without CONFIG it runs the demo "
+            "(configs/demo.yaml) from scratch and prints the texts."
+        ),
+    )
+    p.add_argument("config", nargs="?", help="the run's YAML file (default: the demo)")
+    p.add_argument("--check", action="store_true", help="only check the config and the input, load nothing")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set engine.eviction=clock (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="discard the existing output and start over")
+    p.add_argument("--show", action="store_true", help="print each result's text as it finishes")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_run(args) -> int:
+    from tierkv import batch
+    from tierkv.stats import format_stats
+
+    demo = args.config is None
+    spec = batch.load_spec(args.config or batch.DEMO_CONFIG, args.overrides)
+    if args.check:
+        done = batch.finished_ids(spec.output, {r.id for r in spec.records})
+        batch.check_capacity(spec)
+        print(f"{spec.path}: ok, {len(spec.records)} records ({len(done)} already in {spec.output})")
+        return 0
+    summary = batch.run(spec, fresh=args.fresh or demo, show=args.show or demo, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    if not summary["run"]:
+        print(f"{spec.path}: all {summary['records']} records are already in {spec.output}; nothing to do (--fresh starts over)")
+        return 0
+    print(format_stats(summary["stats"]))
+    e = summary["stats"]["engine"]
+    print(
+        f"{summary['run']} records run ({summary['already_done']} were already done) in {summary['wall_s']:.1f} s "
+        f"after {summary['load_s']:.1f} s of loading: {summary['generated_tokens']} tokens, "
+        f"{summary['generated_tokens'] / max(1e-9, summary['wall_s']):.1f} tok/s, {e['steps']} steps, "
+        f"{e['preemptions']} preemptions; results in {spec.output}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierkv", description="tierkv: a tiered KV-cache offloading runtime")
     sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "run":
+            return _run_run(args)
         if args.command == "bench":
             return _run_bench(args)
     except TierKVError as exc:

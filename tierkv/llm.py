@@ -54,13 +54,8 @@ class LLM:
         spec = self.loaded.spec
         dtype = next(self.loaded.model.parameters()).dtype
         self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size)
-        gpu, cpu, nvme = self._capacities(device)
-        if gpu < MIN_GPU_BLOCKS:
-            raise ConfigError(
-                f"the GPU tier holds {gpu} blocks ({format_nbytes(gpu * self.layout.block_nbytes)}); it needs at least "
-                f"{MIN_GPU_BLOCKS} (the blocks one step writes into; older KV can be streamed from the CPU tier); "
-                "raise gpu_blocks or gpu_memory"
-            )
+        gpu, cpu, nvme = resolve_capacities(cfg, self.layout.block_nbytes, device)
+        check_gpu_tier(gpu, self.layout.block_nbytes)
         self.max_model_len = cfg.max_model_len or spec.max_position_embeddings or 1 << 30
         self.pm = PageManager(
             PageManagerConfig(
@@ -72,30 +67,6 @@ class LLM:
         self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch)
         self._t_created = time.perf_counter()
         self._closed = False
-
-    # -- set-up --------------------------------------------------------------------------------------------------
-    def _capacities(self, device: torch.device) -> tuple[int, int, int]:
-        cfg, nbytes = self.config, self.layout.block_nbytes
-        if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
-            gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, nbytes)
-        elif device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            activations = 2 * 2**30  # room for one step's activations and the streaming staging
-            gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // nbytes
-        else:
-            gpu = min(2**30, _ram_bytes() // 10) // nbytes
-        if cfg.cpu_blocks is not None or cfg.cpu_memory is not None:
-            cpu = resolve_blocks("cpu", cfg.cpu_blocks, cfg.cpu_memory, nbytes)
-        else:
-            cpu = min(64 * 2**30, _ram_bytes() // 4) // nbytes if device.type == "cuda" else 0
-        if cfg.nvme_blocks is not None or cfg.nvme_memory is not None:
-            nvme = resolve_blocks("nvme", cfg.nvme_blocks, cfg.nvme_memory, nbytes)
-        elif cfg.nvme_dir:
-            os.makedirs(cfg.nvme_dir, exist_ok=True)
-            nvme = min(256 * 2**30, shutil.disk_usage(cfg.nvme_dir).free // 2) // nbytes
-        else:
-            nvme = 0
-        return gpu, cpu, nvme
 
     def get_tokenizer(self):
         return self.loaded.tokenizer
@@ -138,28 +109,35 @@ class LLM:
         return prepared
 
     def _check_capacity(self, prepared) -> None:
-        gpu = self.pm.tiers[0].num_blocks
-        cpu = self.pm.tiers[1].num_blocks if 1 in self.pm.tiers else 0
-        total = sum(t.num_blocks for t in self.pm.tiers.values())
+        tiers = self.pm.tiers
+        gpu, cpu = tiers[0].num_blocks, tiers[1].num_blocks if 1 in tiers else 0
+        nvme = sum(t.num_blocks for t in tiers.values()) - gpu - cpu
         for i, (_, ids, p) in enumerate(prepared):
-            probe = self.scheduler.reservation(_Probe(ids, p))
-            if probe > total:
-                raise CapacityError(
-                    f"prompt {i} ({len(ids)} tokens, max_tokens {p.max_tokens}, n {p.n}) may need {probe} KV blocks but all "
-                    f"tiers together hold {total} (gpu {gpu} + cpu {cpu} + nvme {total - gpu - cpu}); "
-                    "raise the tier capacities (nvme_dir/nvme_memory is the cheapest) or shorten the request"
-                )
-            longest = self.scheduler.blocks_for(len(ids) + p.max_tokens)
-            if longest > gpu and longest - gpu > cpu:
-                raise CapacityError(
-                    f"prompt {i} needs {longest} blocks, more than the GPU tier's {gpu}: its older blocks are streamed from the "
-                    f"CPU tier, which must hold {longest - gpu} of them but holds {cpu}; raise cpu_blocks/cpu_memory or gpu_blocks"
-                )
+            check_request_fits(f"prompt {i}", len(ids), p, self.scheduler, gpu, cpu, nvme)
 
-    def _add(self, prompts, sampling_params):
+    def _add(self, prompts, sampling_params, request_ids=None):
         prepared = self._prepare(prompts, sampling_params)
         base = self.engine._arrivals
-        return [self.engine.add_request(str(base + i), i, text, ids, p) for i, (text, ids, p) in enumerate(prepared)]
+        if request_ids is None:
+            request_ids = [str(base + i) for i in range(len(prepared))]
+        elif len(request_ids) != len(prepared):
+            raise ConfigError(f"{len(request_ids)} request ids for {len(prepared)} prompts")
+        return [self.engine.add_request(str(rid), i, text, ids, p) for i, (rid, (text, ids, p)) in enumerate(zip(request_ids, prepared))]
+
+    def add_requests(self, prompts, sampling_params=None, request_ids: list[str] | None = None) -> list[str]:
+        """Queue prompts for `step()`. Every prompt is checked first: a bad one queues nothing. Returns request ids."""
+        return [r.request_id for r in self._add(prompts, sampling_params, request_ids)]
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished in it."""
+        return [req.output() for req in self.engine.step() if req.finished]
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished
+
+    def kv_blocks_by_tier(self) -> dict[str, int]:
+        """Live KV blocks in each tier now."""
+        return {self.pm.tiers[k].name: self.pm.resident(k) for k in self.pm.kinds}
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run the prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order."""
@@ -221,6 +199,57 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resolve_capacities(cfg: EngineConfig, block_nbytes: int, device: torch.device) -> tuple[int, int, int]:
+    """Blocks per tier (gpu, cpu, nvme): as given, or defaults from the machine (see EngineConfig)."""
+    if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
+        gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, block_nbytes)
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        activations = 2 * 2**30  # room for one step's activations and the streaming staging
+        gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // block_nbytes
+    else:
+        gpu = min(2**30, _ram_bytes() // 10) // block_nbytes
+    if cfg.cpu_blocks is not None or cfg.cpu_memory is not None:
+        cpu = resolve_blocks("cpu", cfg.cpu_blocks, cfg.cpu_memory, block_nbytes)
+    else:
+        cpu = min(64 * 2**30, _ram_bytes() // 4) // block_nbytes if device.type == "cuda" else 0
+    if cfg.nvme_blocks is not None or cfg.nvme_memory is not None:
+        nvme = resolve_blocks("nvme", cfg.nvme_blocks, cfg.nvme_memory, block_nbytes)
+    elif cfg.nvme_dir:
+        os.makedirs(cfg.nvme_dir, exist_ok=True)
+        nvme = min(256 * 2**30, shutil.disk_usage(cfg.nvme_dir).free // 2) // block_nbytes
+    else:
+        nvme = 0
+    return gpu, cpu, nvme
+
+
+def check_gpu_tier(gpu_blocks: int, block_nbytes: int) -> None:
+    if gpu_blocks < MIN_GPU_BLOCKS:
+        raise ConfigError(
+            f"the GPU tier holds {gpu_blocks} blocks ({format_nbytes(gpu_blocks * block_nbytes)}, {format_nbytes(block_nbytes)} "
+            f"each); it needs at least {MIN_GPU_BLOCKS} (the blocks one step writes into; older KV can be streamed from "
+            "the CPU tier); raise gpu_blocks or gpu_memory"
+        )
+
+
+def check_request_fits(what: str, prompt_len: int, params: SamplingParams, scheduler: Scheduler, gpu: int, cpu: int, nvme: int) -> None:
+    """Raise CapacityError if a request can never run with these tiers (all of them together, or streaming)."""
+    need = scheduler.reservation(_Probe([0] * prompt_len, params))
+    total = gpu + cpu + nvme
+    if need > total:
+        raise CapacityError(
+            f"{what} ({prompt_len} tokens, max_tokens {params.max_tokens}, n {params.n}) may need {need} KV blocks but all "
+            f"tiers together hold {total} (gpu {gpu} + cpu {cpu} + nvme {nvme}); "
+            "raise the tier capacities (nvme_dir/nvme_memory is the cheapest) or shorten the request"
+        )
+    longest = scheduler.blocks_for(prompt_len + params.max_tokens)
+    if longest > gpu and longest - gpu > cpu:
+        raise CapacityError(
+            f"{what} needs {longest} blocks, more than the GPU tier's {gpu}: its older blocks are streamed from the "
+            f"CPU tier, which must hold {longest - gpu} of them but holds {cpu}; raise cpu_blocks/cpu_memory or gpu_blocks"
+        )
 
 
 class _Probe:

@@ -2,6 +2,7 @@
 
 `model` may be
 - a folder with config.json and *.safetensors (and tokenizer files): the checkpoint's weights;
+- the name of a model a package ships (`tierkv.packaged`, e.g. "smollm2-135m-instruct");
 - a config: a folder or .json file with a config, or a preset name from `configs/models/` (e.g.
   "llama-3.1-8b"), with load_format="dummy": random weights of the real shapes, for benchmarks.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierkv import packaged
 from tierkv.errors import ConfigError
 from tierkv.model import CausalLM, ModelSpec
 
@@ -39,12 +41,14 @@ def resolve_config_path(model: str) -> str:
     """The folder or .json file holding the config for `model` (a path or a preset name)."""
     if os.path.isdir(model) or os.path.isfile(model):
         return model
+    if model in packaged.PACKAGED:
+        return packaged.checkpoint(model)
     preset = os.path.join(PRESET_DIR, f"{model}.json")
     if os.path.isfile(preset):
         return preset
-    names = ", ".join(preset_names()) or "none"
     raise ConfigError(
-        f"model {model!r} is neither a checkpoint folder, a config file, nor a preset (presets: {names}); "
+        f"model {model!r} is neither a checkpoint folder, a config file, a packaged model "
+        f"({', '.join(packaged.PACKAGED)}) nor a preset config ({', '.join(preset_names()) or 'none'}); "
         "give the path of a local Hugging Face checkpoint folder"
     )
 

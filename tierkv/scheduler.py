@@ -93,43 +93,54 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledEntry]:
-        """The entries of the next step (empty only when nothing is running)."""
-        tokens = self.max_num_batched_tokens
-        blocks = self.gpu_blocks
-        entries: list[ScheduledEntry] = []
+        """The entries of the next step (empty only when nothing is running).
+
+        Membership follows the running order (which time slicing rotates): a sequence joins if the GPU tier
+        still has room for its blocks after one more token; the first sequence alone may be too long for the
+        GPU tier, and then streams. Within the step, decodes take one token each first, then prefills share
+        what is left of the token budget, each chunk as long as the GPU room allows.
+        """
+        blocks_left = self.gpu_blocks
+        group: list[Sequence] = []
+        streaming: Sequence | None = None
         skipped = False
-        order = list(self.running)
-        for seq in order:  # decodes
-            if seq.prefilling or len(entries) >= self.max_num_seqs or tokens == 0:
-                continue
+        for seq in self.running:
             need = self.blocks_for(seq.num_computed + 1)
-            if need <= blocks:
-                entries.append(ScheduledEntry(seq, seq.num_computed, 1, 0))
-            elif not entries:
-                entries.append(ScheduledEntry(seq, seq.num_computed, 1, need - blocks))  # too long for the GPU: stream
-                need = blocks
+            if len(group) >= self.max_num_seqs or streaming is not None:
+                skipped = True
+            elif need <= blocks_left:
+                group.append(seq)
+                blocks_left -= need
+            elif not group:
+                group.append(seq)  # longer than the whole GPU tier: runs alone, streaming its older blocks
+                streaming = seq
+                blocks_left = 0
             else:
                 skipped = True
-                continue
-            blocks -= need
-            tokens -= 1
-        for seq in order:  # prefill chunks
-            if not seq.prefilling or len(entries) >= self.max_num_seqs or tokens == 0:
+        tokens = self.max_num_batched_tokens
+        entries: list[ScheduledEntry] = []
+        for seq in group:
+            if not seq.prefilling:
+                first = max(0, self.blocks_for(seq.num_computed + 1) - self.gpu_blocks) if seq is streaming else 0
+                entries.append(ScheduledEntry(seq, seq.num_computed, 1, first))
+                tokens -= 1
+        for seq in group:
+            if not seq.prefilling:
                 continue
             start = seq.num_computed
+            if tokens <= 0:
+                skipped = True
+                continue
             n = min(len(seq.token_ids) - start, tokens)
-            need = self.blocks_for(start + n)
-            first = 0
-            if need > blocks:
-                if entries:
-                    skipped = True
-                    continue
-                # Alone and too long for the GPU: the window holds the written blocks, older ones are streamed.
-                n = min(n, blocks * self.block_size - start % self.block_size)
-                need = self.blocks_for(start + n)
-                first = max(0, need - blocks)
+            if seq is streaming:
+                n = min(n, self.gpu_blocks * self.block_size - start % self.block_size)  # the window holds the chunk
+                first = max(0, self.blocks_for(start + n) - self.gpu_blocks)
+            else:
+                room = self.blocks_for(start + 1) + blocks_left  # its reserved blocks plus what is still free
+                n = min(n, room * self.block_size - start)
+                blocks_left -= self.blocks_for(start + n) - self.blocks_for(start + 1)
+                first = 0
             entries.append(ScheduledEntry(seq, start, n, first))
-            blocks -= need - first
             tokens -= n
         self._time_slice(entries, skipped)
         return entries

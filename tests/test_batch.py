@@ -1,0 +1,186 @@
+"""`tierkv run`: YAML batch runs end to end, kill -9 and resume, and every validation error with its message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import tierkv
+from tierkv import ConfigError
+from tierkv import batch
+from tiny_models import make_checkpoint
+
+PROMPTS = [
+    "Once upon a time", "The quick brown fox", "Tiered memory keeps hot blocks", "a little cat who lived",
+    "by the sea", "and the dog does not mind", "cold ones in host memory", "jumps over the lazy dog",
+    "there was a little", "on the GPU and", "big house by the sea", "The dog",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(path, "llama")
+    return str(path)
+
+
+def write_job(folder, model_dir, records=None, **sections):
+    folder.mkdir(parents=True, exist_ok=True)
+    records = records if records is not None else [{"id": f"r{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    with open(folder / "in.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    config = {
+        "model": model_dir,
+        "engine": {"device": "cpu", "gpu_blocks": 4, "cpu_blocks": 4, "nvme_dir": "nvme", "nvme_blocks": 64, "max_num_batched_tokens": 32},
+        "sampling": {"max_tokens": 40, "temperature": 0, "ignore_eos": True},
+        "input": "in.jsonl",
+        "output": "out/results.jsonl",
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def read_output(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_yaml_run_end_to_end_matches_the_python_api(model_dir, tmp_path):
+    job = write_job(tmp_path / "job", model_dir)
+    summary = batch.run(batch.load_spec(job), progress=False)
+    assert summary["run"] == len(PROMPTS) and summary["generated_tokens"] == 40 * len(PROMPTS)
+    rows = {r["id"]: r for r in read_output(tmp_path / "job" / "out" / "results.jsonl")}
+    assert sorted(rows) == sorted(f"r{i}" for i in range(len(PROMPTS)))
+    with tierkv.LLM(model_dir, device="cpu", gpu_blocks=8) as llm:
+        want = llm.generate(PROMPTS, tierkv.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)
+    for i, out in enumerate(want):
+        assert rows[f"r{i}"]["outputs"][0]["token_ids"] == out.outputs[0].token_ids
+        assert rows[f"r{i}"]["text"] == out.outputs[0].text
+    # A second run has nothing left to do.
+    assert batch.run(batch.load_spec(job), progress=False)["run"] == 0
+
+
+def test_chat_messages_and_per_record_overrides(model_dir, tmp_path):
+    records = [
+        {"id": 1, "prompt": "Once upon a time", "max_tokens": 3},
+        {"id": 2, "prompt": "Once upon a time", "n": 2, "temperature": 1.0, "seed": 3},
+    ]
+    job = write_job(tmp_path / "job", model_dir, records)
+    batch.run(batch.load_spec(job), progress=False)
+    rows = {r["id"]: r for r in read_output(tmp_path / "job" / "out" / "results.jsonl")}
+    assert len(rows[1]["outputs"][0]["token_ids"]) == 3
+    assert len(rows[2]["outputs"]) == 2
+
+
+def cli(job, *extra, wait=True):
+    cmd = [sys.executable, "-m", "tierkv.cli", "run", job, "--no-progress", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if wait:
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, out, err
+    return proc
+
+
+def lines_in(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_output(model_dir, tmp_path):
+    straight = write_job(tmp_path / "straight", model_dir)
+    assert cli(straight)[0] == 0
+    want = {r["id"]: r for r in read_output(tmp_path / "straight" / "out" / "results.jsonl")}
+    assert len(want) == len(PROMPTS)
+
+    for kills in ([1], [0.0, 4], [7]):  # after n records are out, or after a delay (0.0: during start-up)
+        job_dir = tmp_path / f"killed-{'-'.join(map(str, kills))}"
+        job = write_job(job_dir, model_dir)
+        out = job_dir / "out" / "results.jsonl"
+        for when in kills:
+            proc = cli(job, wait=False)
+            deadline = time.time() + 120
+            if isinstance(when, float):
+                time.sleep(when)
+            else:
+                while lines_in(out) < when and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert lines_in(out) < len(PROMPTS), f"kills {kills}: the run finished before the kill"
+        code, _, err = cli(job)
+        assert code == 0, err
+        got = read_output(out)
+        ids = [r["id"] for r in got]
+        assert sorted(ids) == sorted(want) and len(ids) == len(set(ids)), f"kills {kills}: ids {ids}"
+        for r in got:
+            assert r == want[r["id"]], f"kills {kills}: record {r['id']} differs from the uninterrupted run"
+
+
+def test_half_written_last_line_is_cut_off_and_redone(model_dir, tmp_path):
+    job = write_job(tmp_path / "job", model_dir, [{"id": "a", "prompt": "The dog"}, {"id": "b", "prompt": "by the sea"}])
+    out = tmp_path / "job" / "out" / "results.jsonl"
+    batch.run(batch.load_spec(job), progress=False)
+    good = read_output(out)
+    first, second = (json.dumps(r, ensure_ascii=False) for r in good)
+    out.write_text(first + "\n" + second[: len(second) // 2])  # killed in the middle of writing the second line
+    summary = batch.run(batch.load_spec(job), progress=False)
+    assert summary["already_done"] == 1 and summary["run"] == 1
+    assert sorted(r["id"] for r in read_output(out)) == ["a", "b"]
+    assert {r["id"]: r for r in read_output(out)} == {r["id"]: r for r in good}
+
+
+def test_check_and_overrides(model_dir, tmp_path):
+    job = write_job(tmp_path / "job", model_dir)
+    code, out, err = cli(job, "--check")
+    assert code == 0 and "ok, 12 records" in out and not os.path.exists(tmp_path / "job" / "out")
+    spec = batch.load_spec(job, ["engine.eviction=clock", "sampling.max_tokens=5"])
+    assert spec.engine["eviction"] == "clock" and spec.sampling["max_tokens"] == 5
+    code, _, err = cli(job, "--check", "--set", "engine.eviction=fifo")
+    assert code == 2 and "engine: eviction 'fifo' is not one of lru, clock" in err
+
+
+@pytest.mark.parametrize(
+    "change, records, message",
+    [
+        (dict(engin={"device": "cpu"}), None, "engin: unknown top-level key (did you mean 'engine'?)"),
+        (dict(engine={"gpu_blokcs": 4}), None, "engine.gpu_blokcs: unknown key (did you mean 'gpu_blocks'?)"),
+        (dict(engine={"gpu_blocks": "four"}), None, "engine.gpu_blocks: expected int | None, got 'four'"),
+        (dict(sampling={"temperature": "hot"}), None, "sampling.temperature: expected float, got 'hot'"),
+        (dict(sampling={"max_tokens": 0}), None, "sampling: SamplingParams.max_tokens=0"),
+        (dict(input="missing.jsonl"), None, "input: file"),
+        (dict(model=None), None, "model: expected a string"),
+        (dict(engine={"gpu_blocks": 1}), None, "engine.gpu_blocks/gpu_memory: the GPU tier holds 1 blocks"),
+        (dict(engine={"cpu_blocks": 0, "nvme_blocks": 2}, sampling={"max_tokens": 200}), None, "may need 13 KV blocks but all tiers together hold 6"),
+        (dict(engine={"cpu_blocks": 2}, sampling={"max_tokens": 200}), None, "streamed from the CPU tier, which must hold 9 of them but holds 2"),
+        ({}, [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}], "in.jsonl:2: duplicate id 1 (first on line 1)"),
+        ({}, [{"prompt": "a"}], "in.jsonl:1: missing \"id\""),
+        ({}, [{"id": 1, "prompt": "a", "messages": []}], "give exactly one of \"prompt\""),
+        ({}, [{"id": 1, "prompt": "a", "temperatur": 0}], "(id 1).temperatur: unknown key (did you mean 'temperature'?)"),
+    ],
+)
+def test_validation_errors_name_the_key_and_the_fix(model_dir, tmp_path, change, records, message):
+    job = write_job(tmp_path / "job", model_dir, records, **change)
+    if change.get("model", "") is None:
+        text = yaml.safe_load(open(job))
+        text["model"] = None
+        open(job, "w").write(yaml.safe_dump(text))
+    with pytest.raises(ConfigError) as err:
+        spec = batch.load_spec(job)
+        batch.check_capacity(spec)
+    assert message in str(err.value), str(err.value)
+    assert not os.path.exists(tmp_path / "job" / "out")  # nothing ran, nothing was written

@@ -1,0 +1,369 @@
+"""`tierkv run CONFIG.yaml`: batch runs from a YAML file, resumable after any kill.
+
+The YAML maps onto tierkv's own dataclasses key for key:
+
+    model: smollm2-135m-instruct     # a checkpoint folder, a packaged model's name, or a config (engine.load_format: dummy)
+    engine: {...}                    # tierkv.LLM options: the fields of tierkv.EngineConfig
+    sampling: {...}                  # defaults for every record: the fields of tierkv.SamplingParams
+    input: prompts.jsonl             # one JSON object per line: "id", and "prompt" (text) or "messages" (chat)
+    output: out/results.jsonl        # one JSON object per finished record, appended and flushed as it finishes
+
+Relative paths are relative to the YAML file. Each input record may override sampling fields. Everything is
+checked before the weights load: unknown keys, wrong types, missing files, capacities that cannot work,
+duplicate or missing ids. A run that is killed (kill -9 included) and started again skips the records already
+in the output (a half-written last line is cut off) and runs the rest; greedy results do not depend on which
+records share a batch, so the output is the same as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+from tierkv.config import EngineConfig, resolve_device
+from tierkv.errors import ConfigError, TierKVError
+from tierkv.sampling import SamplingParams
+
+TOP_KEYS = ("model", "engine", "sampling", "input", "output")
+RECORD_KEYS = ("id", "prompt", "messages")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+@dataclass
+class Record:
+    id: str | int
+    line: int
+    prompt: str | None
+    messages: list | None
+    sampling: dict
+
+
+@dataclass
+class RunSpec:
+    path: str
+    model: str
+    engine: dict
+    sampling: dict
+    input: str
+    output: str
+    records: list[Record] = field(default_factory=list)
+
+
+# -- reading and checking the YAML -------------------------------------------------------------------------------
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # a hint we do not check (e.g. torch.dtype): the dataclass validates it
+
+
+def _hint_name(hint) -> str:
+    text = str(hint).replace("typing.", "").replace("NoneType", "None")
+    return text.removeprefix("<class '").removesuffix("'>")
+
+
+def check_section(where: str, data, cls, exclude=()) -> dict:
+    """Keys and value types of one mapping against the fields of dataclass `cls`; returns it as a dict."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, known)}; known keys: {', '.join(known)}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{where}.{key}: expected {_hint_name(hints[key])}, got {value!r} ({type(value).__name__})")
+    return dict(data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set engine.eviction=clock` style overrides: a dotted key path and a YAML value."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as KEY=VALUE, e.g. --set engine.eviction=clock")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping in the config")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
+    """Parse and check a run config (no model is loaded); raises ConfigError naming the key and the fix."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
+    data = apply_overrides(data, list(overrides))
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{key}: unknown top-level key{_suggest(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}")
+    for key in ("model", "input", "output"):
+        if key not in data:
+            raise ConfigError(f"{key}: missing; a run config needs {', '.join(k for k in TOP_KEYS if k not in ('engine', 'sampling'))}")
+        if not isinstance(data[key], str) or not data[key]:
+            raise ConfigError(f"{key}: expected a string, got {data[key]!r}")
+    base = os.path.dirname(os.path.abspath(path))
+
+    def local(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+    engine = check_section("engine", data.get("engine"), EngineConfig, exclude=("model",))
+    if engine.get("nvme_dir"):
+        engine["nvme_dir"] = local(engine["nvme_dir"])
+    if engine.get("tokenizer"):
+        engine["tokenizer"] = local(engine["tokenizer"])
+    sampling = check_section("sampling", data.get("sampling"), SamplingParams)
+    model = data["model"]
+    if os.sep in model or model.startswith(".") or os.path.exists(local(model)):
+        model = local(model)
+    spec = RunSpec(path, model, engine, sampling, local(data["input"]), local(data["output"]))
+    try:
+        EngineConfig(model=spec.model, **engine)
+    except ConfigError as exc:
+        raise ConfigError(f"engine: {exc}") from None
+    try:
+        SamplingParams(**sampling)
+    except ConfigError as exc:
+        raise ConfigError(f"sampling: {exc}") from None
+    if not os.path.isfile(spec.input):
+        raise ConfigError(f"input: file {spec.input!r} does not exist")
+    out_dir = os.path.dirname(spec.output) or "."
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"output: {out_dir!r} is not a directory")
+    spec.records = read_records(spec.input)
+    return spec
+
+
+def read_records(path: str) -> list[Record]:
+    """The input JSONL, checked: ids present and unique, a prompt or messages, known sampling overrides."""
+    records, seen = [], {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"input {os.path.basename(path)}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"{where}: each line must be a JSON object")
+            if "id" not in obj or not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+                raise ConfigError(f"{where}: missing \"id\" (a string or an integer); every record needs a unique id")
+            rid = obj["id"]
+            if str(rid) in seen:
+                raise ConfigError(f"{where}: duplicate id {rid!r} (first on line {seen[str(rid)]}); ids must be unique")
+            seen[str(rid)] = n
+            has_prompt, has_messages = "prompt" in obj, "messages" in obj
+            if has_prompt == has_messages:
+                raise ConfigError(f"{where}: give exactly one of \"prompt\" (text) or \"messages\" (a chat)")
+            if has_prompt and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
+                raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
+            if has_messages and (not isinstance(obj["messages"], list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"]
+            )):
+                raise ConfigError(f"{where}: \"messages\" must be a list of {{\"role\": ..., \"content\": ...}} objects")
+            overrides = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
+            record_where = f"{where} (id {rid!r})"
+            check_section(record_where, overrides, SamplingParams)
+            records.append(Record(rid, n, obj.get("prompt"), obj.get("messages"), overrides))
+    if not records:
+        raise ConfigError(f"input {path}: no records")
+    return records
+
+
+# -- the output file -----------------------------------------------------------------------------------------------
+
+
+def finished_ids(path: str, valid: set) -> set:
+    """Ids already in the output; a half-written last line (a kill in the middle of a write) is cut off."""
+    if not os.path.exists(path):
+        return set()
+    done = set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+        if keep < len(data):
+            f.truncate(keep)
+        for n, line in enumerate(data[:keep].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rid = json.loads(line)["id"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"output {path}:{n} is not a tierkv result line; move the file away or choose another output") from None
+            if rid not in valid:
+                raise ConfigError(f"output {path} holds id {rid!r}, which is not in the input: it belongs to another run; choose another output")
+            done.add(rid)
+    return done
+
+
+class ResultWriter:
+    """Appends one JSON line per finished record, flushed and synced before the next one is reported."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def result_line(rid, output) -> dict:
+    outs = [
+        {k: v for k, v in {"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason, "logprobs": _jsonable_logprobs(o.logprobs)}.items() if v is not None or k == "stop_reason"}
+        for o in output.outputs
+    ]
+    return {"id": rid, "prompt_tokens": len(output.prompt_token_ids), "text": outs[0]["text"], "outputs": outs}
+
+
+def _jsonable_logprobs(logprobs):
+    return None if logprobs is None else [{str(k): v for k, v in step.items()} for step in logprobs]
+
+
+# -- running ------------------------------------------------------------------------------------------------------
+
+
+def check_capacity(spec: RunSpec) -> list[tuple[Record, list[int], SamplingParams]]:
+    """Tokenize the records and check each can run with the configured tiers, before the weights load."""
+    from tierkv.layout import KVLayout
+    from tierkv.llm import check_gpu_tier, check_request_fits, resolve_capacities
+    from tierkv.loader import default_dtype, load_hf_config, load_tokenizer, resolve_config_path
+    from tierkv.model import ModelSpec
+    from tierkv.scheduler import Scheduler
+
+    cfg = EngineConfig(model=spec.model, **spec.engine)
+    path = resolve_config_path(spec.model)
+    hf_config = load_hf_config(path)
+    mspec = ModelSpec.from_hf_config(hf_config)
+    device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = cfg.dtype or default_dtype(hf_config, device)
+    layout = KVLayout(mspec.num_layers, mspec.num_kv_heads, mspec.head_dim, dtype, cfg.block_size)
+    tokenizer = load_tokenizer(cfg.tokenizer or path) if os.path.isdir(cfg.tokenizer or path) else None
+    gpu_known = cfg.gpu_blocks is not None or cfg.gpu_memory is not None or device.type != "cuda"
+    gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device)
+    if gpu_known:
+        try:
+            check_gpu_tier(gpu, layout.block_nbytes)
+        except ConfigError as exc:
+            raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
+    sched = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
+    prepared = []
+    for r in spec.records:
+        where = f"input line {r.line} (id {r.id!r})"
+        params = SamplingParams(**{**spec.sampling, **r.sampling})
+        if tokenizer is None:
+            raise ConfigError(f"model {spec.model!r} has no tokenizer for text prompts; set engine.tokenizer to a tokenizer folder")
+        if r.messages is not None:
+            if not tokenizer.chat_template:
+                raise ConfigError(f"{where}: \"messages\" needs a chat template, and this model's tokenizer has none; use \"prompt\"")
+            ids = list(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        else:
+            ids = tokenizer(r.prompt).input_ids
+        if gpu_known:
+            try:
+                check_request_fits(where, len(ids), params, sched, gpu, cpu, nvme)
+            except TierKVError as exc:
+                raise ConfigError(f"engine (capacity): {exc}") from None
+        prepared.append((r, ids, params))
+    return prepared
+
+
+def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: bool = True, echo=print) -> dict:
+    """Run every record not yet in the output; returns a summary (also when there was nothing left to do)."""
+    from tierkv.llm import LLM
+
+    if fresh and os.path.exists(spec.output):
+        os.remove(spec.output)
+    done = finished_ids(spec.output, {r.id for r in spec.records})
+    prepared = [p for p in check_capacity(spec) if p[0].id not in done]
+    summary = {"config": spec.path, "records": len(spec.records), "already_done": len(done), "run": len(prepared), "output": spec.output}
+    if not prepared:
+        summary.update(wall_s=0.0, generated_tokens=0)
+        return summary
+    t0 = time.perf_counter()
+    llm = LLM(spec.model, **spec.engine)
+    summary["load_s"] = time.perf_counter() - t0
+    writer = ResultWriter(spec.output)
+    bar = None
+    try:
+        by_rid = {str(r.id): r for r, _, _ in prepared}
+        llm.add_requests([ids for _, ids, _ in prepared], [p for _, _, p in prepared], request_ids=[str(r.id) for r, _, _ in prepared])
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(spec.records), initial=len(done), desc="records", unit="rec", dynamic_ncols=True)
+        t1 = time.perf_counter()
+        tokens0 = llm.engine.counters.generated_tokens
+        while llm.has_unfinished():
+            for out in llm.step():
+                record = by_rid[out.request_id]
+                writer.write(result_line(record.id, out))
+                if show:
+                    echo(f"--- {record.id}: {out.outputs[0].text!r} ({out.outputs[0].finish_reason})")
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                rate = (llm.engine.counters.generated_tokens - tokens0) / max(1e-9, time.perf_counter() - t1)
+                tiers = llm.kv_blocks_by_tier()
+                used = sum(tiers.values()) or 1
+                share = " ".join(f"{k} {100 * v / used:.0f}%" for k, v in tiers.items())
+                bar.set_postfix_str(f"{rate:.0f} tok/s, KV {share}", refresh=False)
+        summary["wall_s"] = time.perf_counter() - t1
+        summary["generated_tokens"] = llm.engine.counters.generated_tokens - tokens0
+        summary["stats"] = llm.stats()
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        llm.close()
+    return summary
