@@ -25,6 +25,6 @@ if [ "$stage" = all ] || [ "$stage" = engine ]; then
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 150 $py benchmarks/block_moves.py --out "$out/block_moves.json" --record "$out/BENCHMARKS.rows.md" 2>&1 | tee "$out/block_moves.log"
-    timeout 120 "$tierkv_bin" bench --device cuda --layout llama-3.1-8b --num-seqs 32 --prompt-min 256 --prompt-max 2048 \
-        --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | grep -v "sequences:" | tee "$out/pm_bench.log"
+    timeout 120 $py benchmarks/page_manager.py --device cuda --layout llama-3.1-8b --num-seqs 32 --prompt-min 256 --prompt-max 2048 \
+        --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | tee "$out/pm_bench.log"
 fi

@@ -4,70 +4,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from dataclasses import fields
 
 from tierkv.errors import TierKVError
 
 
-def _bench_parser(sub) -> None:
-    from tierkv.bench import LAYOUT_PRESETS, BenchConfig
-
+def _bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="offload benchmark of the page manager: a decode-like workload whose KV spills to CPU and NVMe",
+        help="offload benchmark: workloads through the engine, swept over policies, block sizes and capacities",
         description=(
-            "Runs sequences whose KV outgrows the GPU tier through the page manager, verifies every byte read "
-            "back, and prints per-tier traffic. Defaults: SmolLM2-135M's KV shape on the CPU, a few seconds."
+            "Run a workload through tierkv for every combination of the swept options (lists), print a table, write "
+            "results.json and PNG plots to --out, and with --baseline hf run the same requests through transformers "
+            "in the same run. Defaults: a tiny Llama with random weights on the CPU, a few seconds."
         ),
     )
-    defaults = BenchConfig()
-    for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "layout":
-            p.add_argument(flag, choices=sorted(LAYOUT_PRESETS), default=default, help="KV shape of a model (default: %(default)s)")
-        else:
-            kind = int if isinstance(default, int) else str
-            p.add_argument(flag, type=kind, default=default, help="(default: %(default)s)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout only)")
+    p.add_argument("--model", default="tiny-llama", help="checkpoint folder, packaged model or config (default: %(default)s)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (configs imply it)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda where available)")
+    p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's on CUDA, float32 on CPU)")
+    p.add_argument("--workload", default="synthetic", choices=["synthetic", "shared-prefix", "long-context", "trace"])
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--prompt-len", default="32:128", help="N or LO:HI (the suffix length for shared-prefix)")
+    p.add_argument("--output-len", default="16:32", help="N or LO:HI")
+    p.add_argument("--prefix-len", type=int, default=128, help="shared-prefix: the shared part")
+    p.add_argument("--context-len", type=int, default=2048, help="long-context: the prompt length")
+    p.add_argument("--trace", help="trace: JSONL with prompt_len or prompt, output_len, and optional arrival_s")
+    p.add_argument("--request-rate", type=float, default=0.0, help="requests per second (Poisson); 0: all at once")
+    p.add_argument("--eviction", nargs="+", default=["lru"], choices=["lru", "clock"])
+    p.add_argument("--block-size", nargs="+", type=int, default=[16])
+    p.add_argument("--gpu-blocks", nargs="+", type=int, default=[8, 16, 32])
+    p.add_argument("--cpu-blocks", nargs="+", type=int, default=[16])
+    p.add_argument("--nvme-blocks", nargs="+", type=int, default=[256])
+    p.add_argument("--nvme-dir", help="where NVMe tier files go (default: a temporary directory)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", choices=["none", "hf"], default="none", help="hf: transformers on the same requests")
+    p.add_argument("--out", default="bench-out", help="folder for results.json and the plots (default: %(default)s)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--config", help="a YAML file of these options (underscores for dashes); flags given too win")
+    return p
+
+
+def _bench_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the options in a --config YAML the bench parser's defaults, so that flags on the command line win."""
+    import yaml
+
+    from tierkv.errors import ConfigError
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of tierkv bench options")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for key, value in data.items():
+        if key not in actions:
+            raise ConfigError(f"{path}: {key}: not a tierkv bench option; options: {', '.join(sorted(actions))}")
+        if actions[key].nargs == "+" and not isinstance(value, list):
+            data[key] = [value]
+    parser.set_defaults(**data)
 
 
 def _run_bench(args) -> int:
-    from tierkv.bench import BenchConfig, run
-    from tierkv.stats import format_stats
+    from tierkv import benchmark
 
-    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
-    if args.json == "-":
-        print(json.dumps(run(cfg), indent=2))
-        return 0
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.num_seqs, desc="sequences", unit="seq", leave=False)
-
-    def progress(done: int, total: int) -> None:
-        if done != bar.n:
-            bar.update(done - bar.n)
-
-    result = run(cfg, progress)
-    bar.close()
-    s = result["stats"]
-    print(
-        f"tierkv bench: {cfg.num_seqs} sequences of {cfg.prompt_min}-{cfg.prompt_max} prompt + {cfg.gen_tokens} tokens, "
-        f"{cfg.layout} KV ({result['block_nbytes'] / 1024:.0f} KiB blocks of {cfg.block_size} tokens), device {cfg.device}, "
-        f"eviction {cfg.eviction}, prefetch {'on' if cfg.prefetch else 'off'}"
-    )
-    print(format_stats(s))
-    print(
-        f"{result['steps']} steps, {result['decode_tokens']} decode tokens in {result['wall_s']:.2f} s "
-        f"({result['decode_tokens_per_s']:.0f} tokens/s of page-manager work); "
-        f"{result['verified_sequences']}/{cfg.num_seqs} sequences read back bit-exact"
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report = benchmark.main(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(benchmark.format_table(report))
+    written = [os.path.join(args.out, "results.json")]
+    if not args.no_plots:
+        written += benchmark.plot(report, args.out)
+    print("wrote " + ", ".join(written))
     return 0
 
 
@@ -124,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierkv", description="tierkv: a tiered KV-cache offloading runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
-    _bench_parser(sub)
+    bench = _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run_run(args)
         if args.command == "bench":
+            if args.config:
+                _bench_config(bench, args.config)
+                args = parser.parse_args(argv)
             return _run_bench(args)
     except TierKVError as exc:
         print(f"tierkv: error: {exc}", file=sys.stderr)

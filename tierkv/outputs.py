@@ -32,3 +32,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # time.perf_counter() seconds: when the request was added, its first token, its last sample finished
+    metrics: dict = field(default_factory=dict)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import time
+
 import torch
 
 from tierkv.outputs import CompletionOutput, RequestOutput
@@ -19,14 +21,21 @@ class Request:
     params: SamplingParams
     arrival: int
     sequences: list["Sequence"] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.perf_counter)
 
     @property
     def finished(self) -> bool:
         return len(self.sequences) == self.params.n and all(s.finished for s in self.sequences)
 
     def output(self) -> RequestOutput:
-        outs = [s.completion() for s in sorted(self.sequences, key=lambda s: s.sample_index)]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished)
+        seqs = sorted(self.sequences, key=lambda s: s.sample_index)
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        metrics = {
+            "arrival_time": self.arrival_time,
+            "first_token_time": min(firsts) if firsts else None,
+            "finished_time": max(s.finish_time for s in seqs) if self.finished else None,
+        }
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), [s.completion() for s in seqs], self.finished, metrics=metrics)
 
 
 @dataclass(eq=False)
@@ -43,6 +52,8 @@ class Sequence:
     text: str = ""
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -62,6 +73,9 @@ class Sequence:
 
     def append(self, token: int, logprobs: dict[int, float] | None, eos_ids: tuple[int, ...], tokenizer) -> None:
         """Add a sampled token, then decide whether the sequence is done."""
+        now = time.perf_counter()
+        if self.first_token_time is None:
+            self.first_token_time = now
         self.token_ids.append(token)
         p = self.params
         if logprobs is not None:
@@ -77,6 +91,8 @@ class Sequence:
                 self._check_stop_strings()
         if not self.finished and len(self.output_ids) >= p.max_tokens:
             self.finish_reason = "length"
+        if self.finished:
+            self.finish_time = now
 
     def _check_stop_strings(self) -> None:
         for stop in self.params.stop_list:

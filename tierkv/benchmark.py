@@ -1,0 +1,438 @@
+"""`tierkv bench`: the offload benchmark. Workloads through the engine, swept over policies, block sizes and
+tier capacities, with transformers as the baseline in the same run.
+
+Workloads:
+- synthetic: prompt and output lengths drawn uniformly from LO:HI ranges;
+- shared-prefix: every request is one shared prefix plus its own suffix;
+- long-context: one request with a long prompt;
+- trace: a JSONL file, one request per line: {"prompt_len": N | "prompt": [ids], "output_len": M, "arrival_s": T}.
+Requests arrive at once (offline) unless the trace or --request-rate spreads them out.
+
+Per run: requests/s, output tokens/s, time to first token and time per output token percentiles, per-tier hit
+rates, bytes moved per link and each link's utilisation against the copy bandwidth measured at the start.
+Printed as a table, written as JSON, drawn as PNG plots of throughput and GPU hit rate against tier capacity.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.errors import ConfigError
+
+
+@dataclass
+class BenchRequest:
+    prompt_ids: list[int]
+    output_len: int
+    arrival_s: float = 0.0
+
+
+def _range(spec: str, what: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = str(spec).partition(":")
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"{what}: {spec!r} is not N or LO:HI (integers)") from None
+    if lo_i < 1 or hi_i < lo_i:
+        raise ConfigError(f"{what}: {spec!r} must satisfy 1 <= LO <= HI")
+    return lo_i, hi_i
+
+
+def make_workload(args, vocab: int) -> list[BenchRequest]:
+    rng = random.Random(args.seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
+    out_lo, out_hi = _range(args.output_len, "--output-len")
+    if args.workload == "synthetic":
+        p_lo, p_hi = _range(args.prompt_len, "--prompt-len")
+        reqs = [BenchRequest(tokens(rng.randint(p_lo, p_hi)), rng.randint(out_lo, out_hi)) for _ in range(args.num_requests)]
+    elif args.workload == "shared-prefix":
+        prefix = tokens(args.prefix_len)
+        s_lo, s_hi = _range(args.prompt_len, "--prompt-len")
+        reqs = [BenchRequest(prefix + tokens(rng.randint(s_lo, s_hi)), rng.randint(out_lo, out_hi)) for _ in range(args.num_requests)]
+    elif args.workload == "long-context":
+        reqs = [BenchRequest(tokens(args.context_len), out_hi)]
+    elif args.workload == "trace":
+        if not args.trace or not os.path.isfile(args.trace):
+            raise ConfigError(f"--workload trace needs --trace FILE (a JSONL file); got {args.trace!r}")
+        reqs = []
+        with open(args.trace) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    prompt = r["prompt"] if "prompt" in r else tokens(int(r["prompt_len"]))
+                    reqs.append(BenchRequest([int(t) % vocab for t in prompt], int(r["output_len"]), float(r.get("arrival_s", 0.0))))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ConfigError(f"--trace {args.trace}:{n}: needs prompt_len or prompt, and output_len ({exc})") from None
+    else:
+        raise ConfigError(f"--workload {args.workload!r} is not synthetic, shared-prefix, long-context or trace")
+    if args.request_rate and args.workload != "trace":
+        t = 0.0
+        for r in reqs:
+            r.arrival_s = t
+            t += rng.expovariate(args.request_rate)
+    return reqs
+
+
+# -- link ceilings --------------------------------------------------------------------------------------------------
+
+
+def measure_links(device: torch.device, nvme_dir: str | None, nbytes: int = 64 * 2**20) -> dict[str, float]:
+    """Copy bandwidth of each link in GB/s, measured now with one contiguous transfer of `nbytes`."""
+    out = {}
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    host.random_()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def timed(fn) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return nbytes / best / 1e9
+
+    out["cpu->gpu"] = timed(lambda: dev.copy_(host, non_blocking=True))
+    out["gpu->cpu"] = timed(lambda: host.copy_(dev, non_blocking=True))
+    if nvme_dir:
+        os.makedirs(nvme_dir, exist_ok=True)
+        path = os.path.join(nvme_dir, ".tierkv-linktest")
+        data = host.numpy()
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            buf = _aligned(nbytes)
+
+            def write():
+                os.pwritev(fd, [buf], 0)
+                os.fsync(fd)
+
+            def read():
+                os.preadv(fd, [buf], 0)
+
+            buf[:] = data[: len(buf)]
+            out["cpu->nvme"] = timed(write)
+            out["nvme->cpu"] = timed(read)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    return out
+
+
+def _aligned(nbytes: int):
+    import numpy as np
+
+    raw = np.empty(nbytes + 4096, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % 4096
+    return raw[skip : skip + nbytes]
+
+
+def _link_ceiling(ceilings: dict[str, float], link: str) -> float | None:
+    src, dst = link.split("->")
+    if "nvme" in (src, dst):
+        return ceilings.get("cpu->nvme" if dst == "nvme" else "nvme->cpu")
+    return ceilings.get("cpu->gpu" if dst == "gpu" else "gpu->cpu")
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    xs = sorted(values)
+
+    def q(p: float) -> float:
+        return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+def _summarise(outputs: list, wall: float, reqs: list[BenchRequest]) -> dict:
+    ttft, tpot = [], []
+    for out in outputs:
+        m = out.metrics
+        ttft.append(m["first_token_time"] - m["arrival_time"])
+        n = len(out.outputs[0].token_ids)
+        if n > 1:
+            tpot.append((m["finished_time"] - m["first_token_time"]) / (n - 1))
+    generated = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+    return {
+        "requests": len(outputs),
+        "wall_s": wall,
+        "requests_per_s": len(outputs) / wall,
+        "output_tokens": generated,
+        "output_tokens_per_s": generated / wall,
+        "prompt_tokens": sum(len(r.prompt_ids) for r in reqs),
+        "ttft_s": _percentiles(ttft),
+        "tpot_s": _percentiles(tpot),
+    }
+
+
+def run_tierkv(model: str, engine: dict, reqs: list[BenchRequest], ceilings: dict[str, float]) -> dict:
+    from tierkv.llm import LLM
+    from tierkv.sampling import SamplingParams
+
+    llm = LLM(model, **engine)
+    try:
+        # Warm up kernels and allocators on a throwaway request.
+        llm.generate([reqs[0].prompt_ids[:8]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        llm.pm.synchronize()
+        base = llm.stats()
+        pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival_s)
+        outputs: dict[str, object] = {}
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(pending) or llm.has_unfinished():
+            now = time.perf_counter() - t0
+            batch = []
+            while i < len(pending) and pending[i][1].arrival_s <= now:
+                batch.append(pending[i])
+                i += 1
+            if batch:
+                llm.add_requests(
+                    [r.prompt_ids for _, r in batch],
+                    [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for _, r in batch],
+                    request_ids=[str(k) for k, _ in batch],
+                )
+            if llm.has_unfinished():
+                for out in llm.step():
+                    outputs[out.request_id] = out
+            elif i < len(pending):
+                time.sleep(max(0.0, pending[i][1].arrival_s - (time.perf_counter() - t0)))
+        llm.pm.synchronize()
+        wall = time.perf_counter() - t0
+        stats = llm.stats()
+    finally:
+        llm.close()
+    result = _summarise([outputs[str(k)] for k in range(len(reqs))], wall, reqs)
+    result["tiers"] = {}
+    for name, t in stats["tiers"].items():
+        b = base["tiers"][name]
+        lookups = (t["hits"] - b["hits"]) + (t["misses"] - b["misses"])
+        result["tiers"][name] = {
+            "capacity_blocks": t["capacity_blocks"],
+            "hit_rate": (t["hits"] - b["hits"]) / lookups if lookups else None,
+            "bytes_in": t["bytes_in"] - b["bytes_in"],
+            "bytes_out": t["bytes_out"] - b["bytes_out"],
+            "evictions_out": t["evictions_out"] - b["evictions_out"],
+        }
+    result["links"] = {}
+    for link, v in stats["links"].items():
+        nbytes = v["bytes"] - base["links"].get(link, {}).get("bytes", 0)
+        ceiling = _link_ceiling(ceilings, link)
+        result["links"][link] = {
+            "bytes": nbytes,
+            "gbps": nbytes / wall / 1e9,
+            "utilisation": nbytes / wall / 1e9 / ceiling if ceiling else None,
+        }
+    result["engine"] = stats["engine"]
+    return result
+
+
+def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: torch.device, dtype) -> dict[str, dict]:
+    """The same requests through transformers: generate() with the dynamic and the offloaded cache (all requests in
+    one left-padded batch), and generate_batch() (its continuous batching)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tierkv.loader import load_hf_config, resolve_config_path
+
+    path = resolve_config_path(model_path)
+    if load_format == "dummy" or os.path.isfile(path):
+        model = AutoModelForCausalLM.from_config(load_hf_config(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
+    results = {}
+    max_new = max(r.output_len for r in reqs)
+    width = max(len(r.prompt_ids) for r in reqs)
+    ids = torch.zeros((len(reqs), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, r in enumerate(reqs):
+        ids[k, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[k, width - len(r.prompt_ids) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    useful = sum(r.output_len for r in reqs)
+    for name, kwargs in (("hf generate (dynamic cache)", {}), ("hf generate (offloaded cache)", {"cache_implementation": "offloaded"})):
+        if "offloaded" in name and device.type != "cuda":
+            results[name] = {"error": "transformers' offloaded cache needs CUDA"}
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            results[name] = {"wall_s": wall, "output_tokens": useful, "output_tokens_per_s": useful / wall}
+        except Exception as exc:  # e.g. out of memory at this batch size: reported, not hidden
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    try:
+        cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        model.generate_batch(inputs=[reqs[0].prompt_ids[:8]], generation_config=cfg, progress_bar=False)  # warm-up
+        t0 = time.perf_counter()
+        outs = model.generate_batch(inputs=[r.prompt_ids for r in reqs], generation_config=cfg, progress_bar=False)
+        wall = time.perf_counter() - t0
+        generated = sum(len(o.generated_tokens) for o in outs.values())
+        results["hf generate_batch"] = {"wall_s": wall, "output_tokens": generated, "output_tokens_per_s": generated / wall}
+    except Exception as exc:
+        results["hf generate_batch"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return results
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+
+def sweep(args) -> list[dict]:
+    """One engine config per combination of the swept options."""
+    combos = itertools.product(args.eviction, args.block_size, args.gpu_blocks, args.cpu_blocks, args.nvme_blocks)
+    runs = []
+    for eviction, block_size, gpu, cpu, nvme in combos:
+        engine = {
+            "eviction": eviction, "block_size": block_size, "gpu_blocks": gpu, "cpu_blocks": cpu,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "load_format": args.load_format, "seed": args.seed,
+        }
+        if args.device:
+            engine["device"] = args.device
+        if args.dtype:
+            engine["dtype"] = args.dtype
+        if nvme:
+            engine["nvme_blocks"] = nvme
+            engine["nvme_dir"] = os.path.join(args.nvme_dir, f"run-{len(runs)}")
+        runs.append(engine)
+    return runs
+
+
+def main(args) -> dict:
+    from tierkv.config import resolve_device
+    from tierkv.loader import load_hf_config, resolve_config_path
+    from tierkv.model import ModelSpec
+
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = resolve_config_path(args.model)
+    if os.path.isfile(path):
+        args.load_format = "dummy"  # a config without weights: random weights at its shapes
+    spec = ModelSpec.from_hf_config(load_hf_config(path))
+    reqs = make_workload(args, spec.vocab_size)
+    tmp = None
+    if args.nvme_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tierkv-bench-")
+        args.nvme_dir = tmp.name
+    try:
+        ceilings = measure_links(device, args.nvme_dir if any(args.nvme_blocks) else None)
+        results = []
+        for engine in sweep(args):
+            r = run_tierkv(args.model, engine, reqs, ceilings)
+            r["config"] = {k: v for k, v in engine.items() if k in ("eviction", "block_size", "gpu_blocks", "cpu_blocks", "nvme_blocks")}
+            results.append(r)
+        baseline = None
+        if args.baseline == "hf":
+            dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            baseline = run_hf(args.model, args.load_format, reqs, device, dtype)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {
+        "workload": {
+            "kind": args.workload, "requests": len(reqs), "prompt_tokens": sum(len(r.prompt_ids) for r in reqs),
+            "output_tokens": sum(r.output_len for r in reqs), "model": args.model, "device": str(device),
+        },
+        "link_ceilings_gbps": ceilings,
+        "runs": results,
+        "baseline": baseline,
+    }
+
+
+def format_table(report: dict) -> str:
+    def ms(x):
+        return "-" if x is None else f"{1e3 * x:.1f}"
+
+    lines = [
+        f"workload {report['workload']['kind']}: {report['workload']['requests']} requests, "
+        f"{report['workload']['prompt_tokens']} prompt + {report['workload']['output_tokens']} output tokens, "
+        f"{report['workload']['model']} on {report['workload']['device']}",
+        "link ceilings (GB/s, measured now): " + ", ".join(f"{k} {v:.2f}" for k, v in report["link_ceilings_gbps"].items()),
+        f"{'eviction':>8} {'bs':>3} {'gpu':>5} {'cpu':>5} {'nvme':>5} | {'req/s':>7} {'out tok/s':>9} | "
+        f"{'TTFT ms p50/p90/p99':>20} | {'TPOT ms p50/p90/p99':>20} | {'hit% gpu/cpu/nvme':>17} | link GB/s (util.)",
+    ]
+    for r in report["runs"]:
+        c = r["config"]
+        hits = "/".join("-" if t["hit_rate"] is None else f"{100 * t['hit_rate']:.0f}" for t in r["tiers"].values())
+        links = ", ".join(
+            f"{k} {v['gbps']:.2f}" + (f" ({100 * v['utilisation']:.0f}%)" if v["utilisation"] is not None else "")
+            for k, v in r["links"].items() if v["bytes"]
+        )
+        ttft = "/".join(ms(r["ttft_s"][p]) for p in ("p50", "p90", "p99"))
+        tpot = "/".join(ms(r["tpot_s"][p]) for p in ("p50", "p90", "p99"))
+        lines.append(
+            f"{c['eviction']:>8} {c['block_size']:>3} {c['gpu_blocks']:>5} {c['cpu_blocks']:>5} {c['nvme_blocks']:>5} | "
+            f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>9.1f} | {ttft:>20} | {tpot:>20} | {hits:>17} | {links or '-'}"
+        )
+    if report["baseline"]:
+        best = max(r["output_tokens_per_s"] for r in report["runs"])
+        for name, b in report["baseline"].items():
+            if "error" in b:
+                lines.append(f"baseline {name}: not run ({b['error']})")
+            else:
+                lines.append(
+                    f"baseline {name}: {b['output_tokens_per_s']:.1f} out tok/s; tierkv's best run is {best / b['output_tokens_per_s']:.2f}x"
+                )
+    return "\n".join(lines)
+
+
+def plot(report: dict, folder: str) -> list[str]:
+    """PNG plots of output tokens/s and GPU hit rate against the swept tier capacity, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    axis = next((k for k in ("gpu_blocks", "cpu_blocks", "nvme_blocks") if len({r["config"][k] for r in runs}) > 1), "gpu_blocks")
+    paths = []
+    for metric, label, fname in (
+        (lambda r: r["output_tokens_per_s"], "output tokens/s", "throughput_vs_capacity.png"),
+        (lambda r: 100 * (r["tiers"]["gpu"]["hit_rate"] or 0), "GPU tier hit rate (%)", "hitrate_vs_capacity.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        groups: dict[tuple, list] = {}
+        for r in runs:
+            c = r["config"]
+            groups.setdefault((c["eviction"], c["block_size"]), []).append((c[axis], metric(r)))
+        for (eviction, bs), pts in sorted(groups.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{eviction}, block {bs}")
+        ax.set_xlabel(f"{axis.replace('_', ' ')}")
+        ax.set_ylabel(label)
+        ax.set_title(f"{report['workload']['kind']}: {label} vs {axis.split('_')[0]} tier capacity", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(folder, fname)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
