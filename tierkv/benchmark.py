@@ -259,9 +259,15 @@ def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: 
 
     from tierkv.loader import load_hf_config, resolve_config_path
 
+    import gc
+
+    gc.collect()  # tierkv's runs are over: give their memory back before transformers takes its own
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     path = resolve_config_path(model_path)
     if load_format == "dummy" or os.path.isfile(path):
-        model = AutoModelForCausalLM.from_config(load_hf_config(path), dtype=dtype)
+        with torch.device(device):  # initialise the random weights where they will run
+            model = AutoModelForCausalLM.from_config(load_hf_config(path), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model = model.to(device).eval()
