@@ -61,3 +61,11 @@ def test_bench_config_file_and_flags_win(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("num_request: 2\n")
     assert main(["bench", "--config", str(bad), "--out", str(out)]) == 2
+
+
+def test_without_an_nvme_tier(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--num-requests", "3", "--output-len", "4", "--gpu-blocks", "8", "--nvme-blocks", "0",
+                 "--out", str(out), "--no-plots"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["runs"][0]["tiers"]) == {"gpu", "cpu"} and report["runs"][0]["config"]["nvme_blocks"] == 0

@@ -317,7 +317,8 @@ def sweep(args) -> list[dict]:
     combos = itertools.product(args.eviction, args.block_size, args.gpu_blocks, args.cpu_blocks, args.nvme_blocks)
     runs = []
     for eviction, block_size, gpu, cpu, nvme in combos:
-        engine = {
+        engine = {"_config": {"eviction": eviction, "block_size": block_size, "gpu_blocks": gpu, "cpu_blocks": cpu, "nvme_blocks": nvme}}
+        engine |= {
             "eviction": eviction, "block_size": block_size, "gpu_blocks": gpu, "cpu_blocks": cpu,
             "max_num_batched_tokens": args.max_num_batched_tokens, "load_format": args.load_format, "seed": args.seed,
         }
@@ -351,8 +352,9 @@ def main(args) -> dict:
         ceilings = measure_links(device, args.nvme_dir if any(args.nvme_blocks) else None)
         results = []
         for engine in sweep(args):
+            label = engine.pop("_config")
             r = run_tierkv(args.model, engine, reqs, ceilings)
-            r["config"] = {k: v for k, v in engine.items() if k in ("eviction", "block_size", "gpu_blocks", "cpu_blocks", "nvme_blocks")}
+            r["config"] = label
             results.append(r)
         baseline = None
         if args.baseline == "hf":
