@@ -36,6 +36,10 @@ class EvictionPolicy(ABC):
         """
 
     @abstractmethod
+    def restore(self, keys: list[Hashable]) -> None:
+        """Put back victims the caller could not evict after all: tracked again, first in line next time."""
+
+    @abstractmethod
     def __contains__(self, key: object) -> bool: ...
 
     @abstractmethod

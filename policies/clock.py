@@ -68,6 +68,14 @@ class ClockPolicy(EvictionPolicy):
                 idle = 0
         return victims
 
+    def restore(self, keys: list[Hashable]) -> None:
+        """At the hand, bits clear: the next sweep examines them first."""
+        for key in reversed(keys):
+            if key in self._ref:
+                raise KeyError(f"CLOCK: key {key!r} is already tracked")
+            self._ring.insert(self._hand, key)
+            self._ref[key] = False
+
     def _advance(self) -> None:
         self._hand = (self._hand + 1) % len(self._ring)
 

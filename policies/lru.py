@@ -38,6 +38,11 @@ class LRUPolicy(EvictionPolicy):
             del self._order[key]
         return victims
 
+    def restore(self, keys: list[Hashable]) -> None:
+        for key in reversed(keys):
+            self._order[key] = None
+            self._order.move_to_end(key, last=False)
+
     def __contains__(self, key: object) -> bool:
         return key in self._order
 

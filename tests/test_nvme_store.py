@@ -72,7 +72,7 @@ def test_layout_change_drops_the_old_blocks_with_a_warning(nvme_dir):
     with NvmeStore(nvme_dir, LAYOUT, 4, backend="posix") as store:
         store.write([0], pool(1), [0])
     other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, block_size=4)
-    with pytest.warns(RuntimeWarning, match="another layout"):
+    with pytest.warns(RuntimeWarning, match="another model, layout or format"):
         store = NvmeStore(nvme_dir, other, 4, backend="posix")
     with store:
         assert store.record(0) is None

@@ -6,6 +6,7 @@ On a CUDA machine the same machine runs with real streams and random delays inje
 streams and the I/O thread (`debug_delays`), so a missing ordering shows up as wrong bytes.
 """
 
+import hashlib
 import shutil
 import tempfile
 
@@ -28,6 +29,8 @@ class PageManagerMachine(RuleBasedStateMachine):
         self.pm = None
         self.dir = tempfile.mkdtemp(prefix="tierkv-stateful-")
         self.shadow: dict[int, torch.Tensor] = {}  # what every live sequence's tokens must read back as
+        self.content: dict[bytes, tuple[torch.Tensor, tuple]] = {}  # content key -> (block bytes, tokens)
+        self.chains: list[list[bytes]] = []  # key chains registered so far, for reuse
         self.next_id = 0
         self.gen = torch.Generator().manual_seed(0)
 
@@ -38,14 +41,16 @@ class PageManagerMachine(RuleBasedStateMachine):
         block_size=st.sampled_from([1, 2, 4]),
         eviction=st.sampled_from(["lru", "clock"]),
         reserve=st.integers(1, 2),
+        write_through=st.booleans(),
     )
-    def open(self, gpu, cpu, nvme, block_size, eviction, reserve):
+    def open(self, gpu, cpu, nvme, block_size, eviction, reserve, write_through):
         layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32, block_size=block_size)
         cuda = self.device == "cuda"
         self.pm = PageManager(
             PageManagerConfig(
                 layout, device=self.device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=self.dir if nvme else None,
                 nvme_blocks=nvme, eviction=eviction, gpu_reserve_blocks=reserve, staging_blocks=2, debug_delays=cuda,
+                write_through=write_through,
             )
         )
 
@@ -54,8 +59,10 @@ class PageManagerMachine(RuleBasedStateMachine):
             for seq in list(self.shadow):
                 self.pm.free(seq)
             self.pm.check_invariants()
-            assert not self.pm.blocks and all(self.pm.resident(k) == 0 for k in self.pm.kinds)
+            assert all(b.ref_count == 0 and b.key is not None for b in self.pm.blocks.values())  # only cached blocks
             assert self.pm.free_blocks() == sum(t.num_blocks for t in self.pm.tiers.values())
+            self.pm.reset_prefix_cache()
+            assert not self.pm.blocks and all(self.pm.resident(k) == 0 for k in self.pm.kinds)
             self.pm.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -184,6 +191,43 @@ class PageManagerMachine(RuleBasedStateMachine):
         self.pm.free(seq)
         del self.shadow[seq]
 
+    @rule()
+    def flush_write_through_copies(self):
+        self.pm.flush_copies()
+
+    @precondition(lambda self: self.shadow)
+    @rule(i=SEQ)
+    def register_full_blocks(self, i):
+        """Give a sequence's full blocks content keys (a hash of their bytes chained over the prefix)."""
+        seq = self.pick(i)
+        data, bs = self.shadow[seq], self.pm.layout.block_size
+        parent, chain = b"root", []
+        for j in range(data.shape[2] // bs):
+            block = data[:, :, j * bs : (j + 1) * bs].contiguous()
+            key = hashlib.sha256(parent + block.numpy().tobytes()).digest()
+            tokens = tuple(key[:bs])
+            self.pm.register(seq, j, key, tokens)
+            self.content[key] = (block.clone(), tokens)
+            chain.append(key)
+            parent = key
+        if chain:
+            self.chains.append(chain)
+
+    @precondition(lambda self: self.chains)
+    @rule(c=st.integers(0, 10**6), n=st.integers(1, 4))
+    def reuse_prefix(self, c, n):
+        """A new sequence starts with the longest cached prefix of a registered chain, shared by reference."""
+        chain = self.chains[c % len(self.chains)][:n]
+        hits = self.pm.lookup(chain, [self.content[k][1] for k in chain])
+        assert all(b.key == k for b, k in zip(hits, chain))
+        if not hits:
+            return
+        seq = self.next_id
+        self.next_id += 1
+        self.pm.add_sequence(seq)
+        self.pm.attach(seq, hits)
+        self.shadow[seq] = torch.cat([self.content[b.key][0] for b in hits], dim=2)
+
     @invariant()
     def consistent(self):
         if self.pm is None:
@@ -191,6 +235,8 @@ class PageManagerMachine(RuleBasedStateMachine):
         self.pm.check_invariants()
         for seq, data in self.shadow.items():
             assert torch.equal(self.pm.read_tokens(seq), data), f"sequence {seq}: bytes differ"
+        for key, block in self.pm.index.items():
+            assert torch.equal(self.pm.read_block(block), self.content[key][0][:, :, :]), "a cached block's bytes changed"
 
 
 PageManagerMachine.TestCase.settings = settings(

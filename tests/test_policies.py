@@ -113,3 +113,21 @@ def test_policies_import_neither_torch_nor_the_engine():
                 imported.add(node.module or "")
     assert not any(name.split(".")[0] in ("torch", "numpy", "triton") for name in imported), imported
     assert all(name.startswith("tierkv.policies") for name in imported if name.startswith("tierkv")), imported
+
+
+def test_restore_puts_victims_back_first_in_line():
+    lru = LRUPolicy()
+    for k in "abcd":
+        lru.insert(k)
+    got = lru.pop_victims(2, everything)
+    assert got == ["a", "b"]
+    lru.restore(got)
+    assert list(lru) == ["a", "b", "c", "d"]
+    clock = ClockPolicy()
+    for k in "abcd":
+        clock.insert(k)
+    clock.touch("c")
+    got = clock.pop_victims(2, everything)
+    assert got == ["a", "b"]
+    clock.restore(got)
+    assert list(clock)[:2] == ["a", "b"] and clock.pop_victims(1, everything) == ["a"]

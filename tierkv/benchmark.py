@@ -191,43 +191,72 @@ def _summarise(outputs: list, wall: float, reqs: list[BenchRequest]) -> dict:
     }
 
 
-def run_tierkv(model: str, engine: dict, reqs: list[BenchRequest], ceilings: dict[str, float]) -> dict:
+def _run_requests(llm, reqs: list[BenchRequest]) -> tuple[list, float]:
+    """Submit the requests at their arrival times and step the engine until all finish; (outputs, wall seconds)."""
+    from tierkv.sampling import SamplingParams
+
+    pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival_s)
+    outputs: dict[str, object] = {}
+    base = len(llm.engine.requests)
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(pending) or llm.has_unfinished():
+        now = time.perf_counter() - t0
+        batch = []
+        while i < len(pending) and pending[i][1].arrival_s <= now:
+            batch.append(pending[i])
+            i += 1
+        if batch:
+            llm.add_requests(
+                [r.prompt_ids for _, r in batch],
+                [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for _, r in batch],
+                request_ids=[f"{base}-{k}" for k, _ in batch],
+            )
+        if llm.has_unfinished():
+            for out in llm.step():
+                outputs[out.request_id] = out
+        elif i < len(pending):
+            time.sleep(max(0.0, pending[i][1].arrival_s - (time.perf_counter() - t0)))
+    llm.pm.synchronize()
+    return [outputs[f"{base}-{k}"] for k in range(len(reqs))], time.perf_counter() - t0
+
+
+def _phases(workload: str, llm) -> list[str]:
+    """shared-prefix: cold (nothing cached), then warm with the prefix cached on the GPU, in pinned RAM, on NVMe."""
+    if workload != "shared-prefix" or llm.engine.hasher is None:
+        return ["run"]
+    return ["cold", "warm gpu"] + [f"warm {llm.pm.tiers[k].name}" for k in llm.pm.kinds[1:]]
+
+
+def run_tierkv(model: str, engine: dict, reqs: list[BenchRequest], ceilings: dict[str, float], workload: str = "synthetic") -> dict:
     from tierkv.llm import LLM
     from tierkv.sampling import SamplingParams
 
     llm = LLM(model, **engine)
+    phases = {}
     try:
         # Warm up kernels and allocators on a throwaway request.
-        llm.generate([reqs[0].prompt_ids[:8]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        llm.generate([reqs[0].prompt_ids[:8]], SamplingParams(max_tokens=2, ignore_eos=True, cache_salt="warm-up"), use_tqdm=False)
         llm.pm.synchronize()
-        base = llm.stats()
-        pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival_s)
-        outputs: dict[str, object] = {}
-        t0 = time.perf_counter()
-        i = 0
-        while i < len(pending) or llm.has_unfinished():
-            now = time.perf_counter() - t0
-            batch = []
-            while i < len(pending) and pending[i][1].arrival_s <= now:
-                batch.append(pending[i])
-                i += 1
-            if batch:
-                llm.add_requests(
-                    [r.prompt_ids for _, r in batch],
-                    [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for _, r in batch],
-                    request_ids=[str(k) for k, _ in batch],
-                )
-            if llm.has_unfinished():
-                for out in llm.step():
-                    outputs[out.request_id] = out
-            elif i < len(pending):
-                time.sleep(max(0.0, pending[i][1].arrival_s - (time.perf_counter() - t0)))
-        llm.pm.synchronize()
-        wall = time.perf_counter() - t0
-        stats = llm.stats()
+        for phase in _phases(workload, llm):
+            if phase in ("run", "cold"):
+                llm.reset_prefix_cache()
+            elif phase != "warm gpu":
+                llm.pm.demote_cached(phase.split()[1])
+            base = llm.stats()
+            outputs, wall = _run_requests(llm, reqs)
+            stats = llm.stats()
+            phases[phase] = _phase_result(outputs, wall, reqs, base, stats, ceilings)
     finally:
         llm.close()
-    result = _summarise([outputs[str(k)] for k in range(len(reqs))], wall, reqs)
+    result = dict(phases["run"] if "run" in phases else phases["cold"])
+    if "run" not in phases:
+        result["phases"] = phases
+    return result
+
+
+def _phase_result(outputs, wall, reqs, base, stats, ceilings) -> dict:
+    result = _summarise(outputs, wall, reqs)
     result["tiers"] = {}
     for name, t in stats["tiers"].items():
         b = base["tiers"][name]
@@ -248,6 +277,15 @@ def run_tierkv(model: str, engine: dict, reqs: list[BenchRequest], ceilings: dic
             "gbps": nbytes / wall / 1e9,
             "utilisation": nbytes / wall / 1e9 / ceiling if ceiling else None,
         }
+    p, q = stats["prefix"], base["prefix"]
+    queried = p["queried_tokens"] - q["queried_tokens"]
+    hit = p["hit_tokens"] - q["hit_tokens"]
+    result["prefix"] = {
+        "hit_rate": hit / queried if queried else None,
+        "hit_tokens": hit,
+        "hit_tokens_by_tier": {k: v - q["hit_tokens_by_tier"][k] for k, v in p["hit_tokens_by_tier"].items()},
+        "recomputed_by_choice": p["recomputed_by_choice"] - q["recomputed_by_choice"],
+    }
     result["engine"] = stats["engine"]
     return result
 
@@ -353,7 +391,7 @@ def main(args) -> dict:
         results = []
         for engine in sweep(args):
             label = engine.pop("_config")
-            r = run_tierkv(args.model, engine, reqs, ceilings)
+            r = run_tierkv(args.model, engine, reqs, ceilings, args.workload)
             r["config"] = label
             results.append(r)
         baseline = None
@@ -399,6 +437,14 @@ def format_table(report: dict) -> str:
             f"{c['eviction']:>8} {c['block_size']:>3} {c['gpu_blocks']:>5} {c['cpu_blocks']:>5} {c['nvme_blocks']:>5} | "
             f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>9.1f} | {ttft:>20} | {tpot:>20} | {hits:>17} | {links or '-'}"
         )
+        for name, ph in r.get("phases", {}).items():
+            pre = ph["prefix"]
+            rate = "-" if pre["hit_rate"] is None else f"{100 * pre['hit_rate']:.0f}%"
+            served = ", ".join(f"{k} {v}" for k, v in pre["hit_tokens_by_tier"].items() if v)
+            lines.append(
+                f"{'':>31} {name:>9}: TTFT p50 {ms(ph['ttft_s']['p50'])} ms, {ph['output_tokens_per_s']:.1f} out tok/s, "
+                f"prefix hit rate {rate} ({served or 'no hits'}; recomputed by choice {pre['recomputed_by_choice']})"
+            )
     if report["baseline"]:
         best = max(r["output_tokens_per_s"] for r in report["runs"])
         for name, b in report["baseline"].items():

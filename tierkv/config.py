@@ -72,6 +72,13 @@ class PageManagerConfig:
     staging_blocks: int = 32
     # Tests only: random delays on transfer streams and the I/O thread, to expose missing orderings.
     debug_delays: bool = False
+    # What must match for blocks stored in nvme_dir to be reused (e.g. the model's fingerprint), and whether to
+    # index the content-keyed blocks a previous process left there.
+    store_tag: str = ""
+    adopt_stored: bool = False
+    # Keyed blocks are copied to NVMe as soon as they are keyed (write-through) instead of only when evicted or
+    # at close (write-back): the cache on disk is always complete, at the cost of disk writes.
+    write_through: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, KVLayout):
@@ -120,6 +127,10 @@ class EngineConfig:
     block size is known (GPU: `gpu_memory_utilization` of the device memory left after the weights; CPU
     tier: a quarter of the RAM, at most 64 GiB, when the compute device is a GPU; NVMe: half of the free
     disk, at most 256 GiB, when nvme_dir is given).
+
+    With `enable_prefix_caching`, full KV blocks are kept by content after their requests finish and reused by
+    later requests with the same prefix, from any tier; stored on NVMe, they outlive the process. `prefix_load`
+    "auto" recomputes a found prefix where that is faster than loading it (measured), "always" loads it.
     """
 
     model: str
@@ -145,6 +156,9 @@ class EngineConfig:
     slice_steps: int = 8
     prefetch: bool = True
     seed: int = 0
+    enable_prefix_caching: bool = True
+    prefix_load: str = "auto"
+    write_through: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -174,3 +188,5 @@ class EngineConfig:
             raise ConfigError("an NVMe tier size needs nvme_dir: a directory on the NVMe disk for the block files")
         if self.nvme_dir is not None and os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):
             raise ConfigError(f"nvme_dir {self.nvme_dir!r} exists and is not a directory; give a directory path")
+        if self.prefix_load not in ("auto", "always"):
+            raise ConfigError(f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'")

@@ -11,10 +11,11 @@ from tierkv.attention import StepAttention, StreamedEntry
 from tierkv.kernels import PagedBatch
 from tierkv.loader import LoadedModel
 from tierkv.page_manager import PageManager
+from tierkv.prefix_cache import LoadOrRecompute, PrefixHasher, PrefixStats
 from tierkv.sampling import SamplingParams, make_generator, sample_row, top_logprobs
 from tierkv.scheduler import ScheduledEntry, Scheduler
 from tierkv.sequence import Request, Sequence
-from tierkv.tiers import GPU
+from tierkv.tiers import GPU, NVME, TIER_NAMES
 
 
 @dataclass
@@ -27,7 +28,17 @@ class EngineCounters:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, pm: PageManager, scheduler: Scheduler, staging_blocks: int, seed: int, prefetch: bool) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        pm: PageManager,
+        scheduler: Scheduler,
+        staging_blocks: int,
+        seed: int,
+        prefetch: bool,
+        hasher: PrefixHasher | None = None,
+        prefix_load: str = "auto",
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -46,6 +57,11 @@ class Engine:
             (staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=self.device
         )
         self.scale = self.spec.head_dim**-0.5
+        self.hasher = hasher  # None: no prefix caching
+        self.prefix_load = prefix_load
+        self.chooser = LoadOrRecompute(layout.block_nbytes, layout.block_size)
+        self.prefix_stats = PrefixStats()
+        self.register_blocks = True
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -67,7 +83,51 @@ class Engine:
     def _admit(self, req: Request) -> Sequence:
         seq = self._new_sequence(req, 0, req.prompt_ids, 0)
         self.pm.add_sequence(seq.seq_id)
+        if self.hasher is not None:
+            self._reuse_prefix(req, seq)
         return seq
+
+    def _reuse_prefix(self, req: Request, seq: Sequence) -> None:
+        """Start the sequence with the longest prefix of its prompt whose KV is stored in any tier (at least the
+        last prompt token is always computed, for its logits)."""
+        bs, pm, stats = self.block_size, self.pm, self.prefix_stats
+        prompt = req.prompt_ids
+        seq.root = self.hasher.root(req.params.cache_salt)
+        full = (len(prompt) - 1) // bs
+        keys = self.hasher.keys(seq.root, prompt, full)
+        hits = pm.lookup(keys, [prompt[j * bs : (j + 1) * bs] for j in range(full)])
+        stats.queried_tokens += full * bs
+        tiers = [TIER_NAMES[b.tier] for b in hits]
+        if self.prefix_load == "auto":
+            self.chooser.observe_links(pm.mover.links)
+            use = self.chooser.choose(tiers, len(prompt))
+        else:
+            use = len(hits)
+        stats.recomputed_by_choice += (len(hits) - use) * bs
+        hits = hits[:use]
+        if any(b.tier == NVME for b in hits):
+            good = pm.load_from_disk(hits, protect=set())
+            stats.dropped_corrupt += (len(hits) - good) * bs
+            hits = hits[:good]
+        for tier in tiers[: len(hits)]:
+            stats.by_tier[tier] += bs
+        pm.attach(seq.seq_id, hits)
+        seq.num_computed = len(hits) * bs
+        seq.keys = keys[: len(hits)]
+        req.num_cached_tokens = len(hits) * bs
+        stats.hit_tokens += len(hits) * bs
+        if any(b.tier != GPU for b in hits) and self.prefetch_enabled:
+            pm.prefetch([seq.seq_id])  # one batched promotion, started now, while other work runs
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Give the sequence's newly completed blocks their content keys (chained from its root)."""
+        bs = self.block_size
+        while len(seq.keys) < seq.num_computed // bs:
+            j = len(seq.keys)
+            tokens = seq.token_ids[j * bs : (j + 1) * bs]
+            key = self.hasher.key(seq.keys[-1] if seq.keys else seq.root, tokens)
+            self.pm.register(seq.seq_id, j, key, tokens)
+            seq.keys.append(key)
 
     @property
     def has_unfinished(self) -> bool:
@@ -112,6 +172,9 @@ class Engine:
         finally:
             pm.release(ids)
         touched = self._update(entries, sampled, logits)
+        prefill_tokens = sum(min(e.end, e.seq.num_prompt) - e.start for e in entries if e.start < e.seq.num_prompt)
+        if prefill_tokens:
+            self.chooser.observe_prefill(prefill_tokens, time.perf_counter() - t0)
         if self.prefetch_enabled:
             upcoming = [s.seq_id for s in self.scheduler.upcoming()]
             if upcoming:
@@ -162,6 +225,8 @@ class Engine:
             if seq.prefilling:
                 self.counters.prompt_tokens += min(e.end, seq.num_prompt) - e.start
             seq.num_computed = e.end
+            if self.hasher is not None and self.register_blocks:
+                self._register_full_blocks(seq)
         if logits is not None:
             logits = logits.float()
         for i, e in enumerate(sampled):
@@ -173,6 +238,7 @@ class Engine:
                 # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
                 for k in range(1, req.params.n):
                     child = self._new_sequence(req, k, seq.token_ids, seq.num_computed)
+                    child.root, child.keys = seq.root, list(seq.keys)
                     self.pm.fork(seq.seq_id, child.seq_id)
                     self.scheduler.add_running(child, after=targets[-1])
                     targets.append(child)

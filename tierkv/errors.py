@@ -19,3 +19,7 @@ class StoreError(TierKVError):
 
 class CorruptBlockError(StoreError):
     """A block read back from a tier does not match the checksum recorded when it was written."""
+
+    def __init__(self, message: str, slots: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.slots = list(slots or [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -17,6 +18,7 @@ from tierkv.layout import KVLayout
 from tierkv.loader import load_model
 from tierkv.outputs import RequestOutput
 from tierkv.page_manager import PageManager
+from tierkv.prefix_cache import PrefixHasher, PrefixStats, model_fingerprint
 from tierkv.sampling import SamplingParams
 from tierkv.scheduler import Scheduler
 from tierkv.sizes import format_nbytes
@@ -57,16 +59,59 @@ class LLM:
         gpu, cpu, nvme = resolve_capacities(cfg, self.layout.block_nbytes, device)
         check_gpu_tier(gpu, self.layout.block_nbytes)
         self.max_model_len = cfg.max_model_len or spec.max_position_embeddings or 1 << 30
+        self.fingerprint = model_fingerprint(self.loaded.model, {"spec": dataclasses.asdict(spec), "dtype": str(dtype)})
         self.pm = PageManager(
             PageManagerConfig(
                 self.layout, device=device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=cfg.nvme_dir if nvme else None,
                 nvme_blocks=nvme, eviction=cfg.eviction, nvme_backend=cfg.nvme_backend,
+                store_tag=self.fingerprint, adopt_stored=cfg.enable_prefix_caching, write_through=cfg.write_through,
             )
         )
         self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
-        self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch)
-        self._t_created = time.perf_counter()
+        hasher = PrefixHasher(self.fingerprint, cfg.block_size) if cfg.enable_prefix_caching else None
+        self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch, hasher, cfg.prefix_load)
         self._closed = False
+        if hasher is not None and cfg.prefix_load == "auto":
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Measure what the load-or-recompute choice needs: each lower tier's time to bring blocks to the GPU
+        (through the page manager's own paths) and the prefill speed (a throwaway prompt, run twice: the first
+        run also compiles the kernels)."""
+        pm, bs = self.pm, self.layout.block_size
+        n = min(8, pm.tiers[0].num_blocks - 1, pm.free_blocks() // 2)
+        if n >= 1 and len(pm.kinds) > 1:
+            pm.add_sequence("__probe__")
+            pm.append_tokens("__probe__", n * bs)
+            pm.acquire(["__probe__"], writes={"__probe__": (0, n * bs)})
+            pm.release(["__probe__"])
+            for kind in pm.kinds[1:]:
+                pm.evict(["__probe__"], to=pm.tiers[kind].name)
+                pm.synchronize()
+                pm.acquire(["__probe__"])
+                pm.release(["__probe__"])
+                pm.synchronize()
+            pm.free("__probe__")
+        engine = self.engine
+        engine.register_blocks = False
+        try:
+            gpu, cpu = pm.tiers[0].num_blocks, pm.tiers[1].num_blocks if 1 in pm.tiers else 0
+            fits = min(gpu + cpu, pm.free_blocks() // 2) * bs - 1  # a probe that needs no more than the tiers give
+            length = min(4 * bs, self.max_model_len - 1, fits)
+            if length >= 2:
+                probe = [int(t) % self.loaded.spec.vocab_size for t in range(7, 7 + length)]
+                for _ in range(2):
+                    self.generate([probe], SamplingParams(max_tokens=1, cache_salt="__calibration__"), use_tqdm=False)
+        finally:
+            engine.register_blocks = True
+            engine.prefix_stats = PrefixStats()
+            engine.counters = type(engine.counters)()
+            engine.chooser.observe_links(pm.mover.links)  # keep the measured bandwidths, not the traffic
+            self.pm.reset_counters()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (in memory and in the NVMe store's index); returns the blocks dropped."""
+        return self.pm.reset_prefix_cache()
 
     def get_tokenizer(self):
         return self.loaded.tokenizer
@@ -187,11 +232,22 @@ class LLM:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
+        s["prefix"] = self.engine.prefix_stats.as_dict()
         return s
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        """Finish: write the cached prefixes that live only in faster tiers down to NVMe (so that the next process
+        on this nvme_dir finds them), then release the tiers and the directory. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for seq in list(self.scheduler.running):
+                self.pm.free(seq.seq_id)
+            self.scheduler.running.clear()
+            if self.engine.hasher is not None:
+                self.pm.persist_keyed()
+        finally:
             self.pm.close()
 
     def __enter__(self) -> "LLM":

@@ -72,8 +72,19 @@ class Mover:
         ev.record(torch.cuda.current_stream(self.device))
         return EventHandle(ev)
 
-    def move(self, src: Tier, src_slots: Sequence[int], dst: Tier, dst_slots: Sequence[int], deps: Sequence[Handle] = ()) -> Handle:
-        """Copy blocks `src_slots` of `src` into `dst_slots` of `dst` after `deps`; one batch, one direction."""
+    def move(
+        self,
+        src: Tier,
+        src_slots: Sequence[int],
+        dst: Tier,
+        dst_slots: Sequence[int],
+        deps: Sequence[Handle] = (),
+        keys: Sequence[bytes | None] | None = None,
+        token_ids: Sequence | None = None,
+    ) -> Handle:
+        """Copy blocks `src_slots` of `src` into `dst_slots` of `dst` after `deps`; one batch, one direction.
+
+        `keys`/`token_ids` (per block, for an NVMe destination): content keys recorded in the store's index."""
         if len(src_slots) != len(dst_slots):
             raise ValueError(f"move: {len(src_slots)} source slots but {len(dst_slots)} destination slots")
         if not src_slots:
@@ -86,15 +97,16 @@ class Mover:
         dep = all_of(deps)
         if isinstance(src, NvmeTier) and isinstance(dst, NvmeTier):
             raise ValueError("move: NVMe to NVMe is not a transfer the page manager plans")
+        meta = (list(keys) if keys else None, list(token_ids) if token_ids else None)
         if not self.cuda:
             dep.wait()
             t0 = time.perf_counter()
-            self._run_sync(src, list(src_slots), dst, list(dst_slots))
+            self._run_sync(src, list(src_slots), dst, list(dst_slots), meta)
             self._add_time(link, time.perf_counter() - t0)
             return DONE
         touches_nvme = isinstance(src, NvmeTier) or isinstance(dst, NvmeTier)
         if touches_nvme or not _device_waitable(dep):
-            fut = self._io.submit(self._run_on_worker, src, list(src_slots), dst, list(dst_slots), dep, link)
+            fut = self._io.submit(self._run_on_worker, src, list(src_slots), dst, list(dst_slots), dep, link, meta)
             return FutureHandle(fut)
         return self._launch(src, list(src_slots), dst, list(dst_slots), dep, link)
 
@@ -141,10 +153,10 @@ class Mover:
         with self._lock:
             link.seconds += seconds
 
-    def _run_sync(self, src: Tier, src_slots: list[int], dst: Tier, dst_slots: list[int]) -> None:
+    def _run_sync(self, src: Tier, src_slots: list[int], dst: Tier, dst_slots: list[int], meta) -> None:
         """Everything in host memory or files: plain copies and file I/O on this thread."""
         if isinstance(dst, NvmeTier):
-            dst.store.write(dst_slots, src.pool, src_slots)
+            dst.store.write(dst_slots, src.pool, src_slots, *meta)
         elif isinstance(src, NvmeTier):
             src.store.read(src_slots, dst.pool, dst_slots)
         else:
@@ -174,7 +186,7 @@ class Mover:
             self._timed.append((link, start, end))
         return EventHandle(end)
 
-    def _run_on_worker(self, src: Tier, src_slots, dst: Tier, dst_slots, dep: Handle, link: LinkStats) -> Handle:
+    def _run_on_worker(self, src: Tier, src_slots, dst: Tier, dst_slots, dep: Handle, link: LinkStats, meta) -> Handle:
         """Body of a transfer on the worker thread; returns a handle for any device work it left queued."""
         dep.wait()
         if self._debug_rng is not None:
@@ -183,9 +195,9 @@ class Mover:
         try:
             if isinstance(dst, NvmeTier):
                 if src.is_host_memory:
-                    dst.store.write(dst_slots, src.pool, src_slots)
+                    dst.store.write(dst_slots, src.pool, src_slots, *meta)
                 else:
-                    self._gpu_to_nvme(src, src_slots, dst, dst_slots)
+                    self._gpu_to_nvme(src, src_slots, dst, dst_slots, meta)
                 return DONE
             if isinstance(src, NvmeTier):
                 if dst.is_host_memory:
@@ -209,7 +221,7 @@ class Mover:
             self._staging_reader.synchronize()
             self._staging_reader = None
 
-    def _gpu_to_nvme(self, src: MemoryTier, src_slots, dst: NvmeTier, dst_slots) -> None:
+    def _gpu_to_nvme(self, src: MemoryTier, src_slots, dst: NvmeTier, dst_slots, meta) -> None:
         staging = self._staging
         self._staging_free()
         for i, j in self._chunks(len(src_slots)):
@@ -219,7 +231,8 @@ class Mover:
                 done = torch.cuda.Event()
                 done.record(self.d2h_stream)
             done.synchronize()
-            dst.store.write(dst_slots[i:j], staging.pool, rows)
+            keys, toks = meta
+            dst.store.write(dst_slots[i:j], staging.pool, rows, keys[i:j] if keys else None, toks[i:j] if toks else None)
 
     def _nvme_to_gpu(self, src: NvmeTier, src_slots, dst: MemoryTier, dst_slots) -> Handle:
         staging = self._staging

@@ -3,8 +3,12 @@
 Files in `nvme_dir`:
 - `blocks.bin`: a 4 KiB header (JSON: format version, KV layout, slot count, slot stride) then the slots,
   each `slot_stride` bytes (the block size rounded up to 4 KiB so every slot is O_DIRECT-aligned).
-- `slots.idx`: one 64-byte record per slot (magic, checksum of the block's bytes, tokens, content key),
-  written only after the block's bytes are written, so a record never vouches for bytes that are not there.
+- `slots.idx`: one 64-byte record per slot (magic, checksum of the block's bytes, tokens, content key). Before a
+  slot is rewritten its record is cleared; the new record is written only after the block's bytes (and, for
+  blocks with a content key, after an fdatasync), so a record never vouches for bytes that are not there, even
+  across a kill -9.
+- `slots.tok`: the token ids of each slot's block (block_size int32 each), for content-keyed blocks: a hit on a
+  key is only used if the stored tokens match too.
 - `LOCK`: held with flock while a process uses the directory; a second process gets a clear error.
 
 Backends: kvikio (CuFile pread/pwrite through its thread pool) where CUDA and kvikio work, else plain
@@ -156,7 +160,7 @@ def _kvikio_unusable_reason() -> str | None:
 class NvmeStore:
     """Fixed-size block slots in files under `directory`, with a checksum per slot verified on every read."""
 
-    def __init__(self, directory: str, layout: KVLayout, num_slots: int, backend: str = "auto") -> None:
+    def __init__(self, directory: str, layout: KVLayout, num_slots: int, backend: str = "auto", tag: str = "") -> None:
         if backend not in ("auto", "kvikio", "posix"):
             raise ConfigError(f"nvme_backend {backend!r} is not one of 'auto', 'kvikio', 'posix'")
         if num_slots < 1:
@@ -165,7 +169,10 @@ class NvmeStore:
         self.layout = layout
         self.num_slots = num_slots
         self.slot_stride = _round_up(layout.block_nbytes, ALIGN)
+        self.tag = tag  # what else must match for stored blocks to be valid here (e.g. the model's fingerprint)
         self._lock_fd = -1
+        self._tok_fd = -1
+        self._sync_fd = -1
         self._backend = None
         self._idx_fd = -1
         self._generation = 0
@@ -212,6 +219,7 @@ class NvmeStore:
             "version": FORMAT_VERSION,
             "layout": self.layout.describe(),
             "slot_stride": self.slot_stride,
+            "tag": self.tag,
         }
 
     def _open_files(self) -> None:
@@ -231,7 +239,7 @@ class NvmeStore:
                 reuse = True
             else:
                 self._warn(
-                    f"NVMe store in {self.directory} was written with another layout or format "
+                    f"NVMe store in {self.directory} was written by another model, layout or format "
                     f"({found!r}); its blocks are dropped and the store is reinitialised"
                 )
         need = HEADER_NBYTES + self.num_slots * self.slot_stride
@@ -265,6 +273,10 @@ class NvmeStore:
         self._data_path = data_path
         self._idx_fd = os.open(idx_path, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
         os.ftruncate(self._idx_fd, self.num_slots * RECORD_NBYTES)
+        tok_path = os.path.join(self.directory, "slots.tok")
+        self._tok_fd = os.open(tok_path, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
+        os.ftruncate(self._tok_fd, self.num_slots * self._tok_nbytes)
+        self._sync_fd = os.open(data_path, os.O_RDONLY)
         self._records: list[SlotRecord | None] = self._load_records()
         self._generation = max((r.generation for r in self._records if r), default=0)
 
@@ -299,6 +311,10 @@ class NvmeStore:
     def backend_name(self) -> str:
         return self._backend.name if self._backend else "closed"
 
+    @property
+    def _tok_nbytes(self) -> int:
+        return 4 * self.layout.block_size
+
     def _offset(self, slot: int) -> int:
         return HEADER_NBYTES + slot * self.slot_stride
 
@@ -328,30 +344,65 @@ class NvmeStore:
         slots: Sequence[int],
         pool: torch.Tensor,
         rows: Sequence[int],
-        num_tokens: Sequence[int] | None = None,
         keys: Sequence[bytes | None] | None = None,
+        token_ids: Sequence[Sequence[int] | None] | None = None,
     ) -> None:
-        """Write `pool[rows[i]]` (a contiguous CPU block pool) to `slots[i]`, then record their checksums."""
+        """Write `pool[rows[i]]` (a contiguous CPU block pool) to `slots[i]`, then record their checksums.
+
+        `keys[i]`/`token_ids[i]`: the block's content key and tokens, for blocks that a later process may reuse;
+        their bytes are synced to disk before their records say they are there."""
         self._check_slots(slots)
         if len(set(slots)) != len(slots):
             raise ValueError("NVMe write: a slot appears twice in one batch")
         checksums = [block_checksum(_host_bytes(pool[r])) for r in rows]
+        blank = bytes(RECORD_NBYTES)
+        for slot in slots:  # first: no record may vouch for a slot whose bytes are about to change
+            if self._records[slot] is not None:
+                os.pwrite(self._idx_fd, blank, slot * RECORD_NBYTES)
+                self._records[slot] = None
         try:
             self._backend.write(self._runs(slots, pool, rows))
+            keyed = [i for i in range(len(slots)) if keys and keys[i]]
+            if keyed:
+                os.fdatasync(self._sync_fd)
+                for i in keyed:
+                    toks = torch.tensor(list(token_ids[i]), dtype=torch.int32).numpy().tobytes()
+                    os.pwrite(self._tok_fd, toks.ljust(self._tok_nbytes, b"\0"), slots[i] * self._tok_nbytes)
         except OSError as exc:
             hint = "the disk is full; free space or lower nvme_blocks" if exc.errno == errno.ENOSPC else str(exc)
             raise StoreError(f"NVMe tier: write to {self._data_path} failed: {hint}") from None
-        self._write_records(slots, checksums, num_tokens, keys)
+        self._write_records(slots, checksums, keys, token_ids)
 
-    def _write_records(self, slots, checksums, num_tokens, keys) -> None:
+    def _write_records(self, slots, checksums, keys, token_ids) -> None:
         for i, slot in enumerate(slots):
             self._generation += 1
             key = (keys[i] if keys and keys[i] else b"").ljust(32, b"\0")[:32]
-            ntok = num_tokens[i] if num_tokens else self.layout.block_size
+            ntok = len(token_ids[i]) if token_ids and token_ids[i] is not None else self.layout.block_size
             rec = SlotRecord(checksums[i], self._generation, ntok, key)
             raw = RECORD.pack(MAGIC, FORMAT_VERSION, 0, rec.checksum, rec.generation, rec.num_tokens, 0, rec.key)
             os.pwrite(self._idx_fd, raw, slot * RECORD_NBYTES)
             self._records[slot] = rec
+
+    def keyed_entries(self) -> list[tuple[int, bytes, tuple[int, ...]]]:
+        """(slot, content key, token ids) of every slot holding a content-keyed block, newest first per key."""
+        best: dict[bytes, tuple[int, int]] = {}
+        for slot, rec in enumerate(self._records):
+            if rec is None or not any(rec.key):
+                continue
+            if rec.key not in best or rec.generation > best[rec.key][0]:
+                best[rec.key] = (rec.generation, slot)
+        out = []
+        for key, (_, slot) in best.items():
+            raw = os.pread(self._tok_fd, self._tok_nbytes, slot * self._tok_nbytes)
+            ntok = self._records[slot].num_tokens
+            toks = tuple(int(t) for t in torch.frombuffer(bytearray(raw), dtype=torch.int32)[:ntok].tolist())
+            out.append((slot, key, toks))
+        return out
+
+    def forget_keys(self) -> None:
+        """Clear every record (the bytes stay but nothing vouches for them): used to reset the prefix cache."""
+        os.pwrite(self._idx_fd, bytes(self.num_slots * RECORD_NBYTES), 0)
+        self._records = [None] * self.num_slots
 
     def read(self, slots: Sequence[int], pool: torch.Tensor, rows: Sequence[int]) -> None:
         """Read `slots[i]` into `pool[rows[i]]`; raise CorruptBlockError if a block fails its checksum."""
@@ -367,7 +418,8 @@ class NvmeStore:
         if bad:
             raise CorruptBlockError(
                 f"NVMe tier: {len(bad)} block(s) in {self._data_path} (slots {bad[:8]}) do not match their "
-                "checksums: the file was changed or damaged on disk"
+                "checksums: the file was changed or damaged on disk",
+                slots=bad,
             )
 
     def record(self, slot: int) -> SlotRecord | None:
@@ -385,9 +437,11 @@ class NvmeStore:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
-        if self._idx_fd >= 0:
-            os.close(self._idx_fd)
-            self._idx_fd = -1
+        for name in ("_idx_fd", "_tok_fd", "_sync_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
         if self._lock_fd >= 0:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

@@ -11,8 +11,12 @@ picks unpinned victims, which are demoted one tier down (GPU -> CPU -> NVMe), pu
 further down first. A block has one residence at a time; while a transfer into it is in flight its `ready`
 handle says when the bytes are there, and the slot it left stays busy until the transfer has read it.
 
-Block identity is the `Block` object (`block_id`), not its slot, so a content key (`Block.key`, a hash of
-the tokens and of the prefix) can index shared blocks without changing how blocks move.
+Block identity is the `Block` object (`block_id`), not its slot. A full block can be given a content key (a
+hash chained over the tokens of the prefix, see `tierkv.prefix_cache`): it is then indexed, and when no sequence
+holds it any more it stays in its tier as a cached block (ref count 0) that any later sequence with the same
+prefix can adopt. Cached blocks are evicted like the others (demoted tier by tier: write-back) and dropped only
+at the bottom; capacity counts them as free. Keyed blocks written to the NVMe tier carry their key and tokens in
+its index, so a new process on the same directory starts with them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.config import PageManagerConfig
-from tierkv.errors import CapacityError
+import warnings
+
+from tierkv.errors import CapacityError, CorruptBlockError
 from tierkv.handles import DONE, Handle, all_of
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover
@@ -45,7 +51,10 @@ class Block:
     pins: int = 0
     has_data: bool = False  # False until first written: an empty block moves without copying bytes
     reserved_step: int = -1  # prefetched for this step: other prefetches leave it alone until then
-    key: bytes | None = None  # content key for prefix sharing; None = private to its sequences
+    key: bytes | None = None  # content key (prefix cache); None = private to its sequences
+    token_ids: tuple[int, ...] | None = None  # the tokens whose KV a keyed block holds, checked on every hit
+    copy_slot: int | None = None  # write-through: an NVMe slot holding a copy of this keyed block
+    copy_ready: Handle = DONE  # completes when that copy is on disk
 
 
 @dataclass
@@ -69,7 +78,7 @@ class PageManager:
             if config.cpu_blocks:
                 self.tiers[CPU] = MemoryTier(CPU, self.layout, config.cpu_blocks, config.cpu_blocks, torch.device("cpu"), pin=cuda)
             if config.nvme_blocks:
-                self.tiers[NVME] = NvmeTier(self.layout, config.nvme_blocks, config.nvme_dir, config.nvme_backend)
+                self.tiers[NVME] = NvmeTier(self.layout, config.nvme_blocks, config.nvme_dir, config.nvme_backend, config.store_tag)
             self.mover = Mover(list(self.tiers.values()), self.device, config.staging_blocks, config.debug_delays)
         except BaseException:
             for tier in self.tiers.values():
@@ -85,19 +94,46 @@ class PageManager:
         self.cow_copies = 0
         self.forks = 0
         self.peak_live_blocks = 0
+        self.index: dict[bytes, Block] = {}  # content key -> block, in any tier
+        self.cached: dict[int, int] = {k: 0 for k in self.kinds}  # keyed blocks no sequence holds, per tier
+        self.dropped_cached = 0
+        self.copies = 0  # write-through copies on NVMe of blocks living in faster tiers
+        self._copy_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
+        self._copy_queue: list[Block] = []  # keyed blocks waiting for their write-through copy
         self._next_block_id = 0
         self._closed = False
+        if NVME in self.tiers and config.adopt_stored:
+            self._adopt_stored()
+
+    def _adopt_stored(self) -> None:
+        """Index the keyed blocks a previous process left in the NVMe store, as cached blocks."""
+        tier = self.tiers[NVME]
+        entries = tier.store.keyed_entries()[: tier.num_blocks]
+        tier.slots.claim({slot for slot, _, _ in entries})
+        for slot, key, tokens in entries:
+            block = Block(self._next_block_id, NVME, slot, ref_count=0, has_data=True, key=key, token_ids=tokens)
+            self._next_block_id += 1
+            self.blocks[block.block_id] = block
+            self.policies[NVME].insert(block.block_id)
+            self.index[key] = block
+            self.cached[NVME] += 1
 
     # -- capacity ------------------------------------------------------------------------------------------
     def resident(self, kind: int) -> int:
         """Blocks living in tier `kind` now."""
         return len(self.policies[kind])
 
+    def open_slots(self, kind: int) -> int:
+        """Slots of tier `kind` that no block (or write-through copy) occupies (beyond the GPU's reserve)."""
+        copies = self.copies if kind == NVME else 0
+        return max(0, self.tiers[kind].num_blocks - self.resident(kind) - copies)
+
     def free_blocks(self, kind: int | None = None) -> int:
-        """Blocks that can still be created in tier `kind` (or in all tiers together)."""
+        """Blocks that can still be created in tier `kind` (or in all tiers): open slots plus cached blocks, which
+        give way when room is needed (and, for all tiers together, write-through copies, which do too)."""
         if kind is None:
-            return sum(self.free_blocks(k) for k in self.kinds)
-        return max(0, self.tiers[kind].num_blocks - self.resident(kind))
+            return sum(self.free_blocks(k) for k in self.kinds) + self.copies
+        return self.open_slots(kind) + self.cached[kind]
 
     def _check_room(self, new_blocks: int, what: str) -> None:
         free = self.free_blocks()
@@ -142,7 +178,12 @@ class PageManager:
         need = self.layout.num_blocks_for(seq.num_tokens + num_tokens) - len(seq.blocks)
         self._check_room(need, f"appending {num_tokens} tokens to sequence {seq_id!r}")
         for _ in range(need):
-            kind = next(k for k in self.kinds if self.free_blocks(k) > 0)
+            kind = next((k for k in self.kinds if self.open_slots(k) > 0), None)
+            if kind is None and self._copy_order:  # a write-through copy is the cheapest room to give up
+                self._drop_copies(1)
+                kind = NVME
+            if kind is None:
+                kind = self._drop_cached(1)
             slot, busy = self.tiers[kind].slots.take()
             block = Block(self._next_block_id, kind, slot, ready=busy)
             self._next_block_id += 1
@@ -174,19 +215,221 @@ class PageManager:
         for block in seq.blocks:
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._drop(block, marker)
+                if block.key is not None:
+                    self.cached[block.tier] += 1  # stays where it is, for the next request with this prefix
+                else:
+                    self._drop(block, marker)
 
-    def _drop(self, block: Block, marker: Handle) -> None:
+    def _drop(self, block: Block, marker: Handle | None = None) -> None:
+        """Forget a block no sequence holds; its slot is free once the work touching it is done."""
+        if marker is None:
+            marker = self.mover.compute_marker() if block.tier == GPU else DONE
+        self._drop_copy(block)
         self.policies[block.tier].remove(block.block_id)
+        if block.key is not None:
+            self.index.pop(block.key, None)
+            if block.ref_count == 0:
+                self.cached[block.tier] -= 1
         busy = [block.ready, block.readers] + ([marker] if block.tier == GPU else [])
         self.tiers[block.tier].slots.give(block.slot, all_of(busy))
         del self.blocks[block.block_id]
+
+    def _drop_cached(self, n: int, protect: frozenset = frozenset()) -> int | None:
+        """Drop up to `n` cached blocks, deepest tier first, in each tier's eviction order; returns the last
+        tier that gained a slot (None if none did)."""
+        where = None
+        for kind in reversed(self.kinds):
+            if n <= 0:
+                break
+            if not self.cached[kind]:
+                continue
+            blocks = self.blocks
+            victims = self.policies[kind].pop_victims(
+                n, lambda bid: blocks[bid].ref_count == 0 and blocks[bid].pins == 0 and bid not in protect
+            )
+            for bid in victims:
+                self._discard(self.blocks[bid])
+            n -= len(victims)
+            if victims:
+                where = kind
+        return where
+
+    def _drop_copy(self, block: Block) -> None:
+        if block.copy_slot is not None:
+            self.tiers[NVME].slots.give(block.copy_slot, block.copy_ready)
+            block.copy_slot, block.copy_ready = None, DONE
+            self.copies -= 1
+            del self._copy_order[block.block_id]
+
+    def _drop_copies(self, n: int) -> None:
+        """Give up write-through copies, oldest first, until `n` NVMe slots are open. A copy is only ever a spare:
+        its block lives in a faster tier, and is written down whole again if it is demoted to NVMe."""
+        for block in list(self._copy_order.values()):
+            if self.open_slots(NVME) >= n:
+                break
+            self._drop_copy(block)
+
+    def flush_copies(self) -> int:
+        """Write-through: write the keyed blocks registered since the last flush to NVMe, one batch per source
+        tier, keeping them where they are; returns how many copies were started."""
+        queue = list({b.block_id: b for b in self._copy_queue if self.blocks.get(b.block_id) is b and b.key is not None
+                      and b.tier != NVME and b.copy_slot is None and b.has_data}.values())
+        self._copy_queue = []
+        if not queue or NVME not in self.tiers:
+            return 0
+        room = self._make_room(NVME, len(queue), {b.block_id for b in queue}, allow_reserved=True)
+        queue = [b for b in queue if self.blocks.get(b.block_id) is b and b.tier != NVME][:room]
+        nvme = self.tiers[NVME]
+        by_src: dict[int, list[Block]] = {}
+        for block in queue:
+            by_src.setdefault(block.tier, []).append(block)
+        for kind, group in by_src.items():
+            taken = [nvme.slots.take() for _ in group]
+            deps = [b.ready for b in group] + [busy for _, busy in taken]
+            if kind == GPU:
+                deps.append(self.mover.compute_marker())
+            handle = self.mover.move(
+                self.tiers[kind], [b.slot for b in group], nvme, [s for s, _ in taken], deps,
+                keys=[b.key for b in group], token_ids=[b.token_ids for b in group],
+            )
+            for block, (slot, _) in zip(group, taken):
+                block.copy_slot, block.copy_ready = slot, handle
+                block.readers = all_of([block.readers, handle])
+                self.copies += 1
+                self._copy_order[block.block_id] = block
+        return len(queue)
+
+    # -- the prefix cache ----------------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes], token_blocks: Sequence[Sequence[int]]) -> list[Block]:
+        """The longest run of indexed blocks matching `keys` in order, whose stored tokens match too."""
+        hits = []
+        for key, tokens in zip(keys, token_blocks):
+            block = self.index.get(key)
+            if block is None or block.token_ids != tuple(tokens):
+                break
+            hits.append(block)
+        return hits
+
+    def attach(self, seq_id: Hashable, blocks: Sequence[Block]) -> None:
+        """Start an empty sequence with `blocks` (from `lookup`) as its first blocks, shared by reference."""
+        seq = self._seq(seq_id)
+        if seq.blocks:
+            raise ValueError(f"attach: sequence {seq_id!r} already has blocks")
+        for block in blocks:
+            if block.ref_count == 0:
+                self.cached[block.tier] -= 1
+            block.ref_count += 1
+        seq.blocks = list(blocks)
+        seq.num_tokens = len(blocks) * self.layout.block_size
+
+    def register(self, seq_id: Hashable, index: int, key: bytes, token_ids: Sequence[int]) -> bool:
+        """Give the sequence's full block `index` its content key; False if another block already has the key
+        (then this one stays private) or if the block already has one."""
+        block = self._seq(seq_id).blocks[index]
+        if block.key is not None or key in self.index:
+            return False
+        block.key = key
+        block.token_ids = tuple(token_ids)
+        self.index[key] = block
+        if self.config.write_through and NVME in self.tiers and block.tier != NVME:
+            self._copy_queue.append(block)
+        return True
+
+    def _unkey(self, block: Block) -> None:
+        """The block is about to be written: its bytes will no longer be what its key says."""
+        if block.key is not None:
+            self._drop_copy(block)
+            self.index.pop(block.key, None)
+            block.key = block.token_ids = None
+
+    def persist_keyed(self) -> int:
+        """Write the cached blocks that live only in faster tiers down to NVMe, most recently used first (where
+        the NVMe tier is too small, the least recent are dropped); returns how many were written."""
+        if NVME not in self.tiers:
+            return 0
+        blocks = [
+            self.blocks[bid]
+            for kind in self.kinds if kind != NVME
+            for bid in reversed(list(self.policies[kind]))
+            if self.blocks[bid].ref_count == 0 and self.blocks[bid].pins == 0 and self.blocks[bid].copy_slot is None
+        ]
+        for block in blocks:
+            self.policies[block.tier].remove(block.block_id)
+        before = self.counters[NVME].evictions_in
+        self._place_below(blocks, NVME, protect=set(), allow_reserved=True)
+        self.synchronize()
+        return self.counters[NVME].evictions_in - before
+
+    def demote_cached(self, to: str) -> int:
+        """Move every cached block above tier `to` ("cpu" or "nvme") down to it (or below, where it is full);
+        returns how many moved. For tests and benchmarks of hits from a given tier."""
+        target = TIER_NAMES.index(to)
+        if target == GPU or target not in self.tiers:
+            raise ValueError(f"demote_cached: {to!r} is not a lower tier here (have {[TIER_NAMES[k] for k in self.kinds]})")
+        blocks = [b for b in self.blocks.values() if b.ref_count == 0 and b.tier < target and b.pins == 0]
+        for block in blocks:
+            self.policies[block.tier].remove(block.block_id)
+        self._place_below(blocks, target, protect=set(), allow_reserved=True)
+        self.synchronize()
+        return len(blocks)
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block and forget every key (in the NVMe index too); returns the blocks dropped."""
+        dropped = 0
+        for block in list(self.blocks.values()):
+            if block.key is not None and block.ref_count == 0:
+                self._drop(block)
+                dropped += 1
+        for block in self.blocks.values():
+            self._unkey(block)
+        self.index.clear()
+        if NVME in self.tiers:
+            self.tiers[NVME].store.forget_keys()
+        return dropped
+
+    def load_from_disk(self, blocks: Sequence[Block], protect: set[int]) -> int:
+        """Bring the NVMe-resident ones of `blocks` up a tier now and check their checksums; a block that fails is
+        dropped with a warning. Returns how many of `blocks`, from the first, are good to use."""
+        target = CPU if CPU in self.tiers else GPU
+        usable = len(blocks)
+        protect = protect | {b.block_id for b in blocks}
+        pending = [b for b in blocks if b.tier == NVME]
+        while pending:
+            room = self._make_room(target, len(pending), protect, allow_reserved=True)
+            if room <= 0:
+                break  # no room above the disk: they are read from it when their sequence runs
+            batch, pending = pending[:room], pending[room:]
+            old = {b.block_id: b.slot for b in batch}
+            for block in batch:
+                self.policies[NVME].remove(block.block_id)
+            try:
+                self._move(batch, target)  # without CUDA a bad checksum raises here, and nothing moved
+                all_of(b.ready for b in batch).wait()  # with CUDA it raises here, after the batch moved
+            except CorruptBlockError as exc:
+                bad = [b for b in batch if old[b.block_id] in set(exc.slots)]
+                warnings.warn(
+                    f"prefix cache: {len(bad)} block(s) in the NVMe tier failed their checksum; dropped, to be "
+                    "recomputed", RuntimeWarning, stacklevel=2,
+                )
+                usable = min([usable] + [blocks.index(b) for b in bad])
+                for block in batch:
+                    if block.tier != NVME:
+                        block.ready = DONE  # the batch moved: the good blocks' bytes are there
+                for block in bad:
+                    if block.ref_count == 0:
+                        self._drop(block)
+                    else:
+                        self._unkey(block)  # a running sequence holds it: it fails loudly when it reads it
+                if batch[0].tier == NVME:  # nothing moved: try the good ones again
+                    pending = [b for b in batch if b not in bad] + pending
+        return usable
 
     # -- the step --------------------------------------------------------------------------------------------
     def begin_step(self) -> int:
         """Advance the step counter (prefetch reservations for earlier steps lapse); returns the new step."""
         self.step += 1
         self.mover.collect()
+        self.flush_copies()
         return self.step
 
     def acquire(
@@ -262,13 +505,17 @@ class PageManager:
                 wlo, whi = write_spans[seq_id]
                 for block in seq.blocks[wlo:whi]:
                     block.has_data = True
+                    self._unkey(block)
         gpu_policy = self.policies[GPU]
         for block in needed.values():
             gpu_policy.touch(block.block_id)
             if block.ready is not DONE and block.ready.done():
                 block.ready = DONE
         if self.mover.cuda:
-            all_of(b.ready for b in needed.values()).wait_on(torch.cuda.current_stream(self.device))
+            # Blocks about to be written must also wait for transfers still reading them (copies to disk).
+            written = [b.readers for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
+                       for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]]
+            all_of([*(b.ready for b in needed.values()), *written]).wait_on(torch.cuda.current_stream(self.device))
         return [[b.slot for b in seq.blocks[first:stop]] for seq, (first, stop) in zip(seqs, spans)]
 
     def _cow_plan(self, seq_ids, seqs, write_spans) -> list[tuple[int, int, Block]]:
@@ -368,8 +615,8 @@ class PageManager:
         chosen = sorted(blocks.values(), key=lambda b: b.tier)[:room]
         for block in chosen:
             self.policies[block.tier].remove(block.block_id)
-        self._place_below(chosen, target, protect=set(blocks), allow_reserved=True)
-        return len(chosen)
+        stayed = self._place_below(chosen, target, protect=set(blocks), allow_reserved=True)
+        return len(chosen) - len(stayed)
 
     # -- moving ----------------------------------------------------------------------------------------------
     def _count_lookup(self, block: Block) -> None:
@@ -389,38 +636,74 @@ class PageManager:
 
         def evictable(bid: Hashable) -> bool:
             b = blocks[bid]
-            return b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step < step)
+            # A prefetch reservation holds a block for its sequence; a cached block has none to hold it for.
+            return b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step < step or b.ref_count == 0)
 
         return evictable
 
     def _make_room(self, kind: int, n: int, protect: set[int], allow_reserved: bool) -> int:
-        """Try to have `n` free slots in tier `kind` by demoting its victims; returns how many are free (<= n)."""
-        free = self.free_blocks(kind)
+        """Try to have `n` open slots in tier `kind` by demoting its victims (cached blocks that find no room
+        below are dropped); returns how many are open (<= n)."""
+        if kind == NVME:
+            self._drop_copies(n)
+        free = self.open_slots(kind)
         if free >= n:
             return n
         below = [k for k in self.kinds if k > kind]
-        absorb = sum(self.free_blocks(k) for k in below)
-        want = min(n - free, absorb)
-        if want <= 0:
-            return free
-        victims = self.policies[kind].pop_victims(want, self._evictable(protect, allow_reserved))
-        self._place_below([self.blocks[v] for v in victims], below[0], protect, allow_reserved)
-        return free + len(victims)
+        room_below = sum(self.free_blocks(k) for k in below)
+        if NVME in below:
+            room_below += self.copies
+        policy = self.policies[kind]
+        evictable = self._evictable(protect, allow_reserved)
+        victims = [self.blocks[v] for v in policy.pop_victims(n - free, evictable)]
+        live = [b for b in victims if b.ref_count > 0]
+        cached = [b for b in victims if b.ref_count == 0]
+        if len(live) > room_below:  # only cached blocks may leave without a place to go: take more of those
+            excess = live[room_below:]
+            policy.restore([b.block_id for b in excess])
+            live = live[:room_below]
+            blocks = self.blocks
+            more = policy.pop_victims(len(excess), lambda bid: blocks[bid].ref_count == 0 and evictable(bid))
+            cached += [self.blocks[v] for v in more]
+        stayed = []
+        if below:
+            stayed = self._place_below(live + cached, below[0], protect, allow_reserved)
+        else:
+            for block in cached:
+                self._discard(block)
+        return free + len(live) + len(cached) - len(stayed)
 
-    def _place_below(self, blocks: list[Block], start: int, protect: set[int], allow_reserved: bool) -> None:
-        """Demote `blocks` (already out of their policies) into tier `start`, or the tiers below it where it is full."""
+    def _discard(self, block: Block) -> None:
+        """Drop a cached block already taken out of its policy."""
+        self.policies[block.tier].insert(block.block_id)  # _drop takes it out again
+        self._drop(block)
+        self.dropped_cached += 1
+
+    def _place_below(self, blocks: list[Block], start: int, protect: set[int], allow_reserved: bool) -> list[Block]:
+        """Demote `blocks` (already out of their policies; those in use first) into tier `start`, or the tiers
+        below it where it is full. Cached blocks that find no room anywhere are dropped; blocks in use that find
+        none stay where they are, back in their policies, and are returned."""
         remaining = blocks
         for kind in (k for k in self.kinds if k >= start):
             if not remaining:
                 break
+            if kind == NVME:
+                for block in remaining:
+                    self._drop_copy(block)  # written down whole now: its older copy goes
             got = self._make_room(kind, len(remaining), protect, allow_reserved)
             batch, remaining = remaining[:got], remaining[got:]
             for block in batch:
                 self.counters[block.tier].evictions_out += 1
             self.counters[kind].evictions_in += len(batch)
             self._move(batch, kind)
-        if remaining:
-            raise AssertionError(f"tierkv bug: {len(remaining)} demoted blocks found no room below {TIER_NAMES[start]}")
+        stayed = []
+        for block in remaining:
+            if block.ref_count > 0:
+                self.policies[block.tier].restore([block.block_id])
+                stayed.append(block)
+            else:
+                self._discard(block)
+        return stayed
 
     def _promote(self, blocks: list[Block], protect: set[int], allow_reserved: bool, best_effort: bool = False) -> int:
         """Bring `blocks` to the GPU in as few batches as room allows; returns how many were started.
@@ -434,7 +717,7 @@ class PageManager:
         gpu = self.tiers[GPU]
         started = 0
         while todo:
-            free = self.free_blocks(GPU)
+            free = self.open_slots(GPU)
             if free == 0 and self.free_blocks(self.kinds[1]) > 0:
                 free = self._make_room(GPU, len(todo), protect, allow_reserved)
             if free:
@@ -456,8 +739,11 @@ class PageManager:
             todo = todo[len(batch):]
             over = self.resident(GPU) - gpu.num_blocks
             if over > 0:
-                victims = self.policies[GPU].pop_victims(over, self._evictable(protect, allow_reserved))
-                self._place_below([self.blocks[v] for v in victims], self.kinds[1], protect, allow_reserved)
+                victims = [self.blocks[v] for v in self.policies[GPU].pop_victims(over, self._evictable(protect, allow_reserved))]
+                stayed = self._place_below([b for b in victims if b.ref_count] + [b for b in victims if not b.ref_count],
+                                           self.kinds[1], protect, allow_reserved)
+                if stayed or len(victims) < over:  # the batch vacated at least as many slots below: cannot happen
+                    raise AssertionError("tierkv bug: victims of a reserve-slot promotion found no room below")
         return started
 
     def _copy_on_write(self, seqs: list[_Sequence], plan: list[tuple[int, int, Block]], protect: set[int]) -> None:
@@ -502,8 +788,13 @@ class PageManager:
             deps = [b.ready for b, _ in moving] + [busy for _, (_, busy) in moving]
             if src_kind == GPU and moving:
                 deps.append(self.mover.compute_marker())
+            keyed = dst_kind == NVME and any(b.key for b, _ in moving)
             try:
-                handle = self.mover.move(src, [b.slot for b, _ in moving], dst, [s for _, (s, _) in moving], deps)
+                handle = self.mover.move(
+                    src, [b.slot for b, _ in moving], dst, [s for _, (s, _) in moving], deps,
+                    keys=[b.key for b, _ in moving] if keyed else None,
+                    token_ids=[b.token_ids for b, _ in moving] if keyed else None,
+                )
             except BaseException:
                 for slot, busy in taken:
                     dst.slots.give(slot, busy)
@@ -513,10 +804,20 @@ class PageManager:
             c_src, c_dst = self.counters[src_kind], self.counters[dst_kind]
             c_src.blocks_out += len(moving)
             c_dst.blocks_in += len(moving)
+            keep_copy = src_kind == NVME and self.config.write_through
             for block, (slot, busy) in zip(group, taken):
-                # The old slot is free once the transfer has read it (an empty block was never written).
-                src.slots.give(block.slot, all_of([handle, block.ready, block.readers]) if block.has_data else block.ready)
+                if keep_copy and block.key is not None and block.has_data:
+                    # Write-through: the bytes it leaves on disk stay there as its copy (a spare, dropped first).
+                    block.copy_slot, block.copy_ready = block.slot, all_of([handle, block.ready])
+                    self.copies += 1
+                    self._copy_order[block.block_id] = block
+                else:
+                    # The old slot is free once the transfer has read it (an empty block was never written).
+                    src.slots.give(block.slot, all_of([handle, block.ready, block.readers]) if block.has_data else block.ready)
                 block.readers = DONE
+                if block.ref_count == 0:
+                    self.cached[src_kind] -= 1
+                    self.cached[dst_kind] += 1
                 block.tier, block.slot = dst_kind, slot
                 block.ready = handle if block.has_data else busy
                 self.policies[dst_kind].insert(block.block_id)
@@ -606,6 +907,12 @@ class PageManager:
         """Wait for every transfer in flight."""
         self.mover.synchronize()
 
+    def reset_counters(self) -> None:
+        """Zero the traffic counters and link stats."""
+        self.mover.collect()
+        self.counters = {k: TierCounters() for k in self.kinds}
+        self.mover.links.clear()
+
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (used by tests; O(blocks))."""
         refs: dict[int, int] = {}
@@ -613,10 +920,20 @@ class PageManager:
             assert len(seq.blocks) == self.layout.num_blocks_for(seq.num_tokens), "table length != tokens"
             for b in seq.blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
-        assert set(refs) == set(self.blocks), "live blocks != blocks referenced by tables"
+        live = {bid for bid, b in self.blocks.items() if b.ref_count > 0}
+        assert set(refs) == live, "blocks in use != blocks referenced by tables"
         for bid, block in self.blocks.items():
-            assert block.ref_count == refs[bid], f"block {bid}: ref_count {block.ref_count} != {refs[bid]} references"
+            assert block.ref_count == refs.get(bid, 0), f"block {bid}: ref_count {block.ref_count} != {refs.get(bid, 0)} references"
             assert bid in self.policies[block.tier], f"block {bid} not tracked by its tier's policy"
+            if block.ref_count == 0:
+                assert block.key is not None and self.index.get(block.key) is block, f"unheld block {bid} is not a cached block"
+            if block.key is not None:
+                assert self.index.get(block.key) is block, f"block {bid}'s key is not indexed to it"
+        for key, block in self.index.items():
+            assert block.key == key and self.blocks.get(block.block_id) is block, "the index names a block that is gone"
+        for kind in self.kinds:
+            held = sum(1 for b in self.blocks.values() if b.tier == kind and b.ref_count == 0)
+            assert self.cached[kind] == held, f"{TIER_NAMES[kind]}: cached count {self.cached[kind]} != {held}"
         pins: dict[int, int] = {}
         for seq in self.sequences.values():
             for pinned in seq.pinned:
@@ -624,11 +941,17 @@ class PageManager:
                     pins[b.block_id] = pins.get(b.block_id, 0) + 1
         for bid, block in self.blocks.items():
             assert block.pins == pins.get(bid, 0), f"block {bid}: pins {block.pins} != {pins.get(bid, 0)}"
+        copies = [b.copy_slot for b in self.blocks.values() if b.copy_slot is not None]
+        assert len(copies) == self.copies == len(self._copy_order), "write-through copy count is off"
+        for b in self.blocks.values():
+            if b.copy_slot is not None:
+                assert b.key is not None and b.tier != NVME, f"block {b.block_id} has a copy but is unkeyed or on NVMe"
         for kind, tier in self.tiers.items():
-            used = [b.slot for b in self.blocks.values() if b.tier == kind]
-            assert len(used) == len(set(used)), f"{tier.name}: two blocks share a slot"
-            assert len(used) == self.resident(kind), f"{tier.name}: policy tracks {self.resident(kind)}, {len(used)} live"
-            assert self.resident(kind) <= tier.num_blocks, f"{tier.name}: {self.resident(kind)} blocks > capacity {tier.num_blocks}"
+            used = [b.slot for b in self.blocks.values() if b.tier == kind] + (copies if kind == NVME else [])
+            assert len(used) == len(set(used)), f"{tier.name}: two blocks (or copies) share a slot"
+            resident = len(used) - (len(copies) if kind == NVME else 0)
+            assert resident == self.resident(kind), f"{tier.name}: policy tracks {self.resident(kind)}, {resident} live"
+            assert len(used) <= tier.num_blocks, f"{tier.name}: {len(used)} blocks and copies > capacity {tier.num_blocks}"
             free = tier.slots.free_slots()
             assert len(free) == len(tier.slots), f"{tier.name}: a slot is free twice"
             assert not (free & set(used)), f"{tier.name}: a used slot is also free"

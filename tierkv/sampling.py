@@ -18,7 +18,8 @@ class SamplingParams:
     (copy-on-write). `stop` strings end the text before them (unless include_stop_str_in_output);
     `stop_token_ids` and the model's EOS end the output after that token (EOS unless ignore_eos).
     `logprobs=k` returns, per generated token, the log-probabilities of the chosen token and the k most likely
-    (from the model's distribution before temperature and filters).
+    (from the model's distribution before temperature and filters). Requests with different `cache_salt`s never
+    reuse each other's cached prefixes.
     """
 
     max_tokens: int = 16
@@ -34,6 +35,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    cache_salt: str | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,8 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad("stop", self.stop, "must be a non-empty string or a list of them")
         self.stop_list = stop
+        if self.cache_salt is not None and not isinstance(self.cache_salt, str):
+            raise bad("cache_salt", self.cache_salt, "must be a string or None")
         if self.stop_token_ids is not None and any(not isinstance(t, int) for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "must be a list of integers")
 

@@ -22,6 +22,7 @@ class Request:
     arrival: int
     sequences: list["Sequence"] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
+    num_cached_tokens: int = 0  # prompt tokens whose stored KV was reused
 
     @property
     def finished(self) -> bool:
@@ -35,7 +36,10 @@ class Request:
             "first_token_time": min(firsts) if firsts else None,
             "finished_time": max(s.finish_time for s in seqs) if self.finished else None,
         }
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), [s.completion() for s in seqs], self.finished, metrics=metrics)
+        return RequestOutput(
+            self.request_id, self.prompt, list(self.prompt_ids), [s.completion() for s in seqs], self.finished,
+            num_cached_tokens=self.num_cached_tokens, metrics=metrics,
+        )
 
 
 @dataclass(eq=False)
@@ -54,6 +58,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    root: bytes | None = None  # prefix cache: the key its block keys chain from (model, salt)
+    keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks so far
 
     @property
     def params(self) -> SamplingParams:

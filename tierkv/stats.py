@@ -57,8 +57,10 @@ def build_stats(pm: "PageManager") -> dict:
             "seconds_in": sum(v["seconds"] for v in inbound),
             "seconds_out": sum(v["seconds"] for v in outbound),
         }
+        entry["cached_blocks"] = pm.cached[kind]
         if isinstance(tier, NvmeTier):
             entry["backend"] = tier.store.backend_name
+            entry["write_through_copies"] = pm.copies
         tiers[name] = entry
     return {
         "block_nbytes": block_nbytes,

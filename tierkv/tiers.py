@@ -40,6 +40,10 @@ class SlotAllocator:
     def free_slots(self) -> set[int]:
         return {s for s, _ in self._free}
 
+    def claim(self, slots: set[int]) -> None:
+        """Take specific slots out of the free list (blocks found in a store at start-up)."""
+        self._free = deque((s, h) for s, h in self._free if s not in slots)
+
 
 class Tier:
     """A pool of `num_slots` block slots, of which `num_blocks` may hold resident blocks at rest
@@ -146,9 +150,9 @@ class MemoryTier(Tier):
 class NvmeTier(Tier):
     """Blocks in preallocated files through an `NvmeStore` (kvikio or plain file I/O)."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, directory: str, backend: str = "auto") -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, directory: str, backend: str = "auto", tag: str = "") -> None:
         super().__init__(NVME, layout, num_blocks, num_blocks)
-        self.store = NvmeStore(directory, layout, num_blocks, backend)
+        self.store = NvmeStore(directory, layout, num_blocks, backend, tag)
 
     def describe(self) -> dict:
         return {
