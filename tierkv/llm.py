@@ -88,6 +88,8 @@ class LLM:
             for kind in pm.kinds[1:]:
                 pm.evict(["__probe__"], to=pm.tiers[kind].name)
                 pm.synchronize()
+                if kind == 2:
+                    pm.tiers[kind].store.drop_page_cache()
                 pm.acquire(["__probe__"])
                 pm.release(["__probe__"])
                 pm.synchronize()
@@ -97,7 +99,7 @@ class LLM:
         try:
             gpu, cpu = pm.tiers[0].num_blocks, pm.tiers[1].num_blocks if 1 in pm.tiers else 0
             fits = min(gpu + cpu, pm.free_blocks() // 2) * bs - 1  # a probe that needs no more than the tiers give
-            length = min(4 * bs, self.max_model_len - 1, fits)
+            length = min(max(4 * bs, 2 * engine.chooser.MIN_OBSERVED_TOKENS), self.max_model_len - 1, fits, self.config.max_num_batched_tokens)
             if length >= 2:
                 probe = [int(t) % self.loaded.spec.vocab_size for t in range(7, 7 + length)]
                 for _ in range(2):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ class PrefixHasher:
 
     @staticmethod
     def key(parent: bytes, tokens: Sequence[int]) -> bytes:
-        return hashlib.sha256(parent + torch.tensor(list(tokens), dtype=torch.int64).numpy().tobytes()).digest()
+        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
     def keys(self, parent: bytes, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
         """Keys of the first `num_blocks` full blocks of `token_ids`, chained from `parent`."""
@@ -91,8 +92,11 @@ class LoadOrRecompute:
         self.bandwidth: dict[str, float] = {}  # tier name -> bytes/s to the GPU
         self.prefill_tokens_per_s: float | None = None
 
+    # Steps with fewer prefill tokens say more about per-step overhead than about the cost of a token.
+    MIN_OBSERVED_TOKENS = 256
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
+        if tokens < self.MIN_OBSERVED_TOKENS or seconds <= 0:
             return
         rate = tokens / seconds
         self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.7 * self.prefill_tokens_per_s + 0.3 * rate
