@@ -11,8 +11,8 @@ Every function returns the attention output and, when asked, the log-sum-exp of 
 which is what partial results over disjoint key sets need to be merged exactly.
 
 `paged_attention_reference` is plain PyTorch (it is what runs on CPU); `paged_attention_triton` is the Triton
-implementation: a split-K decode kernel that reads each KV head once for all its query heads, and a prefill
-kernel for everything else.
+implementation: a split-K kernel for decode and short chunks (each program reads a partition of one KV head's
+keys once for all the entry's query tokens and heads of that KV head), and a prefill kernel for longer chunks.
 """
 
 from __future__ import annotations
@@ -235,43 +235,49 @@ if triton is not None:
         tl.store(LSE + rows * stride_lt + h, lse, mask=m_mask)
 
     @triton.jit
-    def _decode_kernel(
-        Q, K, V, O_PART, L_PART, BT, Q_ROW, CTX, FIRST,
+    def _split_kernel(
+        Q, K, V, O_PART, L_PART, BT, Q_STARTS, Q_POS0, CTX, FIRST,
         stride_qt, stride_qh, stride_oe, stride_op, stride_oh, stride_le, stride_lp,
         stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh, stride_bt,
         scale, window, partition,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        GROUP: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
     ):
+        # One program: one entry, one KV head, one partition of the keys; its rows are every (query token, query
+        # head of this KV head) pair of the entry, so the keys are read once for all of them.
         e = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
-        row = tl.load(Q_ROW + e).to(tl.int64)  # decode: entry e owns query row q_starts[e]
+        qs = tl.load(Q_STARTS + e)
+        n_q = tl.load(Q_STARTS + e + 1) - qs
+        p0 = tl.load(Q_POS0 + e)
         ctx = tl.load(CTX + e)
         kv0 = tl.load(FIRST + e) * BS
-        offs_g = tl.arange(0, GROUP_PAD)
-        g_mask = offs_g < GROUP
+        offs_r = tl.arange(0, ROWS)
+        tok = offs_r // GROUP
+        heads = kvh * GROUP + offs_r % GROUP
+        r_mask = tok < n_q
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        heads = kvh * GROUP + offs_g
-        q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        rows = (qs + tok).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
         lo = kv0 + part * partition
         hi = tl.minimum(ctx, lo + partition)
         if window > 0:
-            lo = tl.maximum(lo, ctx - window)  # the query sits at ctx - 1: keys after ctx - 1 - window
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-        # Keys [lo, hi) all precede the query and lie in its window: no causal mask needed.
+            lo = tl.maximum(lo, p0 - window + 1)  # the first query's window; later rows are masked per row
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        # With one query token (decode) the keys [lo, hi) all precede it and lie in its window: no mask needed.
         m_i, l_i, acc = _attend_keys(
-            q, offs_g, K, V, BT + e * stride_bt, kv0, lo, hi, kvh, scale, window, m_i, l_i, acc,
+            q, p0 + tok, K, V, BT + e * stride_bt, kv0, lo, hi, kvh, scale, window, m_i, l_i, acc,
             stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-            CAUSAL=False, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            CAUSAL=CAUSAL, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
         )
         out, lse = _normalise(acc, m_i, l_i)
-        o_ptr = O_PART + e * stride_oe + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptr, out, mask=g_mask[:, None] & d_mask[None, :])
-        tl.store(L_PART + e * stride_le + part * stride_lp + heads, lse, mask=g_mask)
+        o_ptr = O_PART + rows[:, None] * stride_oe + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptr, out, mask=r_mask[:, None] & d_mask[None, :])
+        tl.store(L_PART + rows * stride_le + part * stride_lp + heads, lse, mask=r_mask)
 
     @triton.jit
     def _reduce_kernel(
@@ -306,6 +312,9 @@ if triton is not None:
 
 # Tuned on an H100 (benchmarks/attention_decode.py --sweep): see BENCHMARKS.md.
 DECODE_CONFIG = {"partition": 1024, "block_n": 64, "num_warps": 4, "num_stages": 2}
+# Entries of at most this many query tokens go through the split-K kernel (the prefill kernel's grid is too small
+# for a short chunk over a long context: one program per 16 query rows and head).
+SPLIT_MAX_Q = 16
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -337,8 +346,9 @@ def paged_attention_triton(
     block_d = _pow2(head_dim)
     precision = _precision(q.dtype)
     bt = batch.block_tables
-    if batch.max_q == 1 and T == batch.num_entries:
-        # Decode: split the keys into partitions; each program reads one KV head once for all its query heads.
+    if batch.max_q <= SPLIT_MAX_Q:
+        # Decode and short chunks: split the keys into partitions; each program reads one KV head's keys once for
+        # all the entry's query tokens and heads of that KV head, and one more launch merges the partitions.
         cfg = {**DECODE_CONFIG, **(decode_config or {})}
         partition = cfg["partition"]
         parts = max(1, -(-batch.max_context // partition))
@@ -347,13 +357,13 @@ def paged_attention_triton(
         out = torch.empty_like(q)
         lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
         if T:
-            _decode_kernel[(T, num_kv_heads, parts)](
-                q, k_cache, v_cache, o_part, l_part, bt, batch.q_starts, batch.context_lens, batch.first_block,
+            _split_kernel[(batch.num_entries, num_kv_heads, parts)](
+                q, k_cache, v_cache, o_part, l_part, bt, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
                 q.stride(0), q.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                 bt.stride(0), scale, sliding_window, partition,
-                GROUP=group, GROUP_PAD=_pow2(group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-                PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                GROUP=group, ROWS=_pow2(batch.max_q * group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+                PRECISION=precision, CAUSAL=batch.max_q > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
             # Merge the partitions; those past a sequence's end hold lse -inf and weigh nothing.
             _reduce_kernel[(T, num_heads)](

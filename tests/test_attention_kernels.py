@@ -51,8 +51,9 @@ def to(batch: PagedBatch, device) -> PagedBatch:
     return PagedBatch(*(getattr(batch, f).to(device) for f in fields), batch.max_q, batch.max_context)
 
 
-MIXED = [(0, 9, 0), (5, 1, 0), (12, 3, 1), (0, 1, 0), (20, 1, 2), (7, 6, 0)]
+MIXED = [(0, 9, 0), (5, 1, 0), (12, 3, 1), (0, 1, 0), (20, 1, 2), (7, 6, 0)]  # short chunks: split-K kernel
 DECODE = [(16, 1, 0), (3, 1, 0), (40, 1, 3), (0, 1, 0), (25, 1, 1)]
+LONG = [(0, 40, 0), (5, 1, 0), (30, 20, 1), (12, 17, 2)]  # chunks over 16 tokens: the prefill kernel
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -79,7 +80,7 @@ def test_reference_equals_dense_attention(window):
         torch.testing.assert_close(out[r0 : r0 + n], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("entries", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("entries", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long"])
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_matches_reference(entries, window, dtype):
