@@ -159,6 +159,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_load: str = "auto"
     write_through: bool = False
+    # Tensor parallelism: ranks (one process and one GPU each; see tierkv.parallel). Tier capacities are per rank.
+    tensor_parallel_size: int = 1
+    tp_timeout_s: float = 600.0  # a rank that does not answer a collective for this long ends the run
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -173,7 +176,7 @@ class EngineConfig:
             raise ConfigError(f"load_format {self.load_format!r} is not one of 'auto', 'dummy'")
         if self.eviction not in EVICTION_NAMES:
             raise ConfigError(f"eviction {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "staging_blocks", "slice_steps"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "staging_blocks", "slice_steps", "tensor_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -188,5 +191,7 @@ class EngineConfig:
             raise ConfigError("an NVMe tier size needs nvme_dir: a directory on the NVMe disk for the block files")
         if self.nvme_dir is not None and os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):
             raise ConfigError(f"nvme_dir {self.nvme_dir!r} exists and is not a directory; give a directory path")
+        if isinstance(self.tp_timeout_s, bool) or not isinstance(self.tp_timeout_s, (int, float)) or self.tp_timeout_s <= 0:
+            raise ConfigError(f"tp_timeout_s must be a positive number of seconds, got {self.tp_timeout_s!r}")
         if self.prefix_load not in ("auto", "always"):
             raise ConfigError(f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'")

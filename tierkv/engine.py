@@ -18,6 +18,21 @@ from tierkv.sequence import Request, Sequence
 from tierkv.tiers import GPU, NVME, TIER_NAMES
 
 
+@dataclass(frozen=True)
+class EntryPlan:
+    """What a step runs for one sequence: tokens [start, end), its KV window from block `first_block` on."""
+
+    seq_id: int
+    start: int
+    end: int
+    first_block: int
+    samples: bool  # its last row is sampled
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
 @dataclass
 class EngineCounters:
     steps: int = 0
@@ -62,6 +77,7 @@ class Engine:
         self.chooser = LoadOrRecompute(layout.block_nbytes, layout.block_size)
         self.prefix_stats = PrefixStats()
         self.register_blocks = True
+        self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.parallel)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -156,21 +172,19 @@ class Engine:
             block_ranges={e.seq.seq_id: (e.first_block, self.scheduler.blocks_for(e.end)) for e in entries},
         )
         try:
-            streamed = self._stream_plan(entries)
-            attend = self._attention(entries, tables, streamed)
+            plans = [EntryPlan(e.seq.seq_id, e.start, e.end, e.first_block, e.samples) for e in entries]
+            placed = {p.seq_id: pm.pin_in_place(p.seq_id, p.first_block) for p in plans if p.first_block}
             input_ids = torch.tensor([t for e in entries for t in e.seq.token_ids[e.start : e.end]], dtype=torch.long)
-            positions = torch.cat([torch.arange(e.start, e.end) for e in entries])
-            hidden = self.model(input_ids.to(self.device), positions.to(self.device), attend)
-            rows, sampled = [], []
-            row = 0
-            for e in entries:
-                row += e.num_tokens
-                if e.samples:
-                    rows.append(row - 1)
-                    sampled.append(e)
-            logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
+            if self.tp_driver is not None:
+                self.tp_driver.send_step(plans, input_ids, tables)
+            logits, streamed = self.run_forward(plans, tables, placed, input_ids)
+        except Exception as exc:
+            if self.tp_driver is not None:
+                self.tp_driver.raise_if_worker_failed(exc)
+            raise
         finally:
             pm.release(ids)
+        sampled = [e for e in entries if e.samples]
         touched = self._update(entries, sampled, logits)
         prefill_tokens = sum(min(e.end, e.seq.num_prompt) - e.start for e in entries if e.start < e.seq.num_prompt)
         if prefill_tokens:
@@ -179,23 +193,42 @@ class Engine:
             upcoming = [s.seq_id for s in self.scheduler.upcoming()]
             if upcoming:
                 pm.prefetch(upcoming)
+        if self.tp_driver is not None:
+            self.tp_driver.flush()  # the step's bookkeeping (release, forks, frees, prefetch) to the other ranks now
         self.counters.steps += 1
         self.counters.streamed_steps += bool(streamed)
         self.counters.busy_s += time.perf_counter() - t0
         return touched
 
-    def _stream_plan(self, entries: list[ScheduledEntry]) -> list[StreamedEntry]:
-        plans = []
-        row = 0
-        for i, e in enumerate(entries):
-            if e.first_block:
-                placed = self.pm.pin_in_place(e.seq.seq_id, e.first_block)
-                tiers = [self.pm.tiers[kind] for kind, _ in placed]
-                plans.append(StreamedEntry(i, (row, row + e.num_tokens), e.start, tiers, [slot for _, slot in placed]))
-            row += e.num_tokens
-        return plans
+    def run_forward(
+        self, plans: list[EntryPlan], tables: list[list[int]], placed: dict[int, list[tuple[int, int]]], input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
+        streamed) say; returns the logits of the sampled rows (or None) and whether anything was streamed. Every
+        tensor-parallel rank runs this with the same arguments."""
+        streamed = self._stream_plan(plans, placed)
+        attend = self._attention(plans, tables, streamed)
+        positions = torch.cat([torch.arange(p.start, p.end) for p in plans])
+        hidden = self.model(input_ids.to(self.device), positions.to(self.device), attend)
+        rows, row = [], 0
+        for p in plans:
+            row += p.num_tokens
+            if p.samples:
+                rows.append(row - 1)
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
+        return logits, bool(streamed)
 
-    def _attention(self, entries: list[ScheduledEntry], tables: list[list[int]], streamed: list[StreamedEntry]) -> StepAttention:
+    def _stream_plan(self, plans: list[EntryPlan], placed: dict[int, list[tuple[int, int]]]) -> list[StreamedEntry]:
+        out = []
+        row = 0
+        for i, p in enumerate(plans):
+            if p.first_block:
+                tiers = [self.pm.tiers[kind] for kind, _ in placed[p.seq_id]]
+                out.append(StreamedEntry(i, (row, row + p.num_tokens), p.start, tiers, [slot for _, slot in placed[p.seq_id]]))
+            row += p.num_tokens
+        return out
+
+    def _attention(self, entries: list[EntryPlan], tables: list[list[int]], streamed: list[StreamedEntry]) -> StepAttention:
         bs = self.block_size
         starts, slot_mapping = [0], []
         for e, table in zip(entries, tables):

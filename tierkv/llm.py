@@ -13,7 +13,7 @@ import torch
 
 from tierkv.config import EngineConfig, PageManagerConfig, resolve_blocks, resolve_device
 from tierkv.engine import Engine
-from tierkv.errors import CapacityError, ConfigError
+from tierkv.errors import CapacityError, ConfigError, TierKVError
 from tierkv.layout import KVLayout
 from tierkv.loader import load_model
 from tierkv.outputs import RequestOutput
@@ -48,29 +48,47 @@ class LLM:
             raise ConfigError(f"LLM() got unknown option(s) {unknown}; known options: {sorted(known)}")
         self.config = cfg = EngineConfig(model=model, **kwargs)
         device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.loaded = load_model(cfg.model, device, _dtype(cfg.dtype), cfg.load_format, cfg.seed)
+        self._closed = False
+        self._driver = tp = None
+        if cfg.tensor_parallel_size > 1:
+            from tierkv import parallel
+
+            tp, device, workers = parallel.start(cfg, device)  # under torchrun, ranks other than 0 never return
+            self._driver = parallel.Driver(tp, workers, cfg.tp_timeout_s)
+        try:
+            self._build(cfg, device, tp)
+        except BaseException as exc:
+            if self._driver is not None:
+                try:
+                    if not isinstance(exc, TierKVError) or isinstance(exc, parallel.WorkerError):
+                        self._driver.raise_if_worker_failed(exc)  # a worker's failure, named, if that is what it was
+                finally:
+                    self._driver.workers.kill()
+                    parallel.shutdown_group()
+            raise
+
+    def _build(self, cfg: EngineConfig, device: torch.device, tp) -> None:
+        self.loaded, pm = setup_rank(cfg, device, tp)
         if cfg.tokenizer is not None:
             from tierkv.loader import load_tokenizer
 
             self.loaded.tokenizer = load_tokenizer(cfg.tokenizer)
         spec = self.loaded.spec
-        dtype = next(self.loaded.model.parameters()).dtype
-        self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size)
-        gpu, cpu, nvme = resolve_capacities(cfg, self.layout.block_nbytes, device)
-        check_gpu_tier(gpu, self.layout.block_nbytes)
+        self.layout = pm.layout
+        self.fingerprint = pm.config.store_tag
+        tiers = pm.tiers
+        gpu, cpu = tiers[0].num_blocks, tiers[1].num_blocks if 1 in tiers else 0
+        nvme = sum(t.num_blocks for t in tiers.values()) - gpu - cpu
         self.max_model_len = cfg.max_model_len or spec.max_position_embeddings or 1 << 30
-        self.fingerprint = model_fingerprint(self.loaded.model, {"spec": dataclasses.asdict(spec), "dtype": str(dtype)})
-        self.pm = PageManager(
-            PageManagerConfig(
-                self.layout, device=device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=cfg.nvme_dir if nvme else None,
-                nvme_blocks=nvme, eviction=cfg.eviction, nvme_backend=cfg.nvme_backend,
-                store_tag=self.fingerprint, adopt_stored=cfg.enable_prefix_caching, write_through=cfg.write_through,
-            )
-        )
+        if self._driver is not None:
+            from tierkv.parallel import RecordingPageManager
+
+            pm = RecordingPageManager(pm, self._driver)
+        self.pm = pm
         self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
         hasher = PrefixHasher(self.fingerprint, cfg.block_size) if cfg.enable_prefix_caching else None
         self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch, hasher, cfg.prefix_load)
-        self._closed = False
+        self.engine.tp_driver = self._driver
         if hasher is not None and cfg.prefix_load == "auto":
             self._calibrate()
 
@@ -235,6 +253,11 @@ class LLM:
             "waiting": len(self.scheduler.waiting),
         }
         s["prefix"] = self.engine.prefix_stats.as_dict()
+        if self._driver is not None:
+            from tierkv.parallel import total_stats
+
+            per_rank = self._driver.gather_stats(s.copy())
+            s["tensor_parallel"] = {"size": len(per_rank), "per_rank": per_rank, "total": total_stats(per_rank)}
         return s
 
     def close(self) -> None:
@@ -247,10 +270,14 @@ class LLM:
             for seq in list(self.scheduler.running):
                 self.pm.free(seq.seq_id)
             self.scheduler.running.clear()
-            if self.engine.hasher is not None:
+            if self.engine.hasher is not None and self._driver is None:
                 self.pm.persist_keyed()
         finally:
-            self.pm.close()
+            try:
+                if self._driver is not None:
+                    self._driver.close()
+            finally:
+                self.pm.close()
 
     def __enter__(self) -> "LLM":
         return self
@@ -259,8 +286,44 @@ class LLM:
         self.close()
 
 
-def resolve_capacities(cfg: EngineConfig, block_nbytes: int, device: torch.device) -> tuple[int, int, int]:
-    """Blocks per tier (gpu, cpu, nvme): as given, or defaults from the machine (see EngineConfig)."""
+def setup_rank(cfg: EngineConfig, device: torch.device, tp=None) -> tuple:
+    """Load the model (this rank's shard under tensor parallelism) and build its page manager: (loaded, pm).
+
+    Under tensor parallelism every rank runs this; the ranks agree on the tiers' sizes in blocks (the smallest any
+    rank can hold), and each rank's NVMe files live in `nvme_dir/rank-N`."""
+    loaded = load_model(cfg.model, device, _dtype(cfg.dtype), cfg.load_format, cfg.seed, tp=tp)
+    spec = loaded.spec
+    dtype = next(loaded.model.parameters()).dtype
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size)
+    nvme_dir = cfg.nvme_dir if tp is None or cfg.nvme_dir is None else os.path.join(cfg.nvme_dir, f"rank-{tp.rank}")
+    ranks = 1 if tp is None else tp.world
+    caps = resolve_capacities(dataclasses.replace(cfg, nvme_dir=nvme_dir), layout.block_nbytes, device, ranks)
+    if tp is not None:
+        from tierkv.parallel import broadcast_plan, gather_objects
+
+        every = gather_objects(tp, caps)
+        caps = broadcast_plan(tp, tuple(min(c[i] for c in every) for i in range(3)) if tp.rank == 0 else None)
+    gpu, cpu, nvme = caps
+    check_gpu_tier(gpu, layout.block_nbytes)
+    description = {"spec": dataclasses.asdict(spec), "dtype": str(dtype)}
+    if tp is not None:
+        description["tensor_parallel"] = [tp.rank, tp.world]
+    fingerprint = model_fingerprint(loaded.model, description)
+    pm = PageManager(
+        PageManagerConfig(
+            layout, device=device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=nvme_dir if nvme else None,
+            nvme_blocks=nvme, eviction=cfg.eviction, nvme_backend=cfg.nvme_backend, store_tag=fingerprint,
+            # Under tensor parallelism the prefixes a previous process stored are not adopted: the ranks would
+            # have to agree on which of them every rank still holds intact (not built yet).
+            adopt_stored=cfg.enable_prefix_caching and tp is None, write_through=cfg.write_through,
+        )
+    )
+    return loaded, pm
+
+
+def resolve_capacities(cfg: EngineConfig, block_nbytes: int, device: torch.device, ranks: int = 1) -> tuple[int, int, int]:
+    """Blocks per tier (gpu, cpu, nvme): as given, or defaults from the machine (see EngineConfig). With `ranks`
+    tensor-parallel ranks on the host, the defaults that share one resource (RAM, the disk) are split between them."""
     if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
         gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, block_nbytes)
     elif device.type == "cuda":
@@ -268,16 +331,16 @@ def resolve_capacities(cfg: EngineConfig, block_nbytes: int, device: torch.devic
         activations = 2 * 2**30  # room for one step's activations and the streaming staging
         gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // block_nbytes
     else:
-        gpu = min(2**30, _ram_bytes() // 10) // block_nbytes
+        gpu = min(2**30, _ram_bytes() // 10) // ranks // block_nbytes
     if cfg.cpu_blocks is not None or cfg.cpu_memory is not None:
         cpu = resolve_blocks("cpu", cfg.cpu_blocks, cfg.cpu_memory, block_nbytes)
     else:
-        cpu = min(64 * 2**30, _ram_bytes() // 4) // block_nbytes if device.type == "cuda" else 0
+        cpu = min(64 * 2**30, _ram_bytes() // 4) // ranks // block_nbytes if device.type == "cuda" else 0
     if cfg.nvme_blocks is not None or cfg.nvme_memory is not None:
         nvme = resolve_blocks("nvme", cfg.nvme_blocks, cfg.nvme_memory, block_nbytes)
     elif cfg.nvme_dir:
         os.makedirs(cfg.nvme_dir, exist_ok=True)
-        nvme = min(256 * 2**30, shutil.disk_usage(cfg.nvme_dir).free // 2) // block_nbytes
+        nvme = min(256 * 2**30, shutil.disk_usage(cfg.nvme_dir).free // 2) // ranks // block_nbytes
     else:
         nvme = 0
     return gpu, cpu, nvme

@@ -90,6 +90,8 @@ def _eos_ids(hf_config, path: str) -> tuple[int, ...]:
 
 
 def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill the parameters by name. With tensor parallelism each rank reads only its slice of every sharded
+    tensor (safetensors slices read just those bytes); vocabulary rows past the model's end are zeros."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -106,10 +108,28 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ConfigError(f"checkpoint tensor {name!r} in {path} has no place in a {model.spec.architecture}")
-                tensor = f.get_tensor(name)
                 target = params[name]
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                cut = model.shards.slice_of(name, model.spec.head_dim) if model.tp is not None else None
+                if cut is None:
+                    tensor = f.get_tensor(name)
+                    expected = tuple(target.shape)
+                else:
+                    dim, lo, hi = cut
+                    view = f.get_slice(name)
+                    full = list(view.get_shape())
+                    expected = tuple(target.shape)
+                    vocab = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+                    others = [n for d, n in enumerate(full) if d != dim]
+                    if others != [n for d, n in enumerate(expected) if d != dim] or (hi > full[dim] and not vocab):
+                        raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(full)}, which does not hold this rank's slice {lo}:{hi} of dim {dim}")
+                    hi = min(hi, full[dim])  # the vocabulary's last shard may run past its end: zero rows
+                    tensor = view[tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(full)))]
+                    if tensor.shape[dim] < expected[dim]:
+                        pad = list(tensor.shape)
+                        pad[dim] = expected[dim] - tensor.shape[dim]
+                        tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)
+                if tuple(tensor.shape) != tuple(expected):
+                    raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
                 with torch.no_grad():
                     target.copy_(tensor.to(device=device, dtype=dtype))
                 seen.add(name)
@@ -118,22 +138,34 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
         raise ConfigError(f"checkpoint in {folder} lacks {len(missing)} weights, e.g. {missing[:3]}")
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype | None = None, load_format: str = "auto", seed: int = 0) -> LoadedModel:
-    """Build the model on `device` and fill its weights from the checkpoint, or randomly for load_format='dummy'."""
+def load_model(
+    model: str, device: torch.device, dtype: torch.dtype | None = None, load_format: str = "auto", seed: int = 0, tp=None
+) -> LoadedModel:
+    """Build the model on `device` and fill its weights from the checkpoint, or randomly for load_format='dummy'.
+
+    With `tp` (a tierkv.parallel.TPContext) the model is this rank's shard: `spec` is the local one (its heads
+    and MLP width) and only this rank's slices are read. Dummy weights then differ between tensor-parallel sizes
+    (each rank draws its own shard), which is fine for speed measurements, not for comparing outputs."""
     if load_format not in ("auto", "dummy"):
         raise ConfigError(f"load_format {load_format!r} is not one of 'auto', 'dummy'")
     path = resolve_config_path(model)
     hf_config = load_hf_config(path)
     spec = ModelSpec.from_hf_config(hf_config)
     dtype = dtype or default_dtype(hf_config, device)
+    shards = None
+    if tp is not None:
+        from tierkv.parallel import Shards
+
+        shards = Shards.for_rank(spec, tp)
+        spec = shards.local_spec(spec)
     with torch.device("meta"):
-        net = CausalLM(spec, hf_config)
+        net = CausalLM(spec, hf_config, shards, tp)
     net = net.to_empty(device=device).to(dtype)
     net.rotary = type(net.rotary)(hf_config, spec.head_dim).to(device)  # its buffer is computed, not loaded
     if load_format == "dummy" or os.path.isfile(path):
         if load_format != "dummy":
             raise ConfigError(f"{model!r} is a config without weights; pass load_format='dummy' for random weights")
-        _init_dummy(net, hf_config, seed)
+        _init_dummy(net, hf_config, seed if tp is None else seed * 1009 + tp.rank)
     else:
         _load_safetensors(net, path, device, dtype)
     net.eval()

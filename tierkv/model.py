@@ -140,15 +140,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+class RowParallelLinear(nn.Module):
+    """A Linear whose input features are split across ranks: partial products are summed (one all-reduce), then
+    the bias is added once. Without tensor parallelism it is an ordinary Linear (same parameter names)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(nn.functional.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp=None) -> None:
         super().__init__()
         d, h, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
         self.spec = spec
         self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(spec.hidden_size, kv * d, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = RowParallelLinear(h * d, spec.hidden_size, spec.o_bias, tp)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -167,21 +184,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp=None) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp=None) -> None:
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
+        self.self_attn = Attention(spec, tp)
+        self.mlp = MLP(spec, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -190,24 +207,47 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class _Body(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds rows [lo, hi) of the vocabulary; lookups outside them give zeros, summed across ranks."""
+
+    def __init__(self, rows: tuple[int, int], hidden: int, tp) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.weight = nn.Parameter(torch.empty(rows[1] - rows[0], hidden))
+        self.lo, self.tp = rows[0], tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.lo
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        out = nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside[:, None].to(self.weight.dtype)
+        return self.tp.all_reduce(out)
+
+
+class _Body(nn.Module):
+    def __init__(self, spec: ModelSpec, shards, tp) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(shards.vocab, spec.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(spec, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """The decoder. `forward` runs the flattened tokens of one step; `logits` projects chosen rows to the vocab."""
+    """The decoder. `forward` runs the flattened tokens of one step; `logits` projects chosen rows to the vocab.
 
-    def __init__(self, spec: ModelSpec, hf_config) -> None:
+    With tensor parallelism (`tp`), this rank's module holds its shards (`shards`) and `spec` is the local one
+    (its heads, KV heads and MLP width); `vocab_size` stays the model's."""
+
+    def __init__(self, spec: ModelSpec, hf_config, shards=None, tp=None) -> None:
         super().__init__()
-        self.spec = spec
-        self.model = _Body(spec)
+        from tierkv.parallel import Shards
+
+        shards = shards or Shards.for_rank(spec, None)
+        self.spec, self.shards, self.tp = spec, shards, tp
+        self.model = _Body(spec, shards, tp)
         self.rotary = RotaryEmbedding(hf_config, spec.head_dim)
         if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head = nn.Linear(spec.hidden_size, shards.vocab[1] - shards.vocab[0], bias=False)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
@@ -220,5 +260,9 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, vocab_size) float32; with tensor parallelism every rank takes part and gets the whole rows."""
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        out = nn.functional.linear(hidden, weight).float()
+        if self.tp is not None:
+            out = self.tp.all_gather_last(out)[:, : self.spec.vocab_size]
+        return out
