@@ -2,15 +2,20 @@
 single-process engine token for token, with KV through all three tiers on every rank; a worker that dies or
 hangs ends the run with an error naming its rank; a YAML batch run killed that way resumes."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
+
 import tierkv
 from tierkv import ConfigError
 from tierkv.model import ModelSpec
-from tierkv.parallel import SAFE_ENV, Shards, TPContext, WorkerError
+from tierkv import WorkerError
+from tierkv.parallel import SAFE_ENV, Shards, TPContext
 from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 MAX_TOKENS = 12
@@ -177,3 +182,38 @@ def _spawned_children(pid):
                 if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
                     found.append(int(child))
     return found
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+import tierkv
+model, out, nvme = sys.argv[1:4]
+prompts = json.loads(sys.argv[4])
+llm = tierkv.LLM(model, device="cpu", tensor_parallel_size=2, block_size=4, gpu_blocks=6, cpu_blocks=40, nvme_dir=nvme, nvme_blocks=160)
+# Ranks other than 0 served rank 0 inside LLM(...) and exited there: only rank 0 runs what follows.
+params = tierkv.SamplingParams(max_tokens=%d, temperature=0, ignore_eos=True)
+outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+stats = llm.stats()
+llm.close()
+with open(out, "w") as f:
+    json.dump({"outputs": outputs, "ranks": stats["tensor_parallel"]["size"]}, f)
+""" % MAX_TOKENS
+
+
+def test_the_same_code_runs_under_torchrun(tmp_path):
+    path = tmp_path / "llama"
+    hf = make_checkpoint(path, "llama")
+    prompts = random_prompts(4, 10, 90, hf.config.vocab_size, seed=5)
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "out.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(script), str(path), str(out), str(tmp_path / "nvme"), json.dumps(prompts),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["ranks"] == 2
+    for prompt, tokens in zip(prompts, got["outputs"]):
+        assert tokens == hf_greedy(hf, prompt, MAX_TOKENS)

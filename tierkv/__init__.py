@@ -1,7 +1,7 @@
 """tierkv: a tiered KV-cache runtime. KV blocks live in GPU memory, pinned CPU memory or NVMe files."""
 
 from tierkv.config import EngineConfig, PageManagerConfig
-from tierkv.errors import CapacityError, ConfigError, CorruptBlockError, StoreError, TierKVError
+from tierkv.errors import CapacityError, ConfigError, CorruptBlockError, StoreError, TierKVError, WorkerError
 from tierkv.layout import KVLayout
 from tierkv.llm import LLM
 from tierkv.outputs import CompletionOutput, RequestOutput
@@ -25,4 +25,5 @@ __all__ = [
     "CapacityError",
     "StoreError",
     "CorruptBlockError",
+    "WorkerError",
 ]

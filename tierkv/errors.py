@@ -23,3 +23,7 @@ class CorruptBlockError(StoreError):
     def __init__(self, message: str, slots: list[int] | None = None) -> None:
         super().__init__(message)
         self.slots = list(slots or [])
+
+
+class WorkerError(TierKVError):
+    """A tensor-parallel worker died or stopped answering; the message names its rank."""

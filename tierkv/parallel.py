@@ -26,14 +26,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tierkv.errors import ConfigError, TierKVError
+from tierkv.errors import ConfigError, TierKVError, WorkerError
 
 # Never let NCCL, PyTorch or NVSHMEM use NVLink multicast (it can take a shared host's GPUs down).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-class WorkerError(TierKVError):
-    """A tensor-parallel worker died or stopped answering."""
 
 
 @dataclass
@@ -123,9 +119,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Testing the tensor-parallel path on a machine with one GPU: every rank on the same device, gloo between them
+# (NCCL refuses two ranks on one GPU). Slow, for correctness checks only.
+ONE_GPU_ENV = "TIERKV_TP_ONE_GPU"
+
+
+def _one_gpu() -> bool:
+    return os.environ.get(ONE_GPU_ENV) == "1"
+
+
 def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float) -> TPContext:
     os.environ.update(SAFE_ENV)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "nccl" if device.type == "cuda" and not _one_gpu() else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -436,6 +441,8 @@ def rank_device(device: torch.device, local_rank: int, local_world: int) -> torc
     if device.type != "cuda":
         return device
     base = device.index or 0
+    if _one_gpu():
+        return torch.device("cuda", base)
     have = torch.cuda.device_count()
     if base + local_world > have:
         raise ConfigError(
