@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -23,6 +23,11 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def touch(self, key: Hashable) -> None:
         """Record an access to a tracked `key`."""
+
+    def touch_many(self, keys: Iterable[Hashable]) -> None:
+        """Record accesses to tracked `keys`, in order (one call per step for all of its blocks)."""
+        for key in keys:
+            self.touch(key)
 
     @abstractmethod
     def remove(self, key: Hashable) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 from tierkv.policies.base import EvictionPolicy
 
@@ -23,6 +23,11 @@ class LRUPolicy(EvictionPolicy):
 
     def touch(self, key: Hashable) -> None:
         self._order.move_to_end(key)
+
+    def touch_many(self, keys: Iterable[Hashable]) -> None:
+        move = self._order.move_to_end
+        for key in keys:
+            move(key)
 
     def remove(self, key: Hashable) -> None:
         del self._order[key]

