@@ -5,6 +5,17 @@ TRITON_INTERPRET=1 against it.
 """
 
 from tierkv.kernels.block_copy import copy_blocks, copy_blocks_reference, copy_blocks_triton
+from tierkv.kernels.fused import (
+    rms_norm,
+    rms_norm_reference,
+    rms_norm_triton,
+    rotary,
+    rotary_reference,
+    rotary_triton,
+    silu_mul,
+    silu_mul_reference,
+    silu_mul_triton,
+)
 from tierkv.kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 from tierkv.kernels.paged_attention import (
     PagedBatch,
@@ -16,6 +27,15 @@ from tierkv.kernels.paged_attention import (
 )
 
 __all__ = [
+    "rms_norm",
+    "rms_norm_reference",
+    "rms_norm_triton",
+    "rotary",
+    "rotary_reference",
+    "rotary_triton",
+    "silu_mul",
+    "silu_mul_reference",
+    "silu_mul_triton",
     "copy_blocks",
     "copy_blocks_reference",
     "copy_blocks_triton",
