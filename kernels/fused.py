@@ -46,13 +46,26 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _round(x, dt: tl.constexpr):
+        """x (float32) rounded to `dt` and back, as PyTorch rounds each op's result. For bf16 the rounding is done
+        on the bits (round to nearest even), so that the compiler cannot drop the round trip as a no-op."""
+        if dt == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        elif dt == tl.float32:
+            return x
+        else:
+            return x.to(dt).to(tl.float32)
+
+    @triton.jit
     def _rms_norm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
         x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        normed = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+        normed = _round(x * rstd, Y.dtype.element_ty)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * stride_y + offs, (w * normed).to(Y.dtype.element_ty), mask=mask)
 
@@ -70,8 +83,8 @@ if triton is not None:
         s2 = tl.load(SIN + t * stride_st + HALF + i).to(tl.float32)
         dt = Y.dtype.element_ty
         # x * cos + rotate_half(x) * sin, each product rounded to the dtype before the sum, as in PyTorch.
-        y1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-        y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+        y1 = (_round(x1 * c1, dt) + _round(-x2 * s1, dt)).to(dt)
+        y2 = (_round(x2 * c2, dt) + _round(x1 * s2, dt)).to(dt)
         yb = Y + t * stride_yt + h * stride_yh
         tl.store(yb + i, y1)
         tl.store(yb + HALF + i, y2)
@@ -83,7 +96,7 @@ if triton is not None:
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         dt = Y.dtype.element_ty
-        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        act = _round(g / (1.0 + tl.exp(-g)), dt)
         tl.store(Y + offs, (act * u).to(dt), mask=mask)
 
 

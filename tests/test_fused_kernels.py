@@ -29,9 +29,9 @@ def rope_tables(T, D, device, dtype):
 def check(got, want, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
-    else:  # rounded where PyTorch rounds: equal but for the odd last bit of exp/rsqrt
+    else:  # rounded where PyTorch rounds, so bit for bit (on the H100: all of 58M elements), bar a rare exp/rsqrt ulp
         torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
-        assert (got == want).float().mean() > 0.99
+        assert (got == want).float().mean() >= 0.9999
 
 
 @pytest.mark.parametrize("device", DEVICES)
