@@ -53,3 +53,37 @@ def test_bfloat16_logits_close_and_greedy_agrees(tmp_path):
         logits = ref.logits[j][0].float()
         assert float(logits.max() - logits[got[j]]) < 0.1, f"step {j}: not a near tie in transformers' own logits"
     assert exact >= len(prompts) // 2, f"only {exact} of {len(prompts)} greedy paths agree in full"
+
+
+def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
+    """A prefix cached in pinned RAM comes back in layer groups (one event per group) while the step's first
+    layers already compute; with the copy stream held back by a random sleep, the output is still exact."""
+    import random
+
+    from tierkv.handles import LayeredHandle
+    from tierkv.mover import Mover
+
+    monkeypatch.setattr(Mover, "layered_min_blocks", 8)
+    monkeypatch.setattr(Mover, "layer_group_bytes", 1)  # one layer per group
+    hf = make_checkpoint(tmp_path / "m", "llama", num_hidden_layers=4).cuda()
+    prefix = random_prompts(1, 400, 400, hf.config.vocab_size, seed=4)[0]
+    prompts = [prefix + [5, 6, 7], prefix + [9, 8]]
+    seen = []
+    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", block_size=4, gpu_blocks=400, cpu_blocks=400,
+                    prefix_load="always", max_num_batched_tokens=512) as llm:
+        first = llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        llm.pm.demote_cached("cpu")
+        llm.pm.mover._debug_rng = random.Random(1)  # random sleeps on the copy streams before each transfer
+        take = llm.pm.take_layer_waits
+
+        def spy():
+            waits = take()
+            seen.extend(waits)
+            return waits
+
+        llm.pm.take_layer_waits = spy
+        second = llm.generate(prompts[1:], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert second[0].num_cached_tokens == 400
+    assert any(isinstance(h, LayeredHandle) and len(h.groups) == 4 for h in seen), "the hit was not promoted in layer groups"
+    assert first[0].outputs[0].token_ids == hf_greedy(hf, prompts[0], 8)
+    assert second[0].outputs[0].token_ids == hf_greedy(hf, prompts[1], 8)

@@ -49,6 +49,7 @@ class StepAttention:
         self.scale = scale
         self.windows = sliding_windows
         self._stream_index = [self._plan(s) for s in streamed]
+        self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before reading it
 
     def _plan(self, s: StreamedEntry):
         """Per chunk: (first logical block, source tier -> (source slots, staging rows)), index tensors prebuilt."""
@@ -72,6 +73,10 @@ class StepAttention:
         return plan
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.layer_waits:
+            stream = torch.cuda.current_stream(q.device)
+            for handle in self.layer_waits:
+                handle.wait_layer(layer, stream)
         pool = self.gpu.pool[:, layer]  # (slots, 2, block_size, Hkv, D)
         k_cache, v_cache = pool[:, 0], pool[:, 1]
         write_kv(k, v, k_cache, v_cache, self.slot_mapping)

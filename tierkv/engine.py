@@ -170,6 +170,7 @@ class Engine:
             ids,
             writes={e.seq.seq_id: (e.start, e.end) for e in entries},
             block_ranges={e.seq.seq_id: (e.first_block, self.scheduler.blocks_for(e.end)) for e in entries},
+            layered=self.device.type == "cuda",
         )
         try:
             plans = [EntryPlan(e.seq.seq_id, e.start, e.end, e.first_block, e.samples) for e in entries]
@@ -208,6 +209,7 @@ class Engine:
         tensor-parallel rank runs this with the same arguments."""
         streamed = self._stream_plan(plans, placed)
         attend = self._attention(plans, tables, streamed)
+        attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
         positions = torch.cat([torch.arange(p.start, p.end) for p in plans])
         hidden = self.model(input_ids.to(self.device), positions.to(self.device), attend)
         rows, row = [], 0

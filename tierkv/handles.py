@@ -45,6 +45,25 @@ class EventHandle(Handle):
         stream.wait_event(self.event)
 
 
+class LayeredHandle(EventHandle):
+    """A host-to-GPU transfer done in layer groups, one event per group (`groups`: (first layer, end layer,
+    event)), in layer order. As a handle it completes with the last group; a step's attention can instead wait,
+    layer by layer, for just the group it is about to read (`wait_layer`), so compute on the first layers
+    overlaps the transfer of the later ones."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, groups: list) -> None:
+        super().__init__(groups[-1][2])
+        self.groups = groups
+
+    def wait_layer(self, layer: int, stream) -> None:
+        for lo, hi, event in self.groups:
+            if lo <= layer < hi:
+                stream.wait_event(event)
+                return
+
+
 class FutureHandle(Handle):
     """Host work on a worker thread (NVMe I/O) whose result is a further handle for any device work it queued."""
 

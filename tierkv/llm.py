@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 
@@ -158,7 +159,10 @@ class LLM:
                 ids = tok(prompt).input_ids
                 text = prompt
             else:
-                ids = [int(t) for t in prompt]
+                try:
+                    ids = array("q", prompt).tolist()  # fast for lists of ints; refuses floats
+                except (TypeError, OverflowError):
+                    ids = [int(t) for t in prompt]
                 text = None
             if not ids:
                 raise ConfigError(f"prompt {i} is empty")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, all_of
+from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
 from tierkv.kernels import copy_blocks
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 
@@ -42,7 +42,15 @@ class LinkStats:
 
 
 class Mover:
-    """Runs batched transfers between `tiers`; `device` is the compute device ("cpu" or a CUDA device)."""
+    """Runs batched transfers between `tiers`; `device` is the compute device ("cpu" or a CUDA device).
+
+    A host-to-GPU batch of at least `layered_min_blocks` blocks is copied in layer groups of about
+    `layer_group_bytes` per block, in layer order, one event per group (a LayeredHandle): the step that needs the
+    blocks can start its first layers while the later ones are still crossing the link.
+    """
+
+    layered_min_blocks = 32
+    layer_group_bytes = 512 * 1024
 
     def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
         self.tiers = list(tiers)
@@ -178,13 +186,35 @@ class Mover:
             dep.wait_on(stream)
             self._delay(stream)
             start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            copy_blocks(src.pool, dst.pool, _index(src_slots, self.device), _index(dst_slots, self.device))
-            end.record(stream)
+            src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
+            groups = self._layer_groups(src, dst, len(src_slots))
+            if len(groups) == 1:
+                copy_blocks(src.pool, dst.pool, src_idx, dst_idx)
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(stream)
+                handle = EventHandle(end)
+            else:
+                marks = []
+                for lo, hi in groups:
+                    copy_blocks(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx)
+                    event = torch.cuda.Event(enable_timing=(hi == groups[-1][1]))
+                    event.record(stream)
+                    marks.append((lo, hi, event))
+                end = marks[-1][2]
+                handle = LayeredHandle(marks)
         with self._lock:
             self._timed.append((link, start, end))
-        return EventHandle(end)
+        return handle
+
+    def _layer_groups(self, src: MemoryTier, dst: MemoryTier, n: int) -> list[tuple[int, int]]:
+        """Layer ranges to copy one after the other: all layers at once unless a large batch goes to the GPU."""
+        layers = dst.pool.shape[1] if dst.pool.dim() > 1 else 1
+        if not (src.is_host_memory and dst.is_cuda) or n < self.layered_min_blocks or layers < 2:
+            return [(0, layers)]
+        per_layer = dst.layout.block_nbytes // layers
+        size = max(1, min(layers, round(self.layer_group_bytes / per_layer)))
+        return [(lo, min(layers, lo + size)) for lo in range(0, layers, size)]
 
     def _run_on_worker(self, src: Tier, src_slots, dst: Tier, dst_slots, dep: Handle, link: LinkStats, meta) -> Handle:
         """Body of a transfer on the worker thread; returns a handle for any device work it left queued."""

@@ -30,7 +30,7 @@ from tierkv.config import PageManagerConfig
 import warnings
 
 from tierkv.errors import CapacityError, CorruptBlockError
-from tierkv.handles import DONE, Handle, all_of
+from tierkv.handles import DONE, Handle, LayeredHandle, all_of
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover
 from tierkv.policies import EvictionPolicy, NextScheduledPrefetch, PrefetchPolicy, make_eviction_policy
@@ -102,6 +102,7 @@ class PageManager:
         self._copy_queue: list[Block] = []  # keyed blocks waiting for their write-through copy
         self._next_block_id = 0
         self._pinned_blocks = 0  # blocks with pins > 0
+        self._layer_waits: list = []  # see acquire(layered=True)
         self._closed = False
         if NVME in self.tiers and config.adopt_stored:
             self._adopt_stored()
@@ -445,8 +446,13 @@ class PageManager:
         seq_ids: Sequence[Hashable],
         writes: dict[Hashable, tuple[int, int]] | None = None,
         block_ranges: dict[Hashable, tuple[int, int]] | None = None,
+        layered: bool = False,
     ) -> list[list[int]]:
         """Bring the blocks of `seq_ids` to the GPU, pin them, and order the compute stream after their arrival.
+
+        With `layered`, blocks still arriving in layer groups (LayeredHandle) are not waited for as a whole: the
+        caller takes them with `take_layer_waits()` and waits layer by layer before it reads each layer (blocks
+        this step writes are always waited for whole).
 
         `writes[seq] = (start, end)`: the step writes token positions [start, end) of that sequence; the blocks
         they fall in are made private first (copy-on-write) and count as holding data afterwards.
@@ -550,6 +556,12 @@ class PageManager:
             # Blocks about to be written must also wait for transfers still reading them (copies to disk).
             written = [b.readers for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
                        for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]] if b.readers is not DONE]
+            if layered and waits:
+                whole = {id(b.ready) for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
+                         for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]}
+                later = {id(h): h for h in waits if isinstance(h, LayeredHandle) and id(h) not in whole}
+                self._layer_waits.extend(later.values())
+                waits = [h for h in waits if id(h) not in later]
             if waits or written:
                 all_of([*waits, *written]).wait_on(torch.cuda.current_stream(self.device))
         return [[b.slot for b in seq.blocks[first:stop]] for seq, (first, stop) in zip(seqs, spans)]
@@ -571,6 +583,11 @@ class PageManager:
                     plan.append((i, j, block))
                 remaining[block.block_id] = left - 1
         return plan
+
+    def take_layer_waits(self) -> list:
+        """The layer-group transfers the last `acquire(layered=True)` left for the caller to wait on, per layer."""
+        waits, self._layer_waits = self._layer_waits, []
+        return waits
 
     def pin_in_place(self, seq_id: Hashable, stop_block: int) -> list[tuple[int, int]]:
         """Pin the sequence's blocks [0, stop_block) where they are, for attention that streams them; returns each

@@ -56,9 +56,12 @@ class PrefixHasher:
     def keys(self, parent: bytes, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
         """Keys of the first `num_blocks` full blocks of `token_ids`, chained from `parent`."""
         bs = self.block_size
+        raw = array("q", token_ids[: num_blocks * bs]).tobytes()  # one conversion; each block is a slice of it
+        step = bs * 8
+        sha = hashlib.sha256
         out = []
         for j in range(num_blocks):
-            parent = self.key(parent, token_ids[j * bs : (j + 1) * bs])
+            parent = sha(parent + raw[j * step : (j + 1) * step]).digest()
             out.append(parent)
         return out
 
