@@ -57,7 +57,8 @@ def test_bfloat16_logits_close_and_greedy_agrees(tmp_path):
 
 def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
     """A prefix cached in pinned RAM comes back in layer groups (one event per group) while the step's first
-    layers already compute; with the copy stream held back by a random sleep, the output is still exact."""
+    layers already compute; with the copy stream held back by a random sleep before each transfer, the output
+    is still exact (without the per-layer waits the step would read blocks not yet there)."""
     import random
 
     from tierkv.handles import LayeredHandle
@@ -74,14 +75,14 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
         first = llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
         llm.pm.demote_cached("cpu")
         llm.pm.mover._debug_rng = random.Random(1)  # random sleeps on the copy streams before each transfer
-        take = llm.pm.take_layer_waits
+        launch = llm.pm.mover._launch
 
-        def spy():
-            waits = take()
-            seen.extend(waits)
-            return waits
+        def spy(*args):
+            handle = launch(*args)
+            seen.append(handle)
+            return handle
 
-        llm.pm.take_layer_waits = spy
+        llm.pm.mover._launch = spy
         second = llm.generate(prompts[1:], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
     assert second[0].num_cached_tokens == 400
     assert any(isinstance(h, LayeredHandle) and len(h.groups) == 4 for h in seen), "the hit was not promoted in layer groups"
