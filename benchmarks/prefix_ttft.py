@@ -4,13 +4,16 @@ recomputing it, in one run.
     python benchmarks/prefix_ttft.py --model llama-3.1-8b --prefix-len 32768 --out prefix_ttft.json --record BENCHMARKS.md
 
 Each measured request is the prefix plus its own 16-token suffix, max_tokens=1; its TTFT is the wall time of
-that one generate() call (lookup, any load from a lower tier, the suffix's prefill, the first token). The NVMe
-case runs twice: loading what was found ("always") and with tierkv's load-or-recompute choice ("auto").
+that one generate() call (lookup, any load from a lower tier, the suffix's prefill, the first token). Each case
+is measured `--repeats` times (the prefix demoted back to its tier before each) and reported as the median,
+with the fastest and slowest. The NVMe case runs twice: loading what was found ("always") and with tierkv's
+load-or-recompute choice ("auto").
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -40,6 +43,7 @@ def main() -> int:
     ap.add_argument("--nvme-dir", default="/tmp/tierkv-prefix-nvme")
     ap.add_argument("--nvme-memory", default="8GiB")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out")
     ap.add_argument("--record")
     args = ap.parse_args()
@@ -58,31 +62,43 @@ def main() -> int:
     rows = {}
     ttft(llm, request(), salt="warm-up")  # compiles kernels, warms allocators
     llm.reset_prefix_cache()
-    rows["recompute (cold cache)"] = ttft(llm, request())
-    rows["recompute (warm, other salt)"] = ttft(llm, request(), salt="other-tenant")
-    rows["hit on GPU"] = ttft(llm, request())
-    llm.pm.demote_cached("cpu")
-    llm.engine.prefix_load = "always"
-    rows["hit in pinned RAM"] = ttft(llm, request())
-    llm.pm.demote_cached("cpu")
-    llm.pm.demote_cached("nvme")
-    rows["hit on NVMe, loaded"] = ttft(llm, request())
-    llm.pm.demote_cached("cpu")
-    llm.pm.demote_cached("nvme")
+    rows["recompute (cold cache)"] = [ttft(llm, request())]
+    llm.reset_prefix_cache()
+    rows["recompute (cold cache)"].append(ttft(llm, request()))
+    rows["recompute (warm, other salt)"] = [ttft(llm, request(), salt=f"other-tenant-{i}") for i in range(max(2, args.repeats // 2))]
+
+    def measure(name: str, tiers: list[str], load: str, repeats: int) -> None:
+        llm.engine.prefix_load = load
+        rows[name] = []
+        for _ in range(repeats):
+            for tier in tiers:
+                llm.pm.demote_cached(tier)
+            rows[name].append(ttft(llm, request()))
+
+    measure("hit on GPU", [], "auto", args.repeats)
+    measure("hit in pinned RAM", ["cpu"], "always", args.repeats)
+    measure("hit on NVMe, loaded", ["cpu", "nvme"], "always", max(1, args.repeats // 2))
+    measure("hit on NVMe, load-or-recompute", ["cpu", "nvme"], "auto", max(1, args.repeats // 2))
     llm.engine.prefix_load = "auto"
-    rows["hit on NVMe, load-or-recompute"] = ttft(llm, request())
+    summary = {}
+    for name, runs in rows.items():
+        times = sorted(t for t, _ in runs)
+        summary[name] = (statistics.median(times), times[0], times[-1], len(times), runs[0][1])
     stats = llm.stats()
     llm.close()
-    base = rows["recompute (warm, other salt)"][0]
+    base = summary["recompute (warm, other salt)"][0]
     meta = run_meta()
     print(f"{args.model}, prefix {args.prefix_len} tokens = {kv_bytes / 2**30:.2f} GiB of KV, {meta['device']}")
-    for name, (t, cached) in rows.items():
-        print(f"  {name:<32} TTFT {t * 1e3:9.1f} ms   reused {cached:>6} tokens   {base / t:6.1f}x vs recompute")
+    for name, (med, lo, hi, n, cached) in summary.items():
+        print(f"  {name:<32} TTFT {med * 1e3:8.1f} ms (median of {n}; {lo * 1e3:.1f}-{hi * 1e3:.1f})   reused {cached:>6} tokens   "
+              f"{base / med:6.1f}x vs recompute")
     print(f"  NVMe backend: {stats['tiers']['nvme'].get('backend')}; prefix stats: {stats['prefix']}")
-    write_json(args.out, meta, rows={k: {"ttft_s": v[0], "cached_tokens": v[1]} for k, v in rows.items()}, kv_bytes=kv_bytes, stats=stats)
+    write_json(args.out, meta, rows={k: {"ttft_s": [t for t, _ in v], "cached_tokens": v[0][1]} for k, v in rows.items()},
+               kv_bytes=kv_bytes, stats=stats)
     append_rows(args.record, [
-        f"| {meta['date']} | {meta['device']} | {name} | {t * 1e3:.1f} ms | {cached} | {base / t:.1f}x | `{meta['command']}` |"
-        for name, (t, cached) in rows.items()
+        f"| {meta['date']} | {meta['device']} | {name} | {med * 1e3:.1f} ms (median of {n}; {lo * 1e3:.1f}-{hi * 1e3:.1f}) | {cached} | "
+        f"{base / med:.1f}x | `{meta['command']}` |"
+        for name, (med, lo, hi, n, cached) in summary.items()
     ])
     return 0
 
