@@ -28,6 +28,7 @@ import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
 from tierkv.kernels import copy_blocks
+from tierkv.kernels.block_copy import copy_blocks_triton
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 
 
@@ -51,6 +52,9 @@ class Mover:
 
     layered_min_blocks = 32
     layer_group_bytes = 512 * 1024
+    # Programs of a host-to-GPU copy kernel: reads over PCIe reach the link's speed from ~16 programs on (see
+    # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
+    h2d_programs = 32
 
     def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
         self.tiers = list(tiers)
@@ -189,15 +193,16 @@ class Mover:
             start.record(stream)
             src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
             groups = self._layer_groups(src, dst, len(src_slots))
+            programs = self.h2d_programs if src.is_host_memory and dst.is_cuda else None
             if len(groups) == 1:
-                copy_blocks(src.pool, dst.pool, src_idx, dst_idx)
+                copy_blocks_triton(src.pool, dst.pool, src_idx, dst_idx, max_programs=programs)
                 end = torch.cuda.Event(enable_timing=True)
                 end.record(stream)
                 handle = EventHandle(end)
             else:
                 marks = []
                 for lo, hi in groups:
-                    copy_blocks(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx)
+                    copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
                     event = torch.cuda.Event(enable_timing=(hi == groups[-1][1]))
                     event.record(stream)
                     marks.append((lo, hi, event))
