@@ -1,13 +1,19 @@
 """End-to-end generation throughput of tierkv on a model with dummy weights at real shapes.
 
     python benchmarks/engine_throughput.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --output-len 128
+    # one sequence whose KV (32 GiB) is larger than the GPU tier: decode time per token vs the PCIe bound
+    python benchmarks/engine_throughput.py --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB \
+        --cpu-memory 40GiB --max-model-len 270000
 
-Prints output tokens/s and the per-tier stats; writes JSON with --out.
+Prints output tokens/s, the median decode step (steps without prefill tokens) and the per-tier stats; writes JSON
+with --out. The PCIe bound of a decode step is the KV that does not fit in the GPU tier (it must cross the link
+every step) over the host-to-device copy bandwidth measured at the start of the run (a contiguous pinned copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -16,6 +22,19 @@ import torch
 import tierkv
 from common import run_meta, write_json
 from tierkv.stats import format_stats
+
+
+def h2d_gbps(nbytes: int = 1 << 30) -> float:
+    """Host-to-device bandwidth of one contiguous pinned copy (the link's ceiling for this run)."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return 3 * nbytes / (time.perf_counter() - t) / 1e9
 
 
 def main() -> int:
@@ -30,9 +49,14 @@ def main() -> int:
     ap.add_argument("--nvme-memory")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--no-prefetch", action="store_true", help="turn the engine's prefetch off (overlap comparison)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                prefetch=not args.no_prefetch, enable_prefix_caching=False)
+    if args.max_model_len:
+        opts["max_model_len"] = args.max_model_len
     for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -43,21 +67,43 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, vocab, (args.num_requests, args.prompt_len), generator=g).tolist()
     params = tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], tierkv.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up: compile kernels
+    link = h2d_gbps() if torch.cuda.is_available() else None
+    warm = [p[: min(len(p), 2048)] for p in prompts[:2]]
+    llm.generate(warm, tierkv.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up: compile kernels
+    llm.pm.reset_counters()
+    llm.add_requests(prompts, params)
+    counters = llm.engine.counters
+    generated0, decode_steps = counters.generated_tokens, []
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    while llm.has_unfinished():
+        prompt0, s0 = counters.prompt_tokens, time.perf_counter()
+        llm.step()
+        if counters.prompt_tokens == prompt0:
+            decode_steps.append(time.perf_counter() - s0)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    generated = counters.generated_tokens - generated0
     stats = llm.stats()
     print(format_stats(stats))
+    step = statistics.median(decode_steps) if decode_steps else None
+    kv_bytes = sum(len(p) + args.output_len for p in prompts) * llm.layout.block_nbytes // llm.layout.block_size
+    gpu_bytes = stats["tiers"]["gpu"]["capacity_bytes"]
+    bound = max(0, kv_bytes - gpu_bytes) / (link * 1e9) if link else None
     print(f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
-          f"{generated / wall:.1f} output tok/s, {(generated + args.num_requests * args.prompt_len) / wall:.0f} total tok/s "
-          f"(load {load_s:.1f} s; {stats['engine']['steps']} steps, {stats['engine']['preemptions']} preemptions)")
-    write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats)
+          f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
+          f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'})")
+    if step is not None:
+        line = f"median decode step {step * 1e3:.1f} ms over {len(decode_steps)} steps"
+        if bound:
+            line += (f"; KV {kv_bytes / 2**30:.1f} GiB, GPU tier {gpu_bytes / 2**30:.1f} GiB: {(kv_bytes - gpu_bytes) / 2**30:.1f} GiB "
+                     f"cross the link per step, PCIe bound {bound * 1e3:.1f} ms at {link:.1f} GB/s: step = {step / bound:.2f}x the bound")
+        print(line)
+    write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats,
+               decode_step_s=step, decode_steps=len(decode_steps), h2d_gbps=link, kv_bytes=kv_bytes, pcie_bound_s=bound,
+               prefetch=not args.no_prefetch)
     llm.close()
     return 0
 
