@@ -201,3 +201,22 @@ def test_dummy_weights_from_a_preset_name(tmp_path):
     assert len(out.outputs[0].token_ids) == 5
     with pytest.raises(ConfigError, match="load_format='dummy'"):
         tierkv.LLM("tiny-llama", device="cpu", gpu_blocks=8)
+
+
+def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
+    """Groups take turns on a small GPU tier. Prefetching the next group must bring most of its blocks ahead of
+    its turn without evicting the group still running (which would move them twice): about the traffic of
+    running with prefetch off, and the same output."""
+    moved, outputs = {}, {}
+    for prefetch in (True, False):
+        with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000,
+                        enable_prefix_caching=False, prefetch=prefetch, max_num_batched_tokens=512) as llm:
+            prompts = random_prompts(24, 256, 256, 500, seed=0)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
+            stats = llm.stats()
+        moved[prefetch] = (stats["links"]["cpu->gpu"]["blocks"], stats["tiers"]["gpu"]["prefetched"])
+        outputs[prefetch] = [o.outputs[0].token_ids for o in outs]
+    assert outputs[True] == outputs[False]
+    (on, prefetched), (off, _) = moved[True], moved[False]
+    assert on <= 1.2 * off, f"prefetch on moved {on} blocks to the GPU, prefetch off {off}: prefetch evicts what runs"
+    assert prefetched >= 0.5 * on, f"only {prefetched} of {on} promotions were prefetched ahead of their step"

@@ -45,6 +45,22 @@ def test_sequences_that_do_not_fit_the_gpu_wait_and_take_turns():
     assert s.preemptions == 6  # a group of two rotated out after steps 2, 4 and 6
 
 
+def test_prefetch_hints_name_the_next_group_and_keep_the_one_still_running():
+    s = scheduler(gpu_blocks=4, slice_steps=3)
+    seqs = [make(30, 30, i, generated=1) for i in range(4)]
+    s.running.extend(seqs)
+    hints = []
+    for _ in range(4):
+        s.schedule()
+        hints.append(([q.seq_id for q in s.upcoming()], [q.seq_id for q in s.staying()]))
+    # Step 1 of 3: nothing to prefetch. Step 2: the next group, best effort, without evicting [0, 1], which still
+    # runs step 3. After step 3 the slice ends: the next group, and [0, 1] gives way.
+    assert hints[0] == ([], [0, 1])
+    assert hints[1] == ([2, 3], [0, 1])
+    assert hints[2] == ([2, 3], [])
+    assert hints[3] == ([], [2, 3])
+
+
 def test_a_sequence_longer_than_the_gpu_runs_alone_with_a_window():
     s = scheduler(gpu_blocks=3, tokens=200, slice_steps=100)
     big = make(300, 0, 0)

@@ -633,7 +633,9 @@ class PageManager:
                 raise RuntimeError(f"release({seq_id!r}) without a matching acquire")
             self._unpin(seq.pinned.pop())
 
-    def prefetch(self, seq_ids: Sequence[Hashable], before_step: int | None = None, budget_blocks: int | None = None) -> int:
+    def prefetch(
+        self, seq_ids: Sequence[Hashable], before_step: int | None = None, budget_blocks: int | None = None, keep: Sequence[Hashable] = ()
+    ) -> int:
         """Start bringing the blocks of `seq_ids` (in that order of urgency) to the GPU; returns at once.
 
         Best effort: it never evicts pinned blocks or blocks prefetched for an earlier deadline, and stops
@@ -642,6 +644,10 @@ class PageManager:
         """
         step = self.step + 1 if before_step is None else before_step
         budget = self.tiers[GPU].num_blocks if budget_blocks is None else budget_blocks
+        for s in keep:  # sequences that run before `step` too: their GPU blocks are not room for this prefetch
+            for block in self._seq(s).blocks:
+                if block.tier == GPU:
+                    block.reserved_step = max(block.reserved_step, step)
         upcoming = [[b.block_id for b in self._seq(s).blocks] for s in seq_ids]
         wanted = self.prefetch_policy.plan(upcoming, lambda bid: self.blocks[bid].tier == GPU, budget)
         for s in seq_ids:
@@ -690,8 +696,9 @@ class PageManager:
 
         def evictable(bid: Hashable) -> bool:
             b = blocks[bid]
-            # A prefetch reservation holds a block for its sequence; a cached block has none to hold it for.
-            return b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step < step or b.ref_count == 0)
+            # A prefetch reservation holds a block for its sequence until its step begins (then the step's pins
+            # hold what it uses); a cached block has no sequence to hold it for.
+            return b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step <= step or b.ref_count == 0)
 
         return evictable
 

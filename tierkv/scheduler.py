@@ -50,6 +50,7 @@ class Scheduler:
         self.preemptions = 0
         self._slice_left = slice_steps
         self._last_group: set[int] = set()
+        self._rotated = False  # the last scheduled step ended a slice: the group that ran gives way
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -151,9 +152,11 @@ class Scheduler:
         if not skipped:
             self._slice_left = self.slice_steps
             self._last_group = group
+            self._rotated = False
             return
         self._slice_left -= 1
-        if self._slice_left <= 0:
+        self._rotated = self._slice_left <= 0
+        if self._rotated:
             ran = [s for s in self.running if s.seq_id in group]
             for s in ran:
                 self.running.remove(s)
@@ -163,7 +166,14 @@ class Scheduler:
         self._last_group = group
 
     def upcoming(self) -> list[Sequence]:
-        """Sequences likely to run in the next slice that are not running now (for prefetch)."""
-        if self._slice_left > 1:
+        """Sequences likely to run in the next slice that are not running now (for prefetch): after the last step
+        of a slice (the group just rotated out), and already one step before it (best effort: see `staying`)."""
+        if not (self._rotated or self._slice_left == 1):
             return []
         return [s for s in self.running if s.seq_id not in self._last_group]
+
+    def staying(self) -> list[Sequence]:
+        """Sequences of the group that ran this step and runs the next one too (a prefetch must not evict them)."""
+        if self._rotated:
+            return []
+        return [s for s in self.running if s.seq_id in self._last_group and not s.finished]
