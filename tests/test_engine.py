@@ -220,3 +220,16 @@ def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
     (on, prefetched), (off, _) = moved[True], moved[False]
     assert on <= 1.2 * off, f"prefetch on moved {on} blocks to the GPU, prefetch off {off}: prefetch evicts what runs"
     assert prefetched >= 0.5 * on, f"only {prefetched} of {on} promotions were prefetched ahead of their step"
+
+
+def test_streaming_in_many_small_chunks_is_exact(tmp_path):
+    """A sequence far longer than the GPU tier streams its older KV in chunks of `staging_blocks`; with chunks of
+    3 blocks each layer merges a dozen partial attentions (log-sum-exp), and the output still equals transformers'."""
+    hf = make_checkpoint(tmp_path / "m", "llama")
+    prompts = random_prompts(3, 120, 200, hf.config.vocab_size, seed=8)
+    with tierkv.LLM(str(tmp_path / "m"), device="cpu", block_size=4, gpu_blocks=6, cpu_blocks=200, staging_blocks=3,
+                    max_num_batched_tokens=32) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        assert llm.stats()["engine"]["streamed_steps"] > 0
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 8)

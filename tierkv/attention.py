@@ -52,7 +52,7 @@ class StepAttention:
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before reading it
 
     def _plan(self, s: StreamedEntry):
-        """Per chunk: (first logical block, source tier -> (source slots, staging rows)), index tensors prebuilt."""
+        """Per chunk: its copies (source tier, source slots, staging rows) and its attention metadata, prebuilt."""
         device = self.gpu.pool.device
         chunk = self.staging.shape[0]
         plan = []
@@ -68,8 +68,19 @@ class StepAttention:
                 (tier, torch.tensor(src, dtype=torch.int64, device=device), torch.tensor(dst, dtype=torch.int64, device=device))
                 for tier, src, dst in groups.values()
             ]
-            table = torch.arange(n, dtype=torch.int32, device=device)[None]
-            plan.append((first, n, moves, table))
+            bs = self.gpu.pool.shape[3]
+            rows = s.rows[1] - s.rows[0]
+            # The chunk's attention metadata is the same for every layer: built once per step, not per layer.
+            batch = PagedBatch(
+                q_starts=torch.tensor([0, rows], dtype=torch.int32, device=device),
+                q_pos0=torch.tensor([s.q_pos0], dtype=torch.int32, device=device),
+                context_lens=torch.tensor([(first + n) * bs], dtype=torch.int32, device=device),
+                first_block=torch.tensor([first], dtype=torch.int32, device=device),
+                block_tables=torch.arange(n, dtype=torch.int32, device=device)[None],
+                max_q=rows,
+                max_context=(first + n) * bs,
+            )
+            plan.append((moves, batch))
         return plan
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -84,22 +95,12 @@ class StepAttention:
         if not self.streamed:
             return paged_attention(q, k_cache, v_cache, self.batch, self.scale, window)
         out, lse = paged_attention(q, k_cache, v_cache, self.batch, self.scale, window, need_lse=True)
-        bs = k_cache.shape[1]
         for s, plan in zip(self.streamed, self._stream_index):
             r0, r1 = s.rows
             q_rows = q[r0:r1]
-            for first, n, moves, table in plan:
+            for moves, chunk in plan:
                 for tier, src, dst in moves:
                     copy_blocks(tier.pool[:, layer], self.staging, src, dst)
-                chunk = PagedBatch(
-                    q_starts=torch.tensor([0, r1 - r0], dtype=torch.int32, device=q.device),
-                    q_pos0=torch.tensor([s.q_pos0], dtype=torch.int32, device=q.device),
-                    context_lens=torch.tensor([(first + n) * bs], dtype=torch.int32, device=q.device),
-                    first_block=torch.tensor([first], dtype=torch.int32, device=q.device),
-                    block_tables=table,
-                    max_q=r1 - r0,
-                    max_context=(first + n) * bs,
-                )
                 part = paged_attention(q_rows, self.staging[:, 0], self.staging[:, 1], chunk, self.scale, window, need_lse=True)
                 out[r0:r1], lse[r0:r1] = merge_partials(out[r0:r1], lse[r0:r1], *part)
         return out
