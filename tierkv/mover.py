@@ -194,27 +194,21 @@ class Mover:
             src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
             groups = self._layer_groups(src, dst, len(src_slots))
             programs = self.h2d_programs if src.is_host_memory and dst.is_cuda else None
-            if len(groups) == 1:
-                copy_blocks_triton(src.pool, dst.pool, src_idx, dst_idx, max_programs=programs)
-                end = torch.cuda.Event(enable_timing=True)
-                end.record(stream)
-                handle = EventHandle(end)
-            else:
-                marks = []
-                for lo, hi in groups:
-                    copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
-                    event = torch.cuda.Event(enable_timing=(hi == groups[-1][1]))
-                    event.record(stream)
-                    marks.append((lo, hi, event))
-                end = marks[-1][2]
-                handle = LayeredHandle(marks)
+            marks = []
+            for lo, hi in groups:
+                copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
+                event = torch.cuda.Event(enable_timing=(hi == groups[-1][1]))  # the last one times the transfer
+                event.record(stream)
+                marks.append((lo, hi, event))
+            end = marks[-1][2]
+            handle = LayeredHandle(marks) if len(marks) > 1 else EventHandle(end)
         with self._lock:
             self._timed.append((link, start, end))
         return handle
 
     def _layer_groups(self, src: MemoryTier, dst: MemoryTier, n: int) -> list[tuple[int, int]]:
         """Layer ranges to copy one after the other: all layers at once unless a large batch goes to the GPU."""
-        layers = dst.pool.shape[1] if dst.pool.dim() > 1 else 1
+        layers = dst.pool.shape[1]
         if not (src.is_host_memory and dst.is_cuda) or n < self.layered_min_blocks or layers < 2:
             return [(0, layers)]
         per_layer = dst.layout.block_nbytes // layers
