@@ -554,11 +554,11 @@ class PageManager:
                     waits.append(block.ready)
         if self.mover.cuda:
             # Blocks about to be written must also wait for transfers still reading them (copies to disk).
-            written = [b.readers for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
-                       for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]] if b.readers is not DONE]
+            written_blocks = [b for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
+                              for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]]
+            written = [b.readers for b in written_blocks if b.readers is not DONE]
             if layered and waits:
-                whole = {id(b.ready) for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
-                         for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]}
+                whole = {id(b.ready) for b in written_blocks}
                 later = {id(h): h for h in waits if isinstance(h, LayeredHandle) and id(h) not in whole}
                 self._layer_waits.extend(later.values())
                 waits = [h for h in waits if id(h) not in later]
