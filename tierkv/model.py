@@ -128,11 +128,6 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D); cos, sin (T, D)."""
-    return rotary(x, cos, sin)
-
-
 class RowParallelLinear(nn.Module):
     """A Linear whose input features are split across ranks: partial products are summed (one all-reduce), then
     the bias is added once. Without tensor parallelism it is an ordinary Linear (same parameter names)."""
@@ -171,7 +166,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         out = attend(layer, q, k, v)
         return self.o_proj(out.reshape(T, spec.num_heads * spec.head_dim))
 
