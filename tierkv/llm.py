@@ -77,9 +77,7 @@ class LLM:
         spec = self.loaded.spec
         self.layout = pm.layout
         self.fingerprint = pm.config.store_tag
-        tiers = pm.tiers
-        gpu, cpu = tiers[0].num_blocks, tiers[1].num_blocks if 1 in tiers else 0
-        nvme = sum(t.num_blocks for t in tiers.values()) - gpu - cpu
+        gpu, cpu, nvme = tier_blocks(pm)
         self.max_model_len = cfg.max_model_len or spec.max_position_embeddings or 1 << 30
         if self._driver is not None:
             from tierkv.parallel import RecordingPageManager
@@ -178,9 +176,7 @@ class LLM:
         return prepared
 
     def _check_capacity(self, prepared) -> None:
-        tiers = self.pm.tiers
-        gpu, cpu = tiers[0].num_blocks, tiers[1].num_blocks if 1 in tiers else 0
-        nvme = sum(t.num_blocks for t in tiers.values()) - gpu - cpu
+        gpu, cpu, nvme = tier_blocks(self.pm)
         for i, (_, ids, p) in enumerate(prepared):
             check_request_fits(f"prompt {i}", len(ids), p, self.scheduler, gpu, cpu, nvme)
 
@@ -348,6 +344,13 @@ def resolve_capacities(cfg: EngineConfig, block_nbytes: int, device: torch.devic
     else:
         nvme = 0
     return gpu, cpu, nvme
+
+
+def tier_blocks(pm) -> tuple[int, int, int]:
+    """The page manager's (gpu, cpu, nvme) capacities in blocks (0 for an absent tier)."""
+    gpu = pm.tiers[0].num_blocks
+    cpu = pm.tiers[1].num_blocks if 1 in pm.tiers else 0
+    return gpu, cpu, sum(t.num_blocks for t in pm.tiers.values()) - gpu - cpu
 
 
 def check_gpu_tier(gpu_blocks: int, block_nbytes: int) -> None:
