@@ -50,18 +50,22 @@ class PrefixHasher:
         return hashlib.sha256(KEY_VERSION + self.fingerprint.encode() + f":{self.block_size}:".encode() + salt).digest()
 
     @staticmethod
-    def key(parent: bytes, tokens: Sequence[int]) -> bytes:
-        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+    def _chain(parent: bytes, token_bytes: bytes) -> bytes:
+        return hashlib.sha256(parent + token_bytes).digest()
+
+    @classmethod
+    def key(cls, parent: bytes, tokens: Sequence[int]) -> bytes:
+        return cls._chain(parent, array("q", tokens).tobytes())
 
     def keys(self, parent: bytes, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
         """Keys of the first `num_blocks` full blocks of `token_ids`, chained from `parent`."""
         bs = self.block_size
         raw = array("q", token_ids[: num_blocks * bs]).tobytes()  # one conversion; each block is a slice of it
         step = bs * 8
-        sha = hashlib.sha256
+        chain = self._chain
         out = []
         for j in range(num_blocks):
-            parent = sha(parent + raw[j * step : (j + 1) * step]).digest()
+            parent = chain(parent, raw[j * step : (j + 1) * step])
             out.append(parent)
         return out
 
