@@ -193,8 +193,7 @@ class Engine:
         if self.prefetch_enabled:
             upcoming = [s.seq_id for s in self.scheduler.upcoming()]
             if upcoming:
-                staying = [s.seq_id for s in self.scheduler.staying() if s.seq_id in pm.sequences]
-                pm.prefetch(upcoming, keep=staying)
+                pm.prefetch(upcoming, keep=[s.seq_id for s in self.scheduler.staying()])
         if self.tp_driver is not None:
             self.tp_driver.flush()  # the step's bookkeeping (release, forks, frees, prefetch) to the other ranks now
         self.counters.steps += 1

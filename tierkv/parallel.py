@@ -461,7 +461,7 @@ def _heartbeat(beats, rank: int) -> None:
 def _worker_main(rank: int, world: int, init_method: str, cfg, device: torch.device, errors, beats) -> None:
     import threading
 
-    os.environ.update(SAFE_ENV)
+    # SAFE_ENV came with the environment start() exported before spawning (and init_group sets it again).
     threading.Thread(target=_heartbeat, args=(beats, rank), daemon=True, name="tierkv-heartbeat").start()
     try:
         if device.type == "cpu":
