@@ -6,6 +6,7 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -35,3 +36,22 @@ def append_rows(path: str | None, lines: list[str]) -> None:
     if path:
         with open(path, "a") as f:
             f.writelines(line + "\n" for line in lines)
+
+
+def timed_generation(llm, prompts, params) -> tuple[float, int, list[float]]:
+    """Run `prompts` to completion one engine step at a time: (wall seconds, output tokens, the wall time of each
+    decode step, i.e. each step that computed no prompt tokens)."""
+    llm.add_requests(prompts, params)
+    counters = llm.engine.counters
+    generated0, decode_steps = counters.generated_tokens, []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while llm.has_unfinished():
+        prompt0, s0 = counters.prompt_tokens, time.perf_counter()
+        llm.step()
+        if counters.prompt_tokens == prompt0:
+            decode_steps.append(time.perf_counter() - s0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, counters.generated_tokens - generated0, decode_steps

@@ -20,7 +20,7 @@ import time
 import torch
 
 import tierkv
-from common import run_meta, write_json
+from common import run_meta, timed_generation, write_json
 from tierkv.stats import format_stats
 
 
@@ -71,21 +71,7 @@ def main() -> int:
     warm = [p[: min(len(p), 2048)] for p in prompts[:2]]
     llm.generate(warm, tierkv.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up: compile kernels
     llm.pm.reset_counters()
-    llm.add_requests(prompts, params)
-    counters = llm.engine.counters
-    generated0, decode_steps = counters.generated_tokens, []
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while llm.has_unfinished():
-        prompt0, s0 = counters.prompt_tokens, time.perf_counter()
-        llm.step()
-        if counters.prompt_tokens == prompt0:
-            decode_steps.append(time.perf_counter() - s0)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    generated = counters.generated_tokens - generated0
+    wall, generated, decode_steps = timed_generation(llm, prompts, params)
     stats = llm.stats()
     print(format_stats(stats))
     step = statistics.median(decode_steps) if decode_steps else None

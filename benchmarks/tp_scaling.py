@@ -19,7 +19,7 @@ import time
 import torch
 
 import tierkv
-from common import append_rows, run_meta, write_json
+from common import append_rows, run_meta, timed_generation, write_json
 
 
 def run_one(args, tp: int) -> dict:
@@ -38,20 +38,7 @@ def run_one(args, tp: int) -> dict:
         llm.generate(prompts[:2], tierkv.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
         llm.pm.reset_counters()
         params = tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-        llm.add_requests(prompts, params)
-        counters = llm.engine.counters
-        decode_steps = []
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        generated0 = counters.generated_tokens
-        while llm.has_unfinished():
-            prompt0, s0 = counters.prompt_tokens, time.perf_counter()
-            llm.step()
-            if counters.prompt_tokens == prompt0:
-                decode_steps.append(time.perf_counter() - s0)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        generated = counters.generated_tokens - generated0
+        wall, generated, decode_steps = timed_generation(llm, prompts, params)
         stats = llm.stats()
     finally:
         llm.close()
