@@ -115,3 +115,60 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst
         copy_blocks_triton(src, dst, src_idx, dst_idx)
     else:
         copy_blocks_reference(src, dst, src_idx, dst_idx)
+
+
+# -- the copy engine, for runs of consecutive slots --------------------------------------------------------------
+
+def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs (first source slot, first destination slot, length) where both slot lists count up by one."""
+    runs: list[tuple[int, int, int]] = []
+    if not src_slots:
+        return runs
+    s0, d0, n = src_slots[0], dst_slots[0], 1
+    for s, d in zip(src_slots[1:], dst_slots[1:]):
+        if s == s0 + n and d == d0 + n:
+            n += 1
+        else:
+            runs.append((s0, d0, n))
+            s0, d0, n = s, d, 1
+    runs.append((s0, d0, n))
+    return runs
+
+
+_cupy_runtime = None
+
+
+def copy_engine_available() -> bool:
+    """True where 2D copies can be queued on the GPU's copy engines (CuPy's CUDA runtime bindings import)."""
+    global _cupy_runtime
+    if _cupy_runtime is None:
+        try:
+            from cupy.cuda import runtime
+
+            _cupy_runtime = runtime
+        except Exception:  # noqa: BLE001 - no cupy, or no usable CUDA for it: the Triton kernel is used instead
+            _cupy_runtime = False
+    return _cupy_runtime is not False
+
+
+def copy_block_runs(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], stream: torch.cuda.Stream) -> None:
+    """`dst[d:d+n] = src[s:s+n]` for every run (s, d, n), one 2D copy-engine transfer per run, queued on `stream`.
+
+    Same pools as `copy_blocks_triton` (device or pinned host memory; rows may be strided, e.g. one layer of
+    every block, each row contiguous). A run of rows is a 2D copy (row bytes wide, rows high, each side with its
+    own row pitch), which the DMA engines move at the link's speed without holding any SM. Needs
+    `copy_engine_available()`; the reference is `copy_blocks_reference` with the runs expanded."""
+    if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
+        raise ValueError(f"copy_block_runs: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
+    if not copy_engine_available():
+        raise RuntimeError("copy_block_runs needs CuPy (pip install 'tierkv[gpu]'); use copy_blocks_triton instead")
+    row_bytes, src_pitch = _row_layout(src)
+    _, dst_pitch = _row_layout(dst)
+    for s, d, n in runs:
+        if s < 0 or d < 0 or s + n > src.shape[0] or d + n > dst.shape[0]:
+            raise IndexError(f"copy_block_runs: run {(s, d, n)} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)")
+    rt, handle = _cupy_runtime, stream.cuda_stream
+    src_ptr, dst_ptr = src.data_ptr(), dst.data_ptr()
+    for s, d, n in runs:
+        rt.memcpy2DAsync(dst_ptr + d * dst_pitch, dst_pitch, src_ptr + s * src_pitch, src_pitch, row_bytes, n,
+                         rt.memcpyDefault, handle)

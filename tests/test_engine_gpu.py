@@ -88,3 +88,33 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
     assert any(isinstance(h, LayeredHandle) and len(h.groups) == 4 for h in seen), "the hit was not promoted in layer groups"
     assert first[0].outputs[0].token_ids == hf_greedy(hf, prompts[0], 8)
     assert second[0].outputs[0].token_ids == hf_greedy(hf, prompts[1], 8)
+
+
+@pytest.mark.parametrize("min_run", [1, 10**9])
+def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch, min_run):
+    """Sequences longer than the GPU tier stream their older KV through two staging buffers filled on a copy
+    stream (copy engines, or the kernel); with that stream held back by random sleeps before each copy, the output
+    is still exact (a missing event between a buffer's copy and its attention, or its attention and its next
+    copy, would show as wrong tokens)."""
+    import random
+
+    from tierkv import attention
+    from tierkv.kernels.block_copy import copy_engine_available
+
+    if min_run == 1 and not copy_engine_available():
+        pytest.skip("needs CuPy (the gpu extra) for 2D copies")
+    monkeypatch.setattr(attention, "COPY_ENGINE_MIN_RUN", min_run)
+    calls = []
+    real = attention.copy_block_runs
+    monkeypatch.setattr(attention, "copy_block_runs", lambda *a: (calls.append(1), real(*a)))
+    hf = make_checkpoint(tmp_path / "m", "llama").cuda()
+    prompts = random_prompts(3, 300, 600, hf.config.vocab_size, seed=5)
+    want = [hf_greedy(hf, p, 16) for p in prompts]
+    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=12, cpu_blocks=200, staging_blocks=5,
+                    max_num_batched_tokens=64) as llm:
+        llm.pm.mover._debug_rng = random.Random(2)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+        stats = llm.stats()
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["engine"]["streamed_steps"] > 0
+    assert (len(calls) > 0) == (min_run == 1)

@@ -5,6 +5,7 @@ import torch
 
 from tierkv import KVLayout, PageManager, PageManagerConfig
 from tierkv.kernels import copy_blocks_reference, copy_blocks_triton
+from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_engine_available
 from tierkv.mover import Mover
 from tierkv.tiers import CPU, GPU, MemoryTier, NvmeTier
 
@@ -112,3 +113,61 @@ def test_identical_results_alone_and_in_a_crowd(tmp_path):
             pm.release([s])
         for i, kv in data.items():
             assert torch.equal(pm.read_tokens(i), kv), f"sequence {i}"
+
+
+needs_copy_engine = pytest.mark.skipif(not copy_engine_available(), reason="needs CuPy (the gpu extra) for 2D copies")
+
+
+@needs_copy_engine
+def test_copy_engine_runs_match_the_reference_both_directions():
+    """One 2D copy per run of consecutive slots, whole blocks and strided rows (one layer, a layer group)."""
+    torch.manual_seed(0)
+    shape = (4, 2, 8, 2, 32)
+    src_slots, dst_slots = [3, 4, 5, 6, 10, 12, 13], [0, 1, 2, 3, 9, 14, 15]
+    runs = block_runs(src_slots, dst_slots)
+    assert runs == [(3, 0, 4), (10, 9, 1), (12, 14, 2)]
+    s_idx, d_idx = torch.tensor(src_slots), torch.tensor(dst_slots)
+    stream = torch.cuda.Stream()
+    for view in (lambda p: p, lambda p: p[:, 1], lambda p: p[:, 1:3]):
+        host = torch.randn((20, *shape)).to(torch.bfloat16).pin_memory()
+        dev = torch.randn((16, *shape)).to(torch.bfloat16).cuda()
+        want = view(dev).cpu()
+        copy_blocks_reference(view(host), want, s_idx, d_idx)
+        copy_block_runs(view(host), view(dev), runs, stream)
+        stream.synchronize()
+        assert torch.equal(view(dev).cpu(), want)
+        back = view(host).clone()
+        copy_blocks_reference(view(dev).cpu(), back, d_idx, s_idx)
+        copy_block_runs(view(dev), view(host), [(d, s, n) for s, d, n in runs], stream)
+        stream.synchronize()
+        assert torch.equal(view(host), back)
+    with pytest.raises(IndexError):
+        copy_block_runs(host, dev, [(18, 15, 2)], stream)
+
+
+@needs_copy_engine
+@pytest.mark.parametrize("layered", [False, True])
+def test_mover_sends_runs_of_consecutive_slots_to_the_copy_engines(layered, monkeypatch):
+    monkeypatch.setattr(Mover, "layered_min_blocks", 4 if layered else 10**9)
+    monkeypatch.setattr(Mover, "layer_group_bytes", 1)  # one layer per group
+    dev = torch.device("cuda")
+    gpu = MemoryTier(GPU, LAYOUT, 40, 40, dev, pin=False)
+    cpu = MemoryTier(CPU, LAYOUT, 40, 40, torch.device("cpu"), pin=True)
+    mover = Mover([gpu, cpu], dev, debug_delays=True)
+    try:
+        data = torch.randn((24, *LAYOUT.block_shape)).to(LAYOUT.dtype)
+        cpu.pool[5:29] = data
+        up = mover.move(cpu, list(range(5, 29)), gpu, list(range(10, 34)))  # one run: copy engines
+        scattered = list(range(30, 40))
+        down = mover.move(gpu, [10, 12, 14, 16, 18, 20, 22, 24, 26, 28], cpu, scattered, [up])  # scattered: the kernel
+        down.wait()
+        torch.cuda.synchronize()
+        assert torch.equal(gpu.pool[10:34].cpu(), data)
+        assert torch.equal(cpu.pool[30:40], data[0:20:2])
+        links = mover.links
+        assert links[("cpu", "gpu")].engine_batches == 1 and links[("gpu", "cpu")].engine_batches == 0
+        assert len(getattr(up, "groups", [None])) == (LAYOUT.num_layers if layered else 1)
+    finally:
+        mover.close()
+        gpu.close()
+        cpu.close()

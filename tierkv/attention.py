@@ -5,6 +5,11 @@ GPU tier. Its older blocks, if any, stay where they are (GPU or pinned CPU tier)
 time, through a bounded staging area on the compute device in chunks of `staging_blocks` blocks; the partial
 results over the window and over each chunk are merged exactly with their log-sum-exp. The smallest GPU tier
 is therefore the window of one step, however long the sequence.
+
+On CUDA the staging area has two buffers and the copies run on their own stream: while the compute stream
+attends over one chunk, the next one is already crossing the link (copy engines for runs of consecutive slots,
+else the block-copy kernel with a small grid), and the copies of layer i+1 start while layer i still computes.
+Events order each buffer's copy before its attention and that attention before the buffer's next copy.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from tierkv.kernels import PagedBatch, copy_blocks, merge_partials, paged_attention, write_kv
+from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available
 from tierkv.tiers import MemoryTier
+
+
+# Host-tier blocks of a chunk go to the copy engines (one 2D copy per run of consecutive slots) where their runs
+# average at least this many blocks; scattered ones go through the block-copy kernel.
+COPY_ENGINE_MIN_RUN = 8
 
 
 @dataclass
@@ -40,22 +51,37 @@ class StepAttention:
         staging: torch.Tensor | None,
         scale: float,
         sliding_windows: tuple[int, ...],
+        copy_stream: "torch.cuda.Stream | None" = None,
+        delay=None,
     ) -> None:
         self.gpu = gpu
         self.batch = batch
         self.slot_mapping = slot_mapping
         self.streamed = streamed
-        self.staging = staging  # (staging_blocks, 2, block_size, Hkv, D) on the compute device
+        self.staging = staging  # (buffers, staging_blocks, 2, block_size, Hkv, D) on the compute device
         self.scale = scale
         self.windows = sliding_windows
+        self.copy_stream = copy_stream if streamed else None
+        self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
         self._stream_index = [self._plan(s) for s in streamed]
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before reading it
+        self._chunks = 0  # chunks streamed so far this step (buffer = count % buffers)
+        if self.copy_stream is not None:
+            buffers = staging.shape[0]
+            self._filled = [torch.cuda.Event() for _ in range(buffers)]  # copy into buffer b done
+            self._drained = [torch.cuda.Event() for _ in range(buffers)]  # attention over buffer b done
+            # Everything the compute stream was ordered after (blocks arriving, the last step's reads of the
+            # staging buffers) comes before the first copy of this step.
+            start = torch.cuda.Event()
+            start.record(torch.cuda.current_stream(staging.device))
+            self.copy_stream.wait_event(start)
 
     def _plan(self, s: StreamedEntry):
         """Per chunk: its copies (source tier, source slots, staging rows) and its attention metadata, prebuilt."""
         device = self.gpu.pool.device
-        chunk = self.staging.shape[0]
+        chunk = self.staging.shape[1]
         plan = []
+        engine = self.copy_stream is not None and copy_engine_available()
         for first in range(0, len(s.slots), chunk):
             groups: dict[int, tuple[MemoryTier, list[int], list[int]]] = {}
             for j in range(first, min(first + chunk, len(s.slots))):
@@ -64,10 +90,13 @@ class StepAttention:
                 entry[1].append(s.slots[j])
                 entry[2].append(j - first)
             n = min(chunk, len(s.slots) - first)
-            moves = [
-                (tier, torch.tensor(src, dtype=torch.int64, device=device), torch.tensor(dst, dtype=torch.int64, device=device))
-                for tier, src, dst in groups.values()
-            ]
+            moves = []
+            for tier, src, dst in groups.values():
+                runs = block_runs(src, dst) if engine and tier.is_host_memory else None
+                if runs is not None and len(runs) * COPY_ENGINE_MIN_RUN > len(src):
+                    runs = None  # scattered slots: the kernel moves them faster than one DMA per short run
+                as_index = None if runs else (torch.tensor(src, dtype=torch.int64, device=device), torch.tensor(dst, dtype=torch.int64, device=device))
+                moves.append((tier, runs, as_index))
             bs = self.gpu.pool.shape[3]
             rows = s.rows[1] - s.rows[0]
             # The chunk's attention metadata is the same for every layer: built once per step, not per layer.
@@ -99,8 +128,33 @@ class StepAttention:
             r0, r1 = s.rows
             q_rows = q[r0:r1]
             for moves, chunk in plan:
-                for tier, src, dst in moves:
-                    copy_blocks(tier.pool[:, layer], self.staging, src, dst)
-                part = paged_attention(q_rows, self.staging[:, 0], self.staging[:, 1], chunk, self.scale, window, need_lse=True)
+                buf = self._fill(layer, moves)
+                part = paged_attention(q_rows, buf[:, 0], buf[:, 1], chunk, self.scale, window, need_lse=True)
                 out[r0:r1], lse[r0:r1] = merge_partials(out[r0:r1], lse[r0:r1], *part)
+                if self.copy_stream is not None:
+                    self._drained[(self._chunks - 1) % len(self._drained)].record(torch.cuda.current_stream(q.device))
         return out
+
+    def _fill(self, layer: int, moves) -> torch.Tensor:
+        """Copy one chunk's blocks of `layer` into the next staging buffer; returns the buffer, ready to read on the
+        current stream (on CUDA the copy runs on the copy stream, after the buffer's previous reader)."""
+        b = self._chunks % self.staging.shape[0]
+        self._chunks += 1
+        buf = self.staging[b]
+        if self.copy_stream is None:
+            for tier, _, (src, dst) in moves:
+                copy_blocks(tier.pool[:, layer], buf, src, dst)
+            return buf
+        compute = torch.cuda.current_stream(buf.device)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self._drained[b])
+            if self._delay is not None:
+                self._delay(self.copy_stream)
+            for tier, runs, index in moves:
+                if runs:
+                    copy_block_runs(tier.pool[:, layer], buf, runs, self.copy_stream)
+                else:
+                    copy_blocks_triton(tier.pool[:, layer], buf, *index, max_programs=32 if tier.is_host_memory else None)
+            self._filled[b].record(self.copy_stream)
+        compute.wait_event(self._filled[b])
+        return buf

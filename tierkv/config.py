@@ -152,7 +152,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    staging_blocks: int = 256
+    staging_blocks: int = 1024
     slice_steps: int = 8
     prefetch: bool = True
     seed: int = 0

@@ -68,9 +68,13 @@ class Engine:
         self._arrivals = 0
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         layout = pm.layout
+        # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read).
+        cuda = self.device.type == "cuda"
         self.staging = torch.empty(
-            (staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=self.device
+            (2 if cuda else 1, staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim),
+            dtype=layout.dtype, device=self.device,
         )
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.scale = self.spec.head_dim**-0.5
         self.hasher = hasher  # None: no prefix caching
         self.prefix_load = prefix_load
@@ -111,7 +115,7 @@ class Engine:
         seq.root = self.hasher.root(req.params.cache_salt)
         full = (len(prompt) - 1) // bs
         keys = self.hasher.keys(seq.root, prompt, full)
-        hits = pm.lookup(keys, [prompt[j * bs : (j + 1) * bs] for j in range(full)])
+        hits = pm.lookup(keys, (prompt[j * bs : (j + 1) * bs] for j in range(full)))  # sliced only up to a miss
         stats.queried_tokens += full * bs
         tiers = [TIER_NAMES[b.tier] for b in hits]
         if self.prefix_load == "auto":
@@ -250,7 +254,7 @@ class Engine:
         )
         return StepAttention(
             self.pm.tiers[GPU], batch, torch.tensor(slot_mapping, dtype=torch.int64, device=dev), streamed,
-            self.staging, self.scale, self.spec.sliding_windows,
+            self.staging, self.scale, self.spec.sliding_windows, self.copy_stream, self.pm.mover.debug_delay,
         )
 
     def _update(self, entries: list[ScheduledEntry], sampled: list[ScheduledEntry], logits: torch.Tensor | None) -> list[Request]:

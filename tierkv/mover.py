@@ -28,7 +28,7 @@ import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
 from tierkv.kernels import copy_blocks
-from tierkv.kernels.block_copy import copy_blocks_triton
+from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 
 
@@ -40,6 +40,7 @@ class LinkStats:
     nbytes: int = 0
     seconds: float = 0.0
     batches: int = 0
+    engine_batches: int = 0  # of `batches`, moved by the copy engines (runs of consecutive slots), not the kernel
 
 
 class Mover:
@@ -55,6 +56,10 @@ class Mover:
     # Programs of a host-to-GPU copy kernel: reads over PCIe reach the link's speed from ~16 programs on (see
     # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
     h2d_programs = 32
+    # A batch whose slots form runs of consecutive slots on both sides (a prefix stored in order, a long sequence
+    # demoted in order) averaging at least this many blocks goes to the copy engines instead: one 2D copy per run
+    # (and layer group), at the full speed of the link, holding no SM.
+    copy_engine_min_run = 8
 
     def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
         self.tiers = list(tiers)
@@ -178,25 +183,31 @@ class Mover:
         # GPU -> GPU (copy-on-write) shares the h2d stream: consumers wait on the returned handle either way.
         return self.h2d_stream if dst.is_cuda else self.d2h_stream
 
-    def _delay(self, stream) -> None:
+    def debug_delay(self, stream) -> None:
         """Debug hook: hold the stream for a random while, so that missing orderings show as wrong data."""
         if self._debug_rng is not None:
             torch.cuda._sleep(self._debug_rng.randrange(0, 2_000_000))
 
     def _launch(self, src: MemoryTier, src_slots, dst: MemoryTier, dst_slots, dep: Handle, link: LinkStats) -> Handle:
-        """Memory to memory with CUDA involved: one kernel on the right stream, ordered after `dep`."""
+        """Memory to memory with CUDA involved: one kernel (or one copy-engine transfer per run of consecutive
+        slots) on the right stream, ordered after `dep`."""
         stream = self._stream_for(src, dst)
+        runs = self._engine_runs(src, src_slots, dst, dst_slots)
         with torch.cuda.stream(stream):
             dep.wait_on(stream)
-            self._delay(stream)
+            self.debug_delay(stream)
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
+            if runs is None:
+                src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
             groups = self._layer_groups(src, dst, len(src_slots))
             programs = self.h2d_programs if src.is_host_memory and dst.is_cuda else None
             marks = []
             for lo, hi in groups:
-                copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
+                if runs is None:
+                    copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
+                else:
+                    copy_block_runs(src.pool[:, lo:hi], dst.pool[:, lo:hi], runs, stream)
                 event = torch.cuda.Event(enable_timing=(hi == groups[-1][1]))  # the last one times the transfer
                 event.record(stream)
                 marks.append((lo, hi, event))
@@ -204,7 +215,15 @@ class Mover:
             handle = LayeredHandle(marks) if len(marks) > 1 else EventHandle(end)
         with self._lock:
             self._timed.append((link, start, end))
+            link.engine_batches += runs is not None
         return handle
+
+    def _engine_runs(self, src: MemoryTier, src_slots, dst: MemoryTier, dst_slots) -> list | None:
+        """The batch as runs of consecutive slots where the copy engines should move it, else None (the kernel)."""
+        if src.is_cuda == dst.is_cuda or len(src_slots) < self.copy_engine_min_run or not copy_engine_available():
+            return None
+        runs = block_runs(src_slots, dst_slots)
+        return runs if len(runs) * self.copy_engine_min_run <= len(src_slots) else None
 
     def _layer_groups(self, src: MemoryTier, dst: MemoryTier, n: int) -> list[tuple[int, int]]:
         """Layer ranges to copy one after the other: all layers at once unless a large batch goes to the GPU."""
@@ -270,7 +289,7 @@ class Mover:
             self._staging_free()  # the staging buffer is about to be overwritten
             src.store.read(src_slots[i:j], staging.pool, rows)
             with torch.cuda.stream(self.h2d_stream):
-                self._delay(self.h2d_stream)
+                self.debug_delay(self.h2d_stream)
                 copy_blocks(staging.pool, dst.pool, _index(rows, self.device), _index(dst_slots[i:j], self.device))
                 self._staging_reader = torch.cuda.Event()
                 self._staging_reader.record(self.h2d_stream)

@@ -103,6 +103,8 @@ class PageManager:
         self._next_block_id = 0
         self._pinned_blocks = 0  # blocks with pins > 0
         self._layer_waits: list = []  # see acquire(layered=True)
+        self._streams_host = False  # some pinned-in-place block of the outstanding acquires is in a host tier
+        self._host_read_marker: Handle = DONE  # after the device's last reads of host-tier blocks (streaming)
         self._closed = False
         if NVME in self.tiers and config.adopt_stored:
             self._adopt_stored()
@@ -623,6 +625,7 @@ class PageManager:
         seq.pinned[-1].extend(blocks)
         if self.mover.cuda:
             all_of(b.ready for b in blocks).wait_on(torch.cuda.current_stream(self.device))
+            self._streams_host |= any(b.tier != GPU for b in blocks)
         return [(b.tier, b.slot) for b in blocks]
 
     def release(self, seq_ids: Sequence[Hashable]) -> None:
@@ -632,6 +635,11 @@ class PageManager:
             if not seq.pinned:
                 raise RuntimeError(f"release({seq_id!r}) without a matching acquire")
             self._unpin(seq.pinned.pop())
+        if self._streams_host:
+            # The step's attention read host-tier blocks on the device: nothing may write their slots from the
+            # host (NVMe reads into the CPU tier) before those reads are done. One marker covers every such read.
+            self._streams_host = False
+            self._host_read_marker = self.mover.compute_marker()
 
     def prefetch(
         self, seq_ids: Sequence[Hashable], before_step: int | None = None, budget_blocks: int | None = None, keep: Sequence[Hashable] = ()
@@ -849,6 +857,8 @@ class PageManager:
             deps = [b.ready for b, _ in moving] + [busy for _, (_, busy) in moving]
             if src_kind == GPU and moving:
                 deps.append(self.mover.compute_marker())
+            elif src_kind == NVME and dst_kind == CPU:
+                deps.append(self._host_read_marker)  # host writes into slots that streamed attention may still read
             keyed = dst_kind == NVME and any(b.key for b, _ in moving)
             try:
                 handle = self.mover.move(

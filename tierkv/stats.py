@@ -34,6 +34,7 @@ def build_stats(pm: "PageManager") -> dict:
             "blocks": link.blocks,
             "bytes": link.nbytes,
             "batches": link.batches,
+            "copy_engine_batches": link.engine_batches,
             "seconds": link.seconds,
             "gbps": link.nbytes / link.seconds / 1e9 if link.seconds > 0 else None,
         }
