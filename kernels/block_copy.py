@@ -10,6 +10,7 @@ the speed of one contiguous copy instead of paying one DMA setup per block (see 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 try:
@@ -121,18 +122,14 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst
 
 def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]]:
     """Maximal runs (first source slot, first destination slot, length) where both slot lists count up by one."""
-    runs: list[tuple[int, int, int]] = []
-    if not src_slots:
-        return runs
-    s0, d0, n = src_slots[0], dst_slots[0], 1
-    for s, d in zip(src_slots[1:], dst_slots[1:]):
-        if s == s0 + n and d == d0 + n:
-            n += 1
-        else:
-            runs.append((s0, d0, n))
-            s0, d0, n = s, d, 1
-    runs.append((s0, d0, n))
-    return runs
+    n = len(src_slots)
+    if n == 0:
+        return []
+    s = np.asarray(src_slots, dtype=np.int64)
+    d = np.asarray(dst_slots, dtype=np.int64)
+    starts = np.concatenate(([0], np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1))
+    lengths = np.diff(np.append(starts, n))
+    return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
 
 
 _cupy_runtime = None

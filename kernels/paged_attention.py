@@ -18,7 +18,7 @@ keys once for all the entry's query tokens and heads of that KV head), and a pre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,8 @@ class PagedBatch:
     block_tables: (B, max_blocks) int32 slots, padded with 0.
     max_q: the largest number of query rows of an entry (host int).
     max_context: the largest context length (host int; sizes the decode kernel's grid without a device sync).
+    q_starts_host: optional, q_starts as a host list (the prefill kernel's tiles are then built without a sync;
+    they are built once per batch and reused by every layer).
     """
 
     q_starts: torch.Tensor
@@ -50,6 +52,8 @@ class PagedBatch:
     block_tables: torch.Tensor
     max_q: int
     max_context: int
+    q_starts_host: list[int] | None = None  # q_starts as a host list, where the caller has it (saves a device sync)
+    _tiles: dict = field(default_factory=dict, repr=False, compare=False)  # prefill tiles per tile height, on device
 
     @property
     def num_entries(self) -> int:
@@ -374,18 +378,24 @@ def paged_attention_triton(
             )
         return (out, lse) if need_lse else out
     block_m = 16 if batch.max_q <= 16 else 64
-    starts = batch.q_starts.tolist()
-    tile_entry, tile_m0 = [], []
-    for i in range(batch.num_entries):
-        for m0 in range(0, starts[i + 1] - starts[i], block_m):
-            tile_entry.append(i)
-            tile_m0.append(m0)
+    tiles = batch._tiles.get(block_m)
+    if tiles is None:
+        starts = batch.q_starts_host if batch.q_starts_host is not None else batch.q_starts.tolist()
+        tile_entry, tile_m0 = [], []
+        for i in range(batch.num_entries):
+            for m0 in range(0, starts[i + 1] - starts[i], block_m):
+                tile_entry.append(i)
+                tile_m0.append(m0)
+        tiles = batch._tiles[block_m] = (
+            len(tile_entry),
+            torch.tensor(tile_entry, dtype=torch.int32, device=q.device),
+            torch.tensor(tile_m0, dtype=torch.int32, device=q.device),
+        )
+    num_tiles, te, tm = tiles
     out = torch.empty_like(q)
     lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
-    if tile_entry:
-        te = torch.tensor(tile_entry, dtype=torch.int32, device=q.device)
-        tm = torch.tensor(tile_m0, dtype=torch.int32, device=q.device)
-        _prefill_kernel[(len(tile_entry), num_heads)](
+    if num_tiles:
+        _prefill_kernel[(num_tiles, num_heads)](
             q, k_cache, v_cache, out, lse, bt, te, tm, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

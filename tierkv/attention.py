@@ -83,13 +83,16 @@ class StepAttention:
         plan = []
         engine = self.copy_stream is not None and copy_engine_available()
         for first in range(0, len(s.slots), chunk):
-            groups: dict[int, tuple[MemoryTier, list[int], list[int]]] = {}
-            for j in range(first, min(first + chunk, len(s.slots))):
-                tier = s.tiers[j]
-                entry = groups.setdefault(id(tier), (tier, [], []))
-                entry[1].append(s.slots[j])
-                entry[2].append(j - first)
             n = min(chunk, len(s.slots) - first)
+            tiers = s.tiers[first : first + n]
+            groups: dict[int, tuple[MemoryTier, list[int], list[int]]] = {}
+            if tiers.count(tiers[0]) == n:  # the usual case: the whole chunk in one tier
+                groups[0] = (tiers[0], s.slots[first : first + n], list(range(n)))
+            else:
+                for j, tier in enumerate(tiers):
+                    entry = groups.setdefault(id(tier), (tier, [], []))
+                    entry[1].append(s.slots[first + j])
+                    entry[2].append(j)
             moves = []
             for tier, src, dst in groups.values():
                 runs = block_runs(src, dst) if engine and tier.is_host_memory else None
@@ -108,6 +111,7 @@ class StepAttention:
                 block_tables=torch.arange(n, dtype=torch.int32, device=device)[None],
                 max_q=rows,
                 max_context=(first + n) * bs,
+                q_starts_host=[0, rows],
             )
             plan.append((moves, batch))
         return plan

@@ -251,6 +251,7 @@ class Engine:
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
             max_q=max(e.num_tokens for e in entries),
             max_context=max(e.end for e in entries),
+            q_starts_host=starts,
         )
         return StepAttention(
             self.pm.tiers[GPU], batch, torch.tensor(slot_mapping, dtype=torch.int64, device=dev), streamed,

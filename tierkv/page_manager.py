@@ -599,9 +599,9 @@ class PageManager:
         if not seq.pinned:
             raise RuntimeError(f"pin_in_place({seq_id!r}) needs an outstanding acquire of the sequence")
         blocks = seq.blocks[:stop_block]
-        on_disk = [b for b in blocks if b.tier == NVME]
-        for block in blocks:
-            self._count_lookup(block)
+        tiers = [b.tier for b in blocks]
+        self._count_lookups({k: tiers.count(k) for k in self.kinds})
+        on_disk = [b for b in blocks if b.tier == NVME] if NVME in self.tiers else []
         if on_disk:
             if CPU not in self.tiers:
                 raise CapacityError(
@@ -618,15 +618,20 @@ class PageManager:
             for block in on_disk:
                 self.policies[NVME].remove(block.block_id)
             self._move(on_disk, CPU)
+        newly, pending = 0, []
         for block in blocks:
             if not block.pins:
-                self._pinned_blocks += 1
+                newly += 1
             block.pins += 1
+            if block.ready is not DONE:
+                pending.append(block.ready)
+        self._pinned_blocks += newly
         seq.pinned[-1].extend(blocks)
+        placed = [(b.tier, b.slot) for b in blocks]
         if self.mover.cuda:
-            all_of(b.ready for b in blocks).wait_on(torch.cuda.current_stream(self.device))
-            self._streams_host |= any(b.tier != GPU for b in blocks)
-        return [(b.tier, b.slot) for b in blocks]
+            all_of(pending).wait_on(torch.cuda.current_stream(self.device))
+            self._streams_host |= len(blocks) > tiers.count(GPU)
+        return placed
 
     def release(self, seq_ids: Sequence[Hashable]) -> None:
         """Unpin the blocks pinned by the matching `acquire`."""
@@ -687,6 +692,17 @@ class PageManager:
         return len(chosen) - len(stayed)
 
     # -- moving ----------------------------------------------------------------------------------------------
+    def _count_lookups(self, found: dict[int, int]) -> None:
+        """`_count_lookup` for many blocks at once: `found` is how many were found in each tier."""
+        total = sum(found.values())
+        deeper = total - found.get(GPU, 0)
+        self.counters[GPU].hits += found.get(GPU, 0)
+        self.counters[GPU].misses += deeper
+        for k in self.kinds[1:]:
+            deeper -= found.get(k, 0)
+            self.counters[k].hits += found.get(k, 0)
+            self.counters[k].misses += deeper
+
     def _count_lookup(self, block: Block) -> None:
         if block.tier == GPU:
             self.counters[GPU].hits += 1
@@ -852,7 +868,7 @@ class PageManager:
             by_src.setdefault(block.tier, []).append(block)
         for src_kind, group in by_src.items():
             src = self.tiers[src_kind]
-            taken = [dst.slots.take() for _ in group]
+            taken = dst.slots.take_many(len(group))
             moving = [(b, t) for b, t in zip(group, taken) if b.has_data]
             deps = [b.ready for b, _ in moving] + [busy for _, (_, busy) in moving]
             if src_kind == GPU and moving:

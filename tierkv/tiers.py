@@ -21,6 +21,10 @@ GPU, CPU, NVME = 0, 1, 2
 TIER_NAMES = ("gpu", "cpu", "nvme")
 
 
+def _slot_number(entry: tuple[int, Handle]) -> int:
+    return entry[0]
+
+
 class SlotAllocator:
     """Free slots of one tier, oldest-freed first. A freed slot may still be read by work in flight:
     it comes back with the handle of that work, which its next writer must wait on."""
@@ -30,6 +34,12 @@ class SlotAllocator:
 
     def take(self) -> tuple[int, Handle]:
         return self._free.popleft()
+
+    def take_many(self, n: int) -> list[tuple[int, Handle]]:
+        """`n` slots, oldest-freed first, handed out in ascending slot order: a batch of blocks in logical order then
+        lands in runs of consecutive slots wherever the free slots allow, which the copy engines move in one piece."""
+        free = self._free
+        return sorted((free.popleft() for _ in range(n)), key=_slot_number)
 
     def give(self, slot: int, busy: Handle = DONE) -> None:
         self._free.append((slot, busy))

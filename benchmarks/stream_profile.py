@@ -1,0 +1,113 @@
+"""Where a decode step of one sequence longer than the GPU tier spends its time: a torch.profiler trace of a few
+steps, summarised per step as host phases (until the first GPU work, and in total) against the copy stream's busy
+time and the compute stream's, plus which path moved the streamed chunks (copy engines or the kernel).
+
+    python benchmarks/stream_profile.py --model llama-3.1-8b --prompt-len 131072 --gpu-memory 4GiB --cpu-memory 24GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import tierkv
+from tierkv import attention
+
+
+def union(ranges):
+    total, end = 0.0, None
+    for s, e in sorted(ranges):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--prompt-len", type=int, default=131072)
+    ap.add_argument("--gpu-memory", default="4GiB")
+    ap.add_argument("--cpu-memory", default="24GiB")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--trace")
+    args = ap.parse_args()
+    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+                     max_model_len=args.prompt_len + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, llm.loaded.spec.vocab_size, (args.prompt_len,), generator=g).tolist()
+    llm.add_requests([prompt], tierkv.SamplingParams(max_tokens=args.steps + 4, ignore_eos=True))
+    engine = llm.engine
+    while engine.counters.generated_tokens < 2:
+        llm.step()
+    torch.cuda.synchronize()
+    calls = {"copy engines": 0, "kernel": 0}
+    real_runs, real_kernel = attention.copy_block_runs, attention.copy_blocks_triton
+
+    def runs(*a, **k):
+        calls["copy engines"] += 1
+        return real_runs(*a, **k)
+
+    def kernel(*a, **k):
+        calls["kernel"] += 1
+        return real_kernel(*a, **k)
+
+    attention.copy_block_runs, attention.copy_blocks_triton = runs, kernel
+    for name in ("_attention", "run_forward", "_update"):
+        fn = getattr(engine, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            with record_function(f"tierkv.{_name}"):
+                return _fn(*a, **k)
+
+        setattr(engine, name, wrapped)
+    for name in ("acquire", "pin_in_place", "release", "prefetch", "begin_step"):
+        fn = getattr(llm.pm, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            with record_function(f"pm.{_name}"):
+                return _fn(*a, **k)
+
+        setattr(llm.pm, name, wrapped)
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            with record_function("tierkv.step"):
+                llm.step()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - t0) * 1e3)
+    events = list(prof.events())
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "tierkv.step")
+    host_names = ("pm.", "tierkv.")
+    for i, (s0, s1) in enumerate(steps):
+        inside = [e for e in events if s0 <= e.time_range.start <= s1]
+        gpu = [e for e in inside if e.device_type.name == "CUDA"]
+        copies = [(e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name or "copy_blocks" in e.name]
+        compute = [(e.time_range.start, e.time_range.end) for e in gpu if not ("emcpy" in e.name or "copy_blocks" in e.name)]
+        first_gpu = min((r[0] for r in compute + copies), default=s1) - s0
+        first_copy = min((r[0] for r in copies), default=s1) - s0
+        print(f"step {i}: wall {walls[i]:.1f} ms; first GPU work at {first_gpu / 1e3:.1f} ms, first streamed copy at "
+              f"{first_copy / 1e3:.1f} ms; copies busy {union(copies) / 1e3:.1f} ms ({len(copies)} ops), compute busy "
+              f"{union(compute) / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms")
+        host = {}
+        for e in inside:
+            if e.device_type.name == "CPU" and e.name.startswith(host_names):
+                host[e.name] = host.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
+        print("   host: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(host.items(), key=lambda kv: -kv[1])))
+    print(f"streamed chunk copies: {calls}")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
