@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
+import tierkv.engine
 from tierkv import attention
 
 
@@ -38,8 +39,11 @@ def main() -> int:
     ap.add_argument("--cpu-memory", default="24GiB")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--trace")
+    ap.add_argument("--staging-blocks", type=int, default=1024)
+    ap.add_argument("--staging-buffers", type=int, default=2)
     args = ap.parse_args()
-    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+    tierkv.engine.Engine.staging_buffers = args.staging_buffers
+    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,
                      max_model_len=args.prompt_len + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.loaded.spec.vocab_size, (args.prompt_len,), generator=g).tolist()
@@ -97,6 +101,15 @@ def main() -> int:
         print(f"step {i}: wall {walls[i]:.1f} ms; first GPU work at {first_gpu / 1e3:.1f} ms, first streamed copy at "
               f"{first_copy / 1e3:.1f} ms; copies busy {union(copies) / 1e3:.1f} ms ({len(copies)} ops), compute busy "
               f"{union(compute) / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms")
+        by_name = {}
+        for e in gpu:
+            key = e.name[:60]
+            t, c = by_name.get(key, (0.0, 0))
+            by_name[key] = (t + (e.time_range.end - e.time_range.start) / 1e3, c + 1)
+        print("   GPU ops: " + "; ".join(f"{k} {t:.1f} ms x{c}" for k, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:8]))
+        mem = sorted((e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name and "Pinned" in e.name)
+        gaps = sorted(((b[0] - a[1]) / 1e3 for a, b in zip(mem, mem[1:])), reverse=True)
+        print(f"   gaps between host->device copies: total {sum(gaps):.1f} ms, largest " + ", ".join(f"{g:.2f}" for g in gaps[:6]))
         host = {}
         for e in inside:
             if e.device_type.name == "CPU" and e.name.startswith(host_names):

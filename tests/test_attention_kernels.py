@@ -8,6 +8,8 @@ from tierkv.kernels import (
     PagedBatch,
     attention_reference,
     merge_partials,
+    merge_partials_into,
+    merge_partials_triton,
     paged_attention_reference,
     paged_attention_triton,
     write_kv_reference,
@@ -137,3 +139,28 @@ def test_kv_write_triton_matches_reference(dtype):
     write_kv_triton(k.to(DEVICE), v.to(DEVICE), got[:, 1, 0], got[:, 1, 1], slots.to(DEVICE))
     assert torch.equal(got.cpu(), want)
     assert torch.equal(want[1, 1, 0, 1], k[0]) and torch.equal(want[9, 1, 1, 3], v[6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_in_place_triton_matches_reference(dtype):
+    """The one-launch in-place merge (streaming path) against merge_partials, including rows where one side or
+    both sides saw no keys (lse -inf) and a slice of a larger output (strided rows)."""
+    g = torch.Generator().manual_seed(6)
+    T, H, D = 6, 3, 20
+    out = torch.randn((T + 2, H, D), generator=g).to(dtype)
+    lse = torch.randn((T + 2, H), generator=g)
+    out_b = torch.randn((T, H, D), generator=g).to(dtype)
+    lse_b = torch.randn((T, H), generator=g)
+    lse[2, 1] = float("-inf")
+    lse_b[3, 0] = float("-inf")
+    lse[4, 2] = lse_b[4, 2] = float("-inf")
+    want, want_lse = merge_partials(out[1 : T + 1], lse[1 : T + 1], out_b, lse_b)
+    got, got_lse = out.clone().to(DEVICE), lse.clone().to(DEVICE)
+    merge_partials_triton(got[1 : T + 1], got_lse[1 : T + 1], out_b.to(DEVICE), lse_b.to(DEVICE))
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(got[1 : T + 1].cpu(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_lse[1 : T + 1].cpu(), want_lse, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[0].cpu(), out[0]) and torch.equal(got[T + 1].cpu(), out[T + 1])  # rows outside untouched
+    ref, ref_lse = out.clone(), lse.clone()
+    merge_partials_into(ref[1 : T + 1], ref_lse[1 : T + 1], out_b, lse_b)
+    assert torch.equal(ref[1 : T + 1], want) and torch.equal(ref_lse[1 : T + 1], want_lse)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.kernels import PagedBatch, copy_blocks, merge_partials, paged_attention, write_kv
+from tierkv.kernels import PagedBatch, copy_blocks, merge_partials_into, paged_attention, write_kv
 from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available
 from tierkv.tiers import MemoryTier
 
@@ -80,9 +80,17 @@ class StepAttention:
         """Per chunk: its copies (source tier, source slots, staging rows) and its attention metadata, prebuilt."""
         device = self.gpu.pool.device
         chunk = self.staging.shape[1]
-        plan = []
+        bs = self.gpu.pool.shape[3]
+        rows = s.rows[1] - s.rows[0]
         engine = self.copy_stream is not None and copy_engine_available()
-        for first in range(0, len(s.slots), chunk):
+        firsts = range(0, len(s.slots), chunk)
+        # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
+        meta = torch.tensor(
+            [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f] for f in firsts], dtype=torch.int32
+        ).to(device)
+        table = torch.arange(min(chunk, len(s.slots)), dtype=torch.int32, device=device)[None]
+        plan = []
+        for i, first in enumerate(firsts):
             n = min(chunk, len(s.slots) - first)
             tiers = s.tiers[first : first + n]
             groups: dict[int, tuple[MemoryTier, list[int], list[int]]] = {}
@@ -100,15 +108,12 @@ class StepAttention:
                     runs = None  # scattered slots: the kernel moves them faster than one DMA per short run
                 as_index = None if runs else (torch.tensor(src, dtype=torch.int64, device=device), torch.tensor(dst, dtype=torch.int64, device=device))
                 moves.append((tier, runs, as_index))
-            bs = self.gpu.pool.shape[3]
-            rows = s.rows[1] - s.rows[0]
-            # The chunk's attention metadata is the same for every layer: built once per step, not per layer.
             batch = PagedBatch(
-                q_starts=torch.tensor([0, rows], dtype=torch.int32, device=device),
-                q_pos0=torch.tensor([s.q_pos0], dtype=torch.int32, device=device),
-                context_lens=torch.tensor([(first + n) * bs], dtype=torch.int32, device=device),
-                first_block=torch.tensor([first], dtype=torch.int32, device=device),
-                block_tables=torch.arange(n, dtype=torch.int32, device=device)[None],
+                q_starts=meta[i, 0:2],
+                q_pos0=meta[i, 2:3],
+                context_lens=meta[i, 3:4],
+                first_block=meta[i, 4:5],
+                block_tables=table[:, :n],
                 max_q=rows,
                 max_context=(first + n) * bs,
                 q_starts_host=[0, rows],
@@ -134,7 +139,7 @@ class StepAttention:
             for moves, chunk in plan:
                 buf = self._fill(layer, moves)
                 part = paged_attention(q_rows, buf[:, 0], buf[:, 1], chunk, self.scale, window, need_lse=True)
-                out[r0:r1], lse[r0:r1] = merge_partials(out[r0:r1], lse[r0:r1], *part)
+                merge_partials_into(out[r0:r1], lse[r0:r1], *part)
                 if self.copy_stream is not None:
                     self._drained[(self._chunks - 1) % len(self._drained)].record(torch.cuda.current_stream(q.device))
         return out

@@ -43,6 +43,8 @@ class EngineCounters:
 
 
 class Engine:
+    staging_buffers = 2  # on CUDA: streamed chunks in flight (one being read, the others filling)
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -71,7 +73,7 @@ class Engine:
         # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read).
         cuda = self.device.type == "cuda"
         self.staging = torch.empty(
-            (2 if cuda else 1, staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim),
+            (self.staging_buffers if cuda else 1, staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim),
             dtype=layout.dtype, device=self.device,
         )
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
