@@ -41,8 +41,10 @@ def main() -> int:
     ap.add_argument("--trace")
     ap.add_argument("--staging-blocks", type=int, default=1024)
     ap.add_argument("--staging-buffers", type=int, default=2)
+    ap.add_argument("--copy-streams", type=int, default=2)
     args = ap.parse_args()
     tierkv.engine.Engine.staging_buffers = args.staging_buffers
+    tierkv.engine.Engine.staging_copy_streams = args.copy_streams
     llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,
                      max_model_len=args.prompt_len + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)

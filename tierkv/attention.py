@@ -6,8 +6,8 @@ time, through a bounded staging area on the compute device in chunks of `staging
 results over the window and over each chunk are merged exactly with their log-sum-exp. The smallest GPU tier
 is therefore the window of one step, however long the sequence.
 
-On CUDA the staging area has two buffers and the copies run on their own stream: while the compute stream
-attends over one chunk, the next one is already crossing the link (copy engines for runs of consecutive slots,
+On CUDA the staging area has two buffers, each filled on its own copy stream (so that two copy engines share
+the link): while the compute stream attends over one chunk, the next one is already crossing the link (copy engines for runs of consecutive slots,
 else the block-copy kernel with a small grid), and the copies of layer i+1 start while layer i still computes.
 Events order each buffer's copy before its attention and that attention before the buffer's next copy.
 """
@@ -51,7 +51,7 @@ class StepAttention:
         staging: torch.Tensor | None,
         scale: float,
         sliding_windows: tuple[int, ...],
-        copy_stream: "torch.cuda.Stream | None" = None,
+        copy_streams: "list[torch.cuda.Stream] | None" = None,
         delay=None,
     ) -> None:
         self.gpu = gpu
@@ -61,12 +61,12 @@ class StepAttention:
         self.staging = staging  # (buffers, staging_blocks, 2, block_size, Hkv, D) on the compute device
         self.scale = scale
         self.windows = sliding_windows
-        self.copy_stream = copy_stream if streamed else None
+        self.copy_streams = copy_streams if streamed and copy_streams else None
         self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
         self._stream_index = [self._plan(s) for s in streamed]
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before reading it
         self._chunks = 0  # chunks streamed so far this step (buffer = count % buffers)
-        if self.copy_stream is not None:
+        if self.copy_streams is not None:
             buffers = staging.shape[0]
             self._filled = [torch.cuda.Event() for _ in range(buffers)]  # copy into buffer b done
             self._drained = [torch.cuda.Event() for _ in range(buffers)]  # attention over buffer b done
@@ -74,7 +74,8 @@ class StepAttention:
             # staging buffers) comes before the first copy of this step.
             start = torch.cuda.Event()
             start.record(torch.cuda.current_stream(staging.device))
-            self.copy_stream.wait_event(start)
+            for stream in self.copy_streams:
+                stream.wait_event(start)
 
     def _plan(self, s: StreamedEntry):
         """Per chunk: its copies (source tier, source slots, staging rows) and its attention metadata, prebuilt."""
@@ -82,7 +83,7 @@ class StepAttention:
         chunk = self.staging.shape[1]
         bs = self.gpu.pool.shape[3]
         rows = s.rows[1] - s.rows[0]
-        engine = self.copy_stream is not None and copy_engine_available()
+        engine = self.copy_streams is not None and copy_engine_available()
         firsts = range(0, len(s.slots), chunk)
         # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
         meta = torch.tensor(
@@ -140,7 +141,7 @@ class StepAttention:
                 buf = self._fill(layer, moves)
                 part = paged_attention(q_rows, buf[:, 0], buf[:, 1], chunk, self.scale, window, need_lse=True)
                 merge_partials_into(out[r0:r1], lse[r0:r1], *part)
-                if self.copy_stream is not None:
+                if self.copy_streams is not None:
                     self._drained[(self._chunks - 1) % len(self._drained)].record(torch.cuda.current_stream(q.device))
         return out
 
@@ -150,20 +151,21 @@ class StepAttention:
         b = self._chunks % self.staging.shape[0]
         self._chunks += 1
         buf = self.staging[b]
-        if self.copy_stream is None:
+        if self.copy_streams is None:
             for tier, _, (src, dst) in moves:
                 copy_blocks(tier.pool[:, layer], buf, src, dst)
             return buf
         compute = torch.cuda.current_stream(buf.device)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self._drained[b])
+        stream = self.copy_streams[b % len(self.copy_streams)]
+        with torch.cuda.stream(stream):
+            stream.wait_event(self._drained[b])
             if self._delay is not None:
-                self._delay(self.copy_stream)
+                self._delay(stream)
             for tier, runs, index in moves:
                 if runs:
-                    copy_block_runs(tier.pool[:, layer], buf, runs, self.copy_stream)
+                    copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
                     copy_blocks_triton(tier.pool[:, layer], buf, *index, max_programs=32 if tier.is_host_memory else None)
-            self._filled[b].record(self.copy_stream)
+            self._filled[b].record(stream)
         compute.wait_event(self._filled[b])
         return buf

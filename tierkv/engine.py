@@ -44,6 +44,7 @@ class EngineCounters:
 
 class Engine:
     staging_buffers = 2  # on CUDA: streamed chunks in flight (one being read, the others filling)
+    staging_copy_streams = 2  # buffer b fills on stream b % this: two copy engines share the link
 
     def __init__(
         self,
@@ -76,7 +77,7 @@ class Engine:
             (self.staging_buffers if cuda else 1, staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim),
             dtype=layout.dtype, device=self.device,
         )
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
         self.scale = self.spec.head_dim**-0.5
         self.hasher = hasher  # None: no prefix caching
         self.prefix_load = prefix_load
@@ -257,7 +258,7 @@ class Engine:
         )
         return StepAttention(
             self.pm.tiers[GPU], batch, torch.tensor(slot_mapping, dtype=torch.int64, device=dev), streamed,
-            self.staging, self.scale, self.spec.sliding_windows, self.copy_stream, self.pm.mover.debug_delay,
+            self.staging, self.scale, self.spec.sliding_windows, self.copy_streams, self.pm.mover.debug_delay,
         )
 
     def _update(self, entries: list[ScheduledEntry], sampled: list[ScheduledEntry], logits: torch.Tensor | None) -> list[Request]:
