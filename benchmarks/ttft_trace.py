@@ -35,14 +35,17 @@ def main() -> int:
     llm.pm.demote_cached("cpu")
     torch.cuda.synchronize()
     engine = llm.engine
-    for name in ("_admit", "run_forward", "_update"):
-        fn = getattr(engine, name)
+    targets = [(engine, n) for n in ("_admit", "run_forward", "_update")]
+    targets += [(engine.hasher, "keys"), (llm.pm, "lookup"), (llm.pm, "attach"), (llm.pm, "prefetch"), (llm.pm, "acquire"),
+                (llm.pm.mover, "move"), (llm, "_add")]
+    for owner, name in targets:
+        fn = getattr(owner, name)
 
         def wrapped(*a, _fn=fn, _name=name, **k):
             with record_function(f"tierkv.{_name}"):
                 return _fn(*a, **k)
 
-        setattr(engine, name, wrapped)
+        setattr(owner, name, wrapped)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         with record_function("tierkv.generate"):
@@ -56,7 +59,7 @@ def main() -> int:
     for e in events:
         name = e.name
         if e.device_type.name == "CUDA":
-            if "copy_blocks" in name:
+            if "copy_blocks" in name or ("emcpy" in name and "Pinned" in name):
                 name = "copy_blocks (promotion)"
             elif "rms_norm" in name:
                 name = "rms_norm"

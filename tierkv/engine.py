@@ -110,6 +110,10 @@ class Engine:
             self._reuse_prefix(req, seq)
         return seq
 
+    # A long prompt is looked up in two parts: the first `early_blocks` blocks, whose promotion starts at once where
+    # it is sure to be used, then the rest (hashing 2,048 blocks takes milliseconds the link can already use).
+    early_blocks = 128
+
     def _reuse_prefix(self, req: Request, seq: Sequence) -> None:
         """Start the sequence with the longest prefix of its prompt whose KV is stored in any tier (at least the
         last prompt token is always computed, for its logits)."""
@@ -117,10 +121,19 @@ class Engine:
         prompt = req.prompt_ids
         seq.root = self.hasher.root(req.params.cache_salt)
         full = (len(prompt) - 1) // bs
-        keys = self.hasher.keys(seq.root, prompt, full)
-        hits = pm.lookup(keys, (prompt[j * bs : (j + 1) * bs] for j in range(full)))  # sliced only up to a miss
+        head = min(full, self.early_blocks)
+        keys = self.hasher.keys(seq.root, prompt, head)
+        hits = pm.lookup(keys, (prompt[j * bs : (j + 1) * bs] for j in range(head)))  # sliced only up to a miss
+        tiers = [TIER_NAMES[b.tier] for b in hits]  # where each was found (before any promotion)
+        if self.prefetch_enabled:
+            self._promote_early(hits, tiers, len(prompt))
+        if len(hits) == head < full:
+            more = self.hasher.keys(keys[-1], prompt[head * bs :], full - head)
+            keys += more
+            found = pm.lookup(more, (prompt[j * bs : (j + 1) * bs] for j in range(head, full)))
+            hits += found
+            tiers += [TIER_NAMES[b.tier] for b in found]
         stats.queried_tokens += full * bs
-        tiers = [TIER_NAMES[b.tier] for b in hits]
         if self.prefix_load == "auto":
             self.chooser.observe_links(pm.mover.links)
             use = self.chooser.choose(tiers, len(prompt))
@@ -141,6 +154,21 @@ class Engine:
         stats.hit_tokens += len(hits) * bs
         if any(b.tier != GPU for b in hits) and self.prefetch_enabled:
             pm.prefetch([seq.seq_id])  # one batched promotion, started now, while other work runs
+
+    def _promote_early(self, hits: list, tiers: list[str], prompt_len: int) -> None:
+        """Start promoting the leading found blocks that are in the GPU or CPU tier, where loading them is sure to
+        be chosen: with "always", or where each costs less to load than to recompute (then the choice over the whole
+        prefix, made later, keeps at least these)."""
+        lead = 0
+        while lead < len(tiers) and tiers[lead] in ("gpu", "cpu"):
+            lead += 1
+        if not lead or "cpu" not in tiers[:lead]:
+            return
+        if self.prefix_load == "auto" and self.chooser.prefill_tokens_per_s is not None:
+            self.chooser.observe_links(self.pm.mover.links)
+            if self.chooser.load_seconds("cpu") >= self.block_size / self.chooser.prefill_tokens_per_s:
+                return
+        self.pm.promote_cached(hits[:lead])
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Give the sequence's newly completed blocks their content keys (chained from its root)."""

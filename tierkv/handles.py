@@ -107,14 +107,18 @@ class AllOf(Handle):
 
 
 def all_of(handles: Iterable[Handle]) -> Handle:
-    """One handle for many, dropping the ones already known complete."""
+    """One handle for many, dropping the ones already known complete and repeats (also among the parts of nested
+    AllOfs: 2,048 blocks freed by one transfer carry 2,048 AllOfs of the same two events, and a stream must wait on
+    each event once, not 4,096 times)."""
     parts: list[Handle] = []
-    seen: set[int] = set()
+    seen: set[int] = set()  # ids of handles kept in `parts` (alive, so an id cannot be reused meanwhile)
     for h in handles:
-        if h is DONE or id(h) in seen:
+        if h is DONE:
             continue
-        seen.add(id(h))
-        parts.extend(h.parts if isinstance(h, AllOf) else [h])
+        for p in h.parts if isinstance(h, AllOf) else (h,):
+            if id(p) not in seen:
+                seen.add(id(p))
+                parts.append(p)
     if not parts:
         return DONE
     return parts[0] if len(parts) == 1 else AllOf(parts)

@@ -10,6 +10,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 
+import numpy as np
 import torch
 
 from tierkv.config import EngineConfig, PageManagerConfig, resolve_blocks, resolve_device
@@ -158,13 +159,17 @@ class LLM:
                 text = prompt
             else:
                 try:
-                    ids = array("q", prompt).tolist()  # fast for lists of ints; refuses floats
+                    packed = array("q", prompt)  # fast for lists of ints; refuses floats
                 except (TypeError, OverflowError):
-                    ids = [int(t) for t in prompt]
+                    packed = array("q", [int(t) for t in prompt])
+                ids = packed.tolist()
                 text = None
             if not ids:
                 raise ConfigError(f"prompt {i} is empty")
-            if min(ids) < 0 or max(ids) >= vocab:
+            if isinstance(prompt, str):
+                packed = array("q", ids)
+            view = np.frombuffer(packed, dtype=np.int64)  # range check without a Python loop over a long prompt
+            if int(view.min()) < 0 or int(view.max()) >= vocab:
                 raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
             total = len(ids) + p.max_tokens
             if total > self.max_model_len:

@@ -321,6 +321,20 @@ class PageManager:
             hits.append(block)
         return hits
 
+    def promote_cached(self, blocks: Sequence[Block]) -> int:
+        """Start bringing found blocks (from `lookup`, no sequence holding them yet) from the CPU tier to the GPU now,
+        best effort, in one batch: a long prompt's first blocks start crossing the link while the rest of it is
+        still being hashed and looked up. Found blocks on the GPU and the promoted ones are kept there through the
+        next step (as prefetched blocks are). Returns how many transfers were started."""
+        step = self.step + 1
+        todo = [b for b in blocks if b.tier == CPU]
+        started = self._promote(todo, {b.block_id for b in blocks}, allow_reserved=False, best_effort=True) if todo else 0
+        for block in blocks:
+            if block.tier == GPU:
+                block.reserved_step = max(block.reserved_step, step)
+        self.counters[GPU].prefetched += started
+        return started
+
     def attach(self, seq_id: Hashable, blocks: Sequence[Block]) -> None:
         """Start an empty sequence with `blocks` (from `lookup`) as its first blocks, shared by reference."""
         seq = self._seq(seq_id)

@@ -205,7 +205,7 @@ class Workers:
 REPLAYED = frozenset({
     "add_sequence", "append_tokens", "fork", "free", "flush_copies", "attach", "register", "persist_keyed",
     "demote_cached", "reset_prefix_cache", "load_from_disk", "begin_step", "acquire", "pin_in_place", "release",
-    "prefetch", "evict", "synchronize", "reset_counters", "write_tokens",
+    "prefetch", "promote_cached", "evict", "synchronize", "reset_counters", "write_tokens",
 })
 
 
