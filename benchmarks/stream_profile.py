@@ -95,7 +95,7 @@ def main() -> int:
     host_names = ("pm.", "tierkv.")
     for i, (s0, s1) in enumerate(steps):
         inside = [e for e in events if s0 <= e.time_range.start <= s1]
-        gpu = [e for e in inside if e.device_type.name == "CUDA"]
+        gpu = [e for e in inside if e.device_type.name == "CUDA" and not e.name.startswith(host_names)]  # not annotations
         copies = [(e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name or "copy_blocks" in e.name]
         compute = [(e.time_range.start, e.time_range.end) for e in gpu if not ("emcpy" in e.name or "copy_blocks" in e.name)]
         first_gpu = min((r[0] for r in compute + copies), default=s1) - s0

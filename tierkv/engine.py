@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from tierkv.attention import StepAttention, StreamedEntry
+from tierkv.graphs import DecodeGraphs
+from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
 from tierkv.loader import LoadedModel
 from tierkv.page_manager import PageManager
@@ -56,6 +58,7 @@ class Engine:
         prefetch: bool,
         hasher: PrefixHasher | None = None,
         prefix_load: str = "auto",
+        cuda_graphs: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -85,6 +88,7 @@ class Engine:
         self.prefix_stats = PrefixStats()
         self.register_blocks = True
         self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.parallel)
+        self.graphs = DecodeGraphs(self) if cuda_graphs and cuda else None  # decode steps replayed as CUDA graphs
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -242,6 +246,11 @@ class Engine:
         """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
         streamed) say; returns the logits of the sampled rows (or None) and whether anything was streamed. Every
         tensor-parallel rank runs this with the same arguments."""
+        if self.graphs is not None and self.graphs.eligible(plans, tables):
+            waits = self.pm.take_layer_waits()
+            if waits:  # a replay cannot wait layer by layer: blocks still arriving are waited for as a whole
+                all_of(waits).wait_on(torch.cuda.current_stream(self.device))
+            return self.graphs.run(plans, tables, input_ids), False
         streamed = self._stream_plan(plans, placed)
         attend = self._attention(plans, tables, streamed)
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group

@@ -1,0 +1,154 @@
+"""CUDA graphs for decode steps: the whole forward pass of a decode step (embedding, every layer's kernels, the
+final norm and the LM head) replayed as one graph, so that Python and kernel-launch overhead leave the step's
+critical path.
+
+A step is replayed from a graph when every entry decodes one token over KV that is all in its GPU window (nothing
+streamed from lower tiers) and tensor parallelism is off. Graphs are captured on first use, one per (batch bucket,
+block-table width bucket); the step's inputs are copied into the graph's static buffers and the rows beyond the
+batch repeat its first entry (same token, position and slot: they write the same bytes to the same place, so the
+padding can never touch another sequence's KV). The attention kernels are the eager ones over the bucket's table
+width (partitions past an entry's context hold nothing and weigh nothing), so a replay computes what the eager step
+computes. Blocks still arriving in layer groups are waited for as a whole before a replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tierkv.attention import StepAttention
+from tierkv.kernels import PagedBatch
+from tierkv.tiers import GPU
+
+
+def _bucket(n: int, buckets: list[int]) -> int | None:
+    for b in buckets:
+        if n <= b:
+            return b
+    return None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # (B,) int64
+    positions: torch.Tensor  # (B,) int64
+    slots: torch.Tensor  # (B,) int64: where each row's new K/V go
+    tables: torch.Tensor  # (B, W) int32
+    logits: torch.Tensor  # (B, vocab) float32, the graph's output
+
+
+class DecodeGraphs:
+    """The captured decode graphs of one engine."""
+
+    # The widest block table a graph is captured for, in tokens: wider steps (long contexts) run eagerly, where the
+    # per-step launch overhead is small beside the attention itself and the split-K scratch would be large.
+    max_context = 32768
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.max_batch = engine.scheduler.max_num_seqs if engine.scheduler is not None else 256
+        self.batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < self.max_batch}
+                                    | {self.max_batch})
+        bs = engine.block_size
+        widths, w = [], 16
+        while w * bs < self.max_context:
+            widths.append(w)
+            w *= 2
+        widths.append(max(1, self.max_context // bs))
+        self.width_buckets = widths
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = None
+        self.logits_out: torch.Tensor | None = None  # one output buffer shared by every graph (max batch x vocab)
+        self.replays = 0
+        self.captures = 0
+
+    def eligible(self, plans, tables) -> bool:
+        return (
+            len(plans) <= self.max_batch
+            and all(p.num_tokens == 1 and p.first_block == 0 and p.samples for p in plans)
+            and max(len(t) for t in tables) <= self.width_buckets[-1]
+        )
+
+    def run(self, plans, tables, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decode step's logits (len(plans), vocab), from a replayed graph."""
+        n = len(plans)
+        B = _bucket(n, self.batch_buckets)
+        W = _bucket(max(len(t) for t in tables), self.width_buckets)
+        bs = self.engine.block_size
+        ids = input_ids.tolist()
+        pos = [p.start for p in plans]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
+        pad = B - n
+        rows = [t + [0] * (W - len(t)) for t in tables]
+        host_vec = torch.tensor([ids + [ids[0]] * pad, pos + [pos[0]] * pad, slots + [slots[0]] * pad], dtype=torch.int64)
+        host_tab = torch.tensor(rows + [rows[0]] * pad, dtype=torch.int32)
+        g = self.graphs.get((B, W))
+        if g is None:
+            g = self._capture(B, W, host_vec, host_tab)
+        else:
+            self._fill(g, host_vec, host_tab)
+        g.graph.replay()
+        self.replays += 1
+        return g.logits[:n]
+
+    def _fill(self, g: _Graph, host_vec: torch.Tensor, host_tab: torch.Tensor) -> None:
+        vec = host_vec.pin_memory().to(g.ids.device, non_blocking=True)
+        g.ids.copy_(vec[0])
+        g.positions.copy_(vec[1])
+        g.slots.copy_(vec[2])
+        g.tables.copy_(host_tab.pin_memory().to(g.tables.device, non_blocking=True))
+
+    def _forward(self, g: _Graph, batch: PagedBatch) -> torch.Tensor:
+        e = self.engine
+        attend = StepAttention(e.pm.tiers[GPU], batch, g.slots, [], None, e.scale, e.spec.sliding_windows)
+        hidden = e.model(g.ids, g.positions, attend)
+        out = self.logits_out[: g.ids.shape[0]]
+        out.copy_(e.model.logits(hidden))
+        return out
+
+    def _capture(self, B: int, W: int, host_vec: torch.Tensor, host_tab: torch.Tensor) -> _Graph:
+        """Capture the graph for (B, W) with this step's inputs in its buffers (the warm-up runs and the capture
+        write this step's K/V, the same bytes the replay then writes again)."""
+        dev = self.engine.device
+        if self.logits_out is None:
+            self.logits_out = torch.empty((self.max_batch, self.engine.spec.vocab_size), dtype=torch.float32, device=dev)
+        ids = torch.zeros(B, dtype=torch.int64, device=dev)
+        g = _Graph(torch.cuda.CUDAGraph(), ids, torch.zeros_like(ids), torch.zeros_like(ids),
+                   torch.zeros((B, W), dtype=torch.int32, device=dev), None)
+        self._fill(g, host_vec, host_tab)
+        # q_pos0 and context_lens are refreshed from the positions buffer inside the graph: a replay sees new ones.
+        batch = PagedBatch(
+            q_starts=torch.arange(B + 1, dtype=torch.int32, device=dev),
+            q_pos0=torch.zeros(B, dtype=torch.int32, device=dev),
+            context_lens=torch.zeros(B, dtype=torch.int32, device=dev),
+            first_block=torch.zeros(B, dtype=torch.int32, device=dev),
+            block_tables=g.tables,
+            max_q=1,
+            max_context=W * self.engine.block_size,
+            q_starts_host=list(range(B + 1)),
+        )
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        compute = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: compiles and autotunes outside the capture
+                self._refresh(g, batch)
+                self._forward(g, batch)
+        compute.wait_stream(side)
+        # thread_local: the mover's I/O thread may launch copies on its own streams meanwhile, which is fine here.
+        with torch.cuda.graph(g.graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+            self._refresh(g, batch)
+            g.logits = self._forward(g, batch)
+        compute.wait_stream(side)
+        self.graphs[(B, W)] = g
+        self.captures += 1
+        return g
+
+    @staticmethod
+    def _refresh(g: _Graph, batch: PagedBatch) -> None:
+        batch.q_pos0.copy_(g.positions)
+        batch.context_lens.copy_(g.positions + 1)
