@@ -52,11 +52,12 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int)
     ap.add_argument("--block-size", type=int, help="tokens per KV block (default: tierkv's)")
     ap.add_argument("--staging-blocks", type=int, help="blocks per streamed chunk (default: tierkv's)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (comparison)")
     ap.add_argument("--no-prefetch", action="store_true", help="turn the engine's prefetch off (overlap comparison)")
     ap.add_argument("--out")
     args = ap.parse_args()
     opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                prefetch=not args.no_prefetch, enable_prefix_caching=False)
+                prefetch=not args.no_prefetch, enable_prefix_caching=False, cuda_graphs=not args.no_cuda_graphs)
     for name in ("max_model_len", "block_size", "staging_blocks"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
