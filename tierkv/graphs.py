@@ -37,6 +37,7 @@ class _Graph:
     slots: torch.Tensor  # (B,) int64: where each row's new K/V go
     tables: torch.Tensor  # (B, W) int32
     logits: torch.Tensor  # (B, vocab) float32, the graph's output
+    batch: PagedBatch | None = None  # the attention metadata the graph reads: kept alive as long as the graph
 
 
 class DecodeGraphs:
@@ -129,6 +130,7 @@ class DecodeGraphs:
             max_context=W * self.engine.block_size,
             q_starts_host=list(range(B + 1)),
         )
+        g.batch = batch  # tensors made outside the capture that the graph reads must outlive it
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         compute = torch.cuda.current_stream(dev)
