@@ -109,3 +109,28 @@ def test_admission_reserves_every_sample():
 
     admitted = s.admit(make_seq)
     assert [r.request_id for r in admitted] == ["a"] and list(s.waiting) == [b]
+
+
+def test_waiting_for_token_budget_alone_rotates_no_one():
+    """Prompts that wait only for the step's token budget (the GPU has room for all) keep their order: the ones
+    prefilling finish first and nobody counts as preempted. Where decodes take the whole budget, the order rotates
+    so that the waiting prompts get their turn."""
+    s = scheduler(gpu_blocks=1000, tokens=64, slice_steps=2)
+    prompts = [make(100, 0, i) for i in range(4)]
+    s.running.extend(prompts)
+    order = []
+    for _ in range(4):
+        entries = s.schedule()
+        order.append([e.seq.seq_id for e in entries])
+        for e in entries:
+            e.seq.num_computed = e.end
+            if e.samples:
+                e.seq.token_ids.append(3)
+    assert order == [[0], [0, 1], [0, 1], [0, 1, 2]]  # first come, first prefilled; then each decodes
+    assert s.preemptions == 0
+    starving = scheduler(gpu_blocks=1000, tokens=2, slice_steps=1)
+    decoding = [make(20, 20, i, generated=1) for i in range(3)]
+    waiting = make(50, 0, 3)
+    starving.running.extend([*decoding, waiting])
+    starving.schedule()  # three decodes take more than the 2-token budget: the prompt waits, the order rotates
+    assert [q.seq_id for q in starving.running][-1] != 3

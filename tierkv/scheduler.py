@@ -120,6 +120,7 @@ class Scheduler:
                 skipped = True
         tokens = self.max_num_batched_tokens
         entries: list[ScheduledEntry] = []
+        starved = prefilled = False
         for seq in group:
             if not seq.prefilling:
                 first = max(0, self.blocks_for(seq.num_computed + 1) - self.gpu_blocks) if seq is streaming else 0
@@ -130,7 +131,7 @@ class Scheduler:
                 continue
             start = seq.num_computed
             if tokens <= 0:
-                skipped = True
+                starved = True  # no token budget left this step: it prefills in a later one
                 continue
             n = min(len(seq.token_ids) - start, tokens)
             if seq is streaming:
@@ -143,7 +144,10 @@ class Scheduler:
                 first = 0
             entries.append(ScheduledEntry(seq, start, n, first))
             tokens -= n
-        self._time_slice(entries, skipped)
+            prefilled = True
+        # Waiting for token budget is a reason to rotate only when the decodes took all of it (no prefill moved):
+        # while some prefill moves each step, the others' turn comes without swapping anyone out.
+        self._time_slice(entries, skipped or (starved and not prefilled))
         return entries
 
     def _time_slice(self, entries: list[ScheduledEntry], skipped: bool) -> None:
