@@ -180,7 +180,8 @@ class PageManager:
         if num_tokens < 0:
             raise ValueError(f"append_tokens: num_tokens must be >= 0, got {num_tokens}")
         need = self.layout.num_blocks_for(seq.num_tokens + num_tokens) - len(seq.blocks)
-        self._check_room(need, f"appending {num_tokens} tokens to sequence {seq_id!r}")
+        if need > 0:
+            self._check_room(need, f"appending {num_tokens} tokens to sequence {seq_id!r}")
         for _ in range(need):
             kind = next((k for k in self.kinds if self.open_slots(k) > 0), None)
             if kind is None and self._copy_order:  # a write-through copy is the cheapest room to give up

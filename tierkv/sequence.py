@@ -53,7 +53,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""
+    text_cut: str | None = None  # the text up to (or through) the stop string that ended it
+    tokenizer: object = None  # set by the first append that has one; the text is decoded when asked for
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
@@ -68,6 +69,21 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The generated text, decoded when asked for (once per new token at most), not at every step: decoding
+        every sequence's whole output each step was a large part of a decode step's host time at 256 sequences."""
+        if self.text_cut is not None:
+            return self.text_cut
+        if self.tokenizer is None:
+            return ""
+        n = len(self.token_ids) - self.num_prompt
+        cached = self.__dict__.get("_decoded")
+        if cached is None or cached[0] != n:
+            cached = (n, self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens))
+            self.__dict__["_decoded"] = cached
+        return cached[1]
 
     @property
     def output_ids(self) -> list[int]:
@@ -92,9 +108,9 @@ class Sequence:
         elif not p.ignore_eos and token in eos_ids:
             self.finish_reason, self.stop_reason = "stop", token
         if tokenizer is not None:
-            self.text = tokenizer.decode(self.output_ids, skip_special_tokens=p.skip_special_tokens)
-            if not self.finished:
-                self._check_stop_strings()
+            self.tokenizer = tokenizer
+            if p.stop_list and not self.finished:
+                self._check_stop_strings()  # needs the text now
         if not self.finished and len(self.output_ids) >= p.max_tokens:
             self.finish_reason = "length"
         if self.finished:
@@ -102,10 +118,11 @@ class Sequence:
 
     def _check_stop_strings(self) -> None:
         for stop in self.params.stop_list:
-            at = self.text.find(stop)
+            text = self.text
+            at = text.find(stop)
             if at >= 0:
                 end = at + len(stop) if self.params.include_stop_str_in_output else at
-                self.text = self.text[:end]
+                self.text_cut = text[:end]
                 self.finish_reason, self.stop_reason = "stop", stop
                 return
 
