@@ -132,6 +132,21 @@ def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, in
     return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
 
 
+# A batch goes to the copy engines where its runs of consecutive slots average at least this many blocks (a prefix
+# stored in order, a long sequence demoted in order); scattered blocks go through the kernel, which moves them
+# faster than one DMA per short run.
+COPY_ENGINE_MIN_RUN = 8
+
+
+def copy_engine_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]] | None:
+    """The batch as runs for `copy_block_runs` where the copy engines should move it, else None (use the kernel)."""
+    n = len(src_slots)
+    if n < COPY_ENGINE_MIN_RUN or not copy_engine_available():
+        return None
+    runs = block_runs(src_slots, dst_slots)
+    return runs if len(runs) * COPY_ENGINE_MIN_RUN <= n else None
+
+
 _cupy_runtime = None
 
 

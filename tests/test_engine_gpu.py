@@ -99,11 +99,11 @@ def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch
     import random
 
     from tierkv import attention
-    from tierkv.kernels.block_copy import copy_engine_available
+    from tierkv.kernels import block_copy
 
-    if min_run == 1 and not copy_engine_available():
+    if min_run == 1 and not block_copy.copy_engine_available():
         pytest.skip("needs CuPy (the gpu extra) for 2D copies")
-    monkeypatch.setattr(attention, "COPY_ENGINE_MIN_RUN", min_run)
+    monkeypatch.setattr(block_copy, "COPY_ENGINE_MIN_RUN", min_run)
     calls = []
     real = attention.copy_block_runs
     monkeypatch.setattr(attention, "copy_block_runs", lambda *a: (calls.append(1), real(*a)))

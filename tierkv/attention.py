@@ -21,13 +21,8 @@ import numpy as np
 import torch
 
 from tierkv.kernels import PagedBatch, copy_blocks, merge_partials_into, paged_attention, write_kv
-from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available
+from tierkv.kernels.block_copy import copy_block_runs, copy_blocks_triton, copy_engine_runs
 from tierkv.tiers import MemoryTier
-
-
-# Host-tier blocks of a chunk go to the copy engines (one 2D copy per run of consecutive slots) where their runs
-# average at least this many blocks; scattered ones go through the block-copy kernel.
-COPY_ENGINE_MIN_RUN = 8
 
 
 def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
@@ -95,7 +90,6 @@ class StepAttention:
         chunk = self.staging.shape[1]
         bs = self.gpu.pool.shape[3]
         rows = s.rows[1] - s.rows[0]
-        engine = self.copy_streams is not None and copy_engine_available()
         firsts = range(0, len(s.slots), chunk)
         # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
         meta = torch.tensor(
@@ -116,9 +110,7 @@ class StepAttention:
                     entry[2].append(j)
             moves = []
             for tier, src, dst in groups.values():
-                runs = block_runs(src, dst) if engine and tier.is_host_memory else None
-                if runs is not None and len(runs) * COPY_ENGINE_MIN_RUN > len(src):
-                    runs = None  # scattered slots: the kernel moves them faster than one DMA per short run
+                runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
                 as_index = None if runs else (torch.tensor(src, dtype=torch.int64, device=device), torch.tensor(dst, dtype=torch.int64, device=device))
                 moves.append((tier, runs, as_index))
             batch = PagedBatch(

@@ -126,11 +126,13 @@ class Engine:
         seq.root = self.hasher.root(req.params.cache_salt)
         full = (len(prompt) - 1) // bs
         head = min(full, self.early_blocks)
+        if self.prefix_load == "auto":
+            self.chooser.observe_links(pm.mover.links)  # the rates the early promotion and the choice go by
         keys = self.hasher.keys(seq.root, prompt, head)
         hits = pm.lookup(keys, (prompt[j * bs : (j + 1) * bs] for j in range(head)))  # sliced only up to a miss
         tiers = [TIER_NAMES[b.tier] for b in hits]  # where each was found (before any promotion)
         if self.prefetch_enabled:
-            self._promote_early(hits, tiers, len(prompt))
+            self._promote_early(hits, tiers)
         if len(hits) == head < full:
             more = self.hasher.keys(keys[-1], prompt[head * bs :], full - head)
             keys += more
@@ -139,7 +141,6 @@ class Engine:
             tiers += [TIER_NAMES[b.tier] for b in found]
         stats.queried_tokens += full * bs
         if self.prefix_load == "auto":
-            self.chooser.observe_links(pm.mover.links)
             use = self.chooser.choose(tiers, len(prompt))
         else:
             use = len(hits)
@@ -159,7 +160,7 @@ class Engine:
         if any(b.tier != GPU for b in hits) and self.prefetch_enabled:
             pm.prefetch([seq.seq_id])  # one batched promotion, started now, while other work runs
 
-    def _promote_early(self, hits: list, tiers: list[str], prompt_len: int) -> None:
+    def _promote_early(self, hits: list, tiers: list[str]) -> None:
         """Start promoting the leading found blocks that are in the GPU or CPU tier, where loading them is sure to
         be chosen: with "always", or where each costs less to load than to recompute (then the choice over the whole
         prefix, made later, keeps at least these)."""
@@ -169,7 +170,6 @@ class Engine:
         if not lead or "cpu" not in tiers[:lead]:
             return
         if self.prefix_load == "auto" and self.chooser.prefill_tokens_per_s is not None:
-            self.chooser.observe_links(self.pm.mover.links)
             if self.chooser.load_seconds("cpu") >= self.block_size / self.chooser.prefill_tokens_per_s:
                 return
         self.pm.promote_cached(hits[:lead])

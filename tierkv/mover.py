@@ -28,7 +28,7 @@ import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
 from tierkv.kernels import copy_blocks
-from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available
+from tierkv.kernels.block_copy import copy_block_runs, copy_blocks_triton, copy_engine_runs
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 
 
@@ -56,10 +56,6 @@ class Mover:
     # Programs of a host-to-GPU copy kernel: reads over PCIe reach the link's speed from ~16 programs on (see
     # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
     h2d_programs = 32
-    # A batch whose slots form runs of consecutive slots on both sides (a prefix stored in order, a long sequence
-    # demoted in order) averaging at least this many blocks goes to the copy engines instead: one 2D copy per run
-    # (and layer group), at the full speed of the link, holding no SM.
-    copy_engine_min_run = 8
 
     def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
         self.tiers = list(tiers)
@@ -192,7 +188,9 @@ class Mover:
         """Memory to memory with CUDA involved: one kernel (or one copy-engine transfer per run of consecutive
         slots) on the right stream, ordered after `dep`."""
         stream = self._stream_for(src, dst)
-        runs = self._engine_runs(src, src_slots, dst, dst_slots)
+        # Host<->GPU batches in long runs of consecutive slots go to the copy engines: one 2D copy per run (and
+        # layer group), at the full speed of the link, holding no SM.
+        runs = copy_engine_runs(src_slots, dst_slots) if src.is_cuda != dst.is_cuda else None
         with torch.cuda.stream(stream):
             dep.wait_on(stream)
             self.debug_delay(stream)
@@ -217,13 +215,6 @@ class Mover:
             self._timed.append((link, start, end))
             link.engine_batches += runs is not None
         return handle
-
-    def _engine_runs(self, src: MemoryTier, src_slots, dst: MemoryTier, dst_slots) -> list | None:
-        """The batch as runs of consecutive slots where the copy engines should move it, else None (the kernel)."""
-        if src.is_cuda == dst.is_cuda or len(src_slots) < self.copy_engine_min_run or not copy_engine_available():
-            return None
-        runs = block_runs(src_slots, dst_slots)
-        return runs if len(runs) * self.copy_engine_min_run <= len(src_slots) else None
 
     def _layer_groups(self, src: MemoryTier, dst: MemoryTier, n: int) -> list[tuple[int, int]]:
         """Layer ranges to copy one after the other: all layers at once unless a large batch goes to the GPU."""

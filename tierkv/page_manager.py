@@ -224,6 +224,14 @@ class PageManager:
                 else:
                     self._drop(block, marker)
 
+    def _pin(self, blocks: list[Block]) -> None:
+        pinned = 0
+        for block in blocks:
+            if not block.pins:
+                pinned += 1
+            block.pins += 1
+        self._pinned_blocks += pinned
+
     def _unpin(self, blocks: list[Block]) -> None:
         unpinned = 0
         for block in blocks:
@@ -537,9 +545,11 @@ class PageManager:
                 f"{pinned_elsewhere} pinned by other steps) but the GPU tier holds {self.tiers[GPU].num_blocks}; "
                 "run fewer or shorter sequences per step or raise gpu_blocks"
             )
-        self.counters[GPU].hits += gpu_hits
+        found = dict.fromkeys(self.kinds, 0)
+        found[GPU] = gpu_hits
         for block in lower:
-            self._count_lookup(block)
+            found[block.tier] += 1
+        self._count_lookups(found)
         if cow:
             # Originals this step stops using may be demoted to make room; their copies read them wherever they are.
             self._copy_on_write(seqs, cow, {bid for bid, n in after_refs.items() if n > 0})
@@ -547,20 +557,15 @@ class PageManager:
             lower = [b for b in needed.values() if b.tier != GPU]
         if lower:
             self._promote(lower, set(needed), allow_reserved=True)
-        newly_pinned = 0
         for seq_id, seq, (first, stop) in zip(seq_ids, seqs, spans):
             span = seq.blocks[first:stop]
-            for block in span:
-                if not block.pins:
-                    newly_pinned += 1
-                block.pins += 1
+            self._pin(span)
             seq.pinned.append(span)
             if seq_id in write_spans:
                 wlo, whi = write_spans[seq_id]
                 for block in seq.blocks[wlo:whi]:
                     block.has_data = True
                     self._unkey(block)
-        self._pinned_blocks += newly_pinned
         self.policies[GPU].touch_many(needed)
         waits = []
         for block in needed.values():
@@ -633,18 +638,11 @@ class PageManager:
             for block in on_disk:
                 self.policies[NVME].remove(block.block_id)
             self._move(on_disk, CPU)
-        newly, pending = 0, []
-        for block in blocks:
-            if not block.pins:
-                newly += 1
-            block.pins += 1
-            if block.ready is not DONE:
-                pending.append(block.ready)
-        self._pinned_blocks += newly
+        self._pin(blocks)
         seq.pinned[-1].extend(blocks)
         placed = [(b.tier, b.slot) for b in blocks]
         if self.mover.cuda:
-            all_of(pending).wait_on(torch.cuda.current_stream(self.device))
+            all_of(b.ready for b in blocks).wait_on(torch.cuda.current_stream(self.device))
             self._streams_host |= len(blocks) > tiers.count(GPU)
         return placed
 
@@ -708,7 +706,8 @@ class PageManager:
 
     # -- moving ----------------------------------------------------------------------------------------------
     def _count_lookups(self, found: dict[int, int]) -> None:
-        """`_count_lookup` for many blocks at once: `found` is how many were found in each tier."""
+        """Hits and misses of lookups that found `found[tier]` blocks in each tier: a hit where the block was, a
+        miss in every faster tier."""
         total = sum(found.values())
         deeper = total - found.get(GPU, 0)
         self.counters[GPU].hits += found.get(GPU, 0)
@@ -717,17 +716,6 @@ class PageManager:
             deeper -= found.get(k, 0)
             self.counters[k].hits += found.get(k, 0)
             self.counters[k].misses += deeper
-
-    def _count_lookup(self, block: Block) -> None:
-        if block.tier == GPU:
-            self.counters[GPU].hits += 1
-            return
-        self.counters[GPU].misses += 1
-        for k in self.kinds[1:]:
-            if k == block.tier:
-                self.counters[k].hits += 1
-                break
-            self.counters[k].misses += 1
 
     def _evictable(self, protect: set[int], allow_reserved: bool):
         step = self.step

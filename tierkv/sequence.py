@@ -55,6 +55,7 @@ class Sequence:
     stop_reason: int | str | None = None
     text_cut: str | None = None  # the text up to (or through) the stop string that ended it
     tokenizer: object = None  # set by the first append that has one; the text is decoded when asked for
+    _decoded: tuple[int, str] | None = field(default=None, repr=False)  # (output tokens decoded, their text)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
@@ -79,11 +80,9 @@ class Sequence:
         if self.tokenizer is None:
             return ""
         n = len(self.token_ids) - self.num_prompt
-        cached = self.__dict__.get("_decoded")
-        if cached is None or cached[0] != n:
-            cached = (n, self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens))
-            self.__dict__["_decoded"] = cached
-        return cached[1]
+        if self._decoded is None or self._decoded[0] != n:
+            self._decoded = (n, self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens))
+        return self._decoded[1]
 
     @property
     def output_ids(self) -> list[int]:
