@@ -55,3 +55,17 @@ def timed_generation(llm, prompts, params) -> tuple[float, int, list[float]]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0, counters.generated_tokens - generated0, decode_steps
+
+
+def annotate(owner, names, prefix: str) -> None:
+    """Wrap each method `names` of `owner` in a torch.profiler range named `prefix.name` (for trace summaries)."""
+    from torch.profiler import record_function
+
+    for name in names:
+        fn = getattr(owner, name)
+
+        def wrapped(*a, _fn=fn, _label=f"{prefix}.{name}", **k):
+            with record_function(_label):
+                return _fn(*a, **k)
+
+        setattr(owner, name, wrapped)

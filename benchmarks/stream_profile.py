@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
+from common import annotate
 from tierkv import attention
 
 
@@ -66,22 +67,8 @@ def main() -> int:
         return real_kernel(*a, **k)
 
     attention.copy_block_runs, attention.copy_blocks_triton = runs, kernel
-    for name in ("_attention", "run_forward", "_update"):
-        fn = getattr(engine, name)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            with record_function(f"tierkv.{_name}"):
-                return _fn(*a, **k)
-
-        setattr(engine, name, wrapped)
-    for name in ("acquire", "pin_in_place", "release", "prefetch", "begin_step"):
-        fn = getattr(llm.pm, name)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            with record_function(f"pm.{_name}"):
-                return _fn(*a, **k)
-
-        setattr(llm.pm, name, wrapped)
+    annotate(engine, ("_attention", "run_forward", "_update"), "tierkv")
+    annotate(llm.pm, ("acquire", "pin_in_place", "release", "prefetch", "begin_step"), "pm")
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
+from common import annotate
 
 
 def main() -> int:
@@ -35,17 +36,11 @@ def main() -> int:
     llm.pm.demote_cached("cpu")
     torch.cuda.synchronize()
     engine = llm.engine
-    targets = [(engine, n) for n in ("_admit", "run_forward", "_update")]
-    targets += [(engine.hasher, "keys"), (llm.pm, "lookup"), (llm.pm, "attach"), (llm.pm, "prefetch"), (llm.pm, "acquire"),
-                (llm.pm.mover, "move"), (llm, "_add")]
-    for owner, name in targets:
-        fn = getattr(owner, name)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            with record_function(f"tierkv.{_name}"):
-                return _fn(*a, **k)
-
-        setattr(owner, name, wrapped)
+    annotate(engine, ("_admit", "run_forward", "_update"), "tierkv")
+    annotate(engine.hasher, ("keys",), "tierkv")
+    annotate(llm.pm, ("lookup", "attach", "prefetch", "acquire"), "tierkv")
+    annotate(llm.pm.mover, ("move",), "tierkv")
+    annotate(llm, ("_add",), "tierkv")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         with record_function("tierkv.generate"):
