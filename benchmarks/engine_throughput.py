@@ -53,11 +53,13 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, help="tokens per KV block (default: tierkv's)")
     ap.add_argument("--staging-blocks", type=int, help="blocks per streamed chunk (default: tierkv's)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (comparison)")
+    ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step only after the last one's tokens are back (comparison)")
     ap.add_argument("--no-prefetch", action="store_true", help="turn the engine's prefetch off (overlap comparison)")
     ap.add_argument("--out")
     args = ap.parse_args()
     opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                prefetch=not args.no_prefetch, enable_prefix_caching=False, cuda_graphs=not args.no_cuda_graphs)
+                prefetch=not args.no_prefetch, enable_prefix_caching=False, cuda_graphs=not args.no_cuda_graphs,
+                async_scheduling=not args.no_async_scheduling)
     for name in ("max_model_len", "block_size", "staging_blocks"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -87,7 +89,8 @@ def main() -> int:
     bound = max(0, kv_bytes - gpu_bytes) / (link * 1e9) if link and streams else None
     print(f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
           f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
-          f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'})")
+          f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'}, "
+          f"{stats['engine']['deferred_steps']} steps overlapped by asynchronous scheduling)")
     if step is not None:
         line = f"median decode step {step * 1e3:.1f} ms over {len(decode_steps)} steps"
         if bound:

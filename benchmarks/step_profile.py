@@ -35,7 +35,8 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--out")
     args = ap.parse_args()
-    opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+    # Steps run one at a time here (a sync after each): asynchronous scheduling would only blur the split.
+    opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False, async_scheduling=False)
     for name in ("gpu_memory", "cpu_memory"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -63,12 +64,11 @@ def main() -> int:
     sched.schedule = timed("schedule", sched.schedule)
     for name in PM_CALLS:
         setattr(pm, name, timed(f"pm.{name}", getattr(pm, name)))
-    engine._attention = timed("attention metadata", engine._attention)
     engine._stream_plan = timed("attention metadata", engine._stream_plan)
     model = engine.model
     model.forward = timed("model forward", model.forward, gpu=True)
     model.logits = timed("lm head", model.logits, gpu=True)
-    engine._update = timed("sample + update", engine._update)
+    engine._complete = timed("sample + update", engine._complete)
 
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))
     phases = {"prefill": defaultdict(float), "decode": defaultdict(float)}

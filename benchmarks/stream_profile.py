@@ -3,6 +3,7 @@ steps, summarised per step as host phases (until the first GPU work, and in tota
 time and the compute stream's, plus which path moved the streamed chunks (copy engines or the kernel).
 
     python benchmarks/stream_profile.py --model llama-3.1-8b --prompt-len 131072 --gpu-memory 4GiB --cpu-memory 24GiB
+    python benchmarks/stream_profile.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --gpu-memory auto --cpu-memory 8GiB
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--prompt-len", type=int, default=131072)
-    ap.add_argument("--gpu-memory", default="4GiB")
+    ap.add_argument("--gpu-memory", default="4GiB", help="GPU tier size, or auto (what the GPU has free)")
     ap.add_argument("--cpu-memory", default="24GiB")
+    ap.add_argument("--num-requests", type=int, default=1, help="sequences decoding together (profiled once all have prefilled)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--trace")
     ap.add_argument("--staging-blocks", type=int, default=1024)
@@ -46,13 +48,13 @@ def main() -> int:
     args = ap.parse_args()
     tierkv.engine.Engine.staging_buffers = args.staging_buffers
     tierkv.engine.Engine.staging_copy_streams = args.copy_streams
-    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,
+    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=None if args.gpu_memory == "auto" else args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,
                      max_model_len=args.prompt_len + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, llm.loaded.spec.vocab_size, (args.prompt_len,), generator=g).tolist()
-    llm.add_requests([prompt], tierkv.SamplingParams(max_tokens=args.steps + 4, ignore_eos=True))
+    prompts = [torch.randint(0, llm.loaded.spec.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
+    llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.steps + 4, ignore_eos=True))
     engine = llm.engine
-    while engine.counters.generated_tokens < 2:
+    while engine.counters.generated_tokens < 2 * args.num_requests:
         llm.step()
     torch.cuda.synchronize()
     calls = {"copy engines": 0, "kernel": 0}
@@ -67,7 +69,7 @@ def main() -> int:
         return real_kernel(*a, **k)
 
     attention.copy_block_runs, attention.copy_blocks_triton = runs, kernel
-    annotate(engine, ("_attention", "run_forward", "_update"), "tierkv")
+    annotate(engine, ("_launch", "run_forward", "_complete"), "tierkv")
     annotate(llm.pm, ("acquire", "pin_in_place", "release", "prefetch", "begin_step"), "pm")
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -36,7 +36,7 @@ def main() -> int:
     llm.pm.demote_cached("cpu")
     torch.cuda.synchronize()
     engine = llm.engine
-    annotate(engine, ("_admit", "run_forward", "_update"), "tierkv")
+    annotate(engine, ("_admit", "run_forward", "_complete"), "tierkv")
     annotate(engine.hasher, ("keys",), "tierkv")
     annotate(llm.pm, ("lookup", "attach", "prefetch", "acquire"), "tierkv")
     annotate(llm.pm.mover, ("move",), "tierkv")

@@ -240,3 +240,39 @@ def test_block_tables_are_padded_with_zeros_to_the_width():
 
     got = padded_tables([[5, 6, 7], [], [9]], 4)
     assert got.dtype.name == "int32" and got.tolist() == [[5, 6, 7, 0], [0, 0, 0, 0], [9, 0, 0, 0]]
+
+
+def test_asynchronous_scheduling_gives_what_synchronous_steps_give(checkpoints, tmp_path):
+    """With asynchronous scheduling a step's greedy tokens stay on the device while the next step is planned and
+    launched; a sequence that the earlier step ends (stop token, stop string) gets one wasted step. Over three
+    tiers, with stops landing mid-run beside sequences that go on, seeded sampling and n > 1 mixed in (steps that
+    cannot be deferred), the outputs equal those of synchronous steps and transformers', and nothing leaks."""
+    path, hf = checkpoints["llama"]
+    prompts = random_prompts(10, 20, 160, hf.config.vocab_size, seed=11)
+    free = [hf_greedy(hf, p, 24) for p in prompts]
+    params = [SamplingParams(max_tokens=24 - i, temperature=0) for i in range(len(prompts))]
+    params[1] = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free[1][4]])  # ends after its 5th token or earlier
+    params[2] = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free[2][0]])  # ends on its first token
+    params[5] = SamplingParams(max_tokens=1, temperature=0)
+    params[6] = SamplingParams(max_tokens=12, temperature=0.8, seed=3)  # sampled on the host: not deferred
+    params[7] = SamplingParams(max_tokens=10, temperature=0, n=2)  # forks after its prompt
+    results, stats = {}, {}
+    for on in (True, False):
+        with tiered_llm(path, tmp_path / f"nvme-{on}", async_scheduling=on) as llm:
+            text = llm.generate([prompts[3]], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].outputs[0].text
+            stop = text[len(text) // 2 : len(text) // 2 + 2]
+            params[3] = SamplingParams(max_tokens=24, temperature=0, stop=[stop])
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            llm.pm.check_invariants()
+            assert not llm.pm.sequences and not llm.scheduler.running
+            assert all(not s.pending for o in llm.engine.requests for s in o.sequences)
+            stats[on] = llm.stats()["engine"]
+        results[on] = [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+    assert results[True] == results[False]
+    assert stats[True]["deferred_steps"] > 10 and stats[False]["deferred_steps"] == 0
+    assert stats[True]["generated_tokens"] == stats[False]["generated_tokens"]
+    for i in (0, 4, 8, 9):
+        assert results[True][i][0][0] == free[i][: 24 - i]
+    assert results[True][2][0][0] == free[2][:1] and results[True][5][0][0] == free[5][:1]
+    assert results[True][1][0][0] == free[1][: free[1].index(free[1][4]) + 1]
+    assert results[True][7][0][0] == results[True][7][1][0] == free[7][:10]

@@ -35,6 +35,16 @@ def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
     return out
 
 
+def host_to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Small host arrays of one dtype, as 1-D tensors on `device`: on CUDA through one pinned buffer and one
+    non-blocking copy. A plain `torch.tensor(..., device=cuda)` makes the host wait for everything queued on the
+    stream, which would stall a step planned while the previous one still runs on the GPU."""
+    flat = torch.from_numpy(np.concatenate(parts)) if len(parts) > 1 else torch.from_numpy(np.ascontiguousarray(parts[0]))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(flat, [len(p) for p in parts]))
+
+
 @dataclass
 class StreamedEntry:
     """Blocks [0, len(slots)) of one entry that are not in its GPU window, grouped by the tier that holds them."""
@@ -92,9 +102,9 @@ class StepAttention:
         rows = s.rows[1] - s.rows[0]
         firsts = range(0, len(s.slots), chunk)
         # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
-        meta = torch.tensor(
-            [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f] for f in firsts], dtype=torch.int32
-        ).to(device)
+        meta = host_to_device([np.array(
+            [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f] for f in firsts], dtype=np.int32
+        ).ravel()], device)[0].view(-1, 5)
         table = torch.arange(min(chunk, len(s.slots)), dtype=torch.int32, device=device)[None]
         plan = []
         for i, first in enumerate(firsts):
@@ -111,7 +121,7 @@ class StepAttention:
             moves = []
             for tier, src, dst in groups.values():
                 runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
-                as_index = None if runs else (torch.tensor(src, dtype=torch.int64, device=device), torch.tensor(dst, dtype=torch.int64, device=device))
+                as_index = None if runs else tuple(host_to_device([np.asarray(src, np.int64), np.asarray(dst, np.int64)], device))
                 moves.append((tier, runs, as_index))
             batch = PagedBatch(
                 q_starts=meta[i, 0:2],

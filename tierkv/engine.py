@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from tierkv.attention import StepAttention, StreamedEntry, padded_tables
+from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.graphs import DecodeGraphs
 from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
@@ -42,6 +43,21 @@ class EngineCounters:
     generated_tokens: int = 0
     streamed_steps: int = 0  # steps in which some KV was streamed from below the GPU window
     busy_s: float = 0.0  # wall time inside step()
+    deferred_steps: int = 0  # steps whose tokens were read back while the next step ran (asynchronous scheduling)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    entries: list[ScheduledEntry]
+    sampled: list[ScheduledEntry]
+    logits: torch.Tensor | None  # the sampled rows' logits (None when deferred: only the greedy tokens are kept)
+    greedy: torch.Tensor | None  # argmax of each sampled row, on the device
+    t0: float
+    prefill_tokens: int
+    deferred: bool  # completed during the next step
+    streamed: bool
 
 
 class Engine:
@@ -59,6 +75,7 @@ class Engine:
         hasher: PrefixHasher | None = None,
         prefix_load: str = "auto",
         cuda_graphs: bool = False,
+        async_scheduling: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -89,6 +106,9 @@ class Engine:
         self.register_blocks = True
         self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.parallel)
         self.graphs = DecodeGraphs(self) if cuda_graphs and cuda else None  # decode steps replayed as CUDA graphs
+        self.async_scheduling = async_scheduling
+        self._inflight: LaunchedStep | None = None  # a deferred step: its tokens are read during the next step
+        self._synced_at = 0.0  # when the host last read a step's tokens back
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -177,7 +197,8 @@ class Engine:
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Give the sequence's newly completed blocks their content keys (chained from its root)."""
         bs = self.block_size
-        while len(seq.keys) < seq.num_computed // bs:
+        # Blocks whose tokens are all known on the host (with asynchronous scheduling the KV can be one token ahead).
+        while len(seq.keys) < min(seq.num_computed, len(seq.token_ids)) // bs:
             j = len(seq.keys)
             tokens = seq.token_ids[j * bs : (j + 1) * bs]
             key = self.hasher.key(seq.keys[-1] if seq.keys else seq.root, tokens)
@@ -190,14 +211,53 @@ class Engine:
 
     # -- one step ------------------------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that got new tokens (or finished) in it."""
+        """Run one step; returns the requests that got new tokens (or finished) in it.
+
+        With asynchronous scheduling a step whose sampled rows are all greedy is left running on the device: the
+        next call plans and launches the following step (its input tokens taken on the device from this one's),
+        then reads this one's tokens, so the host's bookkeeping overlaps the GPU. A sequence that this step ends
+        (EOS, a stop) has one more step computed for it, whose result is dropped."""
         t0 = time.perf_counter()
         self.scheduler.admit(self._admit)
         entries = self.scheduler.schedule()
-        if not entries:
+        prev, self._inflight = self._inflight, None
+        if not entries and prev is None:
             if self.scheduler.running:
                 raise RuntimeError("tierkv bug: running sequences but nothing could be scheduled")
             return []
+        launched = self._launch(entries, t0) if entries else None
+        touched = self._complete(prev) if prev is not None else []
+        if launched is not None:
+            if launched.deferred:
+                self._inflight = launched
+            else:
+                touched = list({r.arrival: r for r in touched + self._complete(launched)}.values())
+            if self.prefetch_enabled:
+                upcoming = [s.seq_id for s in self.scheduler.upcoming()]
+                if upcoming:
+                    self.pm.prefetch(upcoming, keep=[s.seq_id for s in self.scheduler.staying()])
+            if self.tp_driver is not None:
+                self.tp_driver.flush()  # the step's bookkeeping (release, forks, frees, prefetch) to the other ranks now
+            self.counters.steps += 1
+            self.counters.streamed_steps += bool(launched.streamed)
+            self.counters.deferred_steps += launched.deferred
+        self.counters.busy_s += time.perf_counter() - t0
+        return touched
+
+    def drop_inflight(self) -> None:
+        """Forget a step still in flight (closing): its tokens are never read."""
+        if self._inflight is not None:
+            for e in self._inflight.sampled:
+                e.seq.pending.clear()
+            self._inflight = None
+
+    def _deferrable(self, e: ScheduledEntry) -> bool:
+        """Its next token can stay on the device until the next step: greedy, no log-probs, no samples to fork."""
+        p = e.seq.request.params
+        return p.greedy and p.logprobs is None and (p.n == 1 or len(e.seq.request.sequences) == p.n)
+
+    def _launch(self, entries: list[ScheduledEntry], t0: float) -> "LaunchedStep":
+        """Place the step's blocks and queue its forward pass (and greedy sampling) on the device."""
         pm = self.pm
         pm.begin_step()
         for e in entries:
@@ -214,10 +274,10 @@ class Engine:
         try:
             plans = [EntryPlan(e.seq.seq_id, e.start, e.end, e.first_block, e.samples) for e in entries]
             placed = {p.seq_id: pm.pin_in_place(p.seq_id, p.first_block) for p in plans if p.first_block}
-            input_ids = torch.tensor([t for e in entries for t in e.seq.token_ids[e.start : e.end]], dtype=torch.long)
+            input_ids, pending = self._input_ids(entries)
             if self.tp_driver is not None:
-                self.tp_driver.send_step(plans, input_ids, tables)
-            logits, streamed = self.run_forward(plans, tables, placed, input_ids)
+                self.tp_driver.send_step(plans, input_ids, tables)  # no pending tokens under TP: nothing is deferred
+            logits, streamed = self.run_forward(plans, tables, placed, input_ids, pending)
         except Exception as exc:
             if self.tp_driver is not None:
                 self.tp_driver.raise_if_worker_failed(exc)
@@ -225,43 +285,130 @@ class Engine:
         finally:
             pm.release(ids)
         sampled = [e for e in entries if e.samples]
-        touched = self._update(entries, sampled, logits)
-        prefill_tokens = sum(min(e.end, e.seq.num_prompt) - e.start for e in entries if e.start < e.seq.num_prompt)
-        if prefill_tokens:
-            self.chooser.observe_prefill(prefill_tokens, time.perf_counter() - t0)
-        if self.prefetch_enabled:
-            upcoming = [s.seq_id for s in self.scheduler.upcoming()]
-            if upcoming:
-                pm.prefetch(upcoming, keep=[s.seq_id for s in self.scheduler.staying()])
-        if self.tp_driver is not None:
-            self.tp_driver.flush()  # the step's bookkeeping (release, forks, frees, prefetch) to the other ranks now
-        self.counters.steps += 1
-        self.counters.streamed_steps += bool(streamed)
-        self.counters.busy_s += time.perf_counter() - t0
-        return touched
+        prefill_tokens = 0
+        for e in entries:
+            if e.seq.prefilling:
+                prefill_tokens += min(e.end, e.seq.num_prompt) - e.start
+            e.seq.num_computed = e.end
+        self.counters.prompt_tokens += prefill_tokens
+        greedy = None
+        if logits is not None and any(e.seq.request.params.greedy for e in sampled):
+            greedy = logits.argmax(-1)
+        deferred = bool(sampled) and self.async_scheduling and self.tp_driver is None and all(map(self._deferrable, sampled))
+        if deferred:
+            for i, e in enumerate(sampled):
+                e.seq.pending.append((greedy, i))
+            logits = None  # a graph's logits buffer is overwritten by the next replay: only the tokens are kept
+        return LaunchedStep(entries, sampled, logits, greedy, t0, prefill_tokens, deferred, streamed)
+
+    @staticmethod
+    def _input_ids(entries: list[ScheduledEntry]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, int]]]:
+        """The step's input tokens on the host, and for those still on the device (sampled by the step in flight)
+        where they go: (row, that step's token tensor, its row there)."""
+        ids: list[int] = []
+        pending = []
+        for e in entries:
+            known = e.seq.token_ids[e.start : e.end]
+            ids += known
+            if len(known) < e.num_tokens:
+                tokens, row = e.seq.pending[-1]
+                pending.append((len(ids), tokens, row))
+                ids.append(0)
+        return torch.tensor(ids, dtype=torch.long), pending
+
+    def _complete(self, step: "LaunchedStep") -> list[Request]:
+        """Read the step's sampled tokens (waiting for the device where they are still on it) and update its
+        sequences: new tokens, stops, forks, finished sequences freed, full blocks registered for prefix reuse."""
+        greedy = step.greedy.tolist() if step.greedy is not None else None  # one device-to-host copy for all rows
+        now = time.perf_counter()
+        if step.prefill_tokens:
+            # The device ran this step from when it was launched or, if later, when the previous step was read back.
+            self.chooser.observe_prefill(step.prefill_tokens, now - max(step.t0, self._synced_at))
+        self._synced_at = now
+        if self.hasher is not None and self.register_blocks:
+            for e in step.entries:
+                if not e.seq.finished:
+                    self._register_full_blocks(e.seq)
+        logits = step.logits.float() if step.logits is not None else None
+        touched: dict[int, Request] = {}
+        for i, e in enumerate(step.sampled):
+            seq = e.seq
+            if seq.finished:
+                continue  # ended by the step before this one: what this step computed for it is dropped
+            if step.deferred:
+                seq.pending.pop(0)
+            req = seq.request
+            targets = [seq]
+            if req.params.n > 1 and len(req.sequences) == 1:
+                # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
+                for k in range(1, req.params.n):
+                    child = self._new_sequence(req, k, seq.token_ids, seq.num_computed)
+                    child.root, child.keys = seq.root, list(seq.keys)
+                    self.pm.fork(seq.seq_id, child.seq_id)
+                    self.scheduler.add_running(child, after=targets[-1])
+                    targets.append(child)
+            for s in targets:
+                if req.params.greedy:
+                    token = greedy[i]
+                else:
+                    token = sample_row(logits[i], req.params, s.generator)
+                lp = top_logprobs(logits[i], token, req.params.logprobs) if req.params.logprobs is not None else None
+                s.append(token, lp, self.loaded.eos_token_ids, self.loaded.tokenizer)
+                self.counters.generated_tokens += 1
+                if s.finished:
+                    s.pending.clear()
+                    self.scheduler.finish(s)
+                    self.pm.free(s.seq_id)
+            touched[req.arrival] = req
+        return list(touched.values())
 
     def run_forward(
-        self, plans: list[EntryPlan], tables: list[list[int]], placed: dict[int, list[tuple[int, int]]], input_ids: torch.Tensor
+        self, plans: list[EntryPlan], tables: list[list[int]], placed: dict[int, list[tuple[int, int]]], input_ids: torch.Tensor,
+        pending: list[tuple[int, torch.Tensor, int]] = (),
     ) -> tuple[torch.Tensor | None, bool]:
         """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
         streamed) say; returns the logits of the sampled rows (or None) and whether anything was streamed. Every
-        tensor-parallel rank runs this with the same arguments."""
+        tensor-parallel rank runs this with the same arguments. `pending`: input tokens still on the device
+        (row, token tensor, its row), from the step before."""
+        bs, dev = self.block_size, self.device
+        n = np.fromiter((p.num_tokens for p in plans), dtype=np.int64, count=len(plans))
+        q_starts = np.zeros(len(plans) + 1, dtype=np.int64)
+        np.cumsum(n, out=q_starts[1:])
+        starts = np.fromiter((p.start for p in plans), dtype=np.int64, count=len(plans))
+        firsts = np.fromiter((p.first_block for p in plans), dtype=np.int64, count=len(plans))
+        width = max(len(t) for t in tables)
+        table = padded_tables(tables, width)
+        entry = np.repeat(np.arange(len(plans)), n)
+        positions = np.arange(q_starts[-1]) - q_starts[entry] + starts[entry]
+        slots = table[entry, positions // bs - firsts[entry]].astype(np.int64) * bs + positions % bs
+        rows = (q_starts[1:] - 1)[np.fromiter((p.samples for p in plans), dtype=bool, count=len(plans))]
+        ids_d, positions_d, slots_d, rows_d = host_to_device([input_ids.numpy(), positions, slots, rows], dev)
+        if pending:
+            at = torch.tensor([r for r, _, _ in pending], dtype=torch.int64)
+            src = torch.tensor([i for _, _, i in pending], dtype=torch.int64)
+            if dev.type == "cuda":
+                at, src = at.pin_memory().to(dev, non_blocking=True), src.pin_memory().to(dev, non_blocking=True)
+            ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
         if self.graphs is not None and self.graphs.eligible(plans, tables):
             waits = self.pm.take_layer_waits()
             if waits:  # a replay cannot wait layer by layer: blocks still arriving are waited for as a whole
-                all_of(waits).wait_on(torch.cuda.current_stream(self.device))
-            return self.graphs.run(plans, tables, input_ids), False
+                all_of(waits).wait_on(torch.cuda.current_stream(dev))
+            return self.graphs.run(plans, tables, ids_d, positions, slots), False
         streamed = self._stream_plan(plans, placed)
-        attend = self._attention(plans, tables, streamed)
+        q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(
+            [q_starts.astype(np.int32), starts.astype(np.int32), (starts + n).astype(np.int32), firsts.astype(np.int32), table.ravel()], dev
+        )
+        batch = PagedBatch(
+            q_starts=q_starts_d, q_pos0=pos0_d, context_lens=ctx_d, first_block=first_d, block_tables=table_d.view(len(plans), width),
+            max_q=int(n.max()), max_context=int((starts + n).max()), q_starts_host=q_starts.tolist(),
+        )
+        attend = StepAttention(
+            self.pm.tiers[GPU], batch, slots_d, streamed, self.staging, self.scale, self.spec.sliding_windows, self.copy_streams,
+            self.pm.mover.debug_delay,
+        )
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
-        positions = torch.cat([torch.arange(p.start, p.end) for p in plans])
-        hidden = self.model(input_ids.to(self.device), positions.to(self.device), attend)
-        rows, row = [], 0
-        for p in plans:
-            row += p.num_tokens
-            if p.samples:
-                rows.append(row - 1)
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]) if rows else None
+        hidden = self.model(ids_d, positions_d, attend)
+        logits = self.model.logits(hidden[rows_d]) if len(rows) else None
         return logits, bool(streamed)
 
     def _stream_plan(self, plans: list[EntryPlan], placed: dict[int, list[tuple[int, int]]]) -> list[StreamedEntry]:
@@ -273,65 +420,3 @@ class Engine:
                 out.append(StreamedEntry(i, (row, row + p.num_tokens), p.start, tiers, [slot for _, slot in placed[p.seq_id]]))
             row += p.num_tokens
         return out
-
-    def _attention(self, entries: list[EntryPlan], tables: list[list[int]], streamed: list[StreamedEntry]) -> StepAttention:
-        bs = self.block_size
-        starts, slot_mapping = [0], []
-        for e, table in zip(entries, tables):
-            starts.append(starts[-1] + e.num_tokens)
-            for p in range(e.start, e.end):
-                slot_mapping.append(table[p // bs - e.first_block] * bs + p % bs)
-        width = max(len(t) for t in tables)
-        dev = self.device
-        batch = PagedBatch(
-            q_starts=torch.tensor(starts, dtype=torch.int32, device=dev),
-            q_pos0=torch.tensor([e.start for e in entries], dtype=torch.int32, device=dev),
-            context_lens=torch.tensor([e.end for e in entries], dtype=torch.int32, device=dev),
-            first_block=torch.tensor([e.first_block for e in entries], dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(padded_tables(tables, width)).to(dev),
-            max_q=max(e.num_tokens for e in entries),
-            max_context=max(e.end for e in entries),
-            q_starts_host=starts,
-        )
-        return StepAttention(
-            self.pm.tiers[GPU], batch, torch.tensor(slot_mapping, dtype=torch.int64, device=dev), streamed,
-            self.staging, self.scale, self.spec.sliding_windows, self.copy_streams, self.pm.mover.debug_delay,
-        )
-
-    def _update(self, entries: list[ScheduledEntry], sampled: list[ScheduledEntry], logits: torch.Tensor | None) -> list[Request]:
-        touched: dict[int, Request] = {}
-        for e in entries:
-            seq = e.seq
-            if seq.prefilling:
-                self.counters.prompt_tokens += min(e.end, seq.num_prompt) - e.start
-            seq.num_computed = e.end
-            if self.hasher is not None and self.register_blocks:
-                self._register_full_blocks(seq)
-        greedy = None
-        if logits is not None:
-            logits = logits.float()
-            if any(e.seq.request.params.greedy for e in sampled):
-                greedy = logits.argmax(-1).tolist()  # every greedy row in one device-to-host copy
-        for i, e in enumerate(sampled):
-            seq = e.seq
-            req = seq.request
-            row = logits[i]
-            targets = [seq]
-            if req.params.n > 1 and len(req.sequences) == 1:
-                # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
-                for k in range(1, req.params.n):
-                    child = self._new_sequence(req, k, seq.token_ids, seq.num_computed)
-                    child.root, child.keys = seq.root, list(seq.keys)
-                    self.pm.fork(seq.seq_id, child.seq_id)
-                    self.scheduler.add_running(child, after=targets[-1])
-                    targets.append(child)
-            for s in targets:
-                token = greedy[i] if req.params.greedy else sample_row(row, req.params, s.generator)
-                lp = top_logprobs(row, token, req.params.logprobs) if req.params.logprobs is not None else None
-                s.append(token, lp, self.loaded.eos_token_ids, self.loaded.tokenizer)
-                self.counters.generated_tokens += 1
-                if s.finished:
-                    self.scheduler.finish(s)
-                    self.pm.free(s.seq_id)
-            touched[req.arrival] = req
-        return list(touched.values())

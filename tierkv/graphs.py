@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tierkv.attention import StepAttention, padded_tables
@@ -72,32 +73,33 @@ class DecodeGraphs:
             and max(len(t) for t in tables) <= self.width_buckets[-1]
         )
 
-    def run(self, plans, tables, input_ids: torch.Tensor) -> torch.Tensor:
-        """The decode step's logits (len(plans), vocab), from a replayed graph."""
+    def run(self, plans, tables, ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+        """The decode step's logits (len(plans), vocab), from a replayed graph. `ids` (on the device), `positions`
+        and `slots` (host): each entry's input token, its position and where its K/V go."""
         n = len(plans)
         B = _bucket(n, self.batch_buckets)
         W = _bucket(max(len(t) for t in tables), self.width_buckets)
-        bs = self.engine.block_size
-        ids = input_ids.tolist()
-        pos = [p.start for p in plans]
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
         pad = B - n
-        host_vec = torch.tensor([ids + [ids[0]] * pad, pos + [pos[0]] * pad, slots + [slots[0]] * pad], dtype=torch.int64)
+        first = np.zeros(pad, dtype=np.int64)  # padded rows repeat entry 0 (see _fill)
+        host_vec = torch.from_numpy(np.stack([np.concatenate([positions, first + positions[0]]), np.concatenate([slots, first + slots[0]])]))
         host_tab = torch.from_numpy(padded_tables(tables + [tables[0]] * pad, W))
         g = self.graphs.get((B, W))
         if g is None:
-            g = self._capture(B, W, host_vec, host_tab)
+            g = self._capture(B, W, ids, host_vec, host_tab)
         else:
-            self._fill(g, host_vec, host_tab)
+            self._fill(g, ids, host_vec, host_tab)
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
 
-    def _fill(self, g: _Graph, host_vec: torch.Tensor, host_tab: torch.Tensor) -> None:
+    def _fill(self, g: _Graph, ids: torch.Tensor, host_vec: torch.Tensor, host_tab: torch.Tensor) -> None:
+        # Rows past the batch repeat its first entry (token, position, slot): the same bytes written to the same slot.
+        n = ids.shape[0]
+        g.ids[:n].copy_(ids)
+        g.ids[n:].copy_(ids[:1].expand(g.ids.shape[0] - n))
         vec = host_vec.pin_memory().to(g.ids.device, non_blocking=True)
-        g.ids.copy_(vec[0])
-        g.positions.copy_(vec[1])
-        g.slots.copy_(vec[2])
+        g.positions.copy_(vec[0])
+        g.slots.copy_(vec[1])
         g.tables.copy_(host_tab.pin_memory().to(g.tables.device, non_blocking=True))
 
     def _forward(self, g: _Graph, batch: PagedBatch) -> torch.Tensor:
@@ -108,7 +110,7 @@ class DecodeGraphs:
         out.copy_(e.model.logits(hidden))
         return out
 
-    def _capture(self, B: int, W: int, host_vec: torch.Tensor, host_tab: torch.Tensor) -> _Graph:
+    def _capture(self, B: int, W: int, ids: torch.Tensor, host_vec: torch.Tensor, host_tab: torch.Tensor) -> _Graph:
         """Capture the graph for (B, W) with this step's inputs in its buffers (the warm-up runs and the capture
         write this step's K/V, the same bytes the replay then writes again)."""
         dev = self.engine.device
@@ -117,7 +119,7 @@ class DecodeGraphs:
         ids = torch.zeros(B, dtype=torch.int64, device=dev)
         g = _Graph(torch.cuda.CUDAGraph(), ids, torch.zeros_like(ids), torch.zeros_like(ids),
                    torch.zeros((B, W), dtype=torch.int32, device=dev), None)
-        self._fill(g, host_vec, host_tab)
+        self._fill(g, ids, host_vec, host_tab)
         # q_pos0 and context_lens are refreshed from the positions buffer inside the graph: a replay sees new ones.
         batch = PagedBatch(
             q_starts=torch.arange(B + 1, dtype=torch.int32, device=dev),

@@ -88,7 +88,7 @@ class LLM:
         self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
         hasher = PrefixHasher(self.fingerprint, cfg.block_size) if cfg.enable_prefix_caching else None
         self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch, hasher, cfg.prefix_load,
-                             cuda_graphs=cfg.cuda_graphs and self._driver is None)
+                             cuda_graphs=cfg.cuda_graphs and self._driver is None, async_scheduling=cfg.async_scheduling)
         self.engine.tp_driver = self._driver
         if hasher is not None and cfg.prefix_load == "auto":
             self._calibrate()
@@ -255,6 +255,7 @@ class LLM:
             "generated_tokens_per_s": c.generated_tokens / c.busy_s if c.busy_s else None,
             "preemptions": self.scheduler.preemptions,
             "streamed_steps": c.streamed_steps,
+            "deferred_steps": c.deferred_steps,
             "graph_steps": self.engine.graphs.replays if self.engine.graphs is not None else 0,
             "graphs_captured": self.engine.graphs.captures if self.engine.graphs is not None else 0,
             "running": len(self.scheduler.running),
@@ -275,6 +276,7 @@ class LLM:
             return
         self._closed = True
         try:
+            self.engine.drop_inflight()
             for seq in list(self.scheduler.running):
                 self.pm.free(seq.seq_id)
             self.scheduler.running.clear()

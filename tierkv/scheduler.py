@@ -33,7 +33,7 @@ class ScheduledEntry:
     @property
     def samples(self) -> bool:
         """True if this step computes the sequence's last known token, so a next token is sampled."""
-        return self.end == len(self.seq.token_ids)
+        return self.end == self.seq.num_tokens
 
 
 class Scheduler:
@@ -106,6 +106,8 @@ class Scheduler:
         streaming: Sequence | None = None
         skipped = False
         for seq in self.running:
+            if seq.awaiting_last:
+                continue  # done once the step in flight lands: neither scheduled nor a reason to rotate
             need = self.blocks_for(seq.num_computed + 1)
             if len(group) >= self.max_num_seqs or streaming is not None:
                 skipped = True
@@ -133,7 +135,7 @@ class Scheduler:
             if tokens <= 0:
                 starved = True  # no token budget left this step: it prefills in a later one
                 continue
-            n = min(len(seq.token_ids) - start, tokens)
+            n = min(seq.num_tokens - start, tokens)
             if seq is streaming:
                 n = min(n, self.gpu_blocks * self.block_size - start % self.block_size)  # the window holds the chunk
                 first = max(0, self.blocks_for(start + n) - self.gpu_blocks)

@@ -62,6 +62,9 @@ class Sequence:
     finish_time: float | None = None
     root: bytes | None = None  # prefix cache: the key its block keys chain from (model, salt)
     keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks so far
+    # Asynchronous scheduling: tokens sampled by steps still in flight, as (that step's device tensor of greedy
+    # tokens, row); the host learns them when the step completes, one step later.
+    pending: list[tuple[torch.Tensor, int]] = field(default_factory=list, repr=False)
 
     @property
     def params(self) -> SamplingParams:
@@ -83,6 +86,16 @@ class Sequence:
         if self._decoded is None or self._decoded[0] != n:
             self._decoded = (n, self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens))
         return self._decoded[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens so far, those still on the device (sampled by a step in flight) included."""
+        return len(self.token_ids) + len(self.pending)
+
+    @property
+    def awaiting_last(self) -> bool:
+        """Its last token (max_tokens reached) is sampled but not yet known on the host: nothing more to run."""
+        return bool(self.pending) and self.num_tokens - self.num_prompt >= self.params.max_tokens
 
     @property
     def output_ids(self) -> list[int]:
