@@ -38,7 +38,7 @@ def append_rows(path: str | None, lines: list[str]) -> None:
             f.writelines(line + "\n" for line in lines)
 
 
-def timed_generation(llm, prompts, params) -> tuple[float, int, list[float]]:
+def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:
     """Run `prompts` to completion one engine step at a time: (wall seconds, output tokens, the wall time of each
     decode step, i.e. each step that computed no prompt tokens)."""
     llm.add_requests(prompts, params)
@@ -47,11 +47,14 @@ def timed_generation(llm, prompts, params) -> tuple[float, int, list[float]]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
+    other = []
     while llm.has_unfinished():
         prompt0, s0 = counters.prompt_tokens, time.perf_counter()
         llm.step()
-        if counters.prompt_tokens == prompt0:
-            decode_steps.append(time.perf_counter() - s0)
+        (decode_steps if counters.prompt_tokens == prompt0 else other).append(time.perf_counter() - s0)
+        if all_steps is not None:  # (seconds, prompt tokens, running sequences) per step
+            all_steps.append((time.perf_counter() - s0, counters.prompt_tokens - prompt0, len(llm.scheduler.running)))
+    print(f"steps: {len(other)} with prompt tokens, {sum(other):.2f} s; {len(decode_steps)} decode only, {sum(decode_steps):.2f} s")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0, counters.generated_tokens - generated0, decode_steps

@@ -77,7 +77,8 @@ def main() -> int:
     warm = [p[: min(len(p), 2048)] for p in prompts[:2]]
     llm.generate(warm, tierkv.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up: compile kernels
     llm.pm.reset_counters()
-    wall, generated, decode_steps = timed_generation(llm, prompts, params)
+    steps: list = []
+    wall, generated, decode_steps = timed_generation(llm, prompts, params, steps)
     stats = llm.stats()
     print(format_stats(stats))
     step = statistics.median(decode_steps) if decode_steps else None
@@ -103,7 +104,7 @@ def main() -> int:
               + f" (of {wall:.1f} s wall)")
     write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats,
                decode_step_s=step, decode_steps=len(decode_steps), h2d_gbps=link, kv_bytes=kv_bytes, pcie_bound_s=bound,
-               prefetch=not args.no_prefetch)
+               prefetch=not args.no_prefetch, steps=steps)
     llm.close()
     return 0
 

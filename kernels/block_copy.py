@@ -45,7 +45,7 @@ def _as_units(pool: torch.Tensor, unit: int) -> torch.Tensor:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tiles"])  # changes with every batch: no variant per size class
     def _copy_blocks_kernel(
         src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, src_stride, dst_stride, chunks_per_block, num_tiles,
         WORDS: tl.constexpr,

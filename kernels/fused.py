@@ -89,7 +89,7 @@ if triton is not None:
         tl.store(yb + i, y1)
         tl.store(yb + HALF + i, y2)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])  # n changes with the step's token count: no variant per size class
     def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n

@@ -12,7 +12,9 @@ which is what partial results over disjoint key sets need to be merged exactly.
 
 `paged_attention_reference` is plain PyTorch (it is what runs on CPU); `paged_attention_triton` is the Triton
 implementation: a split-K kernel for decode and short chunks (each program reads a partition of one KV head's
-keys once for all the entry's query tokens and heads of that KV head), and a prefill kernel for longer chunks.
+keys once for all the entry's query tokens and heads of that KV head), and a flash-attention prefill kernel for
+longer chunks (each program a tile of query rows of one entry; keys every row of the tile sees in full are read
+without masks, only the diagonal and window edges are masked).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class PagedBatch:
     max_q: int
     max_context: int
     q_starts_host: list[int] | None = None  # q_starts as a host list, where the caller has it (saves a device sync)
-    _tiles: dict = field(default_factory=dict, repr=False, compare=False)  # prefill tiles per tile height, on device
+    _tiles: dict = field(default_factory=dict, repr=False, compare=False)  # prefill tiles per (tile height, first entry), on device
 
     @property
     def num_entries(self) -> int:
@@ -211,45 +213,138 @@ if triton is not None:
         return acc / l_safe[:, None], tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
 
     @triton.jit
+    def _prefill_keys(
+        q, q_pos, K, V, BT_ROW, kv0, lo, hi, kvh, qk_scale, window, m_i, l_i, acc,
+        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
+        MASKED: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Online softmax in base 2 (scores times qk_scale = scale * log2(e)) of the rows `q` at positions `q_pos`
+        over keys [lo, hi) of one sequence (block table row BT_ROW, whose block 0 starts at position kv0).
+
+        MASKED=True masks per key and row: keys at or past hi, after the row (causal), outside its window.
+        MASKED=False masks nothing, so it is only for ranges that every row sees in full (keys that exist, precede
+        the first row and lie in the last row's window) and that are whole BLOCK_N steps long."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            rel = offs_n - kv0
+            n_mask = offs_n < hi
+            if MASKED:
+                slot = tl.load(BT_ROW + rel // BS, mask=n_mask, other=0).to(tl.int64)
+            else:
+                slot = tl.load(BT_ROW + rel // BS).to(tl.int64)
+            k_rows = slot * stride_ks + (rel % BS) * stride_kt + kvh * stride_kh
+            v_rows = slot * stride_vs + (rel % BS) * stride_vt + kvh * stride_vh
+            k = _load_keys(K + k_rows[:, None] + offs_d[None, :], n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if MASKED:
+                valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+                if window > 0:
+                    valid = valid & (offs_n[None, :] > q_pos[:, None] - window)
+                s = tl.where(valid, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A row that has seen no key yet keeps m = -inf; subtracting 0 instead keeps its p and alpha at 0.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_safe[:, None])
+                alpha = tl.exp2(m_i - m_safe)
+            else:
+                # Every score is finite here, so m_new is too; the scaling fuses into the subtraction.
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                p = tl.exp2(s * qk_scale - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_keys(V + v_rows[:, None] + offs_d[None, :], n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _load_keys(ptrs, n_mask, d_mask, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+        """A (BLOCK_N, BLOCK_D) tile of K or V, masked only where a mask is needed (unmasked loads pipeline and
+        vectorise best)."""
+        if MASK_N:
+            tile = tl.load(ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        elif MASK_D:
+            tile = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+        return tile
+
+    # Arguments that change from step to step are not specialised on (divisibility by 16, equality to 1): each new
+    # combination would compile another variant, seconds in the middle of a run.
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _prefill_kernel(
         Q, K, V, O, LSE, BT, TILE_ENTRY, TILE_M0, Q_STARTS, Q_POS0, CTX, FIRST,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
         stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh, stride_bt,
-        scale, window,
-        GROUP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        qk_scale, window, head_programs,
+        GROUP: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        tile = tl.program_id(0)
-        h = tl.program_id(1)
+        # One program: TOKENS query tokens of one entry (a tile) times HEADS query heads of one KV head, as BLOCK_M
+        # rows, token-major. HEADS = 1 is one head per program; HEADS = GROUP packs the KV head's whole group, which
+        # then reads each key once. Consecutive programs share a tile, so the heads of one KV head meet in L2.
+        pid = tl.program_id(0)
+        tile = pid // head_programs
+        h0 = (pid % head_programs) * HEADS
         e = tl.load(TILE_ENTRY + tile)
         m0 = tl.load(TILE_M0 + tile)
         qs = tl.load(Q_STARTS + e)
         n_q = tl.load(Q_STARTS + e + 1) - qs
         p0 = tl.load(Q_POS0 + e)
         kv0 = tl.load(FIRST + e) * BS
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < n_q
+        offs_r = tl.arange(0, BLOCK_M)
+        tok = offs_r // HEADS
+        heads = h0 + offs_r % HEADS
+        r_mask = (tok < TOKENS) & (m0 + tok < n_q)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        rows = (qs + offs_m).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        hi = tl.minimum(tl.load(CTX + e), p0 + m0 + BLOCK_M)
+        rows = (qs + m0 + tok).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        # Keys in three ranges: [lo, band_lo) and [band_hi, hi) masked per row; [band_lo, band_hi), whole BLOCK_N
+        # steps of keys before the tile's first query and inside its last query's window, unmasked (most keys of a
+        # long prompt).
+        first_q = p0 + m0
+        last_q = first_q + TOKENS - 1  # rows past the entry's end only widen the masked ranges
+        hi = tl.minimum(tl.load(CTX + e), last_q + 1)
         lo = kv0
+        band_lo = kv0
         if window > 0:
-            lo = tl.maximum(kv0, p0 + m0 - window + 1)
+            lo = tl.maximum(kv0, first_q - window + 1)
+            band_lo = tl.minimum(tl.maximum(lo, last_q - window + 1), hi)
+        band_hi = band_lo + tl.maximum(tl.minimum(first_q, hi) - band_lo, 0) // BLOCK_N * BLOCK_N
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        m_i, l_i, acc = _attend_keys(
-            q, p0 + offs_m, K, V, BT + e * stride_bt, kv0, lo, hi, h // GROUP, scale, window, m_i, l_i, acc,
+        q_pos = first_q + tok
+        kvh = h0 // GROUP
+        bt_row = BT + e * stride_bt
+        m_i, l_i, acc = _prefill_keys(
+            q, q_pos, K, V, bt_row, kv0, lo, band_lo, kvh, qk_scale, window, m_i, l_i, acc,
             stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-            CAUSAL=True, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            MASKED=True, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
         )
-        out, lse = _normalise(acc, m_i, l_i)
-        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-        tl.store(LSE + rows * stride_lt + h, lse, mask=m_mask)
+        m_i, l_i, acc = _prefill_keys(
+            q, q_pos, K, V, bt_row, kv0, band_lo, band_hi, kvh, qk_scale, window, m_i, l_i, acc,
+            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
+            MASKED=False, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
+        m_i, l_i, acc = _prefill_keys(
+            q, q_pos, K, V, bt_row, kv0, band_hi, hi, kvh, qk_scale, window, m_i, l_i, acc,
+            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
+            MASKED=True, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
+        # Rows that saw no key (a window past every key of a streamed chunk) get output 0 and lse -inf.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # base 2 -> e: * ln 2
+        io_mask = r_mask[:, None] & d_mask[None, :]
+        tl.store(O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=io_mask)
+        tl.store(LSE + rows * stride_lt + heads, lse, mask=r_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt", "stride_oe", "stride_le"])
     def _split_kernel(
         Q, K, V, O_PART, L_PART, BT, Q_STARTS, Q_POS0, CTX, FIRST,
         stride_qt, stride_qh, stride_oe, stride_op, stride_oh, stride_le, stride_lp,
@@ -294,7 +389,7 @@ if triton is not None:
         tl.store(o_ptr, out, mask=r_mask[:, None] & d_mask[None, :])
         tl.store(L_PART + rows * stride_le + part * stride_lp + heads, lse, mask=r_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["parts", "stride_oe", "stride_op", "stride_le", "stride_lp"])
     def _reduce_kernel(
         O_PART, L_PART, OUT, LSE, parts,
         stride_oe, stride_op, stride_oh, stride_le, stride_lp, stride_ot, stride_oh2, stride_lt,
@@ -328,8 +423,19 @@ if triton is not None:
 # Tuned on an H100 (benchmarks/attention_decode.py --sweep): see BENCHMARKS.md.
 DECODE_CONFIG = {"partition": 1024, "block_n": 64, "num_warps": 4, "num_stages": 2}
 # Entries of at most this many query tokens go through the split-K kernel (the prefill kernel's grid is too small
-# for a short chunk over a long context: one program per 16 query rows and head).
+# for a short chunk over a long context: one program per tile of query rows and head).
 SPLIT_MAX_Q = 16
+# Prefill kernel, 16-bit inputs up to head_dim 128: block_m query rows per program (tokens times packed heads), block_n keys per
+# iteration, pack_gqa = one program per KV head for its whole group of query heads. num_stages 5 because the key
+# loads hang off a block-table load and Triton's pipeliner splits the stages between the two: 3 and 4 leave the
+# keys one buffer (no load in flight during a step's math), 5 gives them two. Chosen by
+# `benchmarks/attention_prefill.py --sweep` on an H100 (2026-11-24): the best mean over 8x1024, 1x8192, 2x4096 and
+# 1x2048+8192 (within 4% of each case's best); packing the GQA group was 3-9% faster than one head per program.
+PREFILL_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5, "pack_gqa": True}
+# Prefill kernel, float32 inputs or head_dim over 128: rows of K and V twice as wide or more, so PREFILL_CONFIG's
+# buffers would not fit an H100's 227 KiB of shared memory (257 KiB at bf16, head_dim 256), and float32's "ieee"
+# dot uses no tensor cores anyway. The tiles the prefill kernel has always used (96 KiB at bf16, head_dim 256).
+PREFILL_CONFIG_SMALL = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3, "pack_gqa": False}
 
 
 if triton is not None:
@@ -370,6 +476,9 @@ def merge_partials_triton(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Ten
     )
 
 
+_LOG2_E = 1.4426950408889634  # the prefill kernel works in base 2 (exp2): scores scaled by scale * log2(e)
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(1, n) - 1).bit_length())
 
@@ -387,10 +496,12 @@ def paged_attention_triton(
     sliding_window: int = 0,
     need_lse: bool = False,
     decode_config: dict | None = None,
+    prefill_config: dict | None = None,
 ):
     """Triton implementation of `paged_attention_reference` (same arguments and results).
 
-    `decode_config` overrides DECODE_CONFIG (tokens per split-K partition, keys per iteration, warps, stages)."""
+    `decode_config` overrides DECODE_CONFIG (tokens per split-K partition, keys per iteration, warps, stages);
+    `prefill_config` overrides PREFILL_CONFIG (PREFILL_CONFIG_SMALL for float32 inputs or head_dim over 128)."""
     T, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -399,59 +510,94 @@ def paged_attention_triton(
     block_d = _pow2(head_dim)
     precision = _precision(q.dtype)
     bt = batch.block_tables
+    out = torch.empty_like(q)
+    lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
+    # Decode entries and short chunks go to the split-K kernel, longer chunks to the prefill kernel. In a mixed step
+    # the short entries come first (the scheduler puts decodes first): that leading run takes the split-K kernel too,
+    # instead of prefill tiles of which one row in BLOCK_M would be used.
+    starts = batch.q_starts_host
     if batch.max_q <= SPLIT_MAX_Q:
-        # Decode and short chunks: split the keys into partitions; each program reads one KV head's keys once for
-        # all the entry's query tokens and heads of that KV head, and one more launch merges the partitions.
+        short, rows, short_q = batch.num_entries, T, batch.max_q
+    else:
+        short = 0
+        if starts is not None:
+            while short < batch.num_entries and starts[short + 1] - starts[short] <= SPLIT_MAX_Q:
+                short += 1
+        rows = starts[short] if short else 0
+        short_q = max((starts[i + 1] - starts[i] for i in range(short)), default=0)
+    if short and rows:
+        # Split the keys into partitions; each program reads one KV head's keys once for all the entry's query tokens
+        # and heads of that KV head, and one more launch merges the partitions.
         cfg = {**DECODE_CONFIG, **(decode_config or {})}
         partition = cfg["partition"]
         parts = max(1, -(-batch.max_context // partition))
-        o_part = torch.empty((T, parts, num_heads, head_dim), dtype=torch.float32, device=q.device)
-        l_part = torch.empty((T, parts, num_heads), dtype=torch.float32, device=q.device)
-        out = torch.empty_like(q)
-        lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
-        if T:
-            _split_kernel[(batch.num_entries, num_kv_heads, parts)](
-                q, k_cache, v_cache, o_part, l_part, bt, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
-                q.stride(0), q.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                bt.stride(0), scale, sliding_window, partition,
-                GROUP=group, ROWS=_pow2(batch.max_q * group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-                PRECISION=precision, CAUSAL=batch.max_q > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
-            # Merge the partitions; those past a sequence's end hold lse -inf and weigh nothing.
-            _reduce_kernel[(T, num_heads)](
-                o_part, l_part, out, lse, parts,
-                o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0),
-                HEAD_DIM=head_dim, BLOCK_P=16, BLOCK_D=block_d,
-            )
-        return (out, lse) if need_lse else out
-    block_m = 16 if batch.max_q <= 16 else 64
-    tiles = batch._tiles.get(block_m)
-    if tiles is None:
-        starts = batch.q_starts_host if batch.q_starts_host is not None else batch.q_starts.tolist()
-        tile_entry, tile_m0 = [], []
-        for i in range(batch.num_entries):
-            for m0 in range(0, starts[i + 1] - starts[i], block_m):
-                tile_entry.append(i)
-                tile_m0.append(m0)
-        tiles = batch._tiles[block_m] = (
-            len(tile_entry),
-            torch.tensor(tile_entry, dtype=torch.int32, device=q.device),
-            torch.tensor(tile_m0, dtype=torch.int32, device=q.device),
+        o_part = torch.empty((rows, parts, num_heads, head_dim), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((rows, parts, num_heads), dtype=torch.float32, device=q.device)
+        _split_kernel[(short, num_kv_heads, parts)](
+            q, k_cache, v_cache, o_part, l_part, bt, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
+            q.stride(0), q.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            bt.stride(0), scale, sliding_window, partition,
+            GROUP=group, ROWS=_pow2(short_q * group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+            PRECISION=precision, CAUSAL=short_q > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    num_tiles, te, tm = tiles
-    out = torch.empty_like(q)
-    lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
+        # Merge the partitions; those past a sequence's end hold lse -inf and weigh nothing.
+        _reduce_kernel[(rows, num_heads)](
+            o_part, l_part, out, lse, parts,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            HEAD_DIM=head_dim, BLOCK_P=16, BLOCK_D=block_d,
+        )
+    if short == batch.num_entries:
+        return (out, lse) if need_lse else out
+    base = PREFILL_CONFIG if q.element_size() <= 2 and block_d <= 128 else PREFILL_CONFIG_SMALL
+    cfg = {**base, **(prefill_config or {})}
+    block_m, block_n = cfg["block_m"], cfg["block_n"]
+    heads = group if cfg["pack_gqa"] else 1
+    for name in ("block_m", "block_n"):
+        if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
+            raise ValueError(f"prefill_config {name}={cfg[name]}: must be a power of two of at least 16 (tl.dot's minimum)")
+    if heads > block_m:
+        raise ValueError(f"prefill_config block_m={block_m} holds no token of a packed group of {heads} heads: raise block_m or set pack_gqa=False")
+    tile_tokens = block_m // heads
+    num_tiles, te, tm = _prefill_tiles(batch, tile_tokens, q.device, short)
     if num_tiles:
-        _prefill_kernel[(num_tiles, num_heads)](
+        head_programs = num_heads // heads
+        _prefill_kernel[(num_tiles * head_programs,)](
             q, k_cache, v_cache, out, lse, bt, te, tm, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            bt.stride(0), scale, sliding_window,
-            GROUP=group, BS=bs, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, PRECISION=precision,
+            bt.stride(0), scale * _LOG2_E, sliding_window, head_programs,
+            GROUP=group, HEADS=heads, TOKENS=tile_tokens, BS=bs, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if need_lse else out
+
+
+def _prefill_tiles(batch: PagedBatch, tile_tokens: int, device, first_entry: int = 0) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(number of tiles, entry of each tile, first query row of each tile within its entry) for tiles of
+    `tile_tokens` query tokens over entries `first_entry` on, built on the host once per batch, tile height and
+    first entry (every layer reuses them).
+
+    Tiles are ordered by descending first row: later rows see more keys, so the longest programs start first and
+    the short ones fill the tail of the grid."""
+    tiles = batch._tiles.get((tile_tokens, first_entry))
+    if tiles is None:
+        starts = batch.q_starts_host if batch.q_starts_host is not None else batch.q_starts.tolist()
+        order = sorted(
+            ((m0, i) for i in range(first_entry, batch.num_entries) for m0 in range(0, starts[i + 1] - starts[i], tile_tokens)),
+            key=lambda t: -t[0],
+        )
+        # Rows padded to 16 entries: both start 64-byte aligned (Triton specialises on pointer alignment).
+        width = -(-len(order) // 16) * 16
+        host = torch.zeros((2, width), dtype=torch.int32)
+        host[0, : len(order)] = torch.tensor([i for _, i in order], dtype=torch.int32)
+        host[1, : len(order)] = torch.tensor([m0 for m0, _ in order], dtype=torch.int32)
+        if torch.device(device).type == "cuda":
+            # Pinned and non-blocking: a blocking copy would make the host wait for all the work queued before it.
+            host = host.pin_memory().to(device, non_blocking=True)
+        tiles = batch._tiles[tile_tokens, first_entry] = (len(order), host[0], host[1])
+    return tiles
 
 
 def paged_attention(q, k_cache, v_cache, batch: PagedBatch, scale: float, sliding_window: int = 0, need_lse: bool = False):

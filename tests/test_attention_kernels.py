@@ -15,21 +15,23 @@ from tierkv.kernels import (
     write_kv_reference,
     write_kv_triton,
 )
+from tierkv.kernels.paged_attention import PREFILL_CONFIG
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_case(seed, entries, num_heads=4, num_kv_heads=2, head_dim=8, bs=4, dtype=torch.float32, num_slots=64):
-    """entries: list of (q_pos0, n_q, first_block). Returns q, caches, batch, and dense per-entry K/V."""
+    """entries: list of (q_pos0, n_q, first_block[, context_len]); the context defaults to the entry's last query
+    (a shorter one is a streamed chunk of earlier keys). Returns q, caches, batch."""
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.randn((num_slots, bs, num_kv_heads, head_dim), generator=g).to(dtype)
     v_cache = torch.randn((num_slots, bs, num_kv_heads, head_dim), generator=g).to(dtype)
-    total_q = sum(n for _, n, _ in entries)
+    total_q = sum(e[1] for e in entries)
     q = torch.randn((total_q, num_heads, head_dim), generator=g).to(dtype)
     perm = torch.randperm(num_slots, generator=g).tolist()
     tables, starts, ctxs = [], [0], []
-    for p0, n, first in entries:
-        ctx = p0 + n
+    for p0, n, first, *context in entries:
+        ctx = context[0] if context else p0 + n
         nblocks = -(-ctx // bs) - first
         tables.append([perm.pop() for _ in range(nblocks)])
         starts.append(starts[-1] + n)
@@ -38,11 +40,11 @@ def make_case(seed, entries, num_heads=4, num_kv_heads=2, head_dim=8, bs=4, dtyp
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     batch = PagedBatch(
         q_starts=torch.tensor(starts, dtype=torch.int32),
-        q_pos0=torch.tensor([p for p, _, _ in entries], dtype=torch.int32),
+        q_pos0=torch.tensor([e[0] for e in entries], dtype=torch.int32),
         context_lens=torch.tensor(ctxs, dtype=torch.int32),
-        first_block=torch.tensor([f for _, _, f in entries], dtype=torch.int32),
+        first_block=torch.tensor([e[2] for e in entries], dtype=torch.int32),
         block_tables=bt,
-        max_q=max(n for _, n, _ in entries),
+        max_q=max(e[1] for e in entries),
         max_context=max(ctxs),
     )
     return q, k_cache, v_cache, batch
@@ -50,12 +52,15 @@ def make_case(seed, entries, num_heads=4, num_kv_heads=2, head_dim=8, bs=4, dtyp
 
 def to(batch: PagedBatch, device) -> PagedBatch:
     fields = ("q_starts", "q_pos0", "context_lens", "first_block", "block_tables")
-    return PagedBatch(*(getattr(batch, f).to(device) for f in fields), batch.max_q, batch.max_context)
+    return PagedBatch(*(getattr(batch, f).to(device) for f in fields), batch.max_q, batch.max_context, batch.q_starts.tolist())
 
 
 MIXED = [(0, 9, 0), (5, 1, 0), (12, 3, 1), (0, 1, 0), (20, 1, 2), (7, 6, 0)]  # short chunks: split-K kernel
 DECODE = [(16, 1, 0), (3, 1, 0), (40, 1, 3), (0, 1, 0), (25, 1, 1)]
 LONG = [(0, 40, 0), (5, 1, 0), (30, 20, 1), (12, 17, 2)]  # chunks over 16 tokens: the prefill kernel
+# A mixed step as the scheduler lays it out: decodes and short chunks first (the split-K kernel), then long chunks
+# (the prefill kernel), one call.
+DECODES_FIRST = [(30, 1, 0), (12, 1, 1), (7, 3, 0), (44, 1, 2), (0, 40, 0), (5, 20, 1), (9, 1, 0)]
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -82,7 +87,7 @@ def test_reference_equals_dense_attention(window):
         torch.testing.assert_close(out[r0 : r0 + n], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("entries", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long"])
+@pytest.mark.parametrize("entries", [MIXED, DECODE, LONG, DECODES_FIRST], ids=["mixed", "decode", "long", "decodes-first"])
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_matches_reference(entries, window, dtype):
@@ -103,6 +108,59 @@ def test_triton_decode_splits_long_contexts_into_partitions():
     got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.2, need_lse=True, decode_config={"partition": 64, "block_n": 32})
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
+
+
+# The prefill kernel's key ranges (block_size 4): a fresh prompt longer than several tiles; a chunk starting
+# mid-block (21 % 4) after cached keys, its table from block 2 on; fewer rows than a tile; a chunk with 130 cached
+# keys from block 5 on (whole unmasked steps before its first query even at block_n 64); a streamed chunk (keys
+# [12, 36) all before its queries at 60..79: with a window some rows see no key, lse -inf).
+PREFILL = [(0, 70, 0), (21, 37, 2), (9, 5, 0), (130, 20, 5), (60, 20, 3, 36)]
+PREFILL_CONFIGS = [
+    {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 2, "pack_gqa": False},
+    {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 3, "pack_gqa": True},
+    {"block_m": 16, "block_n": 32, "num_warps": 8, "num_stages": 2, "pack_gqa": False},
+    PREFILL_CONFIG,
+]
+
+
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: f"m{c['block_m']}n{c['block_n']}{'-packed' if c['pack_gqa'] else ''}")
+@pytest.mark.parametrize("window", [0, 5, 37])  # 37: wider than a tile plus a step, so windowed tiles have unmasked keys
+def test_triton_prefill_matches_reference(config, window):
+    """Every prefill configuration, out and lse, with windows narrower and wider than a tile; fresh data per case."""
+    q, kc, vc, batch = make_case(10 + window, PREFILL, num_slots=96)
+    want, want_lse = paged_attention_reference(q, kc, vc, batch, 0.3, window, need_lse=True)
+    dev = to(batch, DEVICE)
+    dev.q_starts_host = batch.q_starts.tolist()
+    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), dev, 0.3, window, need_lse=True, prefill_config=config)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
+    if window:
+        assert torch.isinf(want_lse).any()  # the streamed chunk's late rows see no key
+
+
+@pytest.mark.parametrize("head_dim", [12, 16])  # 12: head_dim masked up to 16; 16: the unmasked loads
+def test_triton_prefill_packs_uneven_gqa_groups(head_dim):
+    """Groups of 3 query heads (a packed tile of 16 rows holds 5 tokens, one row unused), packed and not, on one
+    batch object (its tiles cached per tile height)."""
+    q, kc, vc, batch = make_case(20 + head_dim, PREFILL, num_heads=6, num_kv_heads=2, head_dim=head_dim, num_slots=96)
+    want, want_lse = paged_attention_reference(q, kc, vc, batch, 0.25, 9, need_lse=True)
+    dev = to(batch, DEVICE)
+    for packed in (True, False):
+        config = {"block_m": 16, "block_n": 16, "pack_gqa": packed}
+        got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), dev, 0.25, 9, need_lse=True, prefill_config=config)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
+    assert sorted(dev._tiles) == [(5, 0), (16, 0)]
+
+
+def test_triton_prefill_float16():
+    """16-bit inputs: the native dot and probabilities cast to the value dtype before the second product."""
+    q, kc, vc, batch = make_case(30, PREFILL, dtype=torch.float16, num_slots=96)
+    want, want_lse = paged_attention_reference(q.float(), kc.float(), vc.float(), batch, 0.3, 0, need_lse=True)
+    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.3, 0, need_lse=True,
+                                          prefill_config={"block_m": 16, "block_n": 16})
+    torch.testing.assert_close(got.float().cpu(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=2e-3, atol=2e-3)
 
 
 def test_merging_partials_over_split_keys_is_exact():

@@ -39,10 +39,19 @@ def host_to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.
     """Small host arrays of one dtype, as 1-D tensors on `device`: on CUDA through one pinned buffer and one
     non-blocking copy. A plain `torch.tensor(..., device=cuda)` makes the host wait for everything queued on the
     stream, which would stall a step planned while the previous one still runs on the GPU."""
-    flat = torch.from_numpy(np.concatenate(parts)) if len(parts) > 1 else torch.from_numpy(np.ascontiguousarray(parts[0]))
+    # Every part starts on a 64-byte boundary of the buffer: Triton specialises kernels on 16-byte alignment of
+    # their pointers, so views at arbitrary offsets would compile new variants (seconds each) as step sizes change.
+    starts, at = [], 0
+    for p in parts:
+        starts.append(at)
+        at += -(-len(p) // 16) * 16
+    flat = np.zeros(at, dtype=parts[0].dtype)
+    for p, a in zip(parts, starts):
+        flat[a : a + len(p)] = p
+    buf = torch.from_numpy(flat)
     if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    return list(torch.split(flat, [len(p) for p in parts]))
+        buf = buf.pin_memory().to(device, non_blocking=True)
+    return [buf[a : a + len(p)] for p, a in zip(parts, starts)]
 
 
 @dataclass
@@ -102,9 +111,10 @@ class StepAttention:
         rows = s.rows[1] - s.rows[0]
         firsts = range(0, len(s.slots), chunk)
         # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
+        # Rows of 8 (3 unused): every chunk's views sit at the same offsets mod 16 bytes, so one kernel variant serves all.
         meta = host_to_device([np.array(
-            [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f] for f in firsts], dtype=np.int32
-        ).ravel()], device)[0].view(-1, 5)
+            [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f, 0, 0, 0] for f in firsts], dtype=np.int32
+        ).ravel()], device)[0].view(-1, 8)
         table = torch.arange(min(chunk, len(s.slots)), dtype=torch.int32, device=device)[None]
         plan = []
         for i, first in enumerate(firsts):

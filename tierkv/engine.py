@@ -58,6 +58,8 @@ class LaunchedStep:
     prefill_tokens: int
     deferred: bool  # completed during the next step
     streamed: bool
+    greedy_host: torch.Tensor | None = None  # deferred on CUDA: the greedy tokens' pinned host copy, queued at launch
+    landed: "torch.cuda.Event | None" = None  # recorded after that copy
 
 
 class Engine:
@@ -109,6 +111,10 @@ class Engine:
         self.async_scheduling = async_scheduling
         self._inflight: LaunchedStep | None = None  # a deferred step: its tokens are read during the next step
         self._synced_at = 0.0  # when the host last read a step's tokens back
+        # Deferred steps' greedy tokens come back through these (one row per sequence of a step, at most).
+        rows = scheduler.max_num_seqs if scheduler is not None else 0
+        self._tokens_host = [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(3)] if cuda and rows else []
+        self._token_buffer = 0
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -294,12 +300,22 @@ class Engine:
         greedy = None
         if logits is not None and any(e.seq.request.params.greedy for e in sampled):
             greedy = logits.argmax(-1)
-        deferred = bool(sampled) and self.async_scheduling and self.tp_driver is None and all(map(self._deferrable, sampled))
+        deferred = (bool(sampled) and self.async_scheduling and self.tp_driver is None and self.scheduler is not None
+                    and all(map(self._deferrable, sampled)))
+        greedy_host = landed = None
         if deferred:
             for i, e in enumerate(sampled):
                 e.seq.pending.append((greedy, i))
             logits = None  # a graph's logits buffer is overwritten by the next replay: only the tokens are kept
-        return LaunchedStep(entries, sampled, logits, greedy, t0, prefill_tokens, deferred, streamed)
+            if greedy.is_cuda:
+                # Queued now, behind this step only: read later, it must not wait for the next step too. The pinned
+                # buffers take turns; a buffer comes round again only after its step has been read back.
+                self._token_buffer = (self._token_buffer + 1) % len(self._tokens_host)
+                greedy_host = self._tokens_host[self._token_buffer][: greedy.shape[0]]
+                greedy_host.copy_(greedy, non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record()
+        return LaunchedStep(entries, sampled, logits, greedy, t0, prefill_tokens, deferred, streamed, greedy_host, landed)
 
     @staticmethod
     def _input_ids(entries: list[ScheduledEntry]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, int]]]:
@@ -319,7 +335,11 @@ class Engine:
     def _complete(self, step: "LaunchedStep") -> list[Request]:
         """Read the step's sampled tokens (waiting for the device where they are still on it) and update its
         sequences: new tokens, stops, forks, finished sequences freed, full blocks registered for prefix reuse."""
-        greedy = step.greedy.tolist() if step.greedy is not None else None  # one device-to-host copy for all rows
+        if step.landed is not None:
+            step.landed.synchronize()  # this step's tokens are in pinned memory (the next step may still be running)
+            greedy = step.greedy_host.tolist()
+        else:
+            greedy = step.greedy.tolist() if step.greedy is not None else None  # one device-to-host copy for all rows
         now = time.perf_counter()
         if step.prefill_tokens:
             # The device ran this step from when it was launched or, if later, when the previous step was read back.

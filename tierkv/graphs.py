@@ -116,8 +116,8 @@ class DecodeGraphs:
         dev = self.engine.device
         if self.logits_out is None:
             self.logits_out = torch.empty((self.max_batch, self.engine.spec.vocab_size), dtype=torch.float32, device=dev)
-        ids = torch.zeros(B, dtype=torch.int64, device=dev)
-        g = _Graph(torch.cuda.CUDAGraph(), ids, torch.zeros_like(ids), torch.zeros_like(ids),
+        static = torch.zeros(B, dtype=torch.int64, device=dev)
+        g = _Graph(torch.cuda.CUDAGraph(), static, torch.zeros_like(static), torch.zeros_like(static),
                    torch.zeros((B, W), dtype=torch.int32, device=dev), None)
         self._fill(g, ids, host_vec, host_tab)
         # q_pos0 and context_lens are refreshed from the positions buffer inside the graph: a replay sees new ones.

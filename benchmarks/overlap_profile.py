@@ -1,0 +1,116 @@
+"""Does the GPU wait on the host? A torch.profiler trace of a window of engine steps run back to back (no syncs
+between them, as in a real run): the GPU's busy time against the window's wall time, and the longest gaps in
+which no kernel or copy ran, each with the host work that was going on when it began.
+
+    python benchmarks/overlap_profile.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --output-len 128 \
+        --start-step 8 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import tierkv
+from common import annotate
+
+HOST = ("tierkv.", "pm.", "sched.")
+
+
+def union(ranges: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """Total covered length and the gaps between covered stretches."""
+    total, end, gaps = 0.0, None, []
+    for s, e in sorted(ranges):
+        if end is None or s > end:
+            if end is not None:
+                gaps.append((end, s))
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total, gaps
+
+
+def log_compiles() -> None:
+    """Print each Triton compilation (a new specialisation in the middle of a run costs seconds)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    real = JITFunction._do_compile
+
+    def logged(self, *a, **k):
+        t = time.perf_counter()
+        out = real(self, *a, **k)
+        print(f"  compiled {getattr(self.fn, '__name__', self)} in {time.perf_counter() - t:.2f} s ({a[1] if len(a) > 1 else ''})")
+        return out
+
+    JITFunction._do_compile = logged
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--cpu-memory", default="8GiB")
+    ap.add_argument("--start-step", type=int, default=8, help="steps run before the window")
+    ap.add_argument("--steps", type=int, default=6, help="steps in the window")
+    ap.add_argument("--no-async-scheduling", action="store_true")
+    ap.add_argument("--trace", help="also write a chrome trace here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("overlap_profile: needs a CUDA device", file=sys.stderr)
+        return 2
+    llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192,
+                     enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, llm.loaded.spec.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
+    llm.generate(prompts[:2], tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)  # compile
+    llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))
+    engine = llm.engine
+    log_compiles()
+    for _ in range(args.start_step):
+        llm.step()
+    annotate(engine, ("_launch", "run_forward", "_complete"), "tierkv")
+    annotate(engine.scheduler, ("admit", "schedule"), "sched")
+    annotate(llm.pm, ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free"), "pm")
+    prompt0 = engine.counters.prompt_tokens
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            llm.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = list(prof.events())
+    gpu = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA" and not e.name.startswith(HOST)]
+    host = [e for e in events if e.device_type.name == "CPU" and e.name.startswith(HOST)]
+    first = min(e.time_range.start for e in host)
+    last = max(s[1] for s in gpu)
+    busy, gaps = union([r for r in gpu if r[1] >= first])
+    span = last - first
+    kind = "prefill" if engine.counters.prompt_tokens > prompt0 else "decode"
+    print(f"{args.steps} steps ({kind} tokens in the window: {engine.counters.prompt_tokens - prompt0}), async scheduling "
+          f"{'off' if args.no_async_scheduling else 'on'}: wall {wall * 1e3:.1f} ms, traced span {span / 1e3:.1f} ms, "
+          f"GPU busy {busy / 1e3:.1f} ms ({busy / span:.0%}), idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps")
+    for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:10]:
+        active = sorted((h for h in host if h.time_range.start <= s <= h.time_range.end), key=lambda h: h.time_range.start)
+        print(f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}")
+    totals: dict[str, float] = {}
+    for h in host:
+        totals[h.name] = totals.get(h.name, 0.0) + (h.time_range.end - h.time_range.start) / 1e3
+    print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
