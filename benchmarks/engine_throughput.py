@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--slice-steps", type=int, help="steps a group keeps the GPU when not all fit (default: tierkv's)")
     ap.add_argument("--block-size", type=int, help="tokens per KV block (default: tierkv's)")
     ap.add_argument("--staging-blocks", type=int, help="blocks per streamed chunk (default: tierkv's)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (comparison)")
@@ -60,7 +61,7 @@ def main() -> int:
     opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 prefetch=not args.no_prefetch, enable_prefix_caching=False, cuda_graphs=not args.no_cuda_graphs,
                 async_scheduling=not args.no_async_scheduling)
-    for name in ("max_model_len", "block_size", "staging_blocks"):
+    for name in ("max_model_len", "block_size", "staging_blocks", "slice_steps"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory"):

@@ -28,9 +28,11 @@ import json, sys
 d = {m: json.load(open(f"{sys.argv[1]}/fp4_prefetch_{m}.json")) for m in ("on", "off", "all")}
 links = lambda r: sum(v["seconds"] for v in r["stats"]["links"].values())
 on, off, base = (d[m]["wall_s"] for m in ("on", "off", "all"))
-hidden = 1 - (on - base) / links(d["on"]) if links(d["on"]) else float("nan")
+# Share of the transfer time that prefetch takes off the critical path: what turning it on saved, over the link
+# time of the run without it (negative when prefetching costs more than it hides).
+hidden = (off - on) / links(d["off"]) if links(d["off"]) else float("nan")
 print(f"overlap: prefetch on {on:.1f} s, off {off:.1f} s ({off / on:.2f}x), all KV on the GPU {base:.1f} s; "
-      f"transfer time {links(d['on']):.1f} s, hidden {hidden:.0%}")
+      f"transfer time {links(d['on']):.1f} s on / {links(d['off']):.1f} s off, share hidden by prefetch {hidden:.0%}")
 PY
        ;;
     5) timeout 150 $py benchmarks/attention_decode.py --out "$out/fp5_attention.json" 2>&1 | tail -6
