@@ -120,16 +120,23 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst
 
 # -- the copy engine, for runs of consecutive slots --------------------------------------------------------------
 
-def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs (first source slot, first destination slot, length) where both slot lists count up by one."""
-    n = len(src_slots)
-    if n == 0:
-        return []
+def _run_starts(src_slots, dst_slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source slots, destination slots, index where each maximal run of consecutive slots in both begins)."""
     s = np.asarray(src_slots, dtype=np.int64)
     d = np.asarray(dst_slots, dtype=np.int64)
-    starts = np.concatenate(([0], np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1))
-    lengths = np.diff(np.append(starts, n))
+    return s, d, np.concatenate(([0], np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1))
+
+
+def _runs(s: np.ndarray, d: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, int]]:
+    lengths = np.diff(np.append(starts, len(s)))
     return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
+
+
+def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs (first source slot, first destination slot, length) where both slot lists count up by one."""
+    if len(src_slots) == 0:
+        return []
+    return _runs(*_run_starts(src_slots, dst_slots))
 
 
 # A batch goes to the copy engines where its runs of consecutive slots average at least this many blocks (a prefix
@@ -139,12 +146,13 @@ COPY_ENGINE_MIN_RUN = 8
 
 
 def copy_engine_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]] | None:
-    """The batch as runs for `copy_block_runs` where the copy engines should move it, else None (use the kernel)."""
+    """The batch as runs for `copy_block_runs` where the copy engines should move it, else None (use the kernel).
+    The runs are counted before they are listed: listing 16,384 scattered blocks' runs took 3 ms of the host."""
     n = len(src_slots)
     if n < COPY_ENGINE_MIN_RUN or not copy_engine_available():
         return None
-    runs = block_runs(src_slots, dst_slots)
-    return runs if len(runs) * COPY_ENGINE_MIN_RUN <= n else None
+    s, d, starts = _run_starts(src_slots, dst_slots)
+    return _runs(s, d, starts) if len(starts) * COPY_ENGINE_MIN_RUN <= n else None
 
 
 _cupy_runtime = None
