@@ -17,7 +17,7 @@ tierkv_bin="$(dirname "$(command -v python3)")/tierkv"
 stage="${1:-all}"
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
     # The CPU tensor-parallel tests (spawned gloo workers) run in CI; here they would only cost the call's time.
-    timeout 420 $py -m pytest -q -p no:cacheprovider tests --deselect tests/test_tensor_parallel.py 2>&1 | tee "$out/pytest.log" | tail -25
+    timeout 540 $py -m pytest -q -p no:cacheprovider tests --deselect tests/test_tensor_parallel.py 2>&1 | tee "$out/pytest.log" | tail -25
 fi
 if [ "$stage" = all ] || [ "$stage" = engine ]; then
     timeout 400 $py benchmarks/attention_decode.py --sweep --out "$out/attention_decode.json" --record "$out/BENCHMARKS.attn.md" 2>&1 | tee "$out/attention_decode.log"
