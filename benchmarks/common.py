@@ -72,3 +72,18 @@ def annotate(owner, names, prefix: str) -> None:
                 return _fn(*a, **k)
 
         setattr(owner, name, wrapped)
+
+
+def union(ranges: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """Total length covered by the (start, end) ranges, and the gaps between the covered stretches."""
+    total, end, gaps = 0.0, None, []
+    for s, e in sorted(ranges):
+        if end is None or s > end:
+            if end is not None:
+                gaps.append((end, s))
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total, gaps

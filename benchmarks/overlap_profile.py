@@ -16,24 +16,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate
+from common import annotate, union
 
 HOST = ("tierkv.", "pm.", "sched.")
-
-
-def union(ranges: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
-    """Total covered length and the gaps between covered stretches."""
-    total, end, gaps = 0.0, None, []
-    for s, e in sorted(ranges):
-        if end is None or s > end:
-            if end is not None:
-                gaps.append((end, s))
-            total += e - s
-            end = e
-        elif e > end:
-            total += e - end
-            end = e
-    return total, gaps
 
 
 def log_compiles() -> None:

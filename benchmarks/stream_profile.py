@@ -17,20 +17,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
-from common import annotate
+from common import annotate, union
 from tierkv import attention
-
-
-def union(ranges):
-    total, end = 0.0, None
-    for s, e in sorted(ranges):
-        if end is None or s > end:
-            total += e - s
-            end = e
-        elif e > end:
-            total += e - end
-            end = e
-    return total
 
 
 def main() -> int:
@@ -90,8 +78,8 @@ def main() -> int:
         first_gpu = min((r[0] for r in compute + copies), default=s1) - s0
         first_copy = min((r[0] for r in copies), default=s1) - s0
         print(f"step {i}: wall {walls[i]:.1f} ms; first GPU work at {first_gpu / 1e3:.1f} ms, first streamed copy at "
-              f"{first_copy / 1e3:.1f} ms; copies busy {union(copies) / 1e3:.1f} ms ({len(copies)} ops), compute busy "
-              f"{union(compute) / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms")
+              f"{first_copy / 1e3:.1f} ms; copies busy {union(copies)[0] / 1e3:.1f} ms ({len(copies)} ops), compute busy "
+              f"{union(compute)[0] / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms")
         by_name = {}
         for e in gpu:
             key = e.name[:60]
