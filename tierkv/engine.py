@@ -404,10 +404,7 @@ class Engine:
         rows = (q_starts[1:] - 1)[np.fromiter((p.samples for p in plans), dtype=bool, count=len(plans))]
         ids_d, positions_d, slots_d, rows_d = host_to_device([input_ids.numpy(), positions, slots, rows], dev)
         if pending:
-            at = torch.tensor([r for r, _, _ in pending], dtype=torch.int64)
-            src = torch.tensor([i for _, _, i in pending], dtype=torch.int64)
-            if dev.type == "cuda":
-                at, src = at.pin_memory().to(dev, non_blocking=True), src.pin_memory().to(dev, non_blocking=True)
+            at, src = host_to_device([np.array([r for r, _, _ in pending], np.int64), np.array([i for _, _, i in pending], np.int64)], dev)
             ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
         if self.graphs is not None and self.graphs.eligible(plans, tables):
             waits = self.pm.take_layer_waits()
