@@ -56,6 +56,7 @@ class PagedBatch:
     max_context: int
     q_starts_host: list[int] | None = None  # q_starts as a host list, where the caller has it (saves a device sync)
     _tiles: dict = field(default_factory=dict, repr=False, compare=False)  # prefill tiles per (tile height, first entry), on device
+    _short: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)  # see _leading_short
 
     @property
     def num_entries(self) -> int:
@@ -515,16 +516,10 @@ def paged_attention_triton(
     # Decode entries and short chunks go to the split-K kernel, longer chunks to the prefill kernel. In a mixed step
     # the short entries come first (the scheduler puts decodes first): that leading run takes the split-K kernel too,
     # instead of prefill tiles of which one row in BLOCK_M would be used.
-    starts = batch.q_starts_host
     if batch.max_q <= SPLIT_MAX_Q:
         short, rows, short_q = batch.num_entries, T, batch.max_q
     else:
-        short = 0
-        if starts is not None:
-            while short < batch.num_entries and starts[short + 1] - starts[short] <= SPLIT_MAX_Q:
-                short += 1
-        rows = starts[short] if short else 0
-        short_q = max((starts[i + 1] - starts[i] for i in range(short)), default=0)
+        short, rows, short_q = _leading_short(batch)
     if short and rows:
         # Split the keys into partitions; each program reads one KV head's keys once for all the entry's query tokens
         # and heads of that KV head, and one more launch merges the partitions.
@@ -572,6 +567,21 @@ def paged_attention_triton(
             BLOCK_D=block_d, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return (out, lse) if need_lse else out
+
+
+def _leading_short(batch: PagedBatch) -> tuple[int, int, int]:
+    """(entries, query rows, most query rows of one entry) of the batch's leading run of entries of at most
+    SPLIT_MAX_Q query rows, from host q_starts (none without them); found once per batch, every layer reuses it."""
+    found = batch._short
+    if found is None:
+        starts, short = batch.q_starts_host, 0
+        if starts is not None:
+            while short < batch.num_entries and starts[short + 1] - starts[short] <= SPLIT_MAX_Q:
+                short += 1
+        found = batch._short = (
+            short, starts[short] if short else 0, max((starts[i + 1] - starts[i] for i in range(short)), default=0)
+        )
+    return found
 
 
 def _prefill_tiles(batch: PagedBatch, tile_tokens: int, device, first_entry: int = 0) -> tuple[int, torch.Tensor, torch.Tensor]:
