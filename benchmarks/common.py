@@ -87,3 +87,11 @@ def union(ranges: list[tuple[float, float]]) -> tuple[float, list[tuple[float, f
             total += e - end
             end = e
     return total, gaps
+
+
+def ms_by_name(events) -> dict[str, float]:
+    """Total duration in ms of profiler events per name, longest first."""
+    totals: dict[str, float] = {}
+    for e in events:
+        totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate, union
+from common import annotate, ms_by_name, union
 
 HOST = ("tierkv.", "pm.", "sched.")
 
@@ -87,10 +87,7 @@ def main() -> int:
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:10]:
         active = sorted((h for h in host if h.time_range.start <= s <= h.time_range.end), key=lambda h: h.time_range.start)
         print(f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}")
-    totals: dict[str, float] = {}
-    for h in host:
-        totals[h.name] = totals.get(h.name, 0.0) + (h.time_range.end - h.time_range.start) / 1e3
-    print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])))
+    print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
     if args.trace:
         prof.export_chrome_trace(args.trace)
     llm.close()

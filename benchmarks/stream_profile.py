@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
-from common import annotate, union
+from common import annotate, ms_by_name, union
 from tierkv import attention
 
 
@@ -89,11 +89,8 @@ def main() -> int:
         mem = sorted((e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name and "Pinned" in e.name)
         gaps = sorted(((b[0] - a[1]) / 1e3 for a, b in zip(mem, mem[1:])), reverse=True)
         print(f"   gaps between host->device copies: total {sum(gaps):.1f} ms, largest " + ", ".join(f"{g:.2f}" for g in gaps[:6]))
-        host = {}
-        for e in inside:
-            if e.device_type.name == "CPU" and e.name.startswith(host_names):
-                host[e.name] = host.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
-        print("   host: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(host.items(), key=lambda kv: -kv[1])))
+        host = ms_by_name(e for e in inside if e.device_type.name == "CPU" and e.name.startswith(host_names))
+        print("   host: " + ", ".join(f"{k} {v:.1f} ms" for k, v in host.items()))
     print(f"streamed chunk copies: {calls}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
