@@ -14,6 +14,14 @@ def make(prompt_len, computed, arrival, generated=0, max_tokens=64):
     return seq
 
 
+def complete(entries):
+    """What the engine does after a step: the entries' KV is computed, each sampled one gets a token."""
+    for e in entries:
+        e.seq.num_computed = e.end
+        if e.samples:
+            e.seq.token_ids.append(3)
+
+
 def scheduler(gpu_blocks=100, tokens=64, slice_steps=2):
     return Scheduler(block_size=16, gpu_blocks=gpu_blocks, total_blocks=10_000, max_num_batched_tokens=tokens, max_num_seqs=8, slice_steps=slice_steps)
 
@@ -28,10 +36,7 @@ def test_decodes_go_first_and_a_long_prompt_is_chunked():
         kinds = [(e.seq.seq_id, e.num_tokens) for e in entries]
         assert kinds[:2] == [(1, 1), (2, 1)]  # every step keeps the decodes going
         assert kinds[2] == (0, 62)  # the rest of the 64-token budget goes to the prompt
-        for e in entries:
-            e.seq.num_computed = e.end
-            if e.samples:
-                e.seq.token_ids.append(3)
+        complete(entries)
 
 
 def test_sequences_that_do_not_fit_the_gpu_wait_and_take_turns():
@@ -89,10 +94,7 @@ def test_prefills_get_their_turn_beside_a_long_decode():
     for _ in range(4):
         entries = s.schedule()
         ran.append([e.seq.seq_id for e in entries])
-        for e in entries:
-            e.seq.num_computed = e.end
-            if e.samples:
-                e.seq.token_ids.append(3)
+        complete(entries)
     assert ran == [[0], [0], [1], [1]]
 
 
@@ -122,10 +124,7 @@ def test_waiting_for_token_budget_alone_rotates_no_one():
     for _ in range(4):
         entries = s.schedule()
         order.append([e.seq.seq_id for e in entries])
-        for e in entries:
-            e.seq.num_computed = e.end
-            if e.samples:
-                e.seq.token_ids.append(3)
+        complete(entries)
     assert order == [[0], [0, 1], [0, 1], [0, 1, 2]]  # first come, first prefilled; then each decodes
     assert s.preemptions == 0
     starving = scheduler(gpu_blocks=1000, tokens=2, slice_steps=1)
