@@ -56,11 +56,12 @@ def main() -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (comparison)")
     ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step only after the last one's tokens are back (comparison)")
     ap.add_argument("--no-prefetch", action="store_true", help="turn the engine's prefetch off (overlap comparison)")
+    ap.add_argument("--oversubscribe", action="store_true", help="start every request at once; groups take turns on the GPU, swapping")
     ap.add_argument("--out")
     args = ap.parse_args()
     opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 prefetch=not args.no_prefetch, enable_prefix_caching=False, cuda_graphs=not args.no_cuda_graphs,
-                async_scheduling=not args.no_async_scheduling)
+                async_scheduling=not args.no_async_scheduling, oversubscribe=args.oversubscribe)
     for name in ("max_model_len", "block_size", "staging_blocks", "slice_steps"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -108,7 +109,7 @@ def main() -> int:
               + f" (of {wall:.1f} s wall)")
     write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats,
                decode_step_s=step, decode_steps=len(decode_steps), h2d_gbps=link, kv_bytes=kv_bytes, pcie_bound_s=bound,
-               prefetch=not args.no_prefetch, steps=steps)
+               prefetch=not args.no_prefetch, oversubscribe=args.oversubscribe, steps=steps)
     llm.close()
     return 0
 

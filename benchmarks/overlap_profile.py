@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
     ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--trace", help="also write a chrome trace here")
+    ap.add_argument("--top", type=int, default=20, help="kernels listed by GPU time")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("overlap_profile: needs a CUDA device", file=sys.stderr)
@@ -88,6 +89,15 @@ def main() -> int:
         active = sorted((h for h in host if h.time_range.start <= s <= h.time_range.end), key=lambda h: h.time_range.start)
         print(f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}")
     print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
+    kernels: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type.name == "CUDA" and not e.name.startswith(HOST) and e.time_range.end >= first:
+            k = kernels.setdefault(e.name[:90], [0.0, 0])
+            k[0] += (e.time_range.end - e.time_range.start) / 1e3
+            k[1] += 1
+    print(f"GPU time per step by kernel (ms; top {args.top}):")
+    for name, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"  {ms / args.steps:8.2f}  x{n / args.steps:6.1f}  {name}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
     llm.close()

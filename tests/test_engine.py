@@ -21,7 +21,9 @@ def checkpoints(tmp_path_factory):
 def tiered_llm(path, nvme_dir, **kw):
     # GPU tier: 12 blocks of 16 tokens = 192 tokens, less than the longest prompt (300): those stream.
     # CPU tier: 10 blocks, far less than the ~200 blocks of all requests: the rest spill to NVMe.
-    opts = dict(device="cpu", block_size=16, gpu_blocks=12, cpu_blocks=10, nvme_dir=str(nvme_dir), nvme_blocks=400, max_num_batched_tokens=128)
+    # Oversubscribed: every request starts at once and groups take turns on the GPU, so KV swaps through all tiers.
+    opts = dict(device="cpu", block_size=16, gpu_blocks=12, cpu_blocks=10, nvme_dir=str(nvme_dir), nvme_blocks=400, max_num_batched_tokens=128,
+                oversubscribe=True)
     opts.update(kw)
     return tierkv.LLM(path, **opts)
 
@@ -210,7 +212,7 @@ def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
     moved, outputs = {}, {}
     for prefetch in (True, False):
         with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000,
-                        enable_prefix_caching=False, prefetch=prefetch, max_num_batched_tokens=512) as llm:
+                        enable_prefix_caching=False, prefetch=prefetch, max_num_batched_tokens=512, oversubscribe=True) as llm:
             prompts = random_prompts(24, 256, 256, 500, seed=0)
             outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
             stats = llm.stats()
@@ -220,6 +222,26 @@ def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
     (on, prefetched), (off, _) = moved[True], moved[False]
     assert on <= 1.2 * off, f"prefetch on moved {on} blocks to the GPU, prefetch off {off}: prefetch evicts what runs"
     assert prefetched >= 0.5 * on, f"only {prefetched} of {on} promotions were prefetched ahead of their step"
+
+
+def test_new_requests_wait_for_room_instead_of_swapping_begun_ones(tmp_path):
+    """By default a request starts only where the GPU has room beside the ones already begun: on a small GPU tier
+    the output is the same as with `oversubscribe` (everyone starts, groups take turns), with nothing swapped out
+    and back and no preemption (the outputs are no longer than the `slice_steps` tokens a start leaves room for:
+    longer ones may outgrow the GPU and take turns then)."""
+    outputs, stats = {}, {}
+    for over in (True, False):
+        with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000,
+                        enable_prefix_caching=False, max_num_batched_tokens=512, oversubscribe=over) as llm:
+            prompts = random_prompts(24, 200, 256, 500, seed=0)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+            stats[over] = llm.stats()
+            llm.pm.check_invariants()
+        outputs[over] = [o.outputs[0].token_ids for o in outs]
+    assert outputs[True] == outputs[False]
+    assert stats[True]["engine"]["preemptions"] > 0 and stats[True]["links"]["gpu->cpu"]["blocks"] > 0
+    assert stats[False]["engine"]["preemptions"] == 0
+    assert not any(v["blocks"] for v in stats[False]["links"].values())  # no block crossed any link
 
 
 def test_streaming_in_many_small_chunks_is_exact(tmp_path):

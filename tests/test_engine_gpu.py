@@ -158,7 +158,7 @@ def test_asynchronous_steps_on_gpu_match_synchronous_ones(gpu_blocks, tmp_path):
     outs, stats = {}, {}
     for on in (True, False):
         with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=gpu_blocks, cpu_blocks=400,
-                        max_num_batched_tokens=128, async_scheduling=on) as llm:
+                        max_num_batched_tokens=128, async_scheduling=on, oversubscribe=True) as llm:
             llm.pm.mover._debug_rng = random.Random(4)
             outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             stats[on] = llm.stats()["engine"]

@@ -10,6 +10,7 @@ from tierkv.sequence import Request, Sequence
 def make(prompt_len, computed, arrival, generated=0, max_tokens=64):
     req = Request(str(arrival), arrival, None, [3] * prompt_len, SamplingParams(max_tokens=max_tokens), arrival)
     seq = Sequence(arrival, req, 0, [3] * (prompt_len + generated), prompt_len, torch.Generator(), computed)
+    seq.started = computed > 0
     req.sequences.append(seq)
     return seq
 
@@ -18,12 +19,14 @@ def complete(entries):
     """What the engine does after a step: the entries' KV is computed, each sampled one gets a token."""
     for e in entries:
         e.seq.num_computed = e.end
+        e.seq.started = True
         if e.samples:
             e.seq.token_ids.append(3)
 
 
-def scheduler(gpu_blocks=100, tokens=64, slice_steps=2):
-    return Scheduler(block_size=16, gpu_blocks=gpu_blocks, total_blocks=10_000, max_num_batched_tokens=tokens, max_num_seqs=8, slice_steps=slice_steps)
+def scheduler(gpu_blocks=100, tokens=64, slice_steps=2, oversubscribe=False):
+    return Scheduler(block_size=16, gpu_blocks=gpu_blocks, total_blocks=10_000, max_num_batched_tokens=tokens, max_num_seqs=8,
+                     slice_steps=slice_steps, oversubscribe=oversubscribe)
 
 
 def test_decodes_go_first_and_a_long_prompt_is_chunked():
@@ -67,7 +70,7 @@ def test_prefetch_hints_name_the_next_group_and_keep_the_one_still_running():
 
 
 def test_a_sequence_longer_than_the_gpu_runs_alone_with_a_window():
-    s = scheduler(gpu_blocks=3, tokens=200, slice_steps=100)
+    s = scheduler(gpu_blocks=3, tokens=200, slice_steps=100, oversubscribe=True)
     big = make(300, 0, 0)
     small = make(10, 0, 1)
     s.running.extend([big, small])
@@ -84,18 +87,55 @@ def test_a_sequence_longer_than_the_gpu_runs_alone_with_a_window():
     assert (e.start, e.num_tokens, e.first_block) == (170, 38, 10)
 
 
-def test_prefills_get_their_turn_beside_a_long_decode():
-    """A decoding sequence that fills the GPU tier must not starve prompts waiting to be prefilled."""
-    s = scheduler(gpu_blocks=2, slice_steps=2)
-    long_decode = make(40, 40, 0, generated=1)  # 3 blocks after the next token: streams alone
-    waiting = make(20, 0, 1)
-    s.running.extend([long_decode, waiting])
-    ran = []
-    for _ in range(4):
-        entries = s.schedule()
-        ran.append([e.seq.seq_id for e in entries])
-        complete(entries)
-    assert ran == [[0], [0], [1], [1]]
+def test_prefills_get_their_turn_beside_a_long_decode_when_oversubscribed():
+    """With `oversubscribe`, a decoding sequence that fills the GPU tier must not keep a prompt waiting to be
+    prefilled until it is done: they take turns. By default the prompt waits for it to finish (starting the
+    prompt would swap the decode's KV out and back)."""
+    ran = {}
+    for over in (True, False):
+        s = scheduler(gpu_blocks=2, slice_steps=2, oversubscribe=over)
+        long_decode = make(40, 40, 0, generated=1, max_tokens=5)  # 3 blocks after the next token: streams alone
+        waiting = make(20, 0, 1)
+        s.running.extend([long_decode, waiting])
+        ran[over] = []
+        for _ in range(6):
+            entries = s.schedule()
+            ran[over].append([e.seq.seq_id for e in entries])
+            complete(entries)
+            if len(long_decode.output_ids) >= 5 and long_decode in s.running:
+                s.finish(long_decode)  # what the engine does once its max_tokens are out
+    assert ran[True][:4] == [[0], [0], [1], [1]]
+    assert ran[False] == [[0], [0], [0], [0], [1], [1]]
+
+
+def test_new_sequences_start_only_in_room_the_begun_ones_leave():
+    """Four prompts of 40 tokens (3 blocks each with the next 2 tokens) on a 10-block GPU tier: three start, the
+    fourth waits until one is done, and nobody is swapped out. With `oversubscribe` all four start and groups take
+    turns on the GPU (preemptions)."""
+    for over in (False, True):
+        s = scheduler(gpu_blocks=10, tokens=200, slice_steps=2, oversubscribe=over)
+        s.running.extend(make(40, 0, i, max_tokens=6 - i) for i in range(4))
+        assert [e.seq.seq_id for e in s.schedule()] == ([0, 1, 2, 3] if over else [0, 1, 2])
+        s = scheduler(gpu_blocks=10, tokens=200, slice_steps=2, oversubscribe=over)
+        s.running.extend(make(40, 0, i, max_tokens=6 - i) for i in range(4))
+        started_at = {}
+        for step in range(40):
+            if not s.running:
+                break
+            entries = s.schedule()
+            for e in entries:
+                started_at.setdefault(e.seq.seq_id, step)
+            complete(entries)
+            for q in list(s.running):
+                if len(q.output_ids) >= q.params.max_tokens:
+                    s.finish(q)
+        assert not s.running and sorted(started_at) == [0, 1, 2, 3]
+        if over:
+            assert s.preemptions > 0
+        else:
+            assert s.preemptions == 0
+            assert started_at[3] > max(started_at[k] for k in (0, 1, 2))  # after sequence 2 (max_tokens 4) was done
+            assert started_at[3] == 4  # sequence 2's 4 tokens: its prompt step samples the first, 3 decode steps
 
 
 def test_admission_reserves_every_sample():

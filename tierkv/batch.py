@@ -296,7 +296,7 @@ def check_capacity(spec: RunSpec) -> list[tuple[Record, list[int], SamplingParam
             check_gpu_tier(gpu, layout.block_nbytes)
         except ConfigError as exc:
             raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
-    sched = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
+    sched = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps, cfg.oversubscribe)
     prepared = []
     for r in spec.records:
         where = f"input line {r.line} (id {r.id!r})"

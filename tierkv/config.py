@@ -154,6 +154,9 @@ class EngineConfig:
     max_model_len: int | None = None
     staging_blocks: int = 1024
     slice_steps: int = 8
+    # Start new sequences even where the ones already begun would then not fit on the GPU together (all take
+    # turns, swapping KV through the lower tiers): earlier first tokens for later requests, lower throughput.
+    oversubscribe: bool = False
     prefetch: bool = True
     cuda_graphs: bool = True
     async_scheduling: bool = True  # plan step n+1 while the device runs step n (steps whose samples are all greedy)
@@ -195,7 +198,7 @@ class EngineConfig:
             raise ConfigError(f"nvme_dir {self.nvme_dir!r} exists and is not a directory; give a directory path")
         if isinstance(self.tp_timeout_s, bool) or not isinstance(self.tp_timeout_s, (int, float)) or self.tp_timeout_s <= 0:
             raise ConfigError(f"tp_timeout_s must be a positive number of seconds, got {self.tp_timeout_s!r}")
-        for name in ("prefetch", "cuda_graphs", "async_scheduling", "enable_prefix_caching", "write_through"):
+        for name in ("oversubscribe", "prefetch", "cuda_graphs", "async_scheduling", "enable_prefix_caching", "write_through"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.prefix_load not in ("auto", "always"):

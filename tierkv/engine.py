@@ -296,6 +296,7 @@ class Engine:
             if e.seq.prefilling:
                 prefill_tokens += min(e.end, e.seq.num_prompt) - e.start
             e.seq.num_computed = e.end
+            e.seq.started = True
         self.counters.prompt_tokens += prefill_tokens
         greedy = None
         if logits is not None and any(e.seq.request.params.greedy for e in sampled):
@@ -363,7 +364,7 @@ class Engine:
                 # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
                 for k in range(1, req.params.n):
                     child = self._new_sequence(req, k, seq.token_ids, seq.num_computed)
-                    child.root, child.keys = seq.root, list(seq.keys)
+                    child.root, child.keys, child.started = seq.root, list(seq.keys), True
                     self.pm.fork(seq.seq_id, child.seq_id)
                     self.scheduler.add_running(child, after=targets[-1])
                     targets.append(child)

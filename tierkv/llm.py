@@ -85,7 +85,7 @@ class LLM:
 
             pm = RecordingPageManager(pm, self._driver)
         self.pm = pm
-        self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps)
+        self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps, cfg.oversubscribe)
         hasher = PrefixHasher(self.fingerprint, cfg.block_size) if cfg.enable_prefix_caching else None
         self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch, hasher, cfg.prefix_load,
                              cuda_graphs=cfg.cuda_graphs and self._driver is None, async_scheduling=cfg.async_scheduling)

@@ -6,9 +6,14 @@
   long prompt never stalls running decodes) and under the GPU tier's block budget: a step's sequences must have
   their blocks on the GPU together. A sequence too long for the GPU tier runs alone, with only its newest blocks
   on the GPU and the older ones streamed by the attention.
-- When the running sequences do not all fit on the GPU, a group keeps the GPU for `slice_steps` steps, then
-  the next group takes over (preemption by swapping: the page manager demotes the old group's blocks and the
-  new group's blocks are prefetched a step ahead).
+- A sequence that has not begun starts only where the GPU tier has room for its prompt and its next
+  `slice_steps` tokens beside what the sequences already begun will need over those steps: starting it must not
+  push begun work off the GPU (that would swap KV out and back for no gain in throughput). With `oversubscribe`,
+  new sequences start whenever the tiers together hold them, and everyone takes turns (better time to first
+  token for later requests, at the cost of swapping).
+- When the begun sequences do not all fit on the GPU (they grew, or with `oversubscribe`), a group keeps the GPU
+  for `slice_steps` steps, then the next group takes over (preemption by swapping: the page manager demotes the
+  old group's blocks and the new group's blocks are prefetched a step ahead).
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ class ScheduledEntry:
 
 
 class Scheduler:
-    def __init__(self, block_size: int, gpu_blocks: int, total_blocks: int, max_num_batched_tokens: int, max_num_seqs: int, slice_steps: int) -> None:
+    def __init__(self, block_size: int, gpu_blocks: int, total_blocks: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 slice_steps: int, oversubscribe: bool = False) -> None:
         self.block_size = block_size
+        self.oversubscribe = oversubscribe
         self.gpu_blocks = gpu_blocks
         self.total_blocks = total_blocks
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -54,6 +61,16 @@ class Scheduler:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def soon(self, seq: Sequence) -> int:
+        """GPU blocks a sequence needs over the next `slice_steps` steps: its prompt and that many more tokens (at
+        most max_tokens), for each of its samples (they share the prompt's full blocks)."""
+        p = seq.params
+        ahead = min(p.max_tokens - (max(seq.num_tokens, seq.num_prompt) - seq.num_prompt), self.slice_steps)
+        need = self.blocks_for(max(seq.num_tokens, seq.num_prompt) + max(0, ahead))
+        if not seq.started and p.n > 1:
+            need += (p.n - 1) * (self.blocks_for(ahead) + 1)
+        return need
 
     def reservation(self, request: Request) -> int:
         """Blocks a request may need at most: its n samples share the prompt's full blocks."""
@@ -104,10 +121,18 @@ class Scheduler:
         blocks_left = self.gpu_blocks
         group: list[Sequence] = []
         streaming: Sequence | None = None
-        skipped = False
+        skipped = holding = False
+        # What the begun sequences will want of the GPU tier soon; a new one starts only in room beyond it.
+        committed = 0 if self.oversubscribe else sum(self.soon(s) for s in self.running if s.started and not s.finished)
         for seq in self.running:
             if seq.awaiting_last:
                 continue  # done once the step in flight lands: neither scheduled nor a reason to rotate
+            if not seq.started and not self.oversubscribe:
+                want = self.soon(seq)
+                if holding or (committed + want > self.gpu_blocks and (committed or group)):
+                    holding = True  # it and the later new ones wait (first come, first started); not a lost turn
+                    continue
+                committed += want
             need = self.blocks_for(seq.num_computed + 1)
             if len(group) >= self.max_num_seqs or streaming is not None:
                 skipped = True

@@ -51,6 +51,7 @@ class Sequence:
     num_prompt: int
     generator: torch.Generator
     num_computed: int = 0  # tokens whose KV is in the cache
+    started: bool = False  # it has been in a step (a prefix hit alone does not start it)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text_cut: str | None = None  # the text up to (or through) the stop string that ended it
