@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--cpu-memory", default="8GiB")
+    ap.add_argument("--gpu-memory")
     ap.add_argument("--start-step", type=int, default=8, help="steps run before the window")
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
     ap.add_argument("--no-async-scheduling", action="store_true")
@@ -54,7 +55,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("overlap_profile: needs a CUDA device", file=sys.stderr)
         return 2
-    llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192,
+    tiers = {"gpu_memory": args.gpu_memory} if args.gpu_memory else {}
+    llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192, **tiers,
                      enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, llm.loaded.spec.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()

@@ -569,6 +569,48 @@ def paged_attention_triton(
     return (out, lse) if need_lse else out
 
 
+def compile_variants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device) -> int:
+    """Compile every variant of the split-K kernel a run can need (one per row bucket and causality: a short chunk
+    of 2-16 query tokens, such as the tail of a prompt beside decodes, needs its own), the prefill kernel and the
+    merge kernels, on tiny inputs, so that no compilation (0.8-1.2 s each on an H100) lands in the middle of a run.
+    Returns the number of calls made; compiled kernels stay in Triton's cache (memory and disk)."""
+    device = torch.device(device)
+    group = num_heads // num_kv_heads
+    kc = torch.zeros((4, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    seen, calls = set(), 0
+
+    def call(q_lens: list[int]) -> None:
+        context = [n + block_size for n in q_lens]  # a block of earlier keys each
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        width = -(-max(context) // block_size)
+        b = len(q_lens)
+
+        def ints(values: list[int]) -> torch.Tensor:  # each its own allocation: aligned as the engine's are
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        batch = PagedBatch(
+            ints(starts), ints([c - n for c, n in zip(context, q_lens)]), ints(context), ints([0] * b),
+            (torch.arange(b * width, dtype=torch.int32, device=device) % 4).view(b, width), max(q_lens), max(context), starts,
+        )
+        q = torch.zeros((starts[-1], num_heads, head_dim), dtype=dtype, device=device)
+        paged_attention_triton(q, kc, vc, batch, default_scale(head_dim), need_lse=True)
+
+    for n in range(1, SPLIT_MAX_Q + 1):
+        key = (_pow2(n * group), n > 1)  # the split-K kernel's ROWS and CAUSAL for a batch whose longest entry has n rows
+        if key not in seen:
+            seen.add(key)
+            call([n])
+            call([1, n, SPLIT_MAX_Q + 1])  # the same leading run before a prefill entry (a mixed step)
+            calls += 2
+    out = torch.zeros((1, num_heads, head_dim), dtype=dtype, device=device)
+    lse = torch.zeros((1, num_heads), dtype=torch.float32, device=device)
+    merge_partials_triton(out, lse, out.clone(), lse.clone())
+    return calls + 1
+
+
 def _leading_short(batch: PagedBatch) -> tuple[int, int, int]:
     """(entries, query rows, most query rows of one entry) of the batch's leading run of entries of at most
     SPLIT_MAX_Q query rows, from host q_starts (none without them); found once per batch, every layer reuses it."""

@@ -222,3 +222,34 @@ def test_merge_in_place_triton_matches_reference(dtype):
     ref, ref_lse = out.clone(), lse.clone()
     merge_partials_into(ref[1 : T + 1], ref_lse[1 : T + 1], out_b, lse_b)
     assert torch.equal(ref[1 : T + 1], want) and torch.equal(ref_lse[1 : T + 1], want_lse)
+
+
+@pytest.mark.gpu
+def test_compile_variants_leaves_nothing_to_compile_mid_run():
+    """A prompt's tail of a few tokens beside decodes needs split-K kernel variants that decode-only steps never
+    compile; in the middle of a run each cost ~1 s on the H100. After compile_variants(), calls with every short
+    chunk length from 1 to SPLIT_MAX_Q, alone and before a prefill entry, compile nothing."""
+    if DEVICE != "cuda":
+        pytest.skip("needs CUDA (compiled kernels)")
+    from triton.runtime.jit import JITFunction
+
+    from tierkv.kernels.paged_attention import SPLIT_MAX_Q, compile_variants
+
+    compile_variants(8, 2, 64, 4, torch.bfloat16, DEVICE)
+    compiled = []
+    real = JITFunction._do_compile
+
+    def counting(self, *a, **k):
+        compiled.append(getattr(self.fn, "__name__", str(self)))
+        return real(self, *a, **k)
+
+    JITFunction._do_compile = counting
+    try:
+        for n in range(1, SPLIT_MAX_Q + 1):
+            for entries in ([(30, 1, 0), (7, n, 1)], [(12, 1, 0), (9, n, 1), (0, 40, 0)]):
+                q, kc, vc, batch = make_case(n, entries, num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
+                paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.125, need_lse=True)
+        torch.cuda.synchronize()
+    finally:
+        JITFunction._do_compile = real
+    assert compiled == [], f"compiled mid-run: {compiled}"

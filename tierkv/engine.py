@@ -12,6 +12,7 @@ from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padde
 from tierkv.graphs import DecodeGraphs
 from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
+from tierkv.kernels.paged_attention import compile_variants
 from tierkv.loader import LoadedModel
 from tierkv.page_manager import PageManager
 from tierkv.prefix_cache import LoadOrRecompute, PrefixHasher, PrefixStats
@@ -100,6 +101,8 @@ class Engine:
             dtype=layout.dtype, device=self.device,
         )
         self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
+        if cuda:  # every attention kernel variant compiled now, not in the middle of a run
+            compile_variants(self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device)
         self.scale = self.spec.head_dim**-0.5
         self.hasher = hasher  # None: no prefix caching
         self.prefix_load = prefix_load
