@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the device machine: set up tierkv against the image's torch, run the whole test suite
-# (GPU tests included), the block-move benchmark and the page-manager offload benchmark at an 8B shape,
-# the decode-attention benchmark and an engine throughput run. Stages: all | tests | engine | bench.
+# (GPU tests included), the block-move benchmark, the page-manager offload benchmark and the fused-kernel
+# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | engine | bench.
 # Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -28,4 +28,5 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 150 $py benchmarks/block_moves.py --out "$out/block_moves.json" --record "$out/BENCHMARKS.rows.md" 2>&1 | tee "$out/block_moves.log"
     timeout 120 $py benchmarks/page_manager.py --device cuda --layout llama-3.1-8b --num-seqs 32 --prompt-min 256 --prompt-max 2048 \
         --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | tee "$out/pm_bench.log"
+    timeout 180 $py benchmarks/fused_kernels.py --sweep --out "$out/fused_kernels.json" 2>&1 | tee "$out/fused_kernels.log"
 fi

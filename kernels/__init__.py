@@ -6,10 +6,16 @@ TRITON_INTERPRET=1 against it.
 
 from tierkv.kernels.block_copy import copy_blocks, copy_blocks_reference, copy_blocks_triton
 from tierkv.kernels.fused import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    add_rms_norm_triton,
     rms_norm,
     rms_norm_reference,
     rms_norm_triton,
     rotary,
+    rotary_qk,
+    rotary_qk_reference,
+    rotary_qk_triton,
     rotary_reference,
     rotary_triton,
     silu_mul,
@@ -29,10 +35,16 @@ from tierkv.kernels.paged_attention import (
 )
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "add_rms_norm_triton",
     "rms_norm",
     "rms_norm_reference",
     "rms_norm_triton",
     "rotary",
+    "rotary_qk",
+    "rotary_qk_reference",
+    "rotary_qk_triton",
     "rotary_reference",
     "rotary_triton",
     "silu_mul",

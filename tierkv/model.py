@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tierkv.errors import ConfigError
-from tierkv.kernels.fused import rms_norm, rotary, silu_mul
+from tierkv.kernels.fused import add_rms_norm, rms_norm, rotary_qk, silu_mul
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -99,6 +99,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def add_then_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(residual + x), residual + x), in one pass over x and residual."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables from the config's rope parameters (default, linear, llama3, yarn, longrope)."""
@@ -166,7 +170,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        q, k = rotary_qk(q, k, cos, sin)  # in place: q and k are this call's own projections
         out = attend(layer, q, k, v)
         return self.o_proj(out.reshape(T, spec.num_heads * spec.head_dim))
 
@@ -190,9 +194,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, layer: int, h: torch.Tensor, cos, sin, attend: AttentionFn) -> torch.Tensor:
-        h = h + self.self_attn(layer, self.input_layernorm(h), cos, sin, attend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, layer: int, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, attend: AttentionFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is `residual + x` (just `x` in the first layer, whose x is the embedding): the add is
+        left to the norm that follows it, which fuses the two. Returns (MLP output, residual) for the next one."""
+        if residual is None:
+            normed, residual = self.input_layernorm(x), x
+        else:
+            normed, residual = self.input_layernorm.add_then_norm(x, residual)
+        x = self.self_attn(layer, normed, cos, sin, attend)
+        normed, residual = self.post_attention_layernorm.add_then_norm(x, residual)
+        return self.mlp(normed), residual
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -240,11 +253,12 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         """input_ids, positions: (T,); returns the final-normed hidden states (T, hidden)."""
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            h = layer(i, h, cos, sin, attend)
-        return self.model.norm(h)
+            x, residual = layer(i, x, residual, cos, sin, attend)
+        return self.model.norm.add_then_norm(x, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
