@@ -3,6 +3,8 @@
 
     rotary    two rotary_triton calls (q, then k; out of place)  vs  rotary_qk_triton (one launch, in place)
     add+norm  torch add, then rms_norm_triton                    vs  add_rms_norm_triton (one launch)
+    silu_mul  silu_mul_triton at the first version's 1024 elements / 4 warps per program  vs  the defaults
+              (--sweep: more sizes), on the MLP's (T, 14336) gate and up
 
 Each variant's time is set beside the bytes it moves (GB/s = bytes / time) and beside the time those bytes take at
 the device's copy bandwidth, measured here (a 1 GiB device-to-device copy_). GPU time: `--reps` calls captured in
@@ -21,7 +23,8 @@ import sys
 import torch
 
 from common import run_meta, write_json
-from tierkv.kernels import add_rms_norm_triton, rms_norm_triton, rotary_qk_triton, rotary_triton
+from tierkv.kernels import add_rms_norm_triton, rms_norm_triton, rotary_qk_triton, rotary_triton, silu_mul_triton
+from tierkv.kernels.fused import SILU_BLOCK, SILU_WARPS
 
 
 def copy_gbps() -> float:
@@ -101,7 +104,18 @@ def rows_for(T: int, args, gbps: float) -> list[dict]:
         ("add+norm", "add_rms_norm_triton", lambda: add_rms_norm_triton(x, residual, w, eps),
          (4 * T * n + n) * esize, differing(new_normed, old_normed)),
     ]
+    gate = torch.randn(T, args.intermediate, device="cuda").bfloat16()
+    up = torch.randn(T, args.intermediate, device="cuda").bfloat16()
+    silu_bytes = 3 * gate.numel() * esize
+    silu_old = silu_mul_triton(gate, up, 1024, 4)
+    cases += [
+        ("silu_mul", "block 1024, 4 warps", lambda: silu_mul_triton(gate, up, 1024, 4), silu_bytes, None),
+        ("silu_mul", f"block {SILU_BLOCK}, {SILU_WARPS} warps (default)", lambda: silu_mul_triton(gate, up), silu_bytes,
+         differing(silu_mul_triton(gate, up), silu_old)),
+    ]
     if args.sweep:
+        for block, warps in ((2048, 4), (2048, 8), (4096, 4), (8192, 8), (8192, 16), (16384, 16)):
+            cases.append(("silu_mul", f"block {block}, {warps} warps", lambda b=block, w=warps: silu_mul_triton(gate, up, b, w), silu_bytes, None))
         for block_t in (1, 2, 4, 8, 16):
             cases.append(("rotary", f"rotary_qk_triton block_t={block_t}",
                           lambda b=block_t: rotary_qk_triton(q, k, cos, sin, block_t=b), (2 * qk + 2 * T * d) * esize, None))
@@ -124,6 +138,7 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--sweep", action="store_true", help="also time rotary_qk_triton at each tokens-per-program block")
     ap.add_argument("--out", help="JSON file for the results")

@@ -223,9 +223,10 @@ def rotary_qk_triton(
     if sin.stride(1) != 1:
         sin = sin.contiguous()
     if T:
-        # One token (40 heads of 128 in Llama-3.1-8B: 20 KB of q and k) per program is already plenty; long
-        # prefills take 4, so that cos/sin rows serve more heads and the grid stays a few thousand programs.
-        block_t = block_t or (4 if T >= 2048 else 1)
+        # One token per program (40 heads of 128 in Llama-3.1-8B: 20 KB of q and k): on the H100 the fastest at
+        # 8192 and at 256 tokens (benchmarks/fused_kernels.py --sweep, 2026-11-24: 64 us and 2.7 us; 2-16 tokens
+        # per program 72-73 us and 4-16 us).
+        block_t = block_t or 1
         block_half = triton.next_power_of_2(d // 2)
         heads = max(1, 2048 // (block_t * block_half))  # per iteration: 2 x 2048 elements of q or k
         hk = k.shape[1]
@@ -237,13 +238,19 @@ def rotary_qk_triton(
     return q, k
 
 
-def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+# Elements per program and warps of the SiLU-gated product, from benchmarks/fused_kernels.py --sweep on the H100
+# (2026-11-24, 8192 x 14336 bf16): 2048 / 4 warps 398 us (1.77 TB/s); 1024 / 4 (the first version) 426 us; 4096 / 8
+# 465 us; larger blocks slower still. At 256 tokens 1024 and 2048 tie (13.3-13.4 us).
+SILU_BLOCK, SILU_WARPS = 2048, 4
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        block = 1024
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block)
+        block = block or SILU_BLOCK
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=num_warps or SILU_WARPS)
     return out
 
 

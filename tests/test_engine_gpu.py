@@ -121,9 +121,9 @@ def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch
 
 
 def test_decode_steps_replayed_as_cuda_graphs_match_eager_steps(tmp_path):
-    """Decode steps replayed from CUDA graphs (batch sizes change as sequences finish, so several graphs are captured,
-    padded rows included) give the same tokens as eager steps and as transformers, and log-probabilities as close
-    as float32 allows (the GEMMs see the padded batch size)."""
+    """Decode steps replayed from CUDA graphs (batch sizes change as sequences finish: 6 to 2 rows replay the 8-row
+    graph, whose extra rows write no KV and attend to nothing; 1 row gets its own) give the same tokens as eager
+    steps and as transformers, and log-probabilities as close as float32 allows (the GEMMs see the padded batch)."""
     hf = make_checkpoint(tmp_path / "m", "llama").cuda()
     prompts = random_prompts(6, 5, 120, hf.config.vocab_size, seed=8)
     lens = [8, 30, 12, 20, 5, 26]
@@ -134,7 +134,7 @@ def test_decode_steps_replayed_as_cuda_graphs_match_eager_steps(tmp_path):
                         max_num_batched_tokens=256, cuda_graphs=graphs) as llm:
             outs[graphs] = llm.generate(prompts, params, use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
-    assert stats[True]["graph_steps"] >= 20 and stats[True]["graphs_captured"] >= 2
+    assert stats[True]["graph_steps"] >= 20 and stats[True]["graphs_captured"] == 2
     assert stats[False]["graph_steps"] == 0
     for a, b, p, n in zip(outs[True], outs[False], prompts, lens):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids == hf_greedy(hf, p, n)

@@ -38,7 +38,7 @@ def check(got, want, dtype):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
     else:  # rounded where PyTorch rounds, so bit for bit (on the H100: all of 58M elements), bar a rare exp/rsqrt ulp
         torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
-        assert (got == want).float().mean() >= 0.9999
+        assert got.numel() == 0 or (got == want).float().mean() >= 0.9999
 
 
 def dtypes_on(device):

@@ -4,11 +4,17 @@ critical path.
 
 A step is replayed from a graph when every entry decodes one token over KV that is all in its GPU window (nothing
 streamed from lower tiers) and tensor parallelism is off. Graphs are captured on first use, one per (batch bucket,
-block-table width bucket); the step's inputs are copied into the graph's static buffers and the rows beyond the
-batch repeat its first entry (same token, position and slot: they write the same bytes to the same place, so the
-padding can never touch another sequence's KV). The attention kernels are the eager ones over the bucket's table
-width (partitions past an entry's context hold nothing and weigh nothing), so a replay computes what the eager step
-computes. Blocks still arriving in layer groups are waited for as a whole before a replay.
+block-table width bucket); the step's inputs are copied into the graph's static buffers; the rows beyond the
+batch take its first entry's token and position, slot -1 (the KV write skips it: padding never touches a cache
+slot) and a context of 0 keys (their attention reads nothing; their outputs are dropped). The
+attention kernels are the eager ones over the bucket's table width (partitions past an entry's context hold nothing
+and weigh nothing), so a replay computes what the eager step computes. Blocks still arriving in layer groups are
+waited for as a whole before a replay.
+
+A step whose buckets have no graph yet replays a captured one for up to 4x the rows or 4x the table width if there
+is one (the extra rows cost their share of the GEMMs, which read the same weights either way, and no attention),
+instead of capturing: a capture runs the forward three times (100-450 ms at an 8B shape), and as a batch drains at
+the end of a run each new bucket would pay it for a few steps.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class _Graph:
     ids: torch.Tensor  # (B,) int64
     positions: torch.Tensor  # (B,) int64
     slots: torch.Tensor  # (B,) int64: where each row's new K/V go
+    live: torch.Tensor  # (B,) int64: 1 for the step's rows, 0 for padding (attends to no keys)
     tables: torch.Tensor  # (B, W) int32
     logits: torch.Tensor  # (B, vocab) float32, the graph's output
     batch: PagedBatch | None = None  # the attention metadata the graph reads: kept alive as long as the graph
@@ -77,11 +84,11 @@ class DecodeGraphs:
         """The decode step's logits (len(plans), vocab), from a replayed graph. `ids` (on the device), `positions`
         and `slots` (host): each entry's input token, its position and where its K/V go."""
         n = len(plans)
-        B = _bucket(n, self.batch_buckets)
-        W = _bucket(max(len(t) for t in tables), self.width_buckets)
+        B, W = self._pick(n, max(len(t) for t in tables))
         pad = B - n
-        first = np.zeros(pad, dtype=np.int64)  # padded rows repeat entry 0 (see _fill)
-        host_vec = torch.from_numpy(np.stack([np.concatenate([positions, first + positions[0]]), np.concatenate([slots, first + slots[0]])]))
+        first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
+        live = np.concatenate([np.ones(n, dtype=np.int64), first])
+        host_vec = torch.from_numpy(np.stack([np.concatenate([positions, first + positions[0]]), np.concatenate([slots, first - 1]), live]))
         host_tab = torch.from_numpy(padded_tables(tables + [tables[0]] * pad, W))
         g = self.graphs.get((B, W))
         if g is None:
@@ -92,14 +99,24 @@ class DecodeGraphs:
         self.replays += 1
         return g.logits[:n]
 
+    def _pick(self, n: int, width: int) -> tuple[int, int]:
+        """The (rows, table width) buckets of the graph for a step of n rows and this table width: its own, or a
+        captured one for up to 4x the rows or the width (the smallest), rather than a new capture."""
+        B, W = _bucket(n, self.batch_buckets), _bucket(width, self.width_buckets)
+        if (B, W) in self.graphs:
+            return B, W
+        covering = [(b, w) for b, w in self.graphs if B <= b <= 4 * B and W <= w <= 4 * W]
+        return min(covering, key=lambda k: (k[0] * k[1], k[0])) if covering else (B, W)
+
     def _fill(self, g: _Graph, ids: torch.Tensor, host_vec: torch.Tensor, host_tab: torch.Tensor) -> None:
-        # Rows past the batch repeat its first entry (token, position, slot): the same bytes written to the same slot.
+        # Rows past the batch take its first entry's token (their slot is -1 and their context empty: see run).
         n = ids.shape[0]
         g.ids[:n].copy_(ids)
         g.ids[n:].copy_(ids[:1].expand(g.ids.shape[0] - n))
         vec = host_vec.pin_memory().to(g.ids.device, non_blocking=True)
         g.positions.copy_(vec[0])
         g.slots.copy_(vec[1])
+        g.live.copy_(vec[2])
         g.tables.copy_(host_tab.pin_memory().to(g.tables.device, non_blocking=True))
 
     def _forward(self, g: _Graph, batch: PagedBatch) -> torch.Tensor:
@@ -117,7 +134,7 @@ class DecodeGraphs:
         if self.logits_out is None:
             self.logits_out = torch.empty((self.max_batch, self.engine.spec.vocab_size), dtype=torch.float32, device=dev)
         static = torch.zeros(B, dtype=torch.int64, device=dev)
-        g = _Graph(torch.cuda.CUDAGraph(), static, torch.zeros_like(static), torch.zeros_like(static),
+        g = _Graph(torch.cuda.CUDAGraph(), static, torch.zeros_like(static), torch.zeros_like(static), torch.zeros_like(static),
                    torch.zeros((B, W), dtype=torch.int32, device=dev), None)
         self._fill(g, ids, host_vec, host_tab)
         # q_pos0 and context_lens are refreshed from the positions buffer inside the graph: a replay sees new ones.
@@ -154,4 +171,4 @@ class DecodeGraphs:
     @staticmethod
     def _refresh(g: _Graph, batch: PagedBatch) -> None:
         batch.q_pos0.copy_(g.positions)
-        batch.context_lens.copy_(g.positions + 1)
+        batch.context_lens.copy_((g.positions + 1) * g.live)  # padding rows: no keys
