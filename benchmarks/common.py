@@ -40,7 +40,20 @@ def append_rows(path: str | None, lines: list[str]) -> None:
 
 def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:
     """Run `prompts` to completion one engine step at a time: (wall seconds, output tokens, the wall time of each
-    decode step, i.e. each step that computed no prompt tokens)."""
+    decode step, i.e. each step that computed no prompt tokens). `all_steps` gets, per step: seconds, prompt tokens,
+    running sequences, decode graphs captured in it, and seconds of Python garbage collection in it."""
+    import gc
+
+    gc_time = [0.0, 0.0]  # total, start of the collection under way
+
+    def on_gc(phase, info) -> None:
+        if phase == "start":
+            gc_time[1] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_time[1]
+
+    gc.callbacks.append(on_gc)
+    graphs = llm.engine.graphs
     llm.add_requests(prompts, params)
     counters = llm.engine.counters
     generated0, decode_steps = counters.generated_tokens, []
@@ -50,10 +63,16 @@ def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tup
     other = []
     while llm.has_unfinished():
         prompt0, s0 = counters.prompt_tokens, time.perf_counter()
+        captures0, gc0 = graphs.captures if graphs else 0, gc_time[0]
         llm.step()
         (decode_steps if counters.prompt_tokens == prompt0 else other).append(time.perf_counter() - s0)
-        if all_steps is not None:  # (seconds, prompt tokens, running sequences) per step
-            all_steps.append((time.perf_counter() - s0, counters.prompt_tokens - prompt0, len(llm.scheduler.running)))
+        if all_steps is not None:
+            all_steps.append((time.perf_counter() - s0, counters.prompt_tokens - prompt0, len(llm.scheduler.running),
+                              (graphs.captures if graphs else 0) - captures0, gc_time[0] - gc0))
+    gc.callbacks.remove(on_gc)
+    if all_steps:
+        print(f"decode graphs captured during the run: {sum(s[3] for s in all_steps)}; garbage collection "
+              f"{sum(s[4] for s in all_steps):.2f} s, longest {max(s[4] for s in all_steps) * 1e3:.0f} ms")
     print(f"steps: {len(other)} with prompt tokens, {sum(other):.2f} s; {len(decode_steps)} decode only, {sum(decode_steps):.2f} s")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -95,3 +114,21 @@ def ms_by_name(events) -> dict[str, float]:
     for e in events:
         totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def log_compiles() -> None:
+    """Print each Triton compilation (a new specialisation in the middle of a run costs seconds)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    real = JITFunction._do_compile
+
+    def logged(self, *a, **k):
+        t = time.perf_counter()
+        out = real(self, *a, **k)
+        constexprs = a[3] if len(a) > 3 else ""
+        print(f"  compiled {getattr(self.fn, '__name__', self)} in {time.perf_counter() - t:.2f} s (constexprs {str(constexprs)[:160]})")
+        return out
+
+    JITFunction._do_compile = logged

@@ -16,26 +16,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate, ms_by_name, union
+from common import annotate, log_compiles, ms_by_name, union
 
 HOST = ("tierkv.", "pm.", "sched.")
-
-
-def log_compiles() -> None:
-    """Print each Triton compilation (a new specialisation in the middle of a run costs seconds)."""
-    try:
-        from triton.runtime.jit import JITFunction
-    except ImportError:
-        return
-    real = JITFunction._do_compile
-
-    def logged(self, *a, **k):
-        t = time.perf_counter()
-        out = real(self, *a, **k)
-        print(f"  compiled {getattr(self.fn, '__name__', self)} in {time.perf_counter() - t:.2f} s ({a[1] if len(a) > 1 else ''})")
-        return out
-
-    JITFunction._do_compile = logged
 
 
 def main() -> int:
