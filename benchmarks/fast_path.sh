@@ -14,11 +14,13 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 items="${*:-1 2 3 4 5 6}"
 et="benchmarks/engine_throughput.py --model llama-3.1-8b"
+# What an engine run prints that matters here: its result lines, and any kernel compiled or graph captured mid-run.
+show() { grep -E "compiled|graphs captured|tok/s|decode step|links:" || true; }
 for item in $items; do
     case "$item" in
-    1) timeout 120 $py $et --num-requests 256 --prompt-len 1024 --output-len 128 --cpu-memory 8GiB --out "$out/fp1_throughput.json" 2>&1 | tail -2 ;;
-    2) timeout 150 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --gpu-memory 8GiB --cpu-memory 40GiB --out "$out/fp2_spill.json" 2>&1 | tail -3
-       timeout 100 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --cpu-memory 8GiB --out "$out/fp2_all_gpu.json" 2>&1 | tail -2
+    1) timeout 120 $py $et --num-requests 256 --prompt-len 1024 --output-len 128 --cpu-memory 8GiB --out "$out/fp1_throughput.json" 2>&1 | show ;;
+    2) timeout 150 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --gpu-memory 8GiB --cpu-memory 40GiB --out "$out/fp2_spill.json" 2>&1 | show
+       timeout 100 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --cpu-memory 8GiB --out "$out/fp2_all_gpu.json" 2>&1 | show
        $py - "$out" <<'PY'
 import json, os, sys
 d = {k: json.load(open(f"{sys.argv[1]}/fp2_{k}.json")) for k in ("spill", "all_gpu")}
@@ -32,7 +34,7 @@ print(line)
 PY
        ;;
     2hf) timeout 560 $py benchmarks/hf_offloaded.py --model llama-3.1-8b --num-requests 32 --prompt-len 8192 --output-len 64 --batch-size 8 --out "$out/fp2_hf_offloaded.json" 2>&1 | tail -6 ;;
-    3) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 --out "$out/fp3_long.json" 2>&1 | tail -2 ;;
+    3) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 --out "$out/fp3_long.json" 2>&1 | show ;;
     4) for mode in on off gated all; do
            # Oversubscribed: all 64 start and groups take turns on the 1 GiB tier, swapping (what prefetch is for);
            # by default the requests would start as room frees and nothing would swap.
@@ -40,7 +42,7 @@ PY
            [ "$mode" = off ] && extra="$extra --no-prefetch"
            [ "$mode" = gated ] && extra="--gpu-memory 1GiB --cpu-memory 8GiB"  # the default: start only in free room
            [ "$mode" = all ] && extra="--cpu-memory 8GiB"
-           timeout 100 $py $et --num-requests 64 --prompt-len 1024 --output-len 64 $extra --out "$out/fp4_prefetch_$mode.json" 2>&1 | tail -2
+           timeout 100 $py $et --num-requests 64 --prompt-len 1024 --output-len 64 $extra --out "$out/fp4_prefetch_$mode.json" 2>&1 | show
        done
        $py - "$out" <<'PY'
 import json, sys

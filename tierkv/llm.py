@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import time
@@ -92,6 +93,10 @@ class LLM:
         self.engine.tp_driver = self._driver
         if hasher is not None and cfg.prefix_load == "auto":
             self._calibrate()
+        # Everything tracked so far (the model, the tiers, and the ~400k objects of the imported libraries) leaves
+        # the cyclic collector's view: a full collection over them took 0.2-0.3 s and, landing between two steps,
+        # stalled the GPU that long (H100, item 1 of the fast-path benchmarks). close() gives them back.
+        gc.freeze()
 
     def _calibrate(self) -> None:
         """Measure what the load-or-recompute choice needs: each lower tier's time to bring blocks to the GPU
@@ -275,6 +280,7 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        gc.unfreeze()  # what init froze (this engine's objects among them) can be collected again
         try:
             self.engine.drop_inflight()
             for seq in list(self.scheduler.running):
