@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 import tierkv
 from common import annotate, log_compiles, ms_by_name, union
 
-HOST = ("tierkv.", "pm.", "sched.")
+HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
 
 def main() -> int:
@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--start-step", type=int, default=8, help="steps run before the window")
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
     ap.add_argument("--no-async-scheduling", action="store_true")
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--oversubscribe", action="store_true", help="start every request at once (groups take turns, swapping)")
     ap.add_argument("--trace", help="also write a chrome trace here")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by GPU time")
     args = ap.parse_args()
@@ -40,7 +42,8 @@ def main() -> int:
         return 2
     tiers = {"gpu_memory": args.gpu_memory} if args.gpu_memory else {}
     llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192, **tiers,
-                     enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling)
+                     enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling, prefetch=not args.no_prefetch,
+                     oversubscribe=args.oversubscribe)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, llm.loaded.spec.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
     llm.generate(prompts[:2], tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)  # compile
@@ -51,7 +54,8 @@ def main() -> int:
         llm.step()
     annotate(engine, ("_launch", "run_forward", "_complete"), "tierkv")
     annotate(engine.scheduler, ("admit", "schedule"), "sched")
-    annotate(llm.pm, ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free"), "pm")
+    annotate(llm.pm, ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free", "_promote", "_place_below"), "pm")
+    annotate(llm.pm.mover, ("move", "collect", "synchronize"), "mover")
     prompt0 = engine.counters.prompt_tokens
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
