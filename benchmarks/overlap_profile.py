@@ -78,6 +78,16 @@ def main() -> int:
         active = sorted((h for h in host if h.time_range.start <= s <= h.time_range.end), key=lambda h: h.time_range.start)
         print(f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}")
     print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
+    # CUDA runtime calls by host time: a synchronising call (cudaStreamSynchronize, cudaEventSynchronize, a
+    # cudaMemcpy that waits, cudaHostAlloc, cudaMalloc) holds the host while the GPU drains.
+    api: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.time_range.start >= first:
+            a = api.setdefault(e.name, [0.0, 0])
+            a[0] += (e.time_range.end - e.time_range.start) / 1e3
+            a[1] += 1
+    print("CUDA runtime calls per step (host ms; top 6): " + ", ".join(
+        f"{name} {ms / args.steps:.2f} (x{n / args.steps:.0f})" for name, (ms, n) in sorted(api.items(), key=lambda kv: -kv[1][0])[:6]))
     kernels: dict[str, list[float]] = {}
     for e in events:
         if e.device_type.name == "CUDA" and not e.name.startswith(HOST) and e.time_range.end >= first:
