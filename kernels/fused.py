@@ -1,5 +1,5 @@
 """Fused elementwise kernels of the decoder layer: RMSNorm (alone, or after the residual add), rotary embedding (of
-one tensor, or of q and k together), SiLU-gated product.
+q and k together, in place), SiLU-gated product.
 
 Each replaces a chain of PyTorch ops (RMSNorm is seven, rotary eight per tensor) that read and write the whole
 activation every time; fused, each reads its inputs once and writes once. They round exactly where
@@ -101,26 +101,6 @@ if triton is not None:
         tl.store(Y + row * stride_out + offs, (w * normed).to(dt), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, stride_st, stride_yt, stride_yh, HALF: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
-        i = tl.arange(0, HALF)
-        xb = X + t * stride_xt + h * stride_xh
-        x1 = tl.load(xb + i).to(tl.float32)
-        x2 = tl.load(xb + HALF + i).to(tl.float32)
-        c1 = tl.load(COS + t * stride_ct + i).to(tl.float32)
-        c2 = tl.load(COS + t * stride_ct + HALF + i).to(tl.float32)
-        s1 = tl.load(SIN + t * stride_st + i).to(tl.float32)
-        s2 = tl.load(SIN + t * stride_st + HALF + i).to(tl.float32)
-        dt = Y.dtype.element_ty
-        # x * cos + rotate_half(x) * sin, each product rounded to the dtype before the sum, as in PyTorch.
-        y1 = (_round(x1 * c1, dt) + _round(-x2 * s1, dt)).to(dt)
-        y2 = (_round(x2 * c2, dt) + _round(x1 * s2, dt)).to(dt)
-        yb = Y + t * stride_yt + h * stride_yh
-        tl.store(yb + i, y1)
-        tl.store(yb + HALF + i, y2)
-
-    @triton.jit
     def _rotate_heads(X, t, tmask, i, imask, c1, c2, s1, s2, stride_t, stride_h,
                       H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         """Rotates, in place, heads [0, H) of tokens t of X, BLOCK_H heads at a time; c1.. are (BLOCK_T, 1, HALF)."""
@@ -177,16 +157,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return out.view(shape)
 
 
-def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    T, H, D = x.shape
-    if x.stride(2) != 1:
-        x = x.contiguous()
-    out = torch.empty((T, H, D), dtype=torch.result_type(x, cos), device=x.device)
-    if T:
-        _rotary_kernel[(T, H)](x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), HALF=D // 2)
-    return out
-
-
 def add_rms_norm_triton(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +183,7 @@ def rotary_qk_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_t: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T, Hq, D), k (T, Hk, D), cos, sin (T, D), all one dtype: rotary written into q and k (any strides), which
-    are returned. One launch; each program takes `block_t` tokens (a power of 2; by default from T) and every head."""
+    are returned. One launch; each program takes `block_t` tokens (a power of 2; default 1) and every head."""
     T, hq, d = q.shape
     if q.stride(2) != 1 or k.stride(2) != 1:  # the kernel walks the head dim densely
         qc, kc = rotary_qk_triton(q.contiguous(), k.contiguous(), cos, sin, block_t)
@@ -274,13 +244,6 @@ def add_rms_norm(
     if _use_triton(x) and x.dtype == residual.dtype == weight.dtype and x.shape == residual.shape:
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    if _use_triton(x) and x.shape[-1] % 2 == 0 and half & (half - 1) == 0 and cos.dtype == x.dtype:
-        return rotary_triton(x, cos, sin)
-    return rotary_reference(x, cos, sin)
 
 
 def rotary_qk(
