@@ -38,10 +38,16 @@ def append_rows(path: str | None, lines: list[str]) -> None:
             f.writelines(line + "\n" for line in lines)
 
 
+def alloc_retries() -> int:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
 def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:
     """Run `prompts` to completion one engine step at a time: (wall seconds, output tokens, the wall time of each
     decode step, i.e. each step that computed no prompt tokens). `all_steps` gets, per step: seconds, prompt tokens,
-    running sequences, decode graphs captured in it, and seconds of Python garbage collection in it."""
+    running sequences, decode graphs captured in it, seconds of Python garbage collection in it, and the CUDA
+    caching allocator's retries in it (an allocation that found no cached block and no free memory: it frees every
+    cached block, which waits for the device, and tries again)."""
     import gc
 
     gc_time = [0.0, 0.0]  # total, start of the collection under way
@@ -63,16 +69,17 @@ def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tup
     other = []
     while llm.has_unfinished():
         prompt0, s0 = counters.prompt_tokens, time.perf_counter()
-        captures0, gc0 = graphs.captures if graphs else 0, gc_time[0]
+        captures0, gc0, retries0 = graphs.captures if graphs else 0, gc_time[0], alloc_retries()
         llm.step()
         (decode_steps if counters.prompt_tokens == prompt0 else other).append(time.perf_counter() - s0)
         if all_steps is not None:
             all_steps.append((time.perf_counter() - s0, counters.prompt_tokens - prompt0, len(llm.scheduler.running),
-                              (graphs.captures if graphs else 0) - captures0, gc_time[0] - gc0))
+                              (graphs.captures if graphs else 0) - captures0, gc_time[0] - gc0, alloc_retries() - retries0))
     gc.callbacks.remove(on_gc)
     if all_steps:
         print(f"decode graphs captured during the run: {sum(s[3] for s in all_steps)}; garbage collection "
-              f"{sum(s[4] for s in all_steps):.2f} s, longest {max(s[4] for s in all_steps) * 1e3:.0f} ms")
+              f"{sum(s[4] for s in all_steps):.2f} s, longest {max(s[4] for s in all_steps) * 1e3:.0f} ms; CUDA allocator retries "
+              f"{sum(s[5] for s in all_steps)}")
     print(f"steps: {len(other)} with prompt tokens, {sum(other):.2f} s; {len(decode_steps)} decode only, {sum(decode_steps):.2f} s")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
