@@ -54,21 +54,6 @@ def host_to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.
     return [buf[a : a + len(p)] for p, a in zip(parts, starts)]
 
 
-def warm_pinned_cache(max_bytes: int, copies: int = 4) -> int:
-    """Allocate and free `copies` pinned host buffers of every power-of-two size from 4 KiB up to `max_bytes`, so
-    that the caching host allocator (which rounds to powers of two and keeps freed blocks) serves the steps' small
-    pinned copies (host_to_device, graph inputs, prefill tiles) without a new cudaHostAlloc in the middle of a run:
-    a page-locked allocation is an implicit synchronisation point, so one made while a step runs makes the host wait
-    for the GPU to drain. Returns the bytes kept in the cache."""
-    kept, size = 0, 4096
-    while size <= max_bytes:
-        buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(copies)]
-        kept += size * len(buffers)
-        del buffers
-        size *= 2
-    return kept
-
-
 @dataclass
 class StreamedEntry:
     """Blocks [0, len(slots)) of one entry that are not in its GPU window, grouped by the tier that holds them."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables, warm_pinned_cache
+from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.graphs import DecodeGraphs
 from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
@@ -103,11 +103,6 @@ class Engine:
         self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run
             compile_variants(self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device)
-            # ... and the pinned buffers of a step's metadata allocated now: a step's positions, slots and ids (8 bytes
-            # a token, a few arrays) and block tables (4 bytes a block of the GPU window per sequence).
-            if scheduler is not None:
-                table_bytes = 4 * scheduler.max_num_seqs * min(scheduler.gpu_blocks, 1 << 16)
-                warm_pinned_cache(min(16 << 20, max(32 * scheduler.max_num_batched_tokens, table_bytes)))
         self.scale = self.spec.head_dim**-0.5
         self.hasher = hasher  # None: no prefix caching
         self.prefix_load = prefix_load
