@@ -173,3 +173,41 @@ def test_waiting_for_token_budget_alone_rotates_no_one():
     starving.running.extend([*decoding, waiting])
     starving.schedule()  # three decodes take more than the 2-token budget: the prompt waits, the order rotates
     assert [q.seq_id for q in starving.running][-1] != 3
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prompts=st.lists(st.integers(1, 120), min_size=1, max_size=12),
+    max_tokens=st.lists(st.integers(1, 20), min_size=12, max_size=12),
+    gpu_blocks=st.integers(2, 40),
+    tokens=st.integers(8, 96),
+    slice_steps=st.integers(1, 8),
+    over=st.booleans(),
+)
+def test_every_workload_finishes_and_each_step_fits_the_gpu(prompts, max_tokens, gpu_blocks, tokens, slice_steps, over):
+    """Any mix of prompts and output lengths on any GPU tier finishes (no sequence waits forever: the begun ones
+    always run, the new ones start as room frees), each step's blocks fit the GPU tier unless one sequence streams
+    alone, and by default nobody is swapped out where a start leaves room for every output (max_tokens within
+    slice_steps)."""
+    s = scheduler(gpu_blocks=gpu_blocks, tokens=tokens, slice_steps=slice_steps, oversubscribe=over)
+    seqs = [make(p, 0, i, max_tokens=max_tokens[i]) for i, p in enumerate(prompts)]
+    s.running.extend(seqs)
+    for _ in range(5000):
+        if not s.running:
+            break
+        entries = s.schedule()
+        assert entries, "running sequences but an empty step"
+        if len(entries) > 1:
+            assert sum(s.blocks_for(e.end) for e in entries) <= gpu_blocks
+            assert all(e.first_block == 0 for e in entries)
+        complete(entries)
+        for q in list(s.running):
+            if len(q.output_ids) >= q.params.max_tokens:
+                s.finish(q)
+    assert not s.running, f"{len(s.running)} sequences never finished"
+    if not over and all(q.params.max_tokens <= slice_steps for q in seqs):
+        assert s.preemptions == 0  # the begun ones never outgrow the room their start left them
