@@ -115,12 +115,19 @@ def union(ranges: list[tuple[float, float]]) -> tuple[float, list[tuple[float, f
     return total, gaps
 
 
+def ms_and_calls_by_name(events, name=lambda e: e.name) -> dict[str, tuple[float, int]]:
+    """Total duration in ms and number of profiler events per name (`name(event)`), longest first."""
+    totals: dict[str, tuple[float, int]] = {}
+    for e in events:
+        key = name(e)
+        ms, calls = totals.get(key, (0.0, 0))
+        totals[key] = (ms + (e.time_range.end - e.time_range.start) / 1e3, calls + 1)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1][0]))
+
+
 def ms_by_name(events) -> dict[str, float]:
     """Total duration in ms of profiler events per name, longest first."""
-    totals: dict[str, float] = {}
-    for e in events:
-        totals[e.name] = totals.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    return {k: ms for k, (ms, _) in ms_and_calls_by_name(events).items()}
 
 
 def log_compiles() -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate, log_compiles, ms_by_name, union
+from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, union
 
 HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
@@ -80,22 +80,13 @@ def main() -> int:
     print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
     # CUDA runtime calls by host time: a synchronising call (cudaStreamSynchronize, cudaEventSynchronize, a
     # cudaMemcpy that waits, cudaHostAlloc, cudaMalloc) holds the host while the GPU drains.
-    api: dict[str, list[float]] = {}
-    for e in events:
-        if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.time_range.start >= first:
-            a = api.setdefault(e.name, [0.0, 0])
-            a[0] += (e.time_range.end - e.time_range.start) / 1e3
-            a[1] += 1
+    api = ms_and_calls_by_name(e for e in events if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.time_range.start >= first)
     print("CUDA runtime calls per step (host ms; top 6): " + ", ".join(
-        f"{name} {ms / args.steps:.2f} (x{n / args.steps:.0f})" for name, (ms, n) in sorted(api.items(), key=lambda kv: -kv[1][0])[:6]))
-    kernels: dict[str, list[float]] = {}
-    for e in events:
-        if e.device_type.name == "CUDA" and not e.name.startswith(HOST) and e.time_range.end >= first:
-            k = kernels.setdefault(e.name[:90], [0.0, 0])
-            k[0] += (e.time_range.end - e.time_range.start) / 1e3
-            k[1] += 1
+        f"{name} {ms / args.steps:.2f} (x{n / args.steps:.0f})" for name, (ms, n) in list(api.items())[:6]))
+    kernels = ms_and_calls_by_name((e for e in events if e.device_type.name == "CUDA" and not e.name.startswith(HOST)
+                                    and e.time_range.end >= first), name=lambda e: e.name[:90])
     print(f"GPU time per step by kernel (ms; top {args.top}):")
-    for name, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
+    for name, (ms, n) in list(kernels.items())[: args.top]:
         print(f"  {ms / args.steps:8.2f}  x{n / args.steps:6.1f}  {name}")
     if args.trace:
         prof.export_chrome_trace(args.trace)

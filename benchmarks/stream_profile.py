@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
-from common import annotate, ms_by_name, union
+from common import annotate, ms_and_calls_by_name, ms_by_name, union
 from tierkv import attention
 
 
@@ -80,12 +80,8 @@ def main() -> int:
         print(f"step {i}: wall {walls[i]:.1f} ms; first GPU work at {first_gpu / 1e3:.1f} ms, first streamed copy at "
               f"{first_copy / 1e3:.1f} ms; copies busy {union(copies)[0] / 1e3:.1f} ms ({len(copies)} ops), compute busy "
               f"{union(compute)[0] / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms")
-        by_name = {}
-        for e in gpu:
-            key = e.name[:60]
-            t, c = by_name.get(key, (0.0, 0))
-            by_name[key] = (t + (e.time_range.end - e.time_range.start) / 1e3, c + 1)
-        print("   GPU ops: " + "; ".join(f"{k} {t:.1f} ms x{c}" for k, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:8]))
+        by_name = ms_and_calls_by_name(gpu, name=lambda e: e.name[:60])
+        print("   GPU ops: " + "; ".join(f"{k} {t:.1f} ms x{c}" for k, (t, c) in list(by_name.items())[:8]))
         mem = sorted((e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name and "Pinned" in e.name)
         gaps = sorted(((b[0] - a[1]) / 1e3 for a, b in zip(mem, mem[1:])), reverse=True)
         print(f"   gaps between host->device copies: total {sum(gaps):.1f} ms, largest " + ", ".join(f"{g:.2f}" for g in gaps[:6]))

@@ -66,8 +66,8 @@ class Scheduler:
         """GPU blocks a sequence needs over the next `slice_steps` steps: its prompt and that many more tokens (at
         most max_tokens), for each of its samples (they share the prompt's full blocks)."""
         p = seq.params
-        ahead = min(p.max_tokens - (max(seq.num_tokens, seq.num_prompt) - seq.num_prompt), self.slice_steps)
-        need = self.blocks_for(max(seq.num_tokens, seq.num_prompt) + max(0, ahead))
+        ahead = min(p.max_tokens - (seq.num_tokens - seq.num_prompt), self.slice_steps)  # num_tokens counts the prompt
+        need = self.blocks_for(seq.num_tokens + max(0, ahead))
         if not seq.started and p.n > 1:
             need += (p.n - 1) * (self.blocks_for(ahead) + 1)
         return need
