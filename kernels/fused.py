@@ -134,15 +134,18 @@ if triton is not None:
         _rotate_heads(Q, t, tmask, i, imask, c1, c2, s1, s2, stride_qt, stride_qh, HQ, HALF, BLOCK_HQ)
         _rotate_heads(K, t, tmask, i, imask, c1, c2, s1, s2, stride_kt, stride_kh, HK, HALF, BLOCK_HK)
 
-    @triton.jit(do_not_specialize=["n"])  # n changes with the step's token count: no variant per size class
-    def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    @triton.jit
+    def _silu_mul_kernel(G, U, Y, stride_g, stride_u, stride_y, N, BLOCK: tl.constexpr):
+        """Row tl.program_id(0), columns [BLOCK * tl.program_id(1), + BLOCK): gate and up may be two halves of one
+        (T, 2N) projection (row strides 2N), the output is dense."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
         dt = Y.dtype.element_ty
         act = _round(g / (1.0 + tl.exp(-g)), dt)
-        tl.store(Y + offs, (act * u).to(dt), mask=mask)
+        tl.store(Y + row * stride_y + offs, (act * u).to(dt), mask=mask)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -215,13 +218,21 @@ SILU_BLOCK, SILU_WARPS = 2048, 4
 
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
+    """silu(gate) * up for gate, up (..., N) whose last dim is dense and whose rows may be strided (the two halves
+    of a fused gate/up projection are read in place). The result is a new dense tensor."""
+    shape, n = gate.shape, gate.shape[-1]
+    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    if u2.stride(-1) != 1:
+        u2 = u2.contiguous()
+    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
         block = block or SILU_BLOCK
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=num_warps or SILU_WARPS)
-    return out
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
+            g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), n, BLOCK=block, num_warps=num_warps or SILU_WARPS
+        )
+    return out.view(shape)
 
 
 # -- dispatch --------------------------------------------------------------------------------------------------------

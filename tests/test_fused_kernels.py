@@ -159,6 +159,13 @@ def test_silu_mul(device):
         gate = (torch.randn(9, 70, generator=g) * 4).to(device, dtype)
         up = torch.randn(9, 70, generator=g).to(device, dtype)
         check(silu_mul_triton(gate, up), silu_mul_reference(gate, up), dtype)
+        # the two halves of one fused gate/up projection, read in place (row stride 2N), several blocks per row
+        gate_up = (torch.randn(9, 2 * 70, generator=g) * 4).to(device, dtype)
+        gate, up = gate_up.split(70, dim=-1)
+        assert not gate.is_contiguous()
+        got = silu_mul_triton(gate, up, block=32)
+        assert got.is_contiguous() and got.shape == (9, 70)
+        check(got, silu_mul_reference(gate, up), dtype)
 
 
 @pytest.mark.gpu

@@ -168,6 +168,7 @@ def load_model(
         _init_dummy(net, hf_config, seed if tp is None else seed * 1009 + tp.rank)
     else:
         _load_safetensors(net, path, device, dtype)
+    net.fuse_projections()
     net.eval()
     tokenizer = None
     if os.path.isdir(path):

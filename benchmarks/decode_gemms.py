@@ -1,0 +1,102 @@
+"""The decoder layer's weight GEMMs at decode batch sizes, against the time their weights take to read at the
+device's copy bandwidth (measured here): how close the projections of a small decode step come to the memory
+roofline, and whether concatenating q/k/v and gate/up into one GEMM each gets closer.
+
+At a decode step of M rows a projection reads its whole weight matrix (out x in bf16) and does 2*M*out*in flops:
+at M <= 64 on an H100 that is far below the flop roof, so the GEMM should take weight bytes / HBM bandwidth.
+
+    separate  q, k, v, o, gate, up, down: seven GEMMs per layer (what tierkv's model runs)
+    fused     qkv, o, gate_up, down: four GEMMs per layer (q/k/v and gate/up weights concatenated)
+
+Layers are cycled over --layers distinct weight sets (each ~218 MB at the 8B shape, far beyond L2), captured in one
+CUDA graph and replayed between two CUDA events.
+
+    python benchmarks/decode_gemms.py --rows 1 8 16 32 64 256 --out decode_gemms.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from common import run_meta, write_json
+from fused_kernels import copy_gbps
+
+# Llama-3.1-8B
+HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
+
+
+def layer_weights(fused: bool) -> list[torch.Tensor]:
+    mk = lambda o, i: torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.01  # noqa: E731
+    if fused:
+        return [mk(Q + 2 * KV, HIDDEN), mk(HIDDEN, Q), mk(2 * INTER, HIDDEN), mk(HIDDEN, INTER)]
+    return [mk(Q, HIDDEN), mk(KV, HIDDEN), mk(KV, HIDDEN), mk(HIDDEN, Q), mk(INTER, HIDDEN), mk(INTER, HIDDEN), mk(HIDDEN, INTER)]
+
+
+def run_layer(ws: list[torch.Tensor], x: torch.Tensor, big: torch.Tensor) -> None:
+    lin = torch.nn.functional.linear
+    if len(ws) == 4:
+        lin(x, ws[0])
+        lin(x, ws[1])
+        lin(x, ws[2])
+        lin(big, ws[3])
+    else:
+        for w in ws[:6]:
+            lin(x, w)
+        lin(big, ws[6])
+
+
+def time_ms(layers: list[list[torch.Tensor]], m: int, reps: int) -> float:
+    x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    big = torch.randn(m, INTER, device="cuda", dtype=torch.bfloat16)
+    for ws in layers:
+        run_layer(ws, x, big)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for ws in layers:
+                run_layer(ws, x, big)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (reps * len(layers))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 256])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("decode_gemms: needs a CUDA device", file=sys.stderr)
+        return 2
+    bw = copy_gbps()
+    print(f"{torch.cuda.get_device_name()}: device copy {bw:.0f} GB/s")
+    rows = []
+    for fused in (False, True):
+        layers = [layer_weights(fused) for _ in range(args.layers)]
+        nbytes = sum(w.numel() * w.element_size() for w in layers[0])
+        bound = nbytes / (bw * 1e9) * 1e3
+        for m in args.rows:
+            ms = time_ms(layers, m, args.reps)
+            rows.append({"gemms": "fused" if fused else "separate", "rows": m, "ms_per_layer": ms, "bound_ms": bound,
+                         "gbps": nbytes / (ms * 1e-3) / 1e9})
+            print(f"{rows[-1]['gemms']:>8} M={m:4d}: {ms * 1e3:7.1f} us per layer, {rows[-1]['gbps']:6.0f} GB/s, "
+                  f"{bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)")
+        del layers
+        torch.cuda.empty_cache()
+    write_json(args.out, run_meta(), copy_gbps=bw, rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
