@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from tierkv.tiers import GPU
+
 
 def run_meta() -> dict:
     meta = {
@@ -45,9 +47,11 @@ def alloc_retries() -> int:
 def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:
     """Run `prompts` to completion one engine step at a time: (wall seconds, output tokens, the wall time of each
     decode step, i.e. each step that computed no prompt tokens). `all_steps` gets, per step: seconds, prompt tokens,
-    running sequences, decode graphs captured in it, seconds of Python garbage collection in it, and the CUDA
+    running sequences, decode graphs captured in it, seconds of Python garbage collection in it, the CUDA
     caching allocator's retries in it (an allocation that found no cached block and no free memory: it frees every
-    cached block, which waits for the device, and tries again)."""
+    cached block, which waits for the device, and tries again), blocks copied into the GPU tier, blocks copied out
+    of it, blocks of those in that were prefetched, and whether the step was left running on the device (1) or
+    completed within its call (0: asynchronous scheduling did not overlap it)."""
     import gc
 
     gc_time = [0.0, 0.0]  # total, start of the collection under way
@@ -67,14 +71,18 @@ def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tup
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     other = []
+    gpu = llm.pm.counters[GPU]
     while llm.has_unfinished():
         prompt0, s0 = counters.prompt_tokens, time.perf_counter()
         captures0, gc0, retries0 = graphs.captures if graphs else 0, gc_time[0], alloc_retries()
+        moved0 = (gpu.blocks_in, gpu.blocks_out, gpu.prefetched)
         llm.step()
         (decode_steps if counters.prompt_tokens == prompt0 else other).append(time.perf_counter() - s0)
         if all_steps is not None:
             all_steps.append((time.perf_counter() - s0, counters.prompt_tokens - prompt0, len(llm.scheduler.running),
-                              (graphs.captures if graphs else 0) - captures0, gc_time[0] - gc0, alloc_retries() - retries0))
+                              (graphs.captures if graphs else 0) - captures0, gc_time[0] - gc0, alloc_retries() - retries0,
+                              gpu.blocks_in - moved0[0], gpu.blocks_out - moved0[1], gpu.prefetched - moved0[2],
+                              int(llm.engine._inflight is not None)))
     gc.callbacks.remove(on_gc)
     if all_steps:
         print(f"decode graphs captured during the run: {sum(s[3] for s in all_steps)}; garbage collection "

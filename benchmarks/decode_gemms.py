@@ -69,16 +69,41 @@ def time_ms(layers: list[list[torch.Tensor]], m: int, reps: int) -> float:
     return start.elapsed_time(end) / (reps * len(layers))
 
 
+def shape_ms(weights: list[torch.Tensor], m: int, reps: int) -> float:
+    """One GEMM shape alone: x (m, in) times each of `weights` (distinct copies, cycled), per GEMM."""
+    x = torch.randn(m, weights[0].shape[1], device="cuda", dtype=torch.bfloat16)
+    for w in weights:
+        torch.nn.functional.linear(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (reps * len(weights))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 256])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--per-shape", action="store_true", help="also time each fused GEMM shape alone (and the LM head)")
+    ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch.backends.cuda.preferred_blas_library")
     ap.add_argument("--out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("decode_gemms: needs a CUDA device", file=sys.stderr)
         return 2
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     bw = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: device copy {bw:.0f} GB/s")
     rows = []
@@ -94,7 +119,19 @@ def main() -> int:
                   f"{bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)")
         del layers
         torch.cuda.empty_cache()
-    write_json(args.out, run_meta(), copy_gbps=bw, rows=rows)
+    shapes = []
+    if args.per_shape:
+        named = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm_head": (128256, HIDDEN)}
+        for name, (o, i) in named.items():
+            ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for _ in range(2 if name == "lm_head" else args.layers)]
+            bound = o * i * 2 / (bw * 1e9) * 1e3
+            for m in args.rows:
+                ms = shape_ms(ws, m, args.reps)
+                shapes.append({"gemm": name, "rows": m, "ms": ms, "bound_ms": bound})
+                print(f"  {name:>8} ({o} x {i}) M={m:4d}: {ms * 1e3:7.1f} us, {bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)")
+            del ws
+            torch.cuda.empty_cache()
+    write_json(args.out, run_meta(), copy_gbps=bw, blas=args.blas or "default", rows=rows, shapes=shapes)
     return 0
 
 

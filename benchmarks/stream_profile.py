@@ -34,6 +34,9 @@ def main() -> int:
     ap.add_argument("--staging-buffers", type=int, default=2)
     ap.add_argument("--copy-streams", type=int, default=2)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("stream_profile: needs a CUDA device", file=sys.stderr)
+        return 2
     tierkv.engine.Engine.staging_buffers = args.staging_buffers
     tierkv.engine.Engine.staging_copy_streams = args.copy_streams
     llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=None if args.gpu_memory == "auto" else args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,

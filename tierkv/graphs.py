@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.attention import StepAttention, padded_tables
+from tierkv.attention import StepAttention, host_to_device, padded_tables
 from tierkv.kernels import PagedBatch
 from tierkv.tiers import GPU
 
@@ -88,8 +88,8 @@ class DecodeGraphs:
         pad = B - n
         first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
         live = np.concatenate([np.ones(n, dtype=np.int64), first])
-        host_vec = torch.from_numpy(np.stack([np.concatenate([positions, first + positions[0]]), np.concatenate([slots, first - 1]), live]))
-        host_tab = torch.from_numpy(padded_tables(tables + [tables[0]] * pad, W))
+        host_vec = [np.concatenate([positions, first + positions[0]]).astype(np.int64), np.concatenate([slots, first - 1]).astype(np.int64), live]
+        host_tab = padded_tables(tables + [tables[0]] * pad, W)
         g = self.graphs.get((B, W))
         if g is None:
             g = self._capture(B, W, ids, host_vec, host_tab)
@@ -108,16 +108,18 @@ class DecodeGraphs:
         covering = [(b, w) for b, w in self.graphs if B <= b <= 4 * B and W <= w <= 4 * W]
         return min(covering, key=lambda k: (k[0] * k[1], k[0])) if covering else (B, W)
 
-    def _fill(self, g: _Graph, ids: torch.Tensor, host_vec: torch.Tensor, host_tab: torch.Tensor) -> None:
+    def _fill(self, g: _Graph, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray) -> None:
+        """The graph's input buffers from this step: `ids` (on the device), `host_vec` the (B,) positions, slots and
+        live flags (int64), `host_tab` the (B, W) block tables (int32), each dtype in one non-blocking copy."""
         # Rows past the batch take its first entry's token (their slot is -1 and their context empty: see run).
         n = ids.shape[0]
         g.ids[:n].copy_(ids)
         g.ids[n:].copy_(ids[:1].expand(g.ids.shape[0] - n))
-        vec = host_vec.pin_memory().to(g.ids.device, non_blocking=True)
-        g.positions.copy_(vec[0])
-        g.slots.copy_(vec[1])
-        g.live.copy_(vec[2])
-        g.tables.copy_(host_tab.pin_memory().to(g.tables.device, non_blocking=True))
+        positions, slots, live = host_to_device(host_vec, g.ids.device)
+        g.positions.copy_(positions)
+        g.slots.copy_(slots)
+        g.live.copy_(live)
+        g.tables.copy_(host_to_device([host_tab.reshape(-1)], g.tables.device)[0].view(g.tables.shape))
 
     def _forward(self, g: _Graph, batch: PagedBatch) -> torch.Tensor:
         e = self.engine
@@ -127,7 +129,7 @@ class DecodeGraphs:
         out.copy_(e.model.logits(hidden))
         return out
 
-    def _capture(self, B: int, W: int, ids: torch.Tensor, host_vec: torch.Tensor, host_tab: torch.Tensor) -> _Graph:
+    def _capture(self, B: int, W: int, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray) -> _Graph:
         """Capture the graph for (B, W) with this step's inputs in its buffers (the warm-up runs and the capture
         write this step's K/V, the same bytes the replay then writes again)."""
         dev = self.engine.device
