@@ -224,6 +224,30 @@ def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
     assert prefetched >= 0.5 * on, f"only {prefetched} of {on} promotions were prefetched ahead of their step"
 
 
+def test_prefetch_when_sequences_outgrow_the_gpu_moves_nothing_twice(tmp_path):
+    """By default (no oversubscription) sequences that start together outgrow a small GPU tier as they decode and
+    then take turns; consecutive groups share most of their members. Prefetch must bring exactly the blocks of the
+    group that runs next and evict only those of the sequences leaving it: the same blocks cross the link as with
+    prefetch off (before the fix it prefetched every sequence outside the old group, including ones still waiting
+    to start, and evicted members of the new group, which then came back: 12% more blocks), nearly all of them
+    ahead of their step, and the output is the same."""
+    moved, outputs = {}, {}
+    for prefetch in (True, False):
+        with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=64, cpu_blocks=4000,
+                        enable_prefix_caching=False, prefetch=prefetch) as llm:
+            prompts = random_prompts(16, 64, 64, 500, seed=1)
+            outs = llm.generate(prompts, SamplingParams(max_tokens=160, temperature=0, ignore_eos=True), use_tqdm=False)
+            stats = llm.stats()
+            llm.pm.check_invariants()
+        moved[prefetch] = (stats["links"]["cpu->gpu"]["blocks"], stats["tiers"]["gpu"]["prefetched"], stats["engine"]["preemptions"])
+        outputs[prefetch] = [o.outputs[0].token_ids for o in outs]
+    assert outputs[True] == outputs[False]
+    (on, prefetched, preempted), (off, _, _) = moved[True], moved[False]
+    assert preempted > 0 and off > 0, "the workload must make groups take turns"
+    assert on == off, f"prefetch on moved {on} blocks to the GPU, prefetch off {off}"
+    assert prefetched >= 0.9 * on, f"only {prefetched} of {on} promotions were prefetched ahead of their step"
+
+
 def test_new_requests_wait_for_room_instead_of_swapping_begun_ones(tmp_path):
     """By default a request starts only where the GPU has room beside the ones already begun: on a small GPU tier
     the output is the same as with `oversubscribe` (everyone starts, groups take turns), with nothing swapped out

@@ -118,33 +118,7 @@ class Scheduler:
         GPU tier, and then streams. Within the step, decodes take one token each first, then prefills share
         what is left of the token budget, each chunk as long as the GPU room allows.
         """
-        blocks_left = self.gpu_blocks
-        group: list[Sequence] = []
-        streaming: Sequence | None = None
-        skipped = holding = False
-        # What the begun sequences will want of the GPU tier soon; a new one starts only in room beyond it.
-        committed = 0 if self.oversubscribe else sum(self.soon(s) for s in self.running if s.started and not s.finished)
-        for seq in self.running:
-            if seq.awaiting_last:
-                continue  # done once the step in flight lands: neither scheduled nor a reason to rotate
-            if not seq.started and not self.oversubscribe:
-                want = self.soon(seq)
-                if holding or (committed + want > self.gpu_blocks and (committed or group)):
-                    holding = True  # it and the later new ones wait (first come, first started); not a lost turn
-                    continue
-                committed += want
-            need = self.blocks_for(seq.num_computed + 1)
-            if len(group) >= self.max_num_seqs or streaming is not None:
-                skipped = True
-            elif need <= blocks_left:
-                group.append(seq)
-                blocks_left -= need
-            elif not group:
-                group.append(seq)  # longer than the whole GPU tier: runs alone, streaming its older blocks
-                streaming = seq
-                blocks_left = 0
-            else:
-                skipped = True
+        group, streaming, skipped, blocks_left = self._members(self.running)
         tokens = self.max_num_batched_tokens
         entries: list[ScheduledEntry] = []
         starved = prefilled = False
@@ -177,6 +151,39 @@ class Scheduler:
         self._time_slice(entries, skipped or (starved and not prefilled))
         return entries
 
+    def _members(self, order) -> tuple[list[Sequence], Sequence | None, bool, int]:
+        """Which sequences run in a step, taken in `order` (the running order): (the group, the one among them
+        that streams or None, whether any runnable sequence was left out, GPU blocks left free). No side effects,
+        so that the next step's group can be predicted for prefetch."""
+        blocks_left = self.gpu_blocks
+        group: list[Sequence] = []
+        streaming: Sequence | None = None
+        skipped = holding = False
+        # What the begun sequences will want of the GPU tier soon; a new one starts only in room beyond it.
+        committed = 0 if self.oversubscribe else sum(self.soon(s) for s in order if s.started and not s.finished)
+        for seq in order:
+            if seq.awaiting_last:
+                continue  # done once the step in flight lands: neither scheduled nor a reason to rotate
+            if not seq.started and not self.oversubscribe:
+                want = self.soon(seq)
+                if holding or (committed + want > self.gpu_blocks and (committed or group)):
+                    holding = True  # it and the later new ones wait (first come, first started); not a lost turn
+                    continue
+                committed += want
+            need = self.blocks_for(seq.num_computed + 1)
+            if len(group) >= self.max_num_seqs or streaming is not None:
+                skipped = True
+            elif need <= blocks_left:
+                group.append(seq)
+                blocks_left -= need
+            elif not group:
+                group.append(seq)  # longer than the whole GPU tier: runs alone, streaming its older blocks
+                streaming = seq
+                blocks_left = 0
+            else:
+                skipped = True
+        return group, streaming, skipped, blocks_left
+
     def _time_slice(self, entries: list[ScheduledEntry], skipped: bool) -> None:
         """Rotate the running order every `slice_steps` steps while not everything fits on the GPU."""
         group = {e.seq.seq_id for e in entries}
@@ -196,15 +203,27 @@ class Scheduler:
             self._slice_left = self.slice_steps
         self._last_group = group
 
+    def _next_group(self) -> list[Sequence]:
+        """The group of the step after the one being scheduled now, as far as can be told: after a rotation, the
+        one the running order now gives; one step before a rotation, the one it will give after it."""
+        if self._rotated:
+            order = list(self.running)
+        else:
+            order = [s for s in self.running if s.seq_id not in self._last_group]
+            order += [s for s in self.running if s.seq_id in self._last_group]
+        return self._members(order)[0]
+
     def upcoming(self) -> list[Sequence]:
-        """Sequences likely to run in the next slice that are not running now (for prefetch): after the last step
-        of a slice (the group just rotated out), and already one step before it (best effort: see `staying`)."""
+        """Sequences of the next slice's group that are not running now (for prefetch): after the last step of a
+        slice (the group just rotated out), and already one step before it (best effort: see `staying`). Only the
+        group that will run: sequences still waiting to start, or left out again, are not worth the room."""
         if not (self._rotated or self._slice_left == 1):
             return []
-        return [s for s in self.running if s.seq_id not in self._last_group]
+        return [s for s in self._next_group() if s.seq_id not in self._last_group and not s.finished]
 
     def staying(self) -> list[Sequence]:
-        """Sequences of the group that ran this step and runs the next one too (a prefetch must not evict them)."""
+        """Sequences that ran this step and run in the next one too (a prefetch must not evict them): the whole
+        group within a slice; after a rotation, the members of the new group that were in the old one."""
         if self._rotated:
-            return []
+            return [s for s in self._next_group() if s.seq_id in self._last_group and not s.finished]
         return [s for s in self.running if s.seq_id in self._last_group and not s.finished]
