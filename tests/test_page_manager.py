@@ -176,6 +176,24 @@ def test_evict_swaps_a_sequence_down_and_acquire_brings_it_back(nvme_dir):
             pm.evict(["a"], to="gpu")
 
 
+def test_a_swap_into_a_full_gpu_goes_in_chunks_that_each_wait_only_for_their_own_victims(monkeypatch):
+    """Swapping 64 blocks into a GPU tier full of another sequence's: four chunks of 16 (each chunk's victims out,
+    then its blocks in, into the slots they left), not one batch out and one in, and every byte exact."""
+    monkeypatch.setattr(PageManager, "swap_chunk_blocks", 8)
+    with make(gpu=64, cpu=128) as pm:
+        a = add(pm, "a", 256, 1)  # 64 blocks: fills the GPU
+        b = add(pm, "b", 256, 2)  # pushes a down
+        assert set(tiers_of(pm, "a")) == {"cpu"} and set(tiers_of(pm, "b")) == {"gpu"}
+        before = {k: v["batches"] for k, v in pm.stats()["links"].items()}
+        table = pm.acquire(["a"])[0]
+        after = pm.stats()["links"]
+        assert after["gpu->cpu"]["batches"] - before.get("gpu->cpu", 0) == 4 and after["cpu->gpu"]["batches"] - before.get("cpu->gpu", 0) == 4
+        assert torch.equal(torch.cat([pm.tiers[0].pool[s] for s in table], dim=2), a)
+        pm.release(["a"])
+        pm.check_invariants()
+        assert torch.equal(pm.read_tokens("b"), b) and torch.equal(pm.read_tokens("a"), a)
+
+
 def test_long_write_goes_through_a_gpu_smaller_than_the_sequence(nvme_dir):
     with make(nvme_dir, gpu=2, cpu=2, nvme=8) as pm:
         a = add(pm, "a", 40, 1)  # 10 blocks through a 2-block GPU tier

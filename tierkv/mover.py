@@ -28,7 +28,7 @@ import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
 from tierkv.kernels import copy_blocks
-from tierkv.kernels.block_copy import copy_block_runs, copy_blocks_triton, copy_engine_runs
+from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available, copy_engine_runs
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 
 
@@ -56,6 +56,8 @@ class Mover:
     # Programs of a host-to-GPU copy kernel: reads over PCIe reach the link's speed from ~16 programs on (see
     # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
     h2d_programs = 32
+    # Device-to-host batches of blocks at least this large go to the copy engines whatever their slot order.
+    d2h_engine_block_bytes = 1 << 20
 
     def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
         self.tiers = list(tiers)
@@ -191,6 +193,11 @@ class Mover:
         # Host<->GPU batches in long runs of consecutive slots go to the copy engines: one 2D copy per run (and
         # layer group), at the full speed of the link, holding no SM.
         runs = copy_engine_runs(src_slots, dst_slots) if src.is_cuda != dst.is_cuda else None
+        if runs is None and src.is_cuda and dst.is_host_memory and src.layout.block_nbytes >= self.d2h_engine_block_bytes \
+                and copy_engine_available():
+            # Large blocks going down: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the
+            # engine at the link's speed), so that the copy-in of a swap, on the SMs, can share the link with it.
+            runs = block_runs(src_slots, dst_slots)
         with torch.cuda.stream(stream):
             dep.wait_on(stream)
             self.debug_delay(stream)

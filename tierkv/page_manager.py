@@ -67,6 +67,13 @@ class _Sequence:
 class PageManager:
     """KV blocks of fixed size across GPU, pinned CPU and NVMe tiers, with block tables per sequence."""
 
+    # A promotion into a full GPU tier (a swap: victims out, then the blocks in, into the slots they vacate) goes in
+    # up to `swap_chunks` chunks of at least `swap_chunk_blocks` blocks: each chunk's blocks come in as soon as its
+    # own victims are out, while the next chunk's victims go out, so the two directions overlap on the link
+    # instead of the whole copy in waiting for the whole copy out.
+    swap_chunks = 4
+    swap_chunk_blocks = 32
+
     def __init__(self, config: PageManagerConfig, prefetch_policy: PrefetchPolicy | None = None) -> None:
         self.config = config
         self.layout: KVLayout = config.layout
@@ -797,17 +804,18 @@ class PageManager:
         """Bring `blocks` to the GPU in as few batches as room allows; returns how many were started.
 
         With free GPU slots, blocks land there. With none, victims are demoted first where the tier below the
-        GPU has room; where it is full, a batch first lands in the GPU's reserve slots and as many victims
+        GPU has room (chunk by chunk, see `swap_chunks`); where it is full, a batch first lands in the GPU's reserve slots and as many victims
         then follow into the slots the batch vacated (so the demotion cascade stays LRU-ordered and no
         transfer waits on one queued after it).
         """
         todo = [b for b in blocks if b.tier != GPU]
         gpu = self.tiers[GPU]
         started = 0
+        chunk = max(self.swap_chunk_blocks, -(-len(todo) // self.swap_chunks))
         while todo:
             free = self.open_slots(GPU)
             if free == 0 and self.free_blocks(self.kinds[1]) > 0:
-                free = self._make_room(GPU, len(todo), protect, allow_reserved)
+                free = self._make_room(GPU, min(len(todo), chunk), protect, allow_reserved)
             if free:
                 batch = todo[:free]
             else:

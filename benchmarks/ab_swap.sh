@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A/B in one call: the outgrowing workload of fast_path.sh item 4 (prefetch on) with the swap as built (chunked,
+# large blocks down through the copy engines) and as before (one batch each way, both on the SMs), interleaved.
+set -uo pipefail
+out="${OUT:-/tmp/out}"
+py="${PYTHON:-python3}"
+args="${AB_ARGS:---model llama-3.1-8b --num-requests 32 --prompt-len 256 --output-len 512 --gpu-memory 1GiB --cpu-memory 8GiB}"
+for round in 1 2; do
+    for mode in new old; do
+        $py - $args --out "$out/ab_${mode}_$round.json" <<PY 2>&1 | grep -E "tok/s" | sed "s/^/$mode: /"
+import runpy, sys
+sys.argv = ["benchmarks/engine_throughput.py"] + sys.argv[1:]
+sys.path.insert(0, "benchmarks")
+if "$mode" == "old":
+    import tierkv.mover, tierkv.page_manager
+    tierkv.page_manager.PageManager.swap_chunks = 1
+    tierkv.mover.Mover.d2h_engine_block_bytes = 1 << 62
+runpy.run_path("benchmarks/engine_throughput.py", run_name="__main__")
+PY
+    done
+done
