@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A/B in one call: the outgrowing workload of fast_path.sh item 4 (prefetch on) with the swap as built (chunked,
-# large blocks down through the copy engines) and as before (one batch each way, both on the SMs), interleaved.
+# A/B in one call: the outgrowing workload of fast_path.sh item 4 (prefetch on) with the swap as built (host copies
+# kept from promotion, chunked, large blocks down through the copy engines) and as before all three (one batch each
+# way, both on the SMs, every block copied down), interleaved.
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 py="${PYTHON:-python3}"
@@ -14,6 +15,7 @@ sys.path.insert(0, "benchmarks")
 if "$mode" == "old":
     import tierkv.mover, tierkv.page_manager
     tierkv.page_manager.PageManager.swap_chunks = 1
+    tierkv.page_manager.PageManager.keep_host_copies = False
     tierkv.mover.Mover.d2h_engine_block_bytes = 1 << 62
 runpy.run_path("benchmarks/engine_throughput.py", run_name="__main__")
 PY

@@ -194,6 +194,49 @@ def test_a_swap_into_a_full_gpu_goes_in_chunks_that_each_wait_only_for_their_own
         assert torch.equal(pm.read_tokens("b"), b) and torch.equal(pm.read_tokens("a"), a)
 
 
+def test_a_block_swapped_in_and_out_unwritten_moves_no_bytes_out():
+    """A block promoted from the CPU tier keeps its CPU slot as a copy: demoted again unwritten, it moves no byte
+    down (a swapped-in sequence's full blocks); a block written in between is copied down, its stale copy dropped."""
+    with make(gpu=4, cpu=8) as pm:
+        a = add(pm, "a", 16, 1)  # 4 blocks: fills the GPU
+        b = add(pm, "b", 16, 2)  # pushes a to the CPU
+        assert set(tiers_of(pm, "a")) == {"cpu"}
+        pm.acquire(["a"])  # a comes back; b goes down (copied: it never had a copy)
+        pm.release(["a"])
+        assert pm.stats()["tiers"]["cpu"]["host_copies"] == 4
+        out0 = pm.stats()["links"]["gpu->cpu"]["blocks"]
+        new = kv(2, 3)
+        pm.write_tokens("a", 14, new)  # rewrites a's last block on the GPU: its copy is stale and goes
+        a[:, :, 14:16] = new
+        assert pm.stats()["tiers"]["cpu"]["host_copies"] == 3
+        pm.acquire(["b"])  # a goes down: three blocks onto their copies, one copied
+        pm.release(["b"])
+        stats = pm.stats()
+        assert stats["links"]["gpu->cpu"]["blocks"] - out0 == 1
+        assert stats["tiers"]["cpu"]["onto_copies"] == 3 and stats["tiers"]["cpu"]["host_copies"] == 4  # b's, now
+        pm.check_invariants()
+        assert torch.equal(pm.read_tokens("a"), a) and torch.equal(pm.read_tokens("b"), b)
+
+
+def test_host_copies_give_way_when_the_cpu_tier_needs_room():
+    """Copies are spares: they count as free room, and new blocks take their slots (the copies dropped)."""
+    with make(gpu=4, cpu=8) as pm:
+        a = add(pm, "a", 16, 1)
+        add(pm, "b", 16, 2)  # a on the CPU
+        pm.acquire(["a"])  # a up, its 4 copies kept; b down: the CPU holds b and a's copies
+        pm.release(["a"])
+        pm.free("b")
+        assert pm.stats()["tiers"]["cpu"]["host_copies"] == 4 and pm.free_blocks() == 8
+        pm.add_sequence("c")
+        pm.append_tokens("c", 24)  # 6 blocks: 4 in the open CPU slots, 2 in the slots of dropped copies
+        assert pm.stats()["tiers"]["cpu"]["host_copies"] == 2
+        pm.check_invariants()
+        c = kv(24, 3)
+        pm.write_tokens("c", 0, c)
+        pm.check_invariants()
+        assert torch.equal(pm.read_tokens("c"), c) and torch.equal(pm.read_tokens("a"), a)
+
+
 def test_long_write_goes_through_a_gpu_smaller_than_the_sequence(nvme_dir):
     with make(nvme_dir, gpu=2, cpu=2, nvme=8) as pm:
         a = add(pm, "a", 40, 1)  # 10 blocks through a 2-block GPU tier

@@ -55,6 +55,9 @@ class Block:
     token_ids: tuple[int, ...] | None = None  # the tokens whose KV a keyed block holds, checked on every hit
     copy_slot: int | None = None  # write-through: an NVMe slot holding a copy of this keyed block
     copy_ready: Handle = DONE  # completes when that copy is on disk
+    host_slot: int | None = None  # a CPU-tier slot still holding this GPU block's bytes (kept from its promotion)
+    host_ready: Handle = DONE  # when the bytes in host_slot are valid
+    host_busy: Handle = DONE  # transfers still reading host_slot
 
 
 @dataclass
@@ -73,6 +76,10 @@ class PageManager:
     # instead of the whole copy in waiting for the whole copy out.
     swap_chunks = 4
     swap_chunk_blocks = 32
+    # A block promoted from the CPU tier keeps its CPU slot as a copy until it is written (an acquire that writes it)
+    # or the room is wanted: demoted again unwritten (a swapped-in sequence's full blocks, a prefix), it moves
+    # without copying a byte. The copies are spares: they count as free room and are the first to give it up.
+    keep_host_copies = True
 
     def __init__(self, config: PageManagerConfig, prefetch_policy: PrefetchPolicy | None = None) -> None:
         self.config = config
@@ -107,6 +114,8 @@ class PageManager:
         self.copies = 0  # write-through copies on NVMe of blocks living in faster tiers
         self._copy_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
         self._copy_queue: list[Block] = []  # keyed blocks waiting for their write-through copy
+        self.host_copies = 0  # CPU-tier copies of GPU blocks (see keep_host_copies)
+        self._host_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
         self._next_block_id = 0
         self._pinned_blocks = 0  # blocks with pins > 0
         self._layer_waits: list = []  # see acquire(layered=True)
@@ -135,16 +144,17 @@ class PageManager:
         return len(self.policies[kind])
 
     def open_slots(self, kind: int) -> int:
-        """Slots of tier `kind` that no block (or write-through copy) occupies (beyond the GPU's reserve)."""
-        copies = self.copies if kind == NVME else 0
+        """Slots of tier `kind` that no block (or write-through or host copy) occupies (beyond the GPU's reserve)."""
+        copies = self.copies if kind == NVME else self.host_copies if kind == CPU else 0
         return max(0, self.tiers[kind].num_blocks - self.resident(kind) - copies)
 
     def free_blocks(self, kind: int | None = None) -> int:
         """Blocks that can still be created in tier `kind` (or in all tiers): open slots plus cached blocks, which
-        give way when room is needed (and, for all tiers together, write-through copies, which do too)."""
+        give way when room is needed, as host copies do in the CPU tier (and, for all tiers together, write-through
+        copies, which do too)."""
         if kind is None:
             return sum(self.free_blocks(k) for k in self.kinds) + self.copies
-        return self.open_slots(kind) + self.cached[kind]
+        return self.open_slots(kind) + self.cached[kind] + (self.host_copies if kind == CPU else 0)
 
     def _check_room(self, new_blocks: int, what: str) -> None:
         free = self.free_blocks()
@@ -191,6 +201,9 @@ class PageManager:
             self._check_room(need, f"appending {num_tokens} tokens to sequence {seq_id!r}")
         for _ in range(need):
             kind = next((k for k in self.kinds if self.open_slots(k) > 0), None)
+            if kind is None and self._host_order:
+                self._drop_host_copies(1)
+                kind = CPU
             if kind is None and self._copy_order:  # a write-through copy is the cheapest room to give up
                 self._drop_copies(1)
                 kind = NVME
@@ -252,6 +265,7 @@ class PageManager:
         if marker is None:
             marker = self.mover.compute_marker() if block.tier == GPU else DONE
         self._drop_copy(block)
+        self._drop_host_copy(block)
         self.policies[block.tier].remove(block.block_id)
         if block.key is not None:
             self.index.pop(block.key, None)
@@ -287,6 +301,18 @@ class PageManager:
             block.copy_slot, block.copy_ready = None, DONE
             self.copies -= 1
             del self._copy_order[block.block_id]
+
+    def _drop_host_copy(self, block: Block) -> None:
+        if block.host_slot is not None:
+            self.tiers[CPU].slots.give(block.host_slot, all_of([block.host_ready, block.host_busy]))
+            block.host_slot, block.host_ready, block.host_busy = None, DONE, DONE
+            self.host_copies -= 1
+            del self._host_order[block.block_id]
+
+    def _drop_host_copies(self, n: int) -> None:
+        """Give up host copies, oldest first, until `n` CPU slots are open."""
+        while self._host_order and self.open_slots(CPU) < n:
+            self._drop_host_copy(next(iter(self._host_order.values())))
 
     def _drop_copies(self, n: int) -> None:
         """Give up write-through copies, oldest first, until `n` NVMe slots are open. A copy is only ever a spare:
@@ -573,6 +599,7 @@ class PageManager:
                 for block in seq.blocks[wlo:whi]:
                     block.has_data = True
                     self._unkey(block)
+                    self._drop_host_copy(block)  # its bytes on the GPU are about to change
         self.policies[GPU].touch_many(needed)
         waits = []
         for block in needed.values():
@@ -741,6 +768,8 @@ class PageManager:
         below are dropped); returns how many are open (<= n)."""
         if kind == NVME:
             self._drop_copies(n)
+        elif kind == CPU:
+            self._drop_host_copies(n)
         free = self.open_slots(kind)
         if free >= n:
             return n
@@ -782,6 +811,13 @@ class PageManager:
         for kind in (k for k in self.kinds if k >= start):
             if not remaining:
                 break
+            if kind == CPU and self._host_order:
+                onto = [b for b in remaining if b.host_slot is not None]
+                if onto:
+                    remaining = [b for b in remaining if b.host_slot is None]
+                    self._demote_onto_copies(onto)
+            if not remaining:
+                break
             if kind == NVME:
                 for block in remaining:
                     self._drop_copy(block)  # written down whole now: its older copy goes
@@ -799,6 +835,25 @@ class PageManager:
             else:
                 self._discard(block)
         return stayed
+
+    def _demote_onto_copies(self, blocks: list[Block]) -> None:
+        """GPU blocks (out of their policy) whose bytes are still in their host-copy slot: they live there again,
+        no byte copied; each GPU slot is free once the work already queued on the device has stopped reading it."""
+        marker = self.mover.compute_marker()
+        gpu, counters = self.tiers[GPU], self.counters
+        for block in blocks:
+            gpu.slots.give(block.slot, all_of([marker, block.ready, block.readers]))
+            block.tier, block.slot, block.ready, block.readers = CPU, block.host_slot, block.host_ready, block.host_busy
+            block.host_slot, block.host_ready, block.host_busy = None, DONE, DONE
+            del self._host_order[block.block_id]
+            if block.ref_count == 0:
+                self.cached[GPU] -= 1
+                self.cached[CPU] += 1
+            self.policies[CPU].insert(block.block_id)
+        self.host_copies -= len(blocks)
+        counters[GPU].evictions_out += len(blocks)
+        counters[CPU].evictions_in += len(blocks)
+        counters[CPU].onto_copies += len(blocks)
 
     def _promote(self, blocks: list[Block], protect: set[int], allow_reserved: bool, best_effort: bool = False) -> int:
         """Bring `blocks` to the GPU in as few batches as room allows; returns how many were started.
@@ -877,6 +932,7 @@ class PageManager:
         by_src: dict[int, list[Block]] = {}
         for block in blocks:
             by_src.setdefault(block.tier, []).append(block)
+            self._drop_host_copy(block)  # leaving the GPU other than onto it (to NVMe), the copy is no use
         for src_kind, group in by_src.items():
             src = self.tiers[src_kind]
             taken = dst.slots.take_many(len(group))
@@ -903,8 +959,15 @@ class PageManager:
             c_src.blocks_out += len(moving)
             c_dst.blocks_in += len(moving)
             keep_copy = src_kind == NVME and self.config.write_through
+            keep_host = src_kind == CPU and dst_kind == GPU and self.keep_host_copies
             for block, (slot, busy) in zip(group, taken):
-                if keep_copy and block.key is not None and block.has_data:
+                if keep_host and block.has_data:
+                    # The bytes stay in the CPU slot too: the block's copy there until it is written (see
+                    # keep_host_copies).
+                    block.host_slot, block.host_ready, block.host_busy = block.slot, block.ready, all_of([handle, block.readers])
+                    self.host_copies += 1
+                    self._host_order[block.block_id] = block
+                elif keep_copy and block.key is not None and block.has_data:
                     # Write-through: the bytes it leaves on disk stay there as its copy (a spare, dropped first).
                     block.copy_slot, block.copy_ready = block.slot, all_of([handle, block.ready])
                     self.copies += 1
@@ -1045,10 +1108,16 @@ class PageManager:
         for b in self.blocks.values():
             if b.copy_slot is not None:
                 assert b.key is not None and b.tier != NVME, f"block {b.block_id} has a copy but is unkeyed or on NVMe"
+        hosts = [b.host_slot for b in self.blocks.values() if b.host_slot is not None]
+        assert len(hosts) == self.host_copies == len(self._host_order), "host copy count is off"
+        for b in self.blocks.values():
+            if b.host_slot is not None:
+                assert b.tier == GPU and b.has_data, f"block {b.block_id} has a host copy but is not a GPU block with data"
         for kind, tier in self.tiers.items():
-            used = [b.slot for b in self.blocks.values() if b.tier == kind] + (copies if kind == NVME else [])
+            spare = copies if kind == NVME else hosts if kind == CPU else []
+            used = [b.slot for b in self.blocks.values() if b.tier == kind] + spare
             assert len(used) == len(set(used)), f"{tier.name}: two blocks (or copies) share a slot"
-            resident = len(used) - (len(copies) if kind == NVME else 0)
+            resident = len(used) - len(spare)
             assert resident == self.resident(kind), f"{tier.name}: policy tracks {self.resident(kind)}, {resident} live"
             assert len(used) <= tier.num_blocks, f"{tier.name}: {len(used)} blocks and copies > capacity {tier.num_blocks}"
             free = tier.slots.free_slots()

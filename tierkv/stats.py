@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from tierkv.sizes import format_nbytes
-from tierkv.tiers import TIER_NAMES, NvmeTier
+from tierkv.tiers import CPU, TIER_NAMES, NvmeTier
 
 if TYPE_CHECKING:
     from tierkv.page_manager import PageManager
@@ -23,6 +23,7 @@ class TierCounters:
     blocks_in: int = 0  # blocks whose bytes were copied into this tier (any reason)
     blocks_out: int = 0  # blocks whose bytes were copied out of this tier
     prefetched: int = 0  # blocks brought here by prefetch (GPU tier)
+    onto_copies: int = 0  # of evictions_in: blocks demoted onto the copy kept since their promotion (no bytes moved)
 
 
 def build_stats(pm: "PageManager") -> dict:
@@ -59,6 +60,8 @@ def build_stats(pm: "PageManager") -> dict:
             "seconds_out": sum(v["seconds"] for v in outbound),
         }
         entry["cached_blocks"] = pm.cached[kind]
+        if kind == CPU:
+            entry["host_copies"] = pm.host_copies  # CPU copies of GPU blocks, kept from their promotion (spares)
         if isinstance(tier, NvmeTier):
             entry["backend"] = tier.store.backend_name
             entry["write_through_copies"] = pm.copies
