@@ -9,7 +9,10 @@ bytes yet, so moving it costs nothing); `acquire` brings every block of the sequ
 the compute stream wait until they have landed; `release` unpins; when a tier is full its eviction policy
 picks unpinned victims, which are demoted one tier down (GPU -> CPU -> NVMe), pushing that tier's victims
 further down first. A block has one residence at a time; while a transfer into it is in flight its `ready`
-handle says when the bytes are there, and the slot it left stays busy until the transfer has read it.
+handle says when the bytes are there, and the slot it left stays busy until the transfer has read it. Spare copies
+aside: a block promoted from the CPU tier keeps its CPU slot as a copy until it is written, so that going back down
+unwritten moves no byte (`keep_host_copies`); keyed blocks may have a write-through copy on NVMe. Spares count as
+free room and give it up first.
 
 Block identity is the `Block` object (`block_id`), not its slot. A full block can be given a content key (a
 hash chained over the tokens of the prefix, see `tierkv.prefix_cache`): it is then indexed, and when no sequence
