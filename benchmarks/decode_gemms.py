@@ -48,17 +48,13 @@ def run_layer(ws: list[torch.Tensor], x: torch.Tensor, big: torch.Tensor) -> Non
         lin(big, ws[6])
 
 
-def time_ms(layers: list[list[torch.Tensor]], m: int, reps: int) -> float:
-    x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    big = torch.randn(m, INTER, device="cuda", dtype=torch.bfloat16)
-    for ws in layers:
-        run_layer(ws, x, big)
+def graph_ms(fn, calls: int) -> float:
+    """ms per call of `fn` (which makes `calls` calls), captured in one CUDA graph and replayed between two events."""
+    fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for ws in layers:
-                run_layer(ws, x, big)
+        fn()
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,28 +62,32 @@ def time_ms(layers: list[list[torch.Tensor]], m: int, reps: int) -> float:
     graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / (reps * len(layers))
+    return start.elapsed_time(end) / calls
+
+
+def time_ms(layers: list[list[torch.Tensor]], m: int, reps: int) -> float:
+    """A decode step's GEMMs of one layer at m rows, per layer."""
+    x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    big = torch.randn(m, INTER, device="cuda", dtype=torch.bfloat16)
+
+    def run() -> None:
+        for _ in range(reps):
+            for ws in layers:
+                run_layer(ws, x, big)
+
+    return graph_ms(run, reps * len(layers))
 
 
 def shape_ms(weights: list[torch.Tensor], m: int, reps: int) -> float:
     """One GEMM shape alone: x (m, in) times each of `weights` (distinct copies, cycled), per GEMM."""
     x = torch.randn(m, weights[0].shape[1], device="cuda", dtype=torch.bfloat16)
-    for w in weights:
-        torch.nn.functional.linear(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def run() -> None:
         for _ in range(reps):
             for w in weights:
                 torch.nn.functional.linear(x, w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (reps * len(weights))
+
+    return graph_ms(run, reps * len(weights))
 
 
 def main() -> int:

@@ -148,11 +148,15 @@ if triton is not None:
         tl.store(Y + row * stride_y + offs, (act * u).to(dt), mask=mask)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., N) as (rows, N) with a dense last dim (a view where it can be: rows may keep their own stride)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
     if x2.shape[0]:
         n = shape[-1]
@@ -166,11 +170,7 @@ def add_rms_norm_triton(
     """x, residual (..., N) and weight (N,) of one dtype: (rms_norm(residual + x), residual + x), new tensors, in one
     pass that reads x and residual once."""
     shape, n = x.shape, x.shape[-1]
-    x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if r2.stride(-1) != 1:
-        r2 = r2.contiguous()
+    x2, r2 = _rows(x), _rows(residual)
     normed = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     s = torch.empty_like(normed)
     if x2.shape[0]:
@@ -221,11 +221,7 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, block: int | None = No
     """silu(gate) * up for gate, up (..., N) whose last dim is dense and whose rows may be strided (the two halves
     of a fused gate/up projection are read in place). The result is a new dense tensor."""
     shape, n = gate.shape, gate.shape[-1]
-    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
-    if g2.stride(-1) != 1:
-        g2 = g2.contiguous()
-    if u2.stride(-1) != 1:
-        u2 = u2.contiguous()
+    g2, u2 = _rows(gate), _rows(up)
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     if out.numel():
         block = block or SILU_BLOCK
