@@ -60,7 +60,8 @@ def test_prefetch_hints_name_the_next_group_and_keep_the_one_still_running():
     hints = []
     for _ in range(4):
         s.schedule()
-        hints.append(([q.seq_id for q in s.upcoming()], [q.seq_id for q in s.staying()]))
+        upcoming, staying = s.prefetch_targets()
+        hints.append(([q.seq_id for q in upcoming], [q.seq_id for q in staying]))
     # Step 1 of 3: nothing to prefetch. Step 2: the next group, best effort, without evicting [0, 1], which still
     # runs step 3. After step 3 the slice ends: the next group, and [0, 1] gives way.
     assert hints[0] == ([], [0, 1])

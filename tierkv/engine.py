@@ -242,9 +242,9 @@ class Engine:
             else:
                 touched = list({r.arrival: r for r in touched + self._complete(launched)}.values())
             if self.prefetch_enabled:
-                upcoming = [s.seq_id for s in self.scheduler.upcoming()]
+                upcoming, staying = self.scheduler.prefetch_targets()
                 if upcoming:
-                    self.pm.prefetch(upcoming, keep=[s.seq_id for s in self.scheduler.staying()])
+                    self.pm.prefetch([s.seq_id for s in upcoming], keep=[s.seq_id for s in staying])
             if self.tp_driver is not None:
                 self.tp_driver.flush()  # the step's bookkeeping (release, forks, frees, prefetch) to the other ranks now
             self.counters.steps += 1

@@ -117,8 +117,7 @@ class PageManager:
         self.copies = 0  # write-through copies on NVMe of blocks living in faster tiers
         self._copy_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
         self._copy_queue: list[Block] = []  # keyed blocks waiting for their write-through copy
-        self.host_copies = 0  # CPU-tier copies of GPU blocks (see keep_host_copies)
-        self._host_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
+        self._host_order: dict[int, Block] = {}  # CPU-tier copies of GPU blocks (keep_host_copies), oldest first
         self._next_block_id = 0
         self._pinned_blocks = 0  # blocks with pins > 0
         self._layer_waits: list = []  # see acquire(layered=True)
@@ -142,6 +141,11 @@ class PageManager:
             self.cached[NVME] += 1
 
     # -- capacity ------------------------------------------------------------------------------------------
+    @property
+    def host_copies(self) -> int:
+        """CPU-tier copies of GPU blocks (see keep_host_copies)."""
+        return len(self._host_order)
+
     def resident(self, kind: int) -> int:
         """Blocks living in tier `kind` now."""
         return len(self.policies[kind])
@@ -309,7 +313,6 @@ class PageManager:
         if block.host_slot is not None:
             self.tiers[CPU].slots.give(block.host_slot, all_of([block.host_ready, block.host_busy]))
             block.host_slot, block.host_ready, block.host_busy = None, DONE, DONE
-            self.host_copies -= 1
             del self._host_order[block.block_id]
 
     def _drop_host_copies(self, n: int) -> None:
@@ -811,14 +814,12 @@ class PageManager:
         below it where it is full. Cached blocks that find no room anywhere are dropped; blocks in use that find
         none stay where they are, back in their policies, and are returned."""
         remaining = blocks
+        if start <= CPU and self._host_order:  # those with a host copy go back onto it, taking no room
+            onto = [b for b in blocks if b.host_slot is not None]
+            if onto:
+                remaining = [b for b in blocks if b.host_slot is None]
+                self._demote_onto_copies(onto)
         for kind in (k for k in self.kinds if k >= start):
-            if not remaining:
-                break
-            if kind == CPU and self._host_order:
-                onto = [b for b in remaining if b.host_slot is not None]
-                if onto:
-                    remaining = [b for b in remaining if b.host_slot is None]
-                    self._demote_onto_copies(onto)
             if not remaining:
                 break
             if kind == NVME:
@@ -853,7 +854,6 @@ class PageManager:
                 self.cached[GPU] -= 1
                 self.cached[CPU] += 1
             self.policies[CPU].insert(block.block_id)
-        self.host_copies -= len(blocks)
         counters[GPU].evictions_out += len(blocks)
         counters[CPU].evictions_in += len(blocks)
         counters[CPU].onto_copies += len(blocks)
@@ -968,7 +968,6 @@ class PageManager:
                     # The bytes stay in the CPU slot too: the block's copy there until it is written (see
                     # keep_host_copies).
                     block.host_slot, block.host_ready, block.host_busy = block.slot, block.ready, all_of([handle, block.readers])
-                    self.host_copies += 1
                     self._host_order[block.block_id] = block
                 elif keep_copy and block.key is not None and block.has_data:
                     # Write-through: the bytes it leaves on disk stay there as its copy (a spare, dropped first).
@@ -1112,7 +1111,7 @@ class PageManager:
             if b.copy_slot is not None:
                 assert b.key is not None and b.tier != NVME, f"block {b.block_id} has a copy but is unkeyed or on NVMe"
         hosts = [b.host_slot for b in self.blocks.values() if b.host_slot is not None]
-        assert len(hosts) == self.host_copies == len(self._host_order), "host copy count is off"
+        assert len(hosts) == self.host_copies and all(b.host_slot is not None for b in self._host_order.values()), "host copies are off"
         for b in self.blocks.values():
             if b.host_slot is not None:
                 assert b.tier == GPU and b.has_data, f"block {b.block_id} has a host copy but is not a GPU block with data"

@@ -213,17 +213,18 @@ class Scheduler:
             order += [s for s in self.running if s.seq_id in self._last_group]
         return self._members(order)[0]
 
-    def upcoming(self) -> list[Sequence]:
-        """Sequences of the next slice's group that are not running now (for prefetch): after the last step of a
-        slice (the group just rotated out), and already one step before it (best effort: see `staying`). Only the
-        group that will run: sequences still waiting to start, or left out again, are not worth the room."""
-        if not (self._rotated or self._slice_left == 1):
-            return []
-        return [s for s in self._next_group() if s.seq_id not in self._last_group and not s.finished]
-
-    def staying(self) -> list[Sequence]:
-        """Sequences that ran this step and run in the next one too (a prefetch must not evict them): the whole
-        group within a slice; after a rotation, the members of the new group that were in the old one."""
+    def prefetch_targets(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(upcoming, staying) for prefetch, after this step was scheduled. Upcoming: the next slice's group's
+        sequences that are not running now, after the last step of a slice (the group just rotated out) and already
+        one step before it (best effort); only the group that will run, not sequences still waiting to start or
+        left out again. Staying: sequences that ran this step and run in the next one too (a prefetch must not
+        evict them): the whole group within a slice; after a rotation, the new group's members from the old one."""
+        last = self._last_group
         if self._rotated:
-            return [s for s in self._next_group() if s.seq_id in self._last_group and not s.finished]
-        return [s for s in self.running if s.seq_id in self._last_group and not s.finished]
+            nxt = self._next_group()
+            return ([s for s in nxt if s.seq_id not in last and not s.finished],
+                    [s for s in nxt if s.seq_id in last and not s.finished])
+        staying = [s for s in self.running if s.seq_id in last and not s.finished]
+        if self._slice_left != 1:
+            return [], staying
+        return [s for s in self._next_group() if s.seq_id not in last and not s.finished], staying
