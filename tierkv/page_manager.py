@@ -114,8 +114,7 @@ class PageManager:
         self.index: dict[bytes, Block] = {}  # content key -> block, in any tier
         self.cached: dict[int, int] = {k: 0 for k in self.kinds}  # keyed blocks no sequence holds, per tier
         self.dropped_cached = 0
-        self.copies = 0  # write-through copies on NVMe of blocks living in faster tiers
-        self._copy_order: dict[int, Block] = {}  # oldest first: the first to give their slot back
+        self._copy_order: dict[int, Block] = {}  # write-through copies on NVMe of blocks in faster tiers, oldest first
         self._copy_queue: list[Block] = []  # keyed blocks waiting for their write-through copy
         self._host_order: dict[int, Block] = {}  # CPU-tier copies of GPU blocks (keep_host_copies), oldest first
         self._next_block_id = 0
@@ -141,6 +140,11 @@ class PageManager:
             self.cached[NVME] += 1
 
     # -- capacity ------------------------------------------------------------------------------------------
+    @property
+    def copies(self) -> int:
+        """Write-through copies on NVMe of blocks living in faster tiers."""
+        return len(self._copy_order)
+
     @property
     def host_copies(self) -> int:
         """CPU-tier copies of GPU blocks (see keep_host_copies)."""
@@ -306,7 +310,6 @@ class PageManager:
         if block.copy_slot is not None:
             self.tiers[NVME].slots.give(block.copy_slot, block.copy_ready)
             block.copy_slot, block.copy_ready = None, DONE
-            self.copies -= 1
             del self._copy_order[block.block_id]
 
     def _drop_host_copy(self, block: Block) -> None:
@@ -354,7 +357,6 @@ class PageManager:
             for block, (slot, _) in zip(group, taken):
                 block.copy_slot, block.copy_ready = slot, handle
                 block.readers = all_of([block.readers, handle])
-                self.copies += 1
                 self._copy_order[block.block_id] = block
         return len(queue)
 
@@ -972,7 +974,6 @@ class PageManager:
                 elif keep_copy and block.key is not None and block.has_data:
                     # Write-through: the bytes it leaves on disk stay there as its copy (a spare, dropped first).
                     block.copy_slot, block.copy_ready = block.slot, all_of([handle, block.ready])
-                    self.copies += 1
                     self._copy_order[block.block_id] = block
                 else:
                     # The old slot is free once the transfer has read it (an empty block was never written).
@@ -1106,7 +1107,7 @@ class PageManager:
             assert block.pins == pins.get(bid, 0), f"block {bid}: pins {block.pins} != {pins.get(bid, 0)}"
         assert self._pinned_blocks == len(pins), f"pinned-block count {self._pinned_blocks} != {len(pins)}"
         copies = [b.copy_slot for b in self.blocks.values() if b.copy_slot is not None]
-        assert len(copies) == self.copies == len(self._copy_order), "write-through copy count is off"
+        assert len(copies) == self.copies and all(b.copy_slot is not None for b in self._copy_order.values()), "write-through copies are off"
         for b in self.blocks.values():
             if b.copy_slot is not None:
                 assert b.key is not None and b.tier != NVME, f"block {b.block_id} has a copy but is unkeyed or on NVMe"
