@@ -20,6 +20,7 @@ from tierkv.kernels.fused import (
     silu_mul_reference,
     silu_mul_triton,
 )
+from tierkv.kernels.gemv import gemv_reference, gemv_triton, linear
 from tierkv.kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 from tierkv.kernels.paged_attention import (
     PagedBatch,
@@ -49,6 +50,9 @@ __all__ = [
     "copy_blocks",
     "copy_blocks_reference",
     "copy_blocks_triton",
+    "gemv_reference",
+    "gemv_triton",
+    "linear",
     "write_kv",
     "write_kv_reference",
     "write_kv_triton",

@@ -16,6 +16,7 @@ from torch import nn
 
 from tierkv.errors import ConfigError
 from tierkv.kernels.fused import add_rms_norm, rms_norm, rotary_qk, silu_mul
+from tierkv.kernels.gemv import linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -144,8 +145,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is None:
-            return nn.functional.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(nn.functional.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -188,7 +189,7 @@ class Attention(nn.Module):
         spec = self.spec
         T = x.shape[0]
         if self.qkv is not None:
-            q, k, v = nn.functional.linear(x, *self.qkv).split(
+            q, k, v = linear(x, *self.qkv).split(
                 [spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim], dim=-1
             )
         else:
@@ -217,7 +218,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = nn.functional.linear(x, *self.gate_up).chunk(2, dim=-1)  # silu_mul reads the halves in place
+            gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)  # silu_mul reads the halves in place
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up))
@@ -309,7 +310,7 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, vocab_size) float32; with tensor parallelism every rank takes part and gets the whole rows."""
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        out = nn.functional.linear(hidden, weight).float()
+        out = linear(hidden, weight).float()
         if self.tp is not None:
             out = self.tp.all_gather_last(out)[:, : self.spec.vocab_size]
         return out
