@@ -27,6 +27,18 @@ def tiers(tmp_path, name):
                 max_num_batched_tokens=48, prefix_load="always")
 
 
+def gloo_threads():
+    """This process's threads that belong to a gloo process group (named by torch: pt_gloo_runloop, gloo_tcp_loop)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+
 def workload(vocab):
     """Two rounds: the second one's prompts start with a prefix the first one left in the cache (by then
     demoted down the tiers), so prefix hits are attached and read back on every rank."""
@@ -60,6 +72,7 @@ def test_tp2_equals_transformers_and_tp1_through_three_tiers(tmp_path, arch, ove
             return out, llm.stats()
 
     got, stats = run(tensor_parallel_size=2, **tiers(tmp_path, "tp2"))
+    assert not gloo_threads(), f"close() left the process group's threads running: {gloo_threads()}"
     single, _ = run(**tiers(tmp_path, "tp1"))
     for i, prompt in enumerate(prompts):
         want = hf_greedy(hf, prompt, MAX_TOKENS)
@@ -186,7 +199,7 @@ def _spawned_children(pid):
 
 
 TORCHRUN_SCRIPT = """
-import json, sys
+import json, os, sys
 import tierkv
 model, out, nvme = sys.argv[1:4]
 prompts = json.loads(sys.argv[4])
@@ -196,8 +209,11 @@ params = tierkv.SamplingParams(max_tokens=%d, temperature=0, ignore_eos=True)
 outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 stats = llm.stats()
 llm.close()
+# `llm` stays referenced to the end, as in a user's script: close() alone must have ended the process group's
+# threads (left running into the interpreter's teardown, they aborted the process now and then).
+threads = [open("/proc/self/task/%%s/comm" %% t).read().strip() for t in os.listdir("/proc/self/task")]
 with open(out, "w") as f:
-    json.dump({"outputs": outputs, "ranks": stats["tensor_parallel"]["size"]}, f)
+    json.dump({"outputs": outputs, "ranks": stats["tensor_parallel"]["size"], "gloo_threads": [n for n in threads if "gloo" in n]}, f)
 """ % MAX_TOKENS
 
 
@@ -216,5 +232,6 @@ def test_the_same_code_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["ranks"] == 2
+    assert got["gloo_threads"] == [], f"after close() rank 0 still ran the process group's threads {got['gloo_threads']}"
     for prompt, tokens in zip(prompts, got["outputs"]):
         assert tokens == hf_greedy(hf, prompt, MAX_TOKENS)

@@ -67,7 +67,7 @@ class LLM:
                         self._driver.raise_if_worker_failed(exc)  # a worker's failure, named, if that is what it was
                 finally:
                     self._driver.workers.kill()
-                    parallel.shutdown_group()
+                    parallel.shutdown_group(self._driver.tp)
             raise
 
     def _build(self, cfg: EngineConfig, device: torch.device, tp) -> None:

@@ -133,6 +133,15 @@ def init_group(rank: int, world: int, init_method: str, device: torch.device, ti
     backend = "nccl" if device.type == "cuda" and not _one_gpu() else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # torch.distributed.nn.functional binds `group=group.WORLD` as the default argument of ten functions when it
+    # is first imported. Imported after the group exists (torch._dynamo imports it, and transformers imports
+    # torch._dynamo while this rank loads the model's config), those defaults keep the world group alive after
+    # destroy_process_group(): its backend's threads (gloo's pt_gloo_runloop) then live on into the interpreter's
+    # teardown, where one still freeing the last collective's tensors needs the GIL, is ended by the finalizing
+    # interpreter inside a noexcept destructor, and the process aborts ("terminate called without an active
+    # exception", SIGABRT). Imported now, they bind None.
+    from torch.distributed.nn import functional  # noqa: F401
+
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend != "gloo" else dist.group.WORLD
     return TPContext(rank, world, dist.group.WORLD, ctrl)
@@ -276,7 +285,7 @@ class Driver:
         finally:
             self.closed = True
             self.workers.join()
-            shutdown_group()
+            shutdown_group(self.tp)
 
     def raise_if_worker_failed(self, exc: BaseException) -> None:
         """After a failed collective: raise WorkerError naming the rank that died, failed or hung, if one did."""
@@ -292,7 +301,7 @@ class Driver:
         if reason is not None:
             self.closed = True
             self.workers.kill()
-            shutdown_group()
+            shutdown_group(self.tp)
             raise WorkerError(f"{reason}; the run cannot go on. A YAML batch run started again resumes where it stopped") from exc
 
 
@@ -468,7 +477,7 @@ def _worker_main(rank: int, world: int, init_method: str, cfg, device: torch.dev
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         tp = init_group(rank, world, init_method, device, cfg.tp_timeout_s)
         serve_rank(cfg, device, tp)
-        shutdown_group()
+        shutdown_group(tp)
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then the process ends
         errors.put((rank, f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()
@@ -498,10 +507,9 @@ def start(cfg, device: torch.device) -> tuple[TPContext, torch.device, "Workers"
             try:
                 serve_rank(cfg, dev, tp)
             finally:
-                shutdown_group()
-            # Served and closed (its tiers are closed, the group destroyed): end the process here without the
-            # interpreter's teardown, where the collective library's threads could abort it (SIGABRT, "terminate
-            # called without an active exception", in about one run in four before).
+                shutdown_group(tp)
+            # Served and closed (its tiers closed, the group destroyed and its threads joined): end the process
+            # here, so that the script's code after `tierkv.LLM(...)` runs on rank 0 only.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
@@ -534,9 +542,15 @@ def start(cfg, device: torch.device) -> tuple[TPContext, torch.device, "Workers"
     return tp, devices[0], workers
 
 
-def shutdown_group() -> None:
+def shutdown_group(tp: TPContext | None = None) -> None:
+    """Destroy the process groups and drop `tp`'s references to them. The last reference going frees each
+    group's backend here, which finishes its queued work and joins its threads (gloo's) while the interpreter is
+    whole; a group left referenced keeps them running into the interpreter's teardown, where they can abort the
+    process (see init_group). `tp` is shared by the model's layers, so clearing it is enough on our side."""
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - after a failed peer there may be nothing left to tear down cleanly
             pass
+    if tp is not None:
+        tp.group = tp.ctrl = None
