@@ -22,12 +22,18 @@ for item in $items; do
     1) timeout 120 $py $et --num-requests 256 --prompt-len 1024 --output-len 128 --cpu-memory 8GiB --out "$out/fp1_throughput.json" 2>&1 | show ;;
     2) timeout 150 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --gpu-memory 8GiB --cpu-memory 40GiB --out "$out/fp2_spill.json" 2>&1 | show
        timeout 100 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --cpu-memory 8GiB --out "$out/fp2_all_gpu.json" 2>&1 | show
+       # The spill run's decode batch (7 sequences: what the 8 GiB tier holds) with all KV on the GPU: its decode step
+       # is the compute of the spill run's steps, with nothing to cross the link.
+       timeout 100 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --cpu-memory 8GiB --max-num-seqs 7 --out "$out/fp2_same_batch.json" 2>&1 | show
        $py - "$out" <<'PY'
 import json, os, sys
-d = {k: json.load(open(f"{sys.argv[1]}/fp2_{k}.json")) for k in ("spill", "all_gpu")}
+d = {k: json.load(open(f"{sys.argv[1]}/fp2_{k}.json")) for k in ("spill", "all_gpu", "same_batch")}
 hf = f"{sys.argv[1]}/fp2_hf_offloaded.json"
 line = (f"item 2: GPU tier 8 GiB {d['spill']['wall_s']:.1f} s ({d['spill']['output_tok_per_s']:.1f} tok/s); all KV on the GPU "
-        f"(compute bound) {d['all_gpu']['wall_s']:.1f} s: {d['spill']['wall_s'] / d['all_gpu']['wall_s']:.2f}x the bound")
+        f"(compute bound) {d['all_gpu']['wall_s']:.1f} s: {d['spill']['wall_s'] / d['all_gpu']['wall_s']:.2f}x the bound; "
+        f"median decode step {d['spill']['decode_step_s'] * 1e3:.2f} ms vs {d['same_batch']['decode_step_s'] * 1e3:.2f} ms for the same "
+        f"batch with all KV on the GPU ({d['spill']['decode_step_s'] / d['same_batch']['decode_step_s']:.2f}x; that run "
+        f"{d['same_batch']['wall_s']:.1f} s)")
 if os.path.exists(hf):
     h = json.load(open(hf))
     line += f"; transformers offloaded {h['output_tok_per_s']:.2f} tok/s: {d['spill']['output_tok_per_s'] / h['output_tok_per_s']:.1f}x"

@@ -23,7 +23,7 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--reps", type=int, default=4)

@@ -21,7 +21,11 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-MAX_ROWS = 16
+MAX_ROWS = 64  # rows gemv_triton takes (one tile of up to 64)
+# Rows up to which `linear` takes gemv_triton. At 32 and 64 rows it is no better than cuBLAS (H100, gemv_sweep.py
+# --rows 32 64, best tiles: qkv 77%/75% of the roofline vs 76%/79%, o 72/70 vs 73/72, gate_up 90/92 vs 92/89, down
+# 88/84 vs 85/84; only the LM head gains, 97/95 vs 91/89).
+LINEAR_MAX_ROWS = 16
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,7 +34,7 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # M = 1 (one sequence) would otherwise compile variants of its own mid-run
     def _gemv_kernel(
         X, W, B, Y, P, T, M, N, K, stride_xm, stride_wn, stride_ym,
         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -101,7 +105,8 @@ def gemv_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = 32, block_k: int = 256,
     split_k: int = 1, num_warps: int = 4, num_stages: int = 4,
 ) -> torch.Tensor:
-    """x (M, K) with M <= 16, weight (N, K) row-major, bias (N,) or None: (M, N) in x's dtype."""
+    """x (M, K) with M <= MAX_ROWS, weight (N, K) row-major, bias (N,) or None: (M, N) in x's dtype. The rows go
+    in one tile of the next power of two from 16 (tl.dot's least)."""
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS:
@@ -112,10 +117,11 @@ def gemv_triton(
     tiles = triton.cdiv(N, block_n)
     # Split K shares one workspace per device: allocate it (a first call) before any CUDA graph capture, and do not
     # run two split-K calls at once on different streams.
-    parts, tickets = _workspace.get(x.device, split_k * MAX_ROWS * N, tiles) if split_k > 1 else (out, out)
+    block_m = max(16, triton.next_power_of_2(M))
+    parts, tickets = _workspace.get(x.device, split_k * block_m * N, tiles) if split_k > 1 else (out, out)
     _gemv_kernel[(tiles, split_k)](
         x, weight, bias if bias is not None else x, out, parts, tickets, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -140,7 +146,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         triton is not None
         and x.is_cuda
         and x.dim() == 2
-        and 0 < x.shape[0] <= MAX_ROWS
+        and 0 < x.shape[0] <= LINEAR_MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and x.stride(1) == 1
