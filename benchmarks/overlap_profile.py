@@ -4,6 +4,11 @@ which no kernel or copy ran, each with the host work that was going on when it b
 
     python benchmarks/overlap_profile.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --output-len 128 \
         --start-step 8 --steps 6
+
+Item 3's streamed decode (one 256k-token sequence over an 8 GiB GPU tier; its runs took 35 prompt steps):
+
+    python benchmarks/overlap_profile.py --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB \
+        --cpu-memory 40GiB --max-model-len 270000 --start-step 40 --steps 3
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--cpu-memory", default="8GiB")
     ap.add_argument("--gpu-memory")
+    ap.add_argument("--max-model-len", type=int, help="for prompts beyond the model's default (item 3's 256k tokens)")
     ap.add_argument("--start-step", type=int, default=8, help="steps run before the window")
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
     ap.add_argument("--no-async-scheduling", action="store_true")
@@ -41,12 +47,15 @@ def main() -> int:
         print("overlap_profile: needs a CUDA device", file=sys.stderr)
         return 2
     tiers = {"gpu_memory": args.gpu_memory} if args.gpu_memory else {}
+    if args.max_model_len:
+        tiers["max_model_len"] = args.max_model_len
     llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192, **tiers,
                      enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling, prefetch=not args.no_prefetch,
                      oversubscribe=args.oversubscribe)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, llm.loaded.spec.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
-    llm.generate(prompts[:2], tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)  # compile
+    warm = [p[:2048] for p in prompts[:2]]  # compiles; the steps before the window compile the rest
+    llm.generate(warm, tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))
     engine = llm.engine
     log_compiles()
@@ -70,8 +79,9 @@ def main() -> int:
     last = max(s[1] for s in gpu)
     busy, gaps = union([r for r in gpu if r[1] >= first])
     span = last - first
-    kind = "prefill" if engine.counters.prompt_tokens > prompt0 else "decode"
-    print(f"{args.steps} steps ({kind} tokens in the window: {engine.counters.prompt_tokens - prompt0}), async scheduling "
+    prompt_tokens = engine.counters.prompt_tokens - prompt0
+    kind = f"prompt tokens in the window: {prompt_tokens}" if prompt_tokens else "decode only"
+    print(f"{args.steps} steps ({kind}), async scheduling "
           f"{'off' if args.no_async_scheduling else 'on'}: wall {wall * 1e3:.1f} ms, traced span {span / 1e3:.1f} ms, "
           f"GPU busy {busy / 1e3:.1f} ms ({busy / span:.0%}), idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps")
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:10]:
