@@ -18,6 +18,7 @@ et="benchmarks/engine_throughput.py --model llama-3.1-8b"
 # What an engine run prints that matters here: its result lines, and any kernel compiled or graph captured mid-run.
 show() { grep -E "compiled|graphs captured|tok/s|decode step|links:" || true; }
 for item in $items; do
+    start=$SECONDS
     case "$item" in
     1) timeout 120 $py $et --num-requests 256 --prompt-len 1024 --output-len 128 --cpu-memory 8GiB --out "$out/fp1_throughput.json" 2>&1 | show ;;
     2) timeout 150 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --gpu-memory 8GiB --cpu-memory 40GiB --out "$out/fp2_spill.json" 2>&1 | show
@@ -82,4 +83,5 @@ PY
        timeout 150 $py benchmarks/block_moves.py --out "$out/fp5_block_moves.json" 2>&1 | tail -8 ;;
     6) timeout 120 $py benchmarks/nvme_io.py --dir /tmp/tierkv-nvme-bench --blocks 1024 --batch 64 --out "$out/fp6_nvme.json" 2>&1 | tail -5 ;;
     esac
+    echo "fast_path item $item: $((SECONDS - start)) s (whole suite so far: $SECONDS s; a device call allows 600)"
 done
