@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the device machine: set up tierkv against the image's torch, run the whole test suite
 # (GPU tests included), the block-move benchmark, the page-manager offload benchmark and the fused-kernel
-# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench.
+# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench | item3
+# (item3: not in `all`; the layer-slice copy rates and a profile of item 3's streamed decode steps).
 # Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -40,4 +41,11 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 120 $py benchmarks/page_manager.py --device cuda --layout llama-3.1-8b --num-seqs 32 --prompt-min 256 --prompt-max 2048 \
         --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | tee "$out/pm_bench.log"
     timeout 180 $py benchmarks/fused_kernels.py --sweep --out "$out/fused_kernels.json" 2>&1 | tee "$out/fused_kernels.log"
+fi
+if [ "$stage" = item3 ]; then
+    # Where item 3's step goes beyond its PCIe bound: one layer's slice of many blocks over the link (64 KiB pieces
+    # at a 2 MiB pitch, as its stream moves them) against a contiguous copy, then a profile of its decode steps.
+    timeout 150 $py benchmarks/layer_stream.py --out "$out/layer_stream.json" 2>&1 | tee "$out/layer_stream.log"
+    (cd benchmarks && timeout 300 $py overlap_profile.py --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB \
+        --cpu-memory 40GiB --max-model-len 270000 --start-step 40 --steps 3 --top 30 2>&1 | tee "$out/item3_profile.log" | grep -v "^  gap" | tail -45)
 fi
