@@ -154,10 +154,14 @@ class PageManager:
         """Blocks living in tier `kind` now."""
         return len(self.policies[kind])
 
+    def _spares(self, kind: int) -> dict[int, Block]:
+        """The spare copies holding slots of tier `kind`, oldest first: host copies in the CPU tier, write-through
+        copies on NVMe, none on the GPU. Their blocks live in a faster tier."""
+        return self._host_order if kind == CPU else self._copy_order if kind == NVME else {}
+
     def open_slots(self, kind: int) -> int:
-        """Slots of tier `kind` that no block (or write-through or host copy) occupies (beyond the GPU's reserve)."""
-        copies = self.copies if kind == NVME else self.host_copies if kind == CPU else 0
-        return max(0, self.tiers[kind].num_blocks - self.resident(kind) - copies)
+        """Slots of tier `kind` that no block (or spare copy) occupies (beyond the GPU's reserve)."""
+        return max(0, self.tiers[kind].num_blocks - self.resident(kind) - len(self._spares(kind)))
 
     def free_blocks(self, kind: int | None = None) -> int:
         """Blocks that can still be created in tier `kind` (or in all tiers): open slots plus cached blocks, which
@@ -212,12 +216,10 @@ class PageManager:
             self._check_room(need, f"appending {num_tokens} tokens to sequence {seq_id!r}")
         for _ in range(need):
             kind = next((k for k in self.kinds if self.open_slots(k) > 0), None)
-            if kind is None and self._host_order:
-                self._drop_host_copies(1)
-                kind = CPU
-            if kind is None and self._copy_order:  # a write-through copy is the cheapest room to give up
-                self._drop_copies(1)
-                kind = NVME
+            if kind is None:  # a spare copy is the cheapest room to give up: host copies first, then write-through
+                kind = next((k for k in (CPU, NVME) if self._spares(k)), None)
+                if kind is not None:
+                    self._drop_spares(kind, 1)
             if kind is None:
                 kind = self._drop_cached(1)
             slot, busy = self.tiers[kind].slots.take()
@@ -318,18 +320,13 @@ class PageManager:
             block.host_slot, block.host_ready, block.host_busy = None, DONE, DONE
             del self._host_order[block.block_id]
 
-    def _drop_host_copies(self, n: int) -> None:
-        """Give up host copies, oldest first, until `n` CPU slots are open."""
-        while self._host_order and self.open_slots(CPU) < n:
-            self._drop_host_copy(next(iter(self._host_order.values())))
-
-    def _drop_copies(self, n: int) -> None:
-        """Give up write-through copies, oldest first, until `n` NVMe slots are open. A copy is only ever a spare:
-        its block lives in a faster tier, and is written down whole again if it is demoted to NVMe."""
-        for block in list(self._copy_order.values()):
-            if self.open_slots(NVME) >= n:
-                break
-            self._drop_copy(block)
+    def _drop_spares(self, kind: int, n: int) -> None:
+        """Give up tier `kind`'s spare copies, oldest first, until `n` of its slots are open. A spare's block lives
+        in a faster tier: demoted, it is written down whole again (or, onto a host copy it still has, not at all)."""
+        spares = self._spares(kind)
+        drop = self._drop_host_copy if kind == CPU else self._drop_copy
+        while spares and self.open_slots(kind) < n:
+            drop(next(iter(spares.values())))
 
     def flush_copies(self) -> int:
         """Write-through: write the keyed blocks registered since the last flush to NVMe, one batch per source
@@ -774,10 +771,7 @@ class PageManager:
     def _make_room(self, kind: int, n: int, protect: set[int], allow_reserved: bool) -> int:
         """Try to have `n` open slots in tier `kind` by demoting its victims (cached blocks that find no room
         below are dropped); returns how many are open (<= n)."""
-        if kind == NVME:
-            self._drop_copies(n)
-        elif kind == CPU:
-            self._drop_host_copies(n)
+        self._drop_spares(kind, n)
         free = self.open_slots(kind)
         if free >= n:
             return n
