@@ -26,6 +26,8 @@ from fused_kernels import copy_gbps
 
 # Llama-3.1-8B
 HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
+# Its fused decode GEMMs, (out, in): what a decode step reads per layer, and the LM head.
+SHAPES = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm_head": (128256, HIDDEN)}
 
 
 def layer_weights(fused: bool) -> list[torch.Tensor]:
@@ -121,8 +123,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     shapes = []
     if args.per_shape:
-        named = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm_head": (128256, HIDDEN)}
-        for name, (o, i) in named.items():
+        for name, (o, i) in SHAPES.items():
             ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for _ in range(2 if name == "lm_head" else args.layers)]
             bound = o * i * 2 / (bw * 1e9) * 1e3
             for m in args.rows:

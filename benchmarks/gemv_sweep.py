@@ -15,11 +15,9 @@ import time
 import torch
 
 from common import run_meta, write_json
-from decode_gemms import graph_ms
+from decode_gemms import SHAPES, graph_ms, shape_ms
 from fused_kernels import copy_gbps
 from tierkv.kernels.gemv import gemv_config, gemv_triton
-
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
 
 
 def main() -> int:
@@ -48,7 +46,7 @@ def main() -> int:
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = torch.nn.functional.linear(x, ws[0])
-            blas = graph_ms(lambda: [torch.nn.functional.linear(x, w) for _ in range(args.reps) for w in ws], args.reps * copies)
+            blas = shape_ms(ws, m, args.reps)
             best = None
             t0 = time.time()
             for cfg in configs:
