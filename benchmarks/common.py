@@ -44,6 +44,19 @@ def alloc_retries() -> int:
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
 
 
+def warm_up(llm, prompts: list[list[int]]) -> None:
+    """Compile the kernels for every kind of step a run of `prompts` has (prefill, prefill mixed with decodes,
+    decode; greedy), and decode steps of one sequence (their GEMMs take another kernel, as when a run's last
+    sequences drain), on short prefixes of the prompts, so that no compilation lands inside the timed part."""
+    import tierkv
+
+    params = tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    warm = [p[: min(len(p), 2048)] for p in prompts[:2]]
+    warm += [p[:512] for p in prompts[2 : 2 + min(len(prompts) - 2, 32)]]
+    llm.generate(warm, params, use_tqdm=False)
+    llm.generate([prompts[0][:64]], params, use_tqdm=False)
+
+
 def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:
     """Run `prompts` to completion one engine step at a time: (wall seconds, output tokens, the wall time of each
     decode step, i.e. each step that computed no prompt tokens). `all_steps` gets, per step: seconds, prompt tokens,

@@ -20,7 +20,7 @@ import time
 import torch
 
 import tierkv
-from common import log_compiles, run_meta, timed_generation, write_json
+from common import log_compiles, run_meta, timed_generation, warm_up, write_json
 from tierkv.stats import format_stats
 
 
@@ -76,13 +76,7 @@ def main() -> int:
     prompts = torch.randint(0, vocab, (args.num_requests, args.prompt_len), generator=g).tolist()
     params = tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     link = h2d_gbps() if torch.cuda.is_available() else None
-    # Warm-up: compile the kernels for every kind of step the run has (prefill, prefill mixed with decodes, decode;
-    # greedy as in the run) so that no compilation lands inside the timed part.
-    warm = [p[: min(len(p), 2048)] for p in prompts[:2]]
-    warm += [p[:512] for p in prompts[2 : 2 + min(len(prompts) - 2, 32)]]
-    llm.generate(warm, tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
-    # and decode steps of few sequences (their GEMMs take another kernel), as when a run's last sequences drain
-    llm.generate([prompts[0][:64]], tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    warm_up(llm, prompts)
     llm.pm.reset_counters()
     log_compiles()  # a kernel compiled inside the timed part is a finding: say so
     steps: list = []

@@ -66,14 +66,15 @@ links = lambda r: sum(v["seconds"] for v in r["stats"]["links"].values())
 on, off, base = (d[m]["wall_s"] for m in ("on", "off", "all"))
 # Share of the transfer time that prefetch takes off the critical path: what turning it on saved, over the link
 # time of the run without it (negative when prefetching costs more than it hides).
-hidden = (off - on) / links(d["off"]) if links(d["off"]) else float("nan")
+share = lambda r_on, r_off: (r_off["wall_s"] - r_on["wall_s"]) / links(r_off) if links(r_off) else float("nan")
+hidden = share(d["on"], d["off"])
 print(f"overlap: prefetch on {on:.1f} s, off {off:.1f} s ({off / on:.2f}x), all KV on the GPU {base:.1f} s; "
       f"transfer time {links(d['on']):.1f} s on / {links(d['off']):.1f} s off, share hidden by prefetch {hidden:.0%}; "
       f"not oversubscribed (the default): {d['gated']['wall_s']:.1f} s, transfers {links(d['gated']):.1f} s")
 g = {m: json.load(open(f"{sys.argv[1]}/fp4_grow_{m}.json")) for m in ("on", "off")}
 blocks = lambda r: r["stats"]["links"]["cpu->gpu"]["blocks"]
 on, off = g["on"]["wall_s"], g["off"]["wall_s"]
-hidden = (off - on) / links(g["off"]) if links(g["off"]) else float("nan")
+hidden = share(g["on"], g["off"])
 print(f"overlap, sequences outgrowing the tier (default scheduling): prefetch on {on:.1f} s, off {off:.1f} s ({off / on:.2f}x); "
       f"blocks in {blocks(g['on'])} / {blocks(g['off'])}; transfer time {links(g['on']):.1f} s on / {links(g['off']):.1f} s off, "
       f"share hidden by prefetch {hidden:.0%}")

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, union
+from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, union, warm_up
 
 HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
@@ -54,8 +54,7 @@ def main() -> int:
                      oversubscribe=args.oversubscribe)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, llm.loaded.spec.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
-    warm = [p[:2048] for p in prompts[:2]]  # compiles; the steps before the window compile the rest
-    llm.generate(warm, tierkv.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    warm_up(llm, prompts)  # the steps before the window compile the rest
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))
     engine = llm.engine
     log_compiles()
