@@ -6,6 +6,7 @@ manager's business; moving bytes between tiers is the mover's.
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections import deque
 
@@ -86,14 +87,30 @@ class Tier:
         pass
 
 
-def _aligned_cpu_empty(shape: tuple[int, ...], dtype: torch.dtype, align: int = 4096) -> torch.Tensor:
-    """An uninitialised CPU tensor whose storage starts on an `align`-byte boundary (O_DIRECT needs it)."""
+HUGE_PAGE = 2 * 2**20
+
+
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = False) -> torch.Tensor:
+    """An uninitialised CPU tensor in an anonymous mapping of its own, starting on a 2 MiB boundary (O_DIRECT needs
+    4 KiB) and advised to use transparent huge pages.
+
+    populate: touch every page now, from torch's threads in parallel. cudaHostRegister faults untouched pages in
+    one thread: 16 GiB took 11.4 s registered as allocated, 1.1 s with huge pages touched first (H100 host,
+    2026-11-24, a 40 GiB CPU tier took 25-53 s of the engine's start). Memory stays lazily allocated otherwise."""
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
-    raw = torch.empty(nbytes + align, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % align
-    return raw[skip : skip + nbytes].view(dtype).view(shape)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no transparent huge pages here: 4 KiB pages, still correct
+        pass
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds a reference: unmapped when the last view dies
+    skip = (-raw.data_ptr()) % HUGE_PAGE
+    out = raw[skip : skip + nbytes]
+    if populate:
+        out.zero_()
+    return out.view(dtype).view(shape)
 
 
 def _register_pinned(owner, t: torch.Tensor) -> weakref.finalize:
@@ -129,7 +146,7 @@ class MemoryTier(Tier):
             if device.type == "cuda":
                 self.pool = torch.empty(shape, dtype=layout.dtype, device=device)
             else:
-                self.pool = _aligned_cpu_empty(shape, layout.dtype)
+                self.pool = _host_empty(shape, layout.dtype, populate=pin)
                 if pin:
                     self._unpin = _register_pinned(self, self.pool)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
