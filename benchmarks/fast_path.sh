@@ -42,7 +42,11 @@ print(line)
 PY
        ;;
     2hf) timeout 560 $py benchmarks/hf_offloaded.py --model llama-3.1-8b --num-requests 32 --prompt-len 8192 --output-len 64 --batch-size 8 --out "$out/fp2_hf_offloaded.json" 2>&1 | tail -6 ;;
-    3) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 --out "$out/fp3_long.json" 2>&1 | show ;;
+    # 64-token blocks: each step streams one layer of each older block at a time, 256 KiB pieces at this shape instead
+    # of 64 KiB at the default 16 (block sizes 16/32/64/128 on the H100, 2026-11-24: 1.07-1.11x / 1.14x / 1.03-1.04x
+    # / 1.02x the PCIe bound; BENCHMARKS.md).
+    3) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 \
+           --block-size 64 --out "$out/fp3_long.json" 2>&1 | show ;;
     4) for mode in on off gated all; do
            # Oversubscribed: all 64 start and groups take turns on the 1 GiB tier, swapping (what prefetch is for);
            # by default the requests would start as room frees and nothing would swap.
