@@ -6,8 +6,11 @@ manager's business; moving bytes between tiers is the mover's.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 
 import torch
@@ -109,8 +112,17 @@ def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = Fal
     skip = (-raw.data_ptr()) % HUGE_PAGE
     out = raw[skip : skip + nbytes]
     if populate:
-        out.zero_()
+        _touch(out.data_ptr(), nbytes)
     return out.view(dtype).view(shape)
+
+
+def _touch(ptr: int, nbytes: int, piece: int = 256 * HUGE_PAGE) -> None:
+    """Write zeros over [ptr, ptr + nbytes) in 512 MiB pieces from a few threads (ctypes releases the GIL), so
+    that the kernel faults the pages in in parallel. Not torch's zero_(): that would start torch's intra-op
+    thread pool (idle threads the engine never asked for, spinning beside its host work)."""
+    starts = range(0, nbytes, piece)
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1, len(starts)))) as pool:
+        list(pool.map(lambda a: ctypes.memset(ptr + a, 0, min(piece, nbytes - a)), starts))
 
 
 def _register_pinned(owner, t: torch.Tensor) -> weakref.finalize:
