@@ -160,6 +160,9 @@ def test_bad_input_is_refused_with_the_fix(checkpoints, tmp_path):
         tierkv.LLM(path, device="cpu", gpu_blocks=1)
     with pytest.raises(ConfigError, match="neither a checkpoint folder"):
         tierkv.LLM(str(tmp_path / "nowhere"), device="cpu")
+    # More host memory than this machine has free: refused before a byte is mapped (not left to the OOM killer).
+    with pytest.raises(CapacityError, match=r"cpu tier: .* of RAM is available now; lower cpu_blocks / cpu_memory"):
+        tierkv.LLM(path, device="cpu", gpu_blocks=4, cpu_memory="1000TiB")
     with tiered_llm(path, tmp_path / "nvme", gpu_blocks=4, cpu_blocks=4, nvme_blocks=8) as llm:
         with pytest.raises(CapacityError, match="all tiers together hold 16"):
             llm.generate([[5] * 300], SamplingParams(max_tokens=8), use_tqdm=False)

@@ -125,6 +125,18 @@ def _touch(ptr: int, nbytes: int, piece: int = 256 * HUGE_PAGE) -> None:
         list(pool.map(lambda a: ctypes.memset(ptr + a, 0, min(piece, nbytes - a)), starts))
 
 
+def _available_ram() -> int | None:
+    """Bytes of RAM the kernel says can be given out now without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _register_pinned(owner, t: torch.Tensor) -> weakref.finalize:
     """Page-lock `t`'s memory in place and map it into the device's address space (cudaHostRegister).
 
@@ -148,13 +160,22 @@ class MemoryTier(Tier):
     """Blocks in one tensor `pool` of shape (num_slots, *block_shape): device memory, pinned or plain host memory."""
 
     def __init__(self, kind: int, layout: KVLayout, num_blocks: int, num_slots: int, device: torch.device, pin: bool) -> None:
-        super().__init__(kind, layout, num_blocks, num_slots)
+        nbytes, name = num_slots * layout.block_nbytes, TIER_NAMES[kind]
+        if device.type == "cpu":
+            # Checked before mapping anything: a pinned pool is touched whole at once, and a plain one fills as the
+            # run goes on; either way, more than the RAM free now ends in the OOM killer, not in an error.
+            avail = _available_ram()
+            if avail is not None and nbytes > avail:
+                raise CapacityError(
+                    f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of "
+                    f"{'pinned ' if pin else ''}host memory, but only {format_nbytes(avail)} of RAM is available now; "
+                    f"lower {name}_blocks / {name}_memory"
+                )
         self.device = device
         self.pinned = pin
         shape = (num_slots, *layout.block_shape)
-        nbytes = num_slots * layout.block_nbytes
         self._unpin: weakref.finalize | None = None
-        try:
+        try:  # the pool before the slot list: a size no memory can hold fails here, not in building the list
             if device.type == "cuda":
                 self.pool = torch.empty(shape, dtype=layout.dtype, device=device)
             else:
@@ -164,9 +185,10 @@ class MemoryTier(Tier):
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             where = f"{device}" + (" pinned" if pin else "")
             raise CapacityError(
-                f"cannot allocate the {self.name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {where} memory "
-                f"({str(exc).splitlines()[0]}); lower {self.name}_blocks / {self.name}_memory"
+                f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {where} memory "
+                f"({str(exc).splitlines()[0]}); lower {name}_blocks / {name}_memory"
             ) from None
+        super().__init__(kind, layout, num_blocks, num_slots)
 
     @property
     def is_cuda(self) -> bool:
@@ -190,8 +212,8 @@ class NvmeTier(Tier):
     """Blocks in preallocated files through an `NvmeStore` (kvikio or plain file I/O)."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, directory: str, backend: str = "auto", tag: str = "") -> None:
+        self.store = NvmeStore(directory, layout, num_blocks, backend, tag)  # refuses a size the disk cannot hold
         super().__init__(NVME, layout, num_blocks, num_blocks)
-        self.store = NvmeStore(directory, layout, num_blocks, backend, tag)
 
     def describe(self) -> dict:
         return {
