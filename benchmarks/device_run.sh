@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the device machine: set up tierkv against the image's torch, run the whole test suite
 # (GPU tests included), the block-move benchmark, the page-manager offload benchmark and the fused-kernel
-# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench | item3
-# (item3: not in `all`; the layer-slice copy rates and a profile of item 3's streamed decode steps).
+# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench | item3 | item4
+# (item3, item4: not in `all`; the layer-slice copy rates and a profile of item 3's streamed decode steps; profiles
+# of item 4's oversubscribed steps with prefetch on and off).
 # Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh
 set -uo pipefail
 out="${OUT:-/tmp/out}"
@@ -41,6 +42,14 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
     timeout 120 $py benchmarks/page_manager.py --device cuda --layout llama-3.1-8b --num-seqs 32 --prompt-min 256 --prompt-max 2048 \
         --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | tee "$out/pm_bench.log"
     timeout 180 $py benchmarks/fused_kernels.py --sweep --out "$out/fused_kernels.json" 2>&1 | tee "$out/fused_kernels.log"
+fi
+if [ "$stage" = item4 ]; then
+    # Item 4's oversubscribed run is paced by its mixed (prompt + decode) steps, which run eagerly: 33-39 ms each for
+    # ~340 prompt tokens (2026-11-24). Where their time goes, host and GPU, prefetch on and off.
+    for pf in "" --no-prefetch; do
+        (cd benchmarks && timeout 200 $py overlap_profile.py --num-requests 64 --prompt-len 1024 --output-len 64 --gpu-memory 1GiB \
+            --cpu-memory 8GiB --oversubscribe $pf --start-step 20 --steps 8 --top 25 2>&1 | tee "$out/item4_profile${pf:+_off}.log" | grep -v "^  gap" | tail -40)
+    done
 fi
 if [ "$stage" = item3 ]; then
     # Where item 3's step goes beyond its PCIe bound: one layer's slice of many blocks over the link (64 KiB pieces
