@@ -164,12 +164,11 @@ class PageManager:
         return max(0, self.tiers[kind].num_blocks - self.resident(kind) - len(self._spares(kind)))
 
     def free_blocks(self, kind: int | None = None) -> int:
-        """Blocks that can still be created in tier `kind` (or in all tiers): open slots plus cached blocks, which
-        give way when room is needed, as host copies do in the CPU tier (and, for all tiers together, write-through
-        copies, which do too)."""
+        """Blocks that can still be created in tier `kind` (or in all tiers): open slots plus cached blocks and
+        spare copies (host copies in the CPU tier, write-through copies on NVMe), which give way when room is needed."""
         if kind is None:
-            return sum(self.free_blocks(k) for k in self.kinds) + self.copies
-        return self.open_slots(kind) + self.cached[kind] + (self.host_copies if kind == CPU else 0)
+            return sum(self.free_blocks(k) for k in self.kinds)
+        return self.open_slots(kind) + self.cached[kind] + len(self._spares(kind))
 
     def _check_room(self, new_blocks: int, what: str) -> None:
         free = self.free_blocks()
@@ -777,8 +776,6 @@ class PageManager:
             return n
         below = [k for k in self.kinds if k > kind]
         room_below = sum(self.free_blocks(k) for k in below)
-        if NVME in below:
-            room_below += self.copies
         policy = self.policies[kind]
         evictable = self._evictable(protect, allow_reserved)
         victims = [self.blocks[v] for v in policy.pop_victims(n - free, evictable)]
@@ -1121,6 +1118,8 @@ class PageManager:
             assert len(free) == len(tier.slots), f"{tier.name}: a slot is free twice"
             assert not (free & set(used)), f"{tier.name}: a used slot is also free"
             assert len(free) + len(used) == tier.num_slots, f"{tier.name}: slots leaked"
+            live = sum(1 for b in self.blocks.values() if b.tier == kind and b.ref_count > 0)
+            assert self.free_blocks(kind) == tier.num_blocks - live, f"{tier.name}: free_blocks {self.free_blocks(kind)} != {tier.num_blocks} - {live} in use"
 
     def close(self) -> None:
         """Wait for transfers, close the NVMe files and release the directory. Safe to call twice."""
