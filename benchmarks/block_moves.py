@@ -174,9 +174,9 @@ def main() -> int:
             f"{r['batched_h2d_gbps']:>8.1f} {r['batched_d2h_gbps']:>8.1f} {r['batched_both_gbps']:>8.1f} | "
             f"{r['ratio_h2d']:>5.0%} {r['ratio_d2h']:>5.0%} {r['ratio_both']:>5.0%} | {r['per_block_h2d_gbps']:.1f}"
         )
+    if args.programs:
+        print(f"grid sweep (default grid here: {default_max_programs(device)} programs), GB/s h2d / d2h / both:")
     for r in rows if args.programs else []:
-        if r is rows[0]:
-            print(f"grid sweep (default grid here: {default_max_programs(device)} programs), GB/s h2d / d2h / both:")
         cells = "  ".join(f"{p}: {v['h2d_gbps']:.1f}/{v['d2h_gbps']:.1f}/{v['both_gbps']:.1f}" for p, v in r["by_programs"].items())
         print(f"  {r['block_bytes'] // 1024:>5}KiB  {cells}")
     for r in rows:

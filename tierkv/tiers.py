@@ -97,7 +97,7 @@ def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = Fal
     """An uninitialised CPU tensor in an anonymous mapping of its own, starting on a 2 MiB boundary (O_DIRECT needs
     4 KiB) and advised to use transparent huge pages.
 
-    populate: touch every page now, from torch's threads in parallel. cudaHostRegister faults untouched pages in
+    populate: touch every page now, from several threads (`_touch`). cudaHostRegister faults untouched pages in
     one thread: 16 GiB took 11.4 s registered as allocated, 1.1 s with huge pages touched first (H100 host,
     2026-11-24, a 40 GiB CPU tier took 25-53 s of the engine's start). Memory stays lazily allocated otherwise."""
     nbytes = dtype.itemsize
@@ -161,16 +161,17 @@ class MemoryTier(Tier):
 
     def __init__(self, kind: int, layout: KVLayout, num_blocks: int, num_slots: int, device: torch.device, pin: bool) -> None:
         nbytes, name = num_slots * layout.block_nbytes, TIER_NAMES[kind]
+
+        def refused(what: str, why: str) -> CapacityError:
+            return CapacityError(f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {what} "
+                                 f"{why}; lower {name}_blocks / {name}_memory")
+
         if device.type == "cpu":
             # Checked before mapping anything: a pinned pool is touched whole at once, and a plain one fills as the
             # run goes on; either way, more than the RAM free now ends in the OOM killer, not in an error.
             avail = _available_ram()
             if avail is not None and nbytes > avail:
-                raise CapacityError(
-                    f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of "
-                    f"{'pinned ' if pin else ''}host memory, but only {format_nbytes(avail)} of RAM is available now; "
-                    f"lower {name}_blocks / {name}_memory"
-                )
+                raise refused(f"{'pinned ' if pin else ''}host memory,", f"but only {format_nbytes(avail)} of RAM is available now")
         self.device = device
         self.pinned = pin
         shape = (num_slots, *layout.block_shape)
@@ -183,11 +184,7 @@ class MemoryTier(Tier):
                 if pin:
                     self._unpin = _register_pinned(self, self.pool)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            where = f"{device}" + (" pinned" if pin else "")
-            raise CapacityError(
-                f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {where} memory "
-                f"({str(exc).splitlines()[0]}); lower {name}_blocks / {name}_memory"
-            ) from None
+            raise refused(f"{device}{' pinned' if pin else ''} memory", f"({str(exc).splitlines()[0]})") from None
         super().__init__(kind, layout, num_blocks, num_slots)
 
     @property
