@@ -55,6 +55,8 @@ def warm_up(llm, prompts: list[list[int]]) -> None:
     warm += [p[:512] for p in prompts[2 : 2 + min(len(prompts) - 2, 32)]]
     llm.generate(warm, params, use_tqdm=False)
     llm.generate([prompts[0][:64]], params, use_tqdm=False)
+    if llm.engine.pieces is not None:
+        llm.engine.pieces.capture_all()  # every token bucket's piecewise graphs, as a server captures at start-up
 
 
 def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:

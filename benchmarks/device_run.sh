@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the device machine: set up tierkv against the image's torch, run the whole test suite
 # (GPU tests included), the block-move benchmark, the page-manager offload benchmark and the fused-kernel
-# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench | item3 | item4
+# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench | item3 | item4 | item4host
 # (item3, item4: not in `all`; the layer-slice copy rates and a profile of item 3's streamed decode steps; profiles
 # of item 4's oversubscribed steps with prefetch on and off).
 # Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh
@@ -50,6 +50,11 @@ if [ "$stage" = item4 ]; then
         (cd benchmarks && timeout 200 $py overlap_profile.py --num-requests 64 --prompt-len 1024 --output-len 64 --gpu-memory 1GiB \
             --cpu-memory 8GiB --oversubscribe $pf --start-step 20 --steps 8 --top 25 2>&1 | tee "$out/item4_profile${pf:+_off}.log" | grep -v "^  gap" | tail -40)
     done
+fi
+if [ "$stage" = item4host ]; then
+    # The same steps' host side (the GPU was busy 22-23% of them, 2026-11-24): step times, then cProfile.
+    (cd benchmarks && timeout 200 $py overlap_profile.py --num-requests 64 --prompt-len 1024 --output-len 64 --gpu-memory 1GiB \
+        --cpu-memory 8GiB --oversubscribe --start-step 20 --steps 8 --top 45 --host-profile 2>&1 | tee "$out/item4_host.log" | tail -120)
 fi
 if [ "$stage" = item3 ]; then
     # Where item 3's step goes beyond its PCIe bound: one layer's slice of many blocks over the link (64 KiB pieces

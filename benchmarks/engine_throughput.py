@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step only after the last one's tokens are back (comparison)")
     ap.add_argument("--no-prefetch", action="store_true", help="turn the engine's prefetch off (overlap comparison)")
     ap.add_argument("--oversubscribe", action="store_true", help="start every request at once; groups take turns on the GPU, swapping")
+    ap.add_argument("--serial-transfers", action="store_true",
+                    help="baseline: every GPU<->CPU transfer waits for the compute before it and compute waits for it (no overlap)")
     ap.add_argument("--out")
     args = ap.parse_args()
     opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -78,6 +80,7 @@ def main() -> int:
     link = h2d_gbps() if torch.cuda.is_available() else None
     warm_up(llm, prompts)
     llm.pm.reset_counters()
+    llm.pm.mover.serialize = args.serial_transfers
     log_compiles()  # a kernel compiled inside the timed part is a finding: say so
     steps: list = []
     wall, generated, decode_steps = timed_generation(llm, prompts, params, steps)
@@ -93,6 +96,7 @@ def main() -> int:
     print(f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
           f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
           f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'}, "
+          f"{'transfers serialized with compute, ' if args.serial_transfers else ''}"
           f"{stats['engine']['deferred_steps']} steps overlapped by asynchronous scheduling)")
     if step is not None:
         line = f"median decode step {step * 1e3:.1f} ms over {len(decode_steps)} steps"
@@ -106,7 +110,7 @@ def main() -> int:
               + f" (of {wall:.1f} s wall)")
     write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats,
                decode_step_s=step, decode_steps=len(decode_steps), h2d_gbps=link, kv_bytes=kv_bytes, pcie_bound_s=bound,
-               prefetch=not args.no_prefetch, oversubscribe=args.oversubscribe, steps=steps)
+               prefetch=not args.no_prefetch, oversubscribe=args.oversubscribe, serial_transfers=args.serial_transfers, steps=steps)
     llm.close()
     return 0
 

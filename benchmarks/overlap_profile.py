@@ -26,6 +26,35 @@ from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, uni
 HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
 
+def host_profile(llm, steps: int, top: int) -> None:
+    """Each of `steps` steps timed alone (host wall time of step(), its prompt tokens), then as many more under
+    cProfile: functions by their own time and by cumulative time."""
+    import cProfile
+    import pstats
+
+    engine = llm.engine
+    rows = []
+    for _ in range(steps):
+        p0, t0 = engine.counters.prompt_tokens, time.perf_counter()
+        llm.step()
+        rows.append((time.perf_counter() - t0, engine.counters.prompt_tokens - p0))
+    torch.cuda.synchronize()
+    print("steps timed one by one (host ms in step(), prompt tokens): " + ", ".join(f"{s * 1e3:.1f} ({n})" for s, n in rows))
+    prof = cProfile.Profile()
+    p0, t0 = engine.counters.prompt_tokens, time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        llm.step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"{steps} more steps under cProfile: {(time.perf_counter() - t0) * 1e3 / steps:.1f} ms each, "
+          f"{engine.counters.prompt_tokens - p0} prompt tokens")
+    stats = pstats.Stats(prof)
+    for key in ("tottime", "cumulative"):
+        print(f"by {key} (top {top}):")
+        stats.sort_stats(key).print_stats(top)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -42,6 +71,9 @@ def main() -> int:
     ap.add_argument("--oversubscribe", action="store_true", help="start every request at once (groups take turns, swapping)")
     ap.add_argument("--trace", help="also write a chrome trace here")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by GPU time")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="instead of the GPU trace: the window's steps timed one by one, then run again under cProfile "
+                         "(the host's Python by function: where a host-bound step's time goes)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("overlap_profile: needs a CUDA device", file=sys.stderr)
@@ -64,6 +96,10 @@ def main() -> int:
     annotate(engine.scheduler, ("admit", "schedule"), "sched")
     annotate(llm.pm, ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free", "_promote", "_place_below"), "pm")
     annotate(llm.pm.mover, ("move", "collect", "synchronize"), "mover")
+    if args.host_profile:
+        host_profile(llm, args.steps, args.top)
+        llm.close()
+        return 0
     prompt0 = engine.counters.prompt_tokens
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()

@@ -116,10 +116,12 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int = 0,
     need_lse: bool = False,
+    out: torch.Tensor | None = None,
 ):
-    """Plain PyTorch, one entry at a time. Returns out (T, Hq, D) [, lse (T, Hq) float32]."""
+    """Plain PyTorch, one entry at a time. Returns out (T, Hq, D) [, lse (T, Hq) float32]; `out`: where the output
+    goes (a (T, Hq, D) tensor, such as a graph's static buffer), else a new tensor."""
     bs = k_cache.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device) if need_lse else None
     starts = batch.q_starts.tolist()
     for i in range(batch.num_entries):
@@ -498,6 +500,7 @@ def paged_attention_triton(
     need_lse: bool = False,
     decode_config: dict | None = None,
     prefill_config: dict | None = None,
+    out: torch.Tensor | None = None,
 ):
     """Triton implementation of `paged_attention_reference` (same arguments and results).
 
@@ -511,7 +514,7 @@ def paged_attention_triton(
     block_d = _pow2(head_dim)
     precision = _precision(q.dtype)
     bt = batch.block_tables
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.empty((T, num_heads), dtype=torch.float32, device=q.device)
     # Decode entries and short chunks go to the split-K kernel, longer chunks to the prefill kernel. In a mixed step
     # the short entries come first (the scheduler puts decodes first): that leading run takes the split-K kernel too,
@@ -652,11 +655,13 @@ def _prefill_tiles(batch: PagedBatch, tile_tokens: int, device, first_entry: int
     return tiles
 
 
-def paged_attention(q, k_cache, v_cache, batch: PagedBatch, scale: float, sliding_window: int = 0, need_lse: bool = False):
+def paged_attention(
+    q, k_cache, v_cache, batch: PagedBatch, scale: float, sliding_window: int = 0, need_lse: bool = False, out=None
+):
     """The Triton kernels on CUDA, the reference elsewhere."""
     if q.is_cuda:
-        return paged_attention_triton(q, k_cache, v_cache, batch, scale, sliding_window, need_lse)
-    return paged_attention_reference(q, k_cache, v_cache, batch, scale, sliding_window, need_lse)
+        return paged_attention_triton(q, k_cache, v_cache, batch, scale, sliding_window, need_lse, out=out)
+    return paged_attention_reference(q, k_cache, v_cache, batch, scale, sliding_window, need_lse, out)
 
 
 def default_scale(head_dim: int) -> float:

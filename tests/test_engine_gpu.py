@@ -143,6 +143,58 @@ def test_decode_steps_replayed_as_cuda_graphs_match_eager_steps(tmp_path):
             assert all(abs(la[t] - lb[t]) < 1e-4 for t in la)
 
 
+@pytest.mark.parametrize("case", ["mixed", "streamed", "swapped"])
+def test_piecewise_graph_steps_match_eager_steps(case, tmp_path):
+    """Steps that decode graphs do not take run as piecewise graphs (eager attention between replays of the rest,
+    token counts padded to a bucket): prompt chunks beside decodes; KV streamed from the CPU tier through staging;
+    groups taking turns, swapped back in layer by layer with the copy streams held back at random. Same tokens as
+    eager steps and as transformers, log-probabilities as close as float32 allows (the GEMMs see padded rows)."""
+    import random
+
+    hf = make_checkpoint(tmp_path / "m", "llama").cuda()
+    kwargs = dict(
+        mixed=dict(gpu_blocks=200, cpu_blocks=16, max_num_batched_tokens=64),
+        streamed=dict(gpu_blocks=12, cpu_blocks=200, staging_blocks=5, max_num_batched_tokens=64),
+        swapped=dict(gpu_blocks=24, cpu_blocks=400, max_num_batched_tokens=128, oversubscribe=True),
+    )[case]
+    lengths = (300, 600) if case == "streamed" else (5, 150)
+    prompts = random_prompts(3 if case == "streamed" else 8, *lengths, hf.config.vocab_size, seed=11)
+    lens = [16 - i for i in range(len(prompts))]
+    params = [SamplingParams(max_tokens=n, temperature=0, logprobs=3) for n in lens]
+    outs, stats = {}, {}
+    for graphs in (True, False):
+        with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", cuda_graphs=graphs, **kwargs) as llm:
+            llm.pm.mover._debug_rng = random.Random(3)
+            outs[graphs] = llm.generate(prompts, params, use_tqdm=False)
+            stats[graphs] = llm.stats()["engine"]
+            llm.pm.check_invariants()
+    assert stats[True]["piecewise_steps"] > 0 and stats[False]["piecewise_steps"] == 0
+    if case == "streamed":
+        assert stats[True]["streamed_steps"] > 0
+    if case == "swapped":
+        assert stats[True]["preemptions"] > 0
+    for a, b, p, n in zip(outs[True], outs[False], prompts, lens):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids == hf_greedy(hf, p, n)
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[t] - lb[t]) < 1e-4 for t in la)
+
+
+def test_transfers_serialized_with_compute_give_the_same_tokens(tmp_path):
+    """The overlap benchmark's baseline (Mover.serialize: each transfer after the compute queued before it, compute
+    after the transfer, no layer-by-layer waits): groups swapping on a small tier, same tokens as transformers."""
+    hf = make_checkpoint(tmp_path / "m", "llama").cuda()
+    prompts = random_prompts(6, 5, 150, hf.config.vocab_size, seed=12)
+    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=24, cpu_blocks=400,
+                    max_num_batched_tokens=128, oversubscribe=True, prefetch=False) as llm:
+        llm.pm.mover.serialize = True
+        outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+        stats = llm.stats()
+        llm.pm.check_invariants()
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]
+    assert stats["engine"]["preemptions"] > 0 and stats["tiers"]["gpu"]["blocks_in"] > 0
+
+
 @pytest.mark.parametrize("gpu_blocks", [200, 24])
 def test_asynchronous_steps_on_gpu_match_synchronous_ones(gpu_blocks, tmp_path):
     """Steps planned and launched while the previous one still runs (its greedy tokens fed on the device), decode

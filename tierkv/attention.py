@@ -147,17 +147,30 @@ class StepAttention:
         return plan
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.wait(layer)
+        write_kv(k, v, *self.caches(layer), self.slot_mapping)
+        return self.attend(layer, q)
+
+    def wait(self, layer: int) -> None:
+        """Order the current stream after this layer's share of the blocks still arriving: before the layer's KV is
+        written or read."""
         if self.layer_waits:
-            stream = torch.cuda.current_stream(q.device)
+            stream = torch.cuda.current_stream(self.gpu.pool.device)
             for handle in self.layer_waits:
                 handle.wait_layer(layer, stream)
-        pool = self.gpu.pool[:, layer]  # (slots, 2, block_size, Hkv, D)
-        k_cache, v_cache = pool[:, 0], pool[:, 1]
-        write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+
+    def caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GPU tier's (keys, values) of one layer, each (slots, block_size, Hkv, D), strided."""
+        return self.gpu.layer_views(layer)
+
+    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over the layer's cache, whose new keys and values are already written (after wait()).
+        `out`: where the output goes (T, Hq, D), else a new tensor."""
+        k_cache, v_cache = self.caches(layer)
         window = self.windows[layer]
         if not self.streamed:
-            return paged_attention(q, k_cache, v_cache, self.batch, self.scale, window)
-        out, lse = paged_attention(q, k_cache, v_cache, self.batch, self.scale, window, need_lse=True)
+            return paged_attention(q, k_cache, v_cache, self.batch, self.scale, window, out=out)
+        out, lse = paged_attention(q, k_cache, v_cache, self.batch, self.scale, window, need_lse=True, out=out)
         for s, plan in zip(self.streamed, self._stream_index):
             r0, r1 = s.rows
             q_rows = q[r0:r1]

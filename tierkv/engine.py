@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
-from tierkv.graphs import DecodeGraphs
+from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
 from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
 from tierkv.kernels.paged_attention import compile_variants
@@ -111,6 +111,8 @@ class Engine:
         self.register_blocks = True
         self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.parallel)
         self.graphs = DecodeGraphs(self) if cuda_graphs and cuda else None  # decode steps replayed as CUDA graphs
+        # Other steps (prompt chunks, streamed KV): eager attention between graphs of everything else.
+        self.pieces = PiecewiseGraphs(self) if cuda_graphs and cuda else None
         self.async_scheduling = async_scheduling
         self._inflight: LaunchedStep | None = None  # a deferred step: its tokens are read during the next step
         self._synced_at = 0.0  # when the host last read a step's tokens back
@@ -428,7 +430,10 @@ class Engine:
             self.pm.mover.debug_delay,
         )
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
-        hidden = self.model(ids_d, positions_d, attend)
+        if self.pieces is not None and self.pieces.eligible(len(input_ids)):
+            hidden = self.pieces.run(ids_d, positions_d, slots_d, attend)
+        else:
+            hidden = self.model(ids_d, positions_d, attend)
         logits = self.model.logits(hidden[rows_d]) if len(rows) else None
         return logits, bool(streamed)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tierkv.attention import StepAttention, host_to_device, padded_tables
-from tierkv.kernels import PagedBatch
+from tierkv.kernels import PagedBatch, write_kv
 from tierkv.tiers import GPU
 
 
@@ -174,3 +174,129 @@ class DecodeGraphs:
     def _refresh(g: _Graph, batch: PagedBatch) -> None:
         batch.q_pos0.copy_(g.positions)
         batch.context_lens.copy_((g.positions + 1) * g.live)  # padding rows: no keys
+
+
+@dataclass
+class _Pieces:
+    graphs: list  # torch.cuda.CUDAGraph per piece: piece i = layer i-1 after its attention + layer i up to it
+    hidden: torch.Tensor  # (tokens, hidden) the last piece's output, final-normed
+
+
+class PiecewiseGraphs:
+    """CUDA graphs for the steps decode graphs do not take: steps with prompt chunks (a prompt's chunk beside the
+    running decodes is most steps of a serving run with arrivals), KV streamed from lower tiers, tables past the
+    decode graphs' widths. Such a step's attention changes shape from step to step, so it runs eagerly, layer by
+    layer; everything between two attentions is one graph replay (piece i: layer i-1 from its attention output on,
+    then layer i up to its attention, its new K/V written into the cache). A step of T tokens replays the pieces
+    captured for the smallest bucket of at least T tokens: rows past T take stale ids and positions (they compute
+    numbers no one reads) and slot -1 (they write no KV), and attention reads only the first T rows.
+
+    Pieces are captured on first use of a bucket (one eager pass to compile and tune, then the capture: 30-100 ms at
+    an 8B shape), or all at once by capture_all(). Every bucket shares one set of static buffers (sized for the
+    largest; only one step runs at a time) and one memory pool: replays never interleave, and within a step the
+    pieces run in the order they were captured. Blocks still arriving are waited for layer by layer, as in eager
+    steps, before the piece that writes the layer's KV.
+
+    Buckets: 16 tokens (the GEMMs of up to 16 rows take the GEMV kernel), then every 32 tokens up to 256, every 64
+    up to 1,024, every 128 up to `max_tokens`: a step pays for at most 1/8 more rows than it has past 256 tokens,
+    and capturing all 29 buckets takes 2-3 s at an 8B shape. Longer steps run eagerly (at 2,048 tokens their GEMMs
+    take longer than launching them).
+    """
+
+    def __init__(self, engine, max_tokens: int = 2048) -> None:
+        self.engine = engine
+        self.buckets = [b for b in (16, *range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128)) if b < max_tokens]
+        self.buckets.append(max_tokens)
+        self.pieces: dict[int, _Pieces] = {}
+        self.pool = None
+        self.replays = 0
+        self.captures = 0
+        spec, dev, top = engine.spec, engine.device, self.buckets[-1]
+        self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self._positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        self._slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        self._qkv = torch.zeros((top, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim), dtype=engine.pm.layout.dtype, device=dev)
+        self._attn = torch.zeros((top, spec.num_heads, spec.head_dim), dtype=engine.pm.layout.dtype, device=dev)
+        self._filled = 0  # rows of _slots that may hold a slot from an earlier step (>= 0)
+
+    def eligible(self, num_tokens: int) -> bool:
+        return num_tokens <= self.buckets[-1] and self.engine.model.tp is None
+
+    def capture_all(self) -> None:
+        """Capture every bucket's pieces now (as a server does at start-up), not in the first steps that need them."""
+        for b in self.buckets:
+            if b not in self.pieces:
+                self._capture(b)
+
+    def _views(self, n: int):
+        spec = self.engine.spec
+        q, k, v = self._qkv[:n].split(
+            [spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim], dim=-1
+        )
+        return q.view(n, spec.num_heads, spec.head_dim), k.view(n, spec.num_kv_heads, spec.head_dim), v.view(n, spec.num_kv_heads, spec.head_dim)
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: StepAttention) -> torch.Tensor:
+        """The step's final-normed hidden states (T, hidden) for its T tokens `ids`, at `positions`, their K/V going
+        to `slots` (all on the device), attention by `attend` (its KV writes are the pieces')."""
+        n = ids.shape[0]
+        B = _bucket(n, self.buckets)
+        p = self.pieces.get(B) or self._capture(B)
+        self._ids[:n].copy_(ids)
+        self._positions[:n].copy_(positions)
+        self._slots[:n].copy_(slots)
+        if self._filled > n:
+            self._slots[n : self._filled].fill_(-1)
+        self._filled = n
+        q = self._views(n)[0]
+        attn = self._attn[:n]
+        for i, graph in enumerate(p.graphs):
+            if i < len(p.graphs) - 1:
+                attend.wait(i)  # piece i writes layer i's K/V
+            graph.replay()
+            if i < len(p.graphs) - 1:
+                attend.attend(i, q, out=attn)
+        self.replays += 1
+        return p.hidden[:n]
+
+    def _piece(self, i: int, n: int, state: dict) -> None:
+        """Piece i over the first n rows of the static buffers; `state` carries x, residual, cos, sin between pieces."""
+        model = self.engine.model
+        layers = model.model.layers
+        if i == 0:
+            state["x"], state["cos"], state["sin"] = model.embed(self._ids[:n], self._positions[:n])
+            state["residual"] = None
+        else:
+            state["x"], state["residual"] = layers[i - 1].post_attention(self._attn[:n], state["residual"])
+        if i < len(layers):
+            _, k, v, state["residual"] = layers[i].pre_attention(state["x"], state["residual"], state["cos"], state["sin"], self._qkv[:n])
+            write_kv(k, v, *self.engine.pm.tiers[GPU].layer_views(i), self._slots[:n])
+        else:
+            state["hidden"] = model.finish(state["x"], state["residual"])
+
+    @torch.inference_mode()
+    def _capture(self, n: int) -> _Pieces:
+        dev = self.engine.device
+        count = len(self.engine.model.model.layers) + 1
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        self._slots[: self._filled].fill_(-1)  # the warm-up and the captures run on these: no KV written
+        self._filled = 0
+        compute = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            state: dict = {}
+            for i in range(count):  # warm-up: compiles and tunes outside the capture
+                self._piece(i, n, state)
+            state = {}
+            graphs = []
+            for i in range(count):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+                    self._piece(i, n, state)
+                graphs.append(g)
+        compute.wait_stream(side)
+        p = self.pieces[n] = _Pieces(graphs, state["hidden"])
+        self.captures += 1
+        return p

@@ -186,22 +186,40 @@ class Attention(nn.Module):
         self.qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.output(attend(layer, q, k, v))
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, Hq, D), k and v (T, Hkv, D), rotary applied. `out` (T, (Hq + 2 Hkv) D): where they are written
+        (q, k and v are then views into it), as a graph's static buffer."""
         spec = self.spec
         T = x.shape[0]
+        sizes = [spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim]
         if self.qkv is not None:
-            q, k, v = linear(x, *self.qkv).split(
-                [spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim], dim=-1
-            )
+            qkv = linear(x, *self.qkv)
+            if out is not None:
+                qkv = out.copy_(qkv)
+            q, k, v = qkv.split(sizes, dim=-1)
+        elif out is not None:
+            q, k, v = out.split(sizes, dim=-1)
+            for proj, dst in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)):
+                dst.copy_(proj(x))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(T, spec.num_heads, spec.head_dim)
         k = k.view(T, spec.num_kv_heads, spec.head_dim)
         v = v.view(T, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary_qk(q, k, cos, sin)  # in place: q and k are this call's own projections
-        out = attend(layer, q, k, v)
-        return self.o_proj(out.reshape(T, spec.num_heads * spec.head_dim))
+            qn, kn = self.q_norm(q), self.k_norm(k)
+            q, k = (q.copy_(qn), k.copy_(kn)) if out is not None else (qn, kn)
+        q, k = rotary_qk(q, k, cos, sin)  # in place
+        return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of the attention output (T, Hq, D)."""
+        return self.o_proj(out.reshape(out.shape[0], self.spec.num_heads * self.spec.head_dim))
 
 
 class MLP(nn.Module):
@@ -237,12 +255,20 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `residual + x` (just `x` in the first layer, whose x is the embedding): the add is
         left to the norm that follows it, which fuses the two. Returns (MLP output, residual) for the next one."""
+        q, k, v, residual = self.pre_attention(x, residual, cos, sin)
+        return self.post_attention(attend(layer, q, k, v), residual)
+
+    def pre_attention(self, x, residual, cos, sin, qkv_out: torch.Tensor | None = None):
+        """(q, k, v, residual): the layer up to its attention (see Attention.project for `qkv_out`)."""
         if residual is None:
             normed, residual = self.input_layernorm(x), x
         else:
             normed, residual = self.input_layernorm.add_then_norm(x, residual)
-        x = self.self_attn(layer, normed, cos, sin, attend)
-        normed, residual = self.post_attention_layernorm.add_then_norm(x, residual)
+        return *self.self_attn.project(normed, cos, sin, qkv_out), residual
+
+    def post_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual): the layer from its attention output (T, Hq, D) on."""
+        normed, residual = self.post_attention_layernorm.add_then_norm(self.self_attn.output(attn), residual)
         return self.mlp(normed), residual
 
 
@@ -299,11 +325,19 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         """input_ids, positions: (T,); returns the final-normed hidden states (T, hidden)."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        x, cos, sin = self.embed(input_ids, positions)
         residual = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(i, x, residual, cos, sin, attend)
+        return self.finish(x, residual)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embeddings, cos, sin) of the step's tokens: what the first layer takes."""
+        x = self.model.embed_tokens(input_ids)
+        return (x, *self.rotary(positions, x.dtype))
+
+    def finish(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states from the last layer's output and residual."""
         return self.model.norm.add_then_norm(x, residual)[0]
 
     @torch.inference_mode()

@@ -61,6 +61,10 @@ class Mover:
 
     def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
         self.tiers = list(tiers)
+        # A benchmark baseline, not a mode to run in: every GPU<->host transfer starts only after all the compute
+        # queued before it, and compute waits for it whole, so that nothing overlaps. A run with it set, against the
+        # same run without, measures how much of the transfer time the overlap hides (benchmarks/fast_path.sh item 4).
+        self.serialize = False
         self.device = device
         self.cuda = device.type == "cuda"
         self.links: dict[tuple[str, str], LinkStats] = {}
@@ -198,6 +202,9 @@ class Mover:
             # Large blocks going down: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the
             # engine at the link's speed), so that the copy-in of a swap, on the SMs, can share the link with it.
             runs = block_runs(src_slots, dst_slots)
+        compute = torch.cuda.current_stream(self.device)
+        if self.serialize:
+            stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             dep.wait_on(stream)
             self.debug_delay(stream)
@@ -217,7 +224,9 @@ class Mover:
                 event.record(stream)
                 marks.append((lo, hi, event))
             end = marks[-1][2]
-            handle = LayeredHandle(marks) if len(marks) > 1 else EventHandle(end)
+            handle = LayeredHandle(marks) if len(marks) > 1 and not self.serialize else EventHandle(end)
+        if self.serialize:
+            compute.wait_event(end)
         with self._lock:
             self._timed.append((link, start, end))
             link.engine_batches += runs is not None

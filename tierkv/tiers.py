@@ -186,6 +186,14 @@ class MemoryTier(Tier):
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             raise refused(f"{device}{' pinned' if pin else ''} memory", f"({str(exc).splitlines()[0]})") from None
         super().__init__(kind, layout, num_blocks, num_slots)
+        self._layer_views: list | None = None
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of one layer, each (slots, block_size, Hkv, D), strided views of the pool, made once (a
+        step's attention asks for them in every layer)."""
+        if self._layer_views is None:
+            self._layer_views = [(self.pool[:, i, 0], self.pool[:, i, 1]) for i in range(self.pool.shape[1])]
+        return self._layer_views[layer]
 
     @property
     def is_cuda(self) -> bool:
