@@ -144,18 +144,26 @@ def test_decode_steps_replayed_as_cuda_graphs_match_eager_steps(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mixed", "streamed", "swapped"])
-def test_piecewise_graph_steps_match_eager_steps(case, tmp_path):
+def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
     """Steps that decode graphs do not take run as piecewise graphs (eager attention between replays of the rest,
     token counts padded to a bucket): prompt chunks beside decodes; KV streamed from the CPU tier through staging;
-    groups taking turns, swapped back in layer by layer with the copy streams held back at random. Same tokens as
-    eager steps and as transformers, log-probabilities as close as float32 allows (the GEMMs see padded rows)."""
+    groups taking turns, swapped back in one layer at a time with the copy streams held back at random (a step with
+    prompt tokens whose blocks are still arriving waits layer by layer, each before the piece that writes that
+    layer's KV). Same tokens as eager steps and as transformers, log-probabilities as close as float32 allows (the
+    GEMMs see padded rows)."""
     import random
 
+    from tierkv.mover import Mover
+
+    if case == "swapped":
+        monkeypatch.setattr(Mover, "layered_min_blocks", 4)
+        monkeypatch.setattr(Mover, "layer_group_bytes", 1)  # one layer per group
     hf = make_checkpoint(tmp_path / "m", "llama").cuda()
     kwargs = dict(
         mixed=dict(gpu_blocks=200, cpu_blocks=16, max_num_batched_tokens=64),
         streamed=dict(gpu_blocks=12, cpu_blocks=200, staging_blocks=5, max_num_batched_tokens=64),
-        swapped=dict(gpu_blocks=24, cpu_blocks=400, max_num_batched_tokens=128, oversubscribe=True),
+        # Prefetch off: groups come back in the step that needs them, still in flight when it starts.
+        swapped=dict(gpu_blocks=24, cpu_blocks=400, max_num_batched_tokens=128, oversubscribe=True, prefetch=False),
     )[case]
     lengths = (300, 600) if case == "streamed" else (5, 150)
     prompts = random_prompts(3 if case == "streamed" else 8, *lengths, hf.config.vocab_size, seed=11)
@@ -165,10 +173,16 @@ def test_piecewise_graph_steps_match_eager_steps(case, tmp_path):
     for graphs in (True, False):
         with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", cuda_graphs=graphs, **kwargs) as llm:
             llm.pm.mover._debug_rng = random.Random(3)
+            waited = []
+            if graphs:
+                run = llm.engine.pieces.run
+                llm.engine.pieces.run = lambda ids, *a: (waited.append((ids.shape[0], bool(a[-1].layer_waits))), run(ids, *a))[1]
             outs[graphs] = llm.generate(prompts, params, use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
             llm.pm.check_invariants()
     assert stats[True]["piecewise_steps"] > 0 and stats[False]["piecewise_steps"] == 0
+    if case == "swapped":
+        assert any(w for _, w in waited), "no piecewise step waited layer by layer"
     if case == "streamed":
         assert stats[True]["streamed_steps"] > 0
     if case == "swapped":

@@ -90,7 +90,7 @@ class StepAttention:
         self.copy_streams = copy_streams if streamed and copy_streams else None
         self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
         self._stream_index = [self._plan(s) for s in streamed]
-        self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before reading it
+        self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before writing or reading it
         self._chunks = 0  # chunks streamed so far this step (buffer = count % buffers)
         if self.copy_streams is not None:
             buffers = staging.shape[0]

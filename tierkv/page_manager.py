@@ -513,8 +513,9 @@ class PageManager:
         """Bring the blocks of `seq_ids` to the GPU, pin them, and order the compute stream after their arrival.
 
         With `layered`, blocks still arriving in layer groups (LayeredHandle) are not waited for as a whole: the
-        caller takes them with `take_layer_waits()` and waits layer by layer before it reads each layer (blocks
-        this step writes are always waited for whole).
+        caller takes them with `take_layer_waits()` and waits layer by layer before it reads or writes each layer
+        (a sequence swapped back in has its last block, the one its next token goes to, in the same batch as the
+        rest: the step's first layers compute while the later ones arrive).
 
         `writes[seq] = (start, end)`: the step writes token positions [start, end) of that sequence; the blocks
         they fall in are made private first (copy-on-write) and count as holding data afterwards.
@@ -618,8 +619,7 @@ class PageManager:
                               for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]]
             written = [b.readers for b in written_blocks if b.readers is not DONE]
             if layered and waits:
-                whole = {id(b.ready) for b in written_blocks}
-                later = {id(h): h for h in waits if isinstance(h, LayeredHandle) and id(h) not in whole}
+                later = {id(h): h for h in waits if isinstance(h, LayeredHandle)}
                 self._layer_waits.extend(later.values())
                 waits = [h for h in waits if id(h) not in later]
             if waits or written:
