@@ -58,7 +58,8 @@ def test_bfloat16_logits_close_and_greedy_agrees(tmp_path):
 def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
     """A prefix cached in pinned RAM comes back in layer groups (one event per group) while the step's first
     layers already compute; with the copy stream held back by a random sleep before each transfer, the output
-    is still exact (without the per-layer waits the step would read blocks not yet there)."""
+    is still exact (without the per-layer waits the step would read blocks not yet there). The prompt's step runs
+    as piecewise graphs: each layer's wait comes before the graph piece that writes that layer's KV."""
     import random
 
     from tierkv.handles import LayeredHandle
@@ -84,7 +85,9 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
 
         llm.pm.mover._launch = spy
         second = llm.generate(prompts[1:], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        pieces = llm.stats()["engine"]["piecewise_steps"]
     assert second[0].num_cached_tokens == 400
+    assert pieces > 0, "the prompt steps did not run as piecewise graphs (their layer-by-layer waits untested)"
     assert any(isinstance(h, LayeredHandle) and len(h.groups) == 4 for h in seen), "the hit was not promoted in layer groups"
     assert first[0].outputs[0].token_ids == hf_greedy(hf, prompts[0], 8)
     assert second[0].outputs[0].token_ids == hf_greedy(hf, prompts[1], 8)
@@ -149,8 +152,9 @@ def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
     token counts padded to a bucket): prompt chunks beside decodes; KV streamed from the CPU tier through staging;
     groups taking turns, swapped back in one layer at a time with the copy streams held back at random (a step with
     prompt tokens whose blocks are still arriving waits layer by layer, each before the piece that writes that
-    layer's KV). Same tokens as eager steps and as transformers, log-probabilities as close as float32 allows (the
-    GEMMs see padded rows)."""
+    layer's KV; whether a step meets blocks in flight depends on timing: the prefix test below makes sure of one).
+    Same tokens as eager steps and as transformers, log-probabilities as close as float32 allows (the GEMMs see
+    padded rows)."""
     import random
 
     from tierkv.mover import Mover
@@ -173,16 +177,10 @@ def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
     for graphs in (True, False):
         with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", cuda_graphs=graphs, **kwargs) as llm:
             llm.pm.mover._debug_rng = random.Random(3)
-            waited = []
-            if graphs:
-                run = llm.engine.pieces.run
-                llm.engine.pieces.run = lambda ids, *a: (waited.append((ids.shape[0], bool(a[-1].layer_waits))), run(ids, *a))[1]
             outs[graphs] = llm.generate(prompts, params, use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
             llm.pm.check_invariants()
     assert stats[True]["piecewise_steps"] > 0 and stats[False]["piecewise_steps"] == 0
-    if case == "swapped":
-        assert any(w for _, w in waited), "no piecewise step waited layer by layer"
     if case == "streamed":
         assert stats[True]["streamed_steps"] > 0
     if case == "swapped":
