@@ -135,6 +135,26 @@ def test_stop_strings_and_stop_tokens(checkpoints, tmp_path):
         assert out.token_ids == free.token_ids[: first + 1] and out.stop_reason == token
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_piecewise_split_of_the_forward_equals_transformers(checkpoints, arch, tmp_path):
+    """The forward pass split as tierkv.graphs.PiecewiseGraphs captures it on CUDA (embedding + layer 0 up to its
+    attention, then each layer's rest + the next one's start, its K/V written; attention between), run uncaptured
+    on CPU: token counts padded to a bucket (the extra rows write no KV), q/k/v and attention outputs in buffers
+    shared by every layer and step. Greedy output equals transformers with KV streamed and swapped over all three
+    tiers (qk-norm in Qwen3, biases in Qwen2, sliding windows in Mistral)."""
+    from tierkv.graphs import PiecewiseGraphs
+
+    path, hf = checkpoints[arch]
+    prompts = random_prompts(6, 5, 300, hf.config.vocab_size, seed=3)
+    want = [hf_greedy(hf, p, 16) for p in prompts]
+    with tiered_llm(path, tmp_path / "nvme") as llm:
+        llm.engine.pieces = PiecewiseGraphs(llm.engine, capture=False)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+        stats = llm.stats()
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["engine"]["piecewise_steps"] == stats["engine"]["steps"] and stats["engine"]["streamed_steps"] > 0
+
+
 def test_text_prompts_and_streaming(checkpoints, tmp_path):
     path, hf = checkpoints["qwen3"]
     with tiered_llm(path, tmp_path / "nvme") as llm:

@@ -203,8 +203,9 @@ class PiecewiseGraphs:
     take longer than launching them).
     """
 
-    def __init__(self, engine, max_tokens: int = 2048) -> None:
+    def __init__(self, engine, max_tokens: int = 2048, capture: bool = True) -> None:
         self.engine = engine
+        self.capture = capture  # False: the pieces run eagerly, uncaptured (on CPU: the tests of the split itself)
         self.buckets = [b for b in (16, *range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128)) if b < max_tokens]
         self.buckets.append(max_tokens)
         self.pieces: dict[int, _Pieces] = {}
@@ -241,7 +242,7 @@ class PiecewiseGraphs:
         to `slots` (all on the device), attention by `attend` (its KV writes are the pieces')."""
         n = ids.shape[0]
         B = _bucket(n, self.buckets)
-        p = self.pieces.get(B) or self._capture(B)
+        p = (self.pieces.get(B) or self._capture(B)) if self.capture else None
         self._ids[:n].copy_(ids)
         self._positions[:n].copy_(positions)
         self._slots[:n].copy_(slots)
@@ -250,14 +251,19 @@ class PiecewiseGraphs:
         self._filled = n
         q = self._views(n)[0]
         attn = self._attn[:n]
-        for i, graph in enumerate(p.graphs):
-            if i < len(p.graphs) - 1:
+        count = len(self.engine.model.model.layers) + 1
+        state: dict = {}
+        for i in range(count):
+            if i < count - 1:
                 attend.wait(i)  # piece i writes layer i's K/V
-            graph.replay()
-            if i < len(p.graphs) - 1:
+            if p is not None:
+                p.graphs[i].replay()
+            else:
+                self._piece(i, B, state)
+            if i < count - 1:
                 attend.attend(i, q, out=attn)
         self.replays += 1
-        return p.hidden[:n]
+        return (p.hidden if p is not None else state["hidden"])[:n]
 
     def _piece(self, i: int, n: int, state: dict) -> None:
         """Piece i over the first n rows of the static buffers; `state` carries x, residual, cos, sin between pieces."""
