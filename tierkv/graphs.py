@@ -282,6 +282,8 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def _capture(self, n: int) -> _Pieces:
+        """Capture bucket n's pieces (after one uncaptured pass on a side stream, which compiles and tunes), over
+        slots all -1: neither pass writes KV."""
         dev = self.engine.device
         count = len(self.engine.model.model.layers) + 1
         if self.pool is None:
