@@ -43,18 +43,17 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
         --gpu-blocks 256 --cpu-blocks 1024 --nvme-blocks 1024 --nvme-dir /tmp/nvme --json "$out/pm_bench.json" 2>&1 | tee "$out/pm_bench.log"
     timeout 180 $py benchmarks/fused_kernels.py --sweep --out "$out/fused_kernels.json" 2>&1 | tee "$out/fused_kernels.log"
 fi
+# Item 4's oversubscribed run, a window of its steps with prompt tokens (they set its pace, 2026-11-24).
+item4_run="--num-requests 64 --prompt-len 1024 --output-len 64 --gpu-memory 1GiB --cpu-memory 8GiB --oversubscribe --start-step 20 --steps 8"
 if [ "$stage" = item4 ]; then
-    # Item 4's oversubscribed run is paced by its mixed (prompt + decode) steps, which run eagerly: 33-39 ms each for
-    # ~340 prompt tokens (2026-11-24). Where their time goes, host and GPU, prefetch on and off.
+    # Where those steps' time goes, host and GPU, prefetch on and off.
     for pf in "" --no-prefetch; do
-        (cd benchmarks && timeout 200 $py overlap_profile.py --num-requests 64 --prompt-len 1024 --output-len 64 --gpu-memory 1GiB \
-            --cpu-memory 8GiB --oversubscribe $pf --start-step 20 --steps 8 --top 25 2>&1 | tee "$out/item4_profile${pf:+_off}.log" | grep -v "^  gap" | tail -40)
+        (cd benchmarks && timeout 200 $py overlap_profile.py $item4_run $pf --top 25 2>&1 | tee "$out/item4_profile${pf:+_off}.log" | grep -v "^  gap" | tail -40)
     done
 fi
 if [ "$stage" = item4host ]; then
-    # The same steps' host side (the GPU was busy 22-23% of them, 2026-11-24): step times, then cProfile.
-    (cd benchmarks && timeout 200 $py overlap_profile.py --num-requests 64 --prompt-len 1024 --output-len 64 --gpu-memory 1GiB \
-        --cpu-memory 8GiB --oversubscribe --start-step 20 --steps 8 --top 45 --host-profile 2>&1 | tee "$out/item4_host.log" | tail -120)
+    # The same steps' host side: step times, then cProfile.
+    (cd benchmarks && timeout 200 $py overlap_profile.py $item4_run --top 45 --host-profile 2>&1 | tee "$out/item4_host.log" | tail -120)
 fi
 if [ "$stage" = item3 ]; then
     # Where item 3's step goes beyond its PCIe bound: one layer's slice of many blocks over the link (64 KiB pieces

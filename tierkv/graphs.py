@@ -221,7 +221,7 @@ class PiecewiseGraphs:
         self._filled = 0  # rows of _slots that may hold a slot from an earlier step (>= 0)
 
     def eligible(self, num_tokens: int) -> bool:
-        return num_tokens <= self.buckets[-1] and self.engine.model.tp is None
+        return num_tokens <= self.buckets[-1]  # (no engine has pieces under tensor parallelism: cuda_graphs is off)
 
     def capture_all(self) -> None:
         """Capture every bucket's pieces now (as a server does at start-up), not in the first steps that need them."""
@@ -229,12 +229,10 @@ class PiecewiseGraphs:
             if b not in self.pieces:
                 self._capture(b)
 
-    def _views(self, n: int):
+    def _q(self, n: int) -> torch.Tensor:
+        """The first n rows' queries (n, Hq, D): the leading columns of the q/k/v buffer the pieces write."""
         spec = self.engine.spec
-        q, k, v = self._qkv[:n].split(
-            [spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim], dim=-1
-        )
-        return q.view(n, spec.num_heads, spec.head_dim), k.view(n, spec.num_kv_heads, spec.head_dim), v.view(n, spec.num_kv_heads, spec.head_dim)
+        return self._qkv[:n, : spec.num_heads * spec.head_dim].view(n, spec.num_heads, spec.head_dim)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: StepAttention) -> torch.Tensor:
@@ -249,7 +247,7 @@ class PiecewiseGraphs:
         if self._filled > n:
             self._slots[n : self._filled].fill_(-1)
         self._filled = n
-        q = self._views(n)[0]
+        q = self._q(n)
         attn = self._attn[:n]
         count = len(self.engine.model.model.layers) + 1
         state: dict = {}

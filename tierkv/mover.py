@@ -202,8 +202,8 @@ class Mover:
             # Large blocks going down: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the
             # engine at the link's speed), so that the copy-in of a swap, on the SMs, can share the link with it.
             runs = block_runs(src_slots, dst_slots)
-        compute = torch.cuda.current_stream(self.device)
-        if self.serialize:
+        compute = torch.cuda.current_stream(self.device) if self.serialize else None
+        if compute is not None:
             stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             dep.wait_on(stream)
@@ -225,7 +225,7 @@ class Mover:
                 marks.append((lo, hi, event))
             end = marks[-1][2]
             handle = LayeredHandle(marks) if len(marks) > 1 and not self.serialize else EventHandle(end)
-        if self.serialize:
+        if compute is not None:
             compute.wait_event(end)
         with self._lock:
             self._timed.append((link, start, end))
