@@ -146,6 +146,82 @@ def test_decode_steps_replayed_as_cuda_graphs_match_eager_steps(tmp_path):
             assert all(abs(la[t] - lb[t]) < 1e-4 for t in la)
 
 
+def test_a_graph_waits_on_its_gates_as_they_stood_at_its_launch():
+    """LayerGates, what decode graphs wait on for blocks still arriving: a replay launched after arm() waits for the
+    armed transfers (it reads what they wrote, though the copy is held back); a gate armed again after a replay's
+    launch does not hold that replay back (if it did, a step whose transfers wait for the step before could never
+    finish: the asynchronous scheduler arms step N+1 while step N still runs)."""
+    from tierkv.graphs import LayerGates, external_events_supported
+    from tierkv.handles import LayeredHandle
+
+    if not external_events_supported():
+        pytest.skip("this torch has no external CUDA events: decode graphs wait for arriving blocks as a whole")
+    dev = torch.device("cuda")
+    gates = LayerGates(2, dev)
+    x, y = torch.zeros(4, device=dev), torch.zeros(8, device=dev)
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.graph(g, stream=side):
+        for layer in range(2):
+            torch.cuda.current_stream(dev).wait_event(gates.events[layer])
+            y[4 * layer : 4 * layer + 4].copy_(x * (layer + 1))
+    torch.cuda.synchronize()
+    copier = torch.cuda.Stream(dev)
+    for value in (1.0, 2.0, 3.0):
+        marks = []
+        with torch.cuda.stream(copier):
+            for layer in range(2):
+                torch.cuda._sleep(50_000_000)  # tens of ms: the replay reaches its waits long before the copy lands
+                x.fill_(value)
+                event = torch.cuda.Event()
+                event.record(copier)
+                marks.append((layer, layer + 1, event))
+        gates.arm([LayeredHandle(marks)])
+        g.replay()
+        torch.cuda.synchronize()
+        assert y.tolist() == [value] * 4 + [2 * value] * 4
+    # Armed again after a launch (and before the replay reaches its waits: the compute stream is held back first):
+    # that replay must finish while the new transfer is still held back.
+    torch.cuda._sleep(200_000_000)  # ~0.1 s
+    g.replay()
+    done = torch.cuda.Event()
+    done.record()
+    with torch.cuda.stream(copier):
+        torch.cuda._sleep(3_000_000_000)  # ~1-2 s
+        late = torch.cuda.Event()
+        late.record(copier)
+    gates.arm([LayeredHandle([(0, 2, late)])])
+    done.synchronize()
+    assert not late.query()  # the replay finished before the transfer it was not launched after
+    torch.cuda.synchronize()
+
+
+def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypatch):
+    """Groups taking turns on a small GPU tier, swapped back in one layer at a time with the copy streams held back
+    at random, prefetch off so that blocks are still in flight when their step starts: the decode steps replay their
+    graphs, waiting on gates layer by layer. Same tokens as eager steps and transformers."""
+    import random
+
+    from tierkv.mover import Mover
+
+    monkeypatch.setattr(Mover, "layered_min_blocks", 4)
+    monkeypatch.setattr(Mover, "layer_group_bytes", 1)  # one layer per group
+    hf = make_checkpoint(tmp_path / "m", "llama").cuda()
+    prompts = random_prompts(8, 5, 150, hf.config.vocab_size, seed=13)
+    outs, stats = {}, {}
+    for graphs in (True, False):
+        with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", cuda_graphs=graphs, gpu_blocks=24, cpu_blocks=400,
+                        max_num_batched_tokens=128, oversubscribe=True, prefetch=False) as llm:
+            llm.pm.mover._debug_rng = random.Random(5)
+            outs[graphs] = llm.generate(prompts, SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
+            stats[graphs] = llm.stats()["engine"]
+            llm.pm.check_invariants()
+    assert stats[True]["preemptions"] > 0 and stats[True]["graph_steps_gated"] > 0
+    assert [o.outputs[0].token_ids for o in outs[True]] == [o.outputs[0].token_ids for o in outs[False]] \
+        == [hf_greedy(hf, p, 14) for p in prompts]
+
+
 @pytest.mark.parametrize("case", ["mixed", "streamed", "swapped"])
 def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
     """Steps that decode graphs do not take run as piecewise graphs (eager attention between replays of the rest,

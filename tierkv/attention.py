@@ -91,6 +91,7 @@ class StepAttention:
         self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
         self._stream_index = [self._plan(s) for s in streamed]
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before writing or reading it
+        self.gates: list | None = None  # a decode graph's per-layer external events (graphs.LayerGates), waited on likewise
         self._chunks = 0  # chunks streamed so far this step (buffer = count % buffers)
         if self.copy_streams is not None:
             buffers = staging.shape[0]
@@ -158,6 +159,8 @@ class StepAttention:
             stream = torch.cuda.current_stream(self.gpu.pool.device)
             for handle in self.layer_waits:
                 handle.wait_layer(layer, stream)
+        if self.gates is not None:
+            torch.cuda.current_stream(self.gpu.pool.device).wait_event(self.gates[layer])  # a wait node when captured
 
     def caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The GPU tier's (keys, values) of one layer, each (slots, block_size, Hkv, D), strided."""

@@ -10,7 +10,6 @@ import torch
 
 from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
-from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.loader import LoadedModel
@@ -414,12 +413,12 @@ class Engine:
             ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
         if self.graphs is not None and self.graphs.eligible(plans, tables):
             waits = self.pm.take_layer_waits()
-            # A replay cannot wait layer by layer: blocks still arriving are waited for as a whole. (Running such a
-            # step as piecewise graphs instead, waiting per layer, made it slower on the H100, 2026-11-24: item 4's
-            # decode steps with blocks arriving, prefetch off, took 22.6 ms at the median against 15.7 ms waiting
-            # whole; the host's layer-by-layer launches cost more than the overlap saves.)
+            # Blocks still arriving: the replay waits for them layer by layer (its gates). (Running such a step as
+            # piecewise graphs instead made it slower on the H100, 2026-11-24: item 4's decode steps with blocks
+            # arriving took 22.6 ms at the median against 15.7 ms waiting whole before a replay; the host's
+            # layer-by-layer launches cost more than the overlap saved.)
             if waits:
-                all_of(waits).wait_on(torch.cuda.current_stream(dev))
+                self.graphs.wait_layers(waits)
             return self.graphs.run(plans, tables, ids_d, positions, slots), False
         streamed = self._stream_plan(plans, placed)
         q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(

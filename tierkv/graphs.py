@@ -8,8 +8,13 @@ block-table width bucket); the step's inputs are copied into the graph's static 
 batch take its first entry's token and position, slot -1 (the KV write skips it: padding never touches a cache
 slot) and a context of 0 keys (their attention reads nothing; their outputs are dropped). The
 attention kernels are the eager ones over the bucket's table width (partitions past an entry's context hold nothing
-and weigh nothing), so a replay computes what the eager step computes. Blocks still arriving in layer groups are
-waited for as a whole before a replay.
+and weigh nothing), so a replay computes what the eager step computes.
+
+Blocks still arriving (a swapped-in sequence's KV, coming over in layer groups) are waited for layer by layer inside
+the replay: each graph waits, before layer i writes its KV, on gate i, an external CUDA event that the step points at
+the end of layer i's share of the transfers before the replay (LayerGates). The first layers compute while the later
+ones cross the link, as in eager steps, at a graph's launch cost. Where torch has no external events, such a step
+waits for the transfers as a whole before the replay.
 
 A step whose buckets have no graph yet replays a captured one for up to 4x the rows or 4x the table width if there
 is one (the extra rows cost their share of the GEMMs, which read the same weights either way, and no attention),
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from tierkv.attention import StepAttention, host_to_device, padded_tables
+from tierkv.handles import all_of
 from tierkv.kernels import PagedBatch, write_kv
 from tierkv.tiers import GPU
 
@@ -46,6 +52,43 @@ class _Graph:
     tables: torch.Tensor  # (B, W) int32
     logits: torch.Tensor  # (B, vocab) float32, the graph's output
     batch: PagedBatch | None = None  # the attention metadata the graph reads: kept alive as long as the graph
+
+
+def external_events_supported() -> bool:
+    """Whether this torch makes events that captured graphs wait on as event-wait nodes (torch.cuda.Event(external=True))."""
+    import inspect
+
+    return "external" in inspect.signature(torch.cuda.Event.__new__).parameters
+
+
+class LayerGates:
+    """One external CUDA event per layer that decode graphs wait on (a wait node each) before the layer's KV write.
+
+    A replay waits on each gate's record at its launch. Before replaying a step with blocks still arriving, arm()
+    re-records gate i, on a stream of its own, after the transfers of layer i and every layer before it; a step
+    with nothing arriving leaves the gates on records already complete (or ordered before the compute stream's
+    earlier steps), and its waits cost nothing."""
+
+    def __init__(self, layers: int, device: torch.device) -> None:
+        self.events = [torch.cuda.Event(external=True) for _ in range(layers)]
+        self.stream = torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+        for event in self.events:
+            event.record(compute)  # created (torch skips waits on events never recorded, in captures too), complete
+        self.armed = 0  # steps armed
+
+    def arm(self, handles: list) -> None:
+        """Point each layer's gate at the end of its layer group's transfer in every one of `handles` (LayeredHandles)."""
+        need: list[list] = [[] for _ in self.events]
+        for h in handles:
+            for lo, hi, event in h.groups:
+                need[lo].append(event)  # groups run in layer order on one stream: the gate of a later layer covers it
+        s = self.stream
+        for layer, gate in enumerate(self.events):
+            for event in need[layer]:
+                s.wait_event(event)
+            gate.record(s)
+        self.armed += 1
 
 
 class DecodeGraphs:
@@ -72,6 +115,16 @@ class DecodeGraphs:
         self.logits_out: torch.Tensor | None = None  # one output buffer shared by every graph (max batch x vocab)
         self.replays = 0
         self.captures = 0
+        layers = len(engine.model.model.layers)
+        self.gates = LayerGates(layers, engine.device) if external_events_supported() else None
+
+    def wait_layers(self, handles: list) -> None:
+        """Make the next replay wait for `handles` (LayeredHandles of blocks still arriving) layer by layer, or, where
+        the graphs have no gates, make the compute stream wait for them whole now."""
+        if self.gates is not None:
+            self.gates.arm(handles)
+        else:
+            all_of(handles).wait_on(torch.cuda.current_stream(self.engine.device))
 
     def eligible(self, plans, tables) -> bool:
         return (
@@ -124,6 +177,7 @@ class DecodeGraphs:
     def _forward(self, g: _Graph, batch: PagedBatch) -> torch.Tensor:
         e = self.engine
         attend = StepAttention(e.pm.tiers[GPU], batch, g.slots, [], None, e.scale, e.spec.sliding_windows)
+        attend.gates = self.gates.events if self.gates is not None else None
         hidden = e.model(g.ids, g.positions, attend)
         out = self.logits_out[: g.ids.shape[0]]
         out.copy_(e.model.logits(hidden))

@@ -263,6 +263,8 @@ class LLM:
             "deferred_steps": c.deferred_steps,
             "graph_steps": self.engine.graphs.replays if self.engine.graphs is not None else 0,
             "graphs_captured": self.engine.graphs.captures if self.engine.graphs is not None else 0,
+            # graph steps that waited layer by layer for blocks still arriving (swapped in, prefetched late)
+            "graph_steps_gated": self.engine.graphs.gates.armed if self.engine.graphs is not None and self.engine.graphs.gates else 0,
             # steps run as piecewise graphs (eager attention between graphs of the rest), and their buckets captured
             "piecewise_steps": self.engine.pieces.replays if self.engine.pieces is not None else 0,
             "piecewise_captured": self.engine.pieces.captures if self.engine.pieces is not None else 0,
