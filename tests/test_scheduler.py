@@ -49,8 +49,37 @@ def test_sequences_that_do_not_fit_the_gpu_wait_and_take_turns():
     groups = []
     for _ in range(6):
         groups.append([e.seq.seq_id for e in s.schedule()])
-    assert groups == [[0, 1], [0, 1], [2, 3], [2, 3], [0, 1], [0, 1]]
-    assert s.preemptions == 6  # a group of two rotated out after steps 2, 4 and 6
+    # Staggered turns: each keeps the GPU for 2 steps, and one of the two gives way each step (the one that has run
+    # longer), so that each step swaps one sequence, not two every other step.
+    assert groups == [[0, 1], [1, 2], [2, 3], [3, 0], [0, 1], [1, 2]]
+    assert s.preemptions == 6
+
+
+def test_turns_are_staggered_to_about_group_over_slice_steps_a_step():
+    """A group of 3 with slice_steps 4: 3/4 of a turn a step, so 3 steps in 4 let one sequence go; every sequence
+    keeps the GPU 4 steps a turn (bar the first ones, which start together), everyone gets turns in order, and a
+    group of one (a long sequence) gives way every slice_steps steps."""
+    s = scheduler(gpu_blocks=6, slice_steps=4)
+    s.running.extend(make(30, 30, i, generated=1) for i in range(5))  # 2 blocks each: 3 fit
+    groups = [[e.seq.seq_id for e in s.schedule()] for _ in range(12)]
+    assert groups[:7] == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0], [3, 4, 0], [4, 0, 1]]
+    assert s.preemptions == 9  # 9 turns over 12 steps
+    for k in range(5):
+        steps = [i for i, g in enumerate(groups) if k in g]
+        turns, run = [], [steps[0]]
+        for i in steps[1:]:
+            if i == run[-1] + 1:
+                run.append(i)
+            else:
+                turns.append(run)
+                run = [i]
+        turns.append(run)
+        # Every turn lasts slice_steps steps, except the first ones (0 to 2 start together and leave one by one)
+        # and one still going at the end.
+        assert all(len(t) == 4 for t in turns if t[0] > 0 and t[-1] < 11), (k, turns)
+    one = scheduler(gpu_blocks=2, slice_steps=3)
+    one.running.extend(make(30, 30, i, generated=1) for i in range(2))  # one fits at a time
+    assert [[e.seq.seq_id for e in one.schedule()] for _ in range(7)] == [[0], [0], [0], [1], [1], [1], [0]]
 
 
 def test_prefetch_hints_name_the_next_group_and_keep_the_one_still_running():
@@ -62,11 +91,11 @@ def test_prefetch_hints_name_the_next_group_and_keep_the_one_still_running():
         s.schedule()
         upcoming, staying = s.prefetch_targets()
         hints.append(([q.seq_id for q in upcoming], [q.seq_id for q in staying]))
-    # Step 1 of 3: nothing to prefetch. Step 2: the next group, best effort, without evicting [0, 1], which still
-    # runs step 3. After step 3 the slice ends: the next group, and [0, 1] gives way.
+    # Turns come at 2/3 a step. Step 1: nobody gives way, nothing to prefetch, [0, 1] stay. Step 2: 0 gives way;
+    # 2 takes its place in step 3 beside 1. Step 3: 1 gives way to 3. Step 4: nobody gives way.
     assert hints[0] == ([], [0, 1])
-    assert hints[1] == ([2, 3], [0, 1])
-    assert hints[2] == ([2, 3], [])
+    assert hints[1] == ([2], [1])
+    assert hints[2] == ([3], [2])
     assert hints[3] == ([], [2, 3])
 
 

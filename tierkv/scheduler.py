@@ -11,9 +11,13 @@
   push begun work off the GPU (that would swap KV out and back for no gain in throughput). With `oversubscribe`,
   new sequences start whenever the tiers together hold them, and everyone takes turns (better time to first
   token for later requests, at the cost of swapping).
-- When the begun sequences do not all fit on the GPU (they grew, or with `oversubscribe`), a group keeps the GPU
-  for `slice_steps` steps, then the next group takes over (preemption by swapping: the page manager demotes the
-  old group's blocks and the new group's blocks are prefetched a step ahead).
+- When the begun sequences do not all fit on the GPU (they grew, or with `oversubscribe`), they take turns: each
+  keeps the GPU for about `slice_steps` steps, then gives way to the next in line (preemption by swapping: the
+  page manager demotes its blocks; the next one's are prefetched a step ahead). The turns are staggered: a group
+  of G sequences lets about G / slice_steps of them go each step (those that have run longest), not all G at
+  once every slice_steps steps. The bytes swapped are the same, but spread evenly over the steps, each step's
+  share crosses the link while steps compute (layer by layer) instead of the whole GPU tier at once between
+  two steps, with nothing to compute meanwhile. (On the H100, 2026-11-24: see BENCHMARKS.md, item 4.)
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.reserved: dict[int, int] = {}  # request arrival -> blocks reserved
         self.preemptions = 0
-        self._slice_left = slice_steps
+        self._credit = 0  # turns owed, in 1/slice_steps of a sequence: a group of G earns G per step sliced
         self._last_group: set[int] = set()
-        self._rotated = False  # the last scheduled step ended a slice: the group that ran gives way
+        self._rotated = False  # after the last scheduled step, some of its sequences give way
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -185,46 +189,39 @@ class Scheduler:
         return group, streaming, skipped, blocks_left
 
     def _time_slice(self, entries: list[ScheduledEntry], skipped: bool) -> None:
-        """Rotate the running order every `slice_steps` steps while not everything fits on the GPU."""
+        """While not everything fits on the GPU, let the sequences that have held it longest give way, about
+        len(group) / slice_steps of them a step (each keeps it for about slice_steps steps): to the back of the
+        running order."""
         group = {e.seq.seq_id for e in entries}
+        self._last_group = group
         if not skipped:
-            self._slice_left = self.slice_steps
-            self._last_group = group
+            self._credit = 0
             self._rotated = False
             return
-        self._slice_left -= 1
-        self._rotated = self._slice_left <= 0
-        if self._rotated:
-            ran = [s for s in self.running if s.seq_id in group]
+        self._credit += len(group)
+        turns = self._credit // self.slice_steps
+        self._credit -= turns * self.slice_steps
+        self._rotated = turns > 0
+        if turns:
+            ran = [s for s in self.running if s.seq_id in group][:turns]  # in running order: the longest on the GPU
             for s in ran:
                 self.running.remove(s)
                 self.running.append(s)
             self.preemptions += sum(1 for s in ran if not s.finished)
-            self._slice_left = self.slice_steps
-        self._last_group = group
 
     def _next_group(self) -> list[Sequence]:
-        """The group of the step after the one being scheduled now, as far as can be told: after a rotation, the
-        one the running order now gives; one step before a rotation, the one it will give after it."""
-        if self._rotated:
-            order = list(self.running)
-        else:
-            order = [s for s in self.running if s.seq_id not in self._last_group]
-            order += [s for s in self.running if s.seq_id in self._last_group]
-        return self._members(order)[0]
+        """The group of the step after the one being scheduled now, as far as can be told (the running order now)."""
+        return self._members(self.running)[0]
 
     def prefetch_targets(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(upcoming, staying) for prefetch, after this step was scheduled. Upcoming: the next slice's group's
-        sequences that are not running now, after the last step of a slice (the group just rotated out) and already
-        one step before it (best effort); only the group that will run, not sequences still waiting to start or
-        left out again. Staying: sequences that ran this step and run in the next one too (a prefetch must not
-        evict them): the whole group within a slice; after a rotation, the new group's members from the old one."""
+        """(upcoming, staying) for prefetch, after this step was scheduled. Upcoming: where this step let some
+        sequences go, those of the next step's group that are not running now (they take their places); only those
+        that will run, not sequences still waiting to start or left out again. Staying: sequences that ran this step
+        and run in the next one too (a prefetch must not evict them). (Looking a step further ahead, at the group
+        after a step that will let some go, brought blocks in that the next step's growth then pushed out again.)"""
         last = self._last_group
-        if self._rotated:
-            nxt = self._next_group()
-            return ([s for s in nxt if s.seq_id not in last and not s.finished],
-                    [s for s in nxt if s.seq_id in last and not s.finished])
-        staying = [s for s in self.running if s.seq_id in last and not s.finished]
-        if self._slice_left != 1:
-            return [], staying
-        return [s for s in self._next_group() if s.seq_id not in last and not s.finished], staying
+        if not self._rotated:
+            return [], [s for s in self.running if s.seq_id in last and not s.finished]
+        nxt = self._next_group()
+        return ([s for s in nxt if s.seq_id not in last and not s.finished],
+                [s for s in nxt if s.seq_id in last and not s.finished])
