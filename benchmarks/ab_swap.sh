@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A/B in one call: the outgrowing workload of fast_path.sh item 4 (prefetch on) with the swap as built (host copies
-# kept from promotion, chunked, large blocks down through the copy engines) and as before all three (one batch each
-# way, both on the SMs, every block copied down), interleaved.
+# kept from promotion, large blocks down through the copy engines) and without them (both directions on the SMs,
+# every block copied down), interleaved. (When this was measured, 2026-11-24, the swap as built also went in four
+# chunks; it goes in one since decode graphs wait for arriving blocks layer by layer: PageManager.swap_chunks.)
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 py="${PYTHON:-python3}"

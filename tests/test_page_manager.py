@@ -180,6 +180,7 @@ def test_a_swap_into_a_full_gpu_goes_in_chunks_that_each_wait_only_for_their_own
     """Swapping 64 blocks into a GPU tier full of another sequence's: four chunks of 16 (each chunk's victims out,
     then its blocks in, into the slots they left), not one batch out and one in, and every byte exact."""
     monkeypatch.setattr(PageManager, "swap_chunk_blocks", 8)
+    monkeypatch.setattr(PageManager, "swap_chunks", 4)  # (one by default)
     with make(gpu=64, cpu=128) as pm:
         a = add(pm, "a", 256, 1)  # 64 blocks: fills the GPU
         b = add(pm, "b", 256, 2)  # pushes a down

@@ -73,11 +73,14 @@ class _Sequence:
 class PageManager:
     """KV blocks of fixed size across GPU, pinned CPU and NVMe tiers, with block tables per sequence."""
 
-    # A promotion into a full GPU tier (a swap: victims out, then the blocks in, into the slots they vacate) goes in
-    # up to `swap_chunks` chunks of at least `swap_chunk_blocks` blocks: each chunk's blocks come in as soon as its
-    # own victims are out, while the next chunk's victims go out, so the two directions overlap on the link
-    # instead of the whole copy in waiting for the whole copy out.
-    swap_chunks = 4
+    # A promotion into a full GPU tier (a swap: victims out, then the blocks in, into the slots they vacate) can go
+    # in up to `swap_chunks` chunks of at least `swap_chunk_blocks` blocks: each chunk's blocks come in as soon as
+    # its own victims are out, while the next chunk's victims go out, so the two directions overlap on the link.
+    # One chunk by default: the copy in goes layer group by layer group, and a step waits for each layer's group
+    # just before the layer; chunks would queue every chunk's groups behind the whole of the chunks before it, so
+    # that the step's first layer waited for most of the swap. (H100, 2026-11-24, item 4's oversubscribed run with
+    # staggered turns: median decode step 8.1 ms in one chunk against 9.0-9.1 ms in four; BENCHMARKS.md.)
+    swap_chunks = 1
     swap_chunk_blocks = 32
     # A block promoted from the CPU tier keeps its CPU slot as a copy until it is written (an acquire that writes it)
     # or the room is wanted: demoted again unwritten (a swapped-in sequence's full blocks, a prefix), it moves
