@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on the device machine: set up tierkv against the image's torch, run the whole test suite
 # (GPU tests included), the block-move benchmark, the page-manager offload benchmark and the fused-kernel
-# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | engine | bench | item3 | item4 | item4host
+# benchmark at an 8B shape, the decode-attention benchmark and an engine throughput run. Stages: all | tests | tests1 | tests2 | halves (tests1 and tests2 at once) | engine | bench | item3 | item4 | item4host
 # (item3, item4: not in `all`; the layer-slice copy rates and a profile of item 3's streamed decode steps; profiles
 # of item 4's oversubscribed steps with prefetch on and off).
-# Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh
+# Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh [stage]
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
@@ -22,12 +22,21 @@ stage="${1:-all}"
 half1="tests/test_attention_kernels.py tests/test_batch.py tests/test_bench_cli.py tests/test_block_copy.py tests/test_engine.py \
 tests/test_engine_gpu.py tests/test_fused_kernels.py tests/test_gpu.py tests/test_handles.py tests/test_nvme_store.py \
 tests/test_packaged_model.py tests/test_page_manager.py tests/test_page_manager_stateful.py"
+half2="$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$half1" | grep .) | tr '\n' ' ')"
 case "$stage" in
     all|tests) files=tests ;;
     tests1) files="$half1" ;;
-    tests2) files="$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$half1" | grep .) | tr '\n' ' ')" ;;
+    tests2) files="$half2" ;;
     *) files="" ;;
 esac
+if [ "$stage" = halves ]; then
+    # Both halves at once, each in its own process (16 host cores; the GPU shared, every test sizes its own tiers):
+    # the whole suite in one call. Verbose logs, so that a test still running at a timeout is named.
+    timeout 520 $py -m pytest -v -p no:cacheprovider --durations=12 $half1 > "$out/pytest1.log" 2>&1 &
+    timeout 520 $py -m pytest -v -p no:cacheprovider --durations=12 $half2 --deselect tests/test_tensor_parallel.py > "$out/pytest2.log" 2>&1 &
+    wait
+    for log in "$out/pytest1.log" "$out/pytest2.log"; do grep -E "FAILED|ERROR|passed|failed" "$log" | tail -8; done
+fi
 if [ -n "$files" ]; then
     # The CPU tensor-parallel tests (spawned gloo workers) run in CI; here they would only cost the call's time.
     timeout 540 $py -m pytest -q -p no:cacheprovider $files --deselect tests/test_tensor_parallel.py 2>&1 | tee "$out/pytest.log" | tail -25
