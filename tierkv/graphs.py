@@ -94,6 +94,10 @@ class LayerGates:
 class DecodeGraphs:
     """The captured decode graphs of one engine."""
 
+    # Graphs wait on LayerGates (one event-wait node per layer) for blocks still arriving; False: such steps wait for
+    # the transfers whole before a replay, and the graphs hold no wait nodes (an A/B switch for benchmarks).
+    layer_gates = True
+
     # The widest block table a graph is captured for, in tokens: wider steps (long contexts) run eagerly, where the
     # per-step launch overhead is small beside the attention itself and the split-K scratch would be large.
     max_context = 32768
@@ -116,7 +120,7 @@ class DecodeGraphs:
         self.replays = 0
         self.captures = 0
         layers = len(engine.model.model.layers)
-        self.gates = LayerGates(layers, engine.device) if external_events_supported() else None
+        self.gates = LayerGates(layers, engine.device) if self.layer_gates and external_events_supported() else None
 
     def wait_layers(self, handles: list) -> None:
         """Make the next replay wait for `handles` (LayeredHandles of blocks still arriving) layer by layer, or, where
