@@ -247,6 +247,26 @@ def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
     assert prefetched >= 0.5 * on, f"only {prefetched} of {on} promotions were prefetched ahead of their step"
 
 
+def test_turns_spread_the_swapping_over_the_steps():
+    """Oversubscribed decode on a small GPU tier (8 of 24 sequences fit, slice_steps 4): sequences give way two a
+    step (staggered turns), so a typical step brings in two sequences' blocks (~25 of 96), not the whole tier every
+    4 steps as whole-group turns did (96 blocks in one step, none in the others). Steps where sequences finish take
+    in more at once (their room is filled), so the median is what is checked."""
+    with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000, enable_prefix_caching=False,
+                    max_num_batched_tokens=2048, oversubscribe=True, slice_steps=4) as llm:
+        prompts = random_prompts(24, 180, 180, 500, seed=2)  # 12 blocks each with its output: 8 fit the GPU tier
+        llm.add_requests(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        per_step = []
+        while llm.engine.has_unfinished:
+            before = llm.stats()["links"].get("cpu->gpu", {}).get("blocks", 0)
+            llm.step()
+            per_step.append(llm.stats()["links"].get("cpu->gpu", {}).get("blocks", 0) - before)
+        preemptions = llm.stats()["engine"]["preemptions"]
+    swapping = sorted(n for n in per_step if n)
+    assert preemptions > 20 and len(swapping) > 20
+    assert swapping[len(swapping) // 2] <= 96 // 3, f"blocks brought in per step: {per_step}"
+
+
 def test_prefetch_when_sequences_outgrow_the_gpu_moves_nothing_twice(tmp_path):
     """By default (no oversubscription) sequences that start together outgrow a small GPU tier as they decode and
     then take turns; consecutive groups share most of their members. Prefetch must bring exactly the blocks of the
