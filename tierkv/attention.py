@@ -155,12 +155,12 @@ class StepAttention:
     def wait(self, layer: int) -> None:
         """Order the current stream after this layer's share of the blocks still arriving: before the layer's KV is
         written or read."""
-        if self.layer_waits:
+        if self.layer_waits or self.gates is not None:
             stream = torch.cuda.current_stream(self.gpu.pool.device)
             for handle in self.layer_waits:
                 handle.wait_layer(layer, stream)
-        if self.gates is not None:
-            torch.cuda.current_stream(self.gpu.pool.device).wait_event(self.gates[layer])  # a wait node when captured
+            if self.gates is not None:
+                stream.wait_event(self.gates[layer])  # a wait node when captured
 
     def caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The GPU tier's (keys, values) of one layer, each (slots, block_size, Hkv, D), strided."""

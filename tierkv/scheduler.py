@@ -209,10 +209,6 @@ class Scheduler:
                 self.running.append(s)
             self.preemptions += sum(1 for s in ran if not s.finished)
 
-    def _next_group(self) -> list[Sequence]:
-        """The group of the step after the one being scheduled now, as far as can be told (the running order now)."""
-        return self._members(self.running)[0]
-
     def prefetch_targets(self) -> tuple[list[Sequence], list[Sequence]]:
         """(upcoming, staying) for prefetch, after this step was scheduled. Upcoming: where this step let some
         sequences go, those of the next step's group that are not running now (they take their places); only those
@@ -222,6 +218,6 @@ class Scheduler:
         last = self._last_group
         if not self._rotated:
             return [], [s for s in self.running if s.seq_id in last and not s.finished]
-        nxt = self._next_group()
+        nxt = self._members(self.running)[0]  # the next step's group, as far as the running order now tells
         return ([s for s in nxt if s.seq_id not in last and not s.finished],
                 [s for s in nxt if s.seq_id in last and not s.finished])
