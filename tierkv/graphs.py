@@ -11,10 +11,11 @@ attention kernels are the eager ones over the bucket's table width (partitions p
 and weigh nothing), so a replay computes what the eager step computes.
 
 Blocks still arriving (a swapped-in sequence's KV, coming over in layer groups) are waited for layer by layer inside
-the replay: each graph waits, before layer i writes its KV, on gate i, an external CUDA event that the step points at
-the end of layer i's share of the transfers before the replay (LayerGates). The first layers compute while the later
-ones cross the link, as in eager steps, at a graph's launch cost. Where torch has no external events, such a step
-waits for the transfers as a whole before the replay.
+the replay: such a step replays a graph captured with a wait node before each layer's KV write, on gate i, an
+external CUDA event that the step points at the end of layer i's share of the transfers before the replay
+(LayerGates). The first layers compute while the later ones cross the link, as in eager steps, at a graph's launch
+cost. Steps with nothing arriving replay graphs captured without wait nodes (a bucket can have both). Where torch has
+no external events, a step with blocks arriving waits for the transfers as a whole before the replay.
 
 A step whose buckets have no graph yet replays a captured one for up to 4x the rows or 4x the table width if there
 is one (the extra rows cost their share of the GEMMs, which read the same weights either way, and no attention),
@@ -114,19 +115,21 @@ class DecodeGraphs:
             w *= 2
         widths.append(max(1, self.max_context // bs))
         self.width_buckets = widths
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, bool], _Graph] = {}  # (rows, table width, waits on the gates)
         self.pool = None
         self.logits_out: torch.Tensor | None = None  # one output buffer shared by every graph (max batch x vocab)
         self.replays = 0
         self.captures = 0
         layers = len(engine.model.model.layers)
         self.gates = LayerGates(layers, engine.device) if self.layer_gates and external_events_supported() else None
+        self._gated = False  # the next replay waits on the gates (wait_layers armed them for its step)
 
     def wait_layers(self, handles: list) -> None:
         """Make the next replay wait for `handles` (LayeredHandles of blocks still arriving) layer by layer, or, where
         the graphs have no gates, make the compute stream wait for them whole now."""
         if self.gates is not None:
             self.gates.arm(handles)
+            self._gated = True
         else:
             all_of(handles).wait_on(torch.cuda.current_stream(self.engine.device))
 
@@ -141,28 +144,29 @@ class DecodeGraphs:
         """The decode step's logits (len(plans), vocab), from a replayed graph. `ids` (on the device), `positions`
         and `slots` (host): each entry's input token, its position and where its K/V go."""
         n = len(plans)
-        B, W = self._pick(n, max(len(t) for t in tables))
+        gated, self._gated = self._gated, False
+        B, W = self._pick(n, max(len(t) for t in tables), gated)
         pad = B - n
         first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
         live = np.concatenate([np.ones(n, dtype=np.int64), first])
         host_vec = [np.concatenate([positions, first + positions[0]]).astype(np.int64), np.concatenate([slots, first - 1]).astype(np.int64), live]
         host_tab = padded_tables(tables + [tables[0]] * pad, W)
-        g = self.graphs.get((B, W))
+        g = self.graphs.get((B, W, gated))
         if g is None:
-            g = self._capture(B, W, ids, host_vec, host_tab)
+            g = self._capture(B, W, gated, ids, host_vec, host_tab)
         else:
             self._fill(g, ids, host_vec, host_tab)
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
 
-    def _pick(self, n: int, width: int) -> tuple[int, int]:
+    def _pick(self, n: int, width: int, gated: bool) -> tuple[int, int]:
         """The (rows, table width) buckets of the graph for a step of n rows and this table width: its own, or a
         captured one for up to 4x the rows or the width (the smallest), rather than a new capture."""
         B, W = _bucket(n, self.batch_buckets), _bucket(width, self.width_buckets)
-        if (B, W) in self.graphs:
+        if (B, W, gated) in self.graphs:
             return B, W
-        covering = [(b, w) for b, w in self.graphs if B <= b <= 4 * B and W <= w <= 4 * W]
+        covering = [(b, w) for b, w, g in self.graphs if g == gated and B <= b <= 4 * B and W <= w <= 4 * W]
         return min(covering, key=lambda k: (k[0] * k[1], k[0])) if covering else (B, W)
 
     def _fill(self, g: _Graph, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray) -> None:
@@ -178,16 +182,16 @@ class DecodeGraphs:
         g.live.copy_(live)
         g.tables.copy_(host_to_device([host_tab.reshape(-1)], g.tables.device)[0].view(g.tables.shape))
 
-    def _forward(self, g: _Graph, batch: PagedBatch) -> torch.Tensor:
+    def _forward(self, g: _Graph, batch: PagedBatch, gated: bool) -> torch.Tensor:
         e = self.engine
         attend = StepAttention(e.pm.tiers[GPU], batch, g.slots, [], None, e.scale, e.spec.sliding_windows)
-        attend.gates = self.gates.events if self.gates is not None else None
+        attend.gates = self.gates.events if gated else None
         hidden = e.model(g.ids, g.positions, attend)
         out = self.logits_out[: g.ids.shape[0]]
         out.copy_(e.model.logits(hidden))
         return out
 
-    def _capture(self, B: int, W: int, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray) -> _Graph:
+    def _capture(self, B: int, W: int, gated: bool, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray) -> _Graph:
         """Capture the graph for (B, W) with this step's inputs in its buffers (the warm-up runs and the capture
         write this step's K/V, the same bytes the replay then writes again)."""
         dev = self.engine.device
@@ -217,14 +221,14 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: compiles and autotunes outside the capture
                 self._refresh(g, batch)
-                self._forward(g, batch)
+                self._forward(g, batch, gated)
         compute.wait_stream(side)
         # thread_local: the mover's I/O thread may launch copies on its own streams meanwhile, which is fine here.
         with torch.cuda.graph(g.graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
             self._refresh(g, batch)
-            g.logits = self._forward(g, batch)
+            g.logits = self._forward(g, batch, gated)
         compute.wait_stream(side)
-        self.graphs[(B, W)] = g
+        self.graphs[(B, W, gated)] = g
         self.captures += 1
         return g
 
