@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import append_rows, run_meta, write_json
+from common import append_rows, require_cuda, run_meta, write_json
 from tierkv.kernels import PagedBatch, paged_attention_triton
 
 
@@ -95,8 +95,7 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--record")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("attention_decode: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("attention_decode"):
         return 2
     rows = []
     for c in args.cases:

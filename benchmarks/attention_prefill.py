@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from common import append_rows, run_meta, write_json
+from common import append_rows, require_cuda, run_meta, write_json
 from tierkv.kernels import PagedBatch, paged_attention_triton
 from tierkv.kernels.paged_attention import PREFILL_CONFIG, PREFILL_CONFIG_SMALL, SPLIT_MAX_Q
 
@@ -205,8 +205,7 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--record")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("attention_prefill: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("attention_prefill"):
         return 2
     cases = [parse_case(c) for c in args.cases]
     if args.sweep:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import append_rows, run_meta, write_json
+from common import append_rows, require_cuda, run_meta, write_json
 from tierkv.kernels import copy_blocks_triton
 from tierkv.kernels.block_copy import default_max_programs
 from tierkv.layout import KVLayout
@@ -158,8 +158,7 @@ def main() -> int:
     ap.add_argument("--out", help="write the JSON results here")
     ap.add_argument("--record", help="append one line per block size to this markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("block_moves: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("block_moves"):
         return 2
     device = torch.device("cuda")
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,11 +21,37 @@ def run_meta() -> dict:
         "torch": torch.__version__,
         "command": "python " + " ".join(sys.argv),
     }
+    meta.update(_code_version())
+    return meta
+
+
+def _code_version() -> dict:
+    """The commit the run's code is, as far as git can tell: `commit` (HEAD, or $TIERKV_COMMIT where the caller knows
+    better) and `tree_matches_commit` (False where tracked files differ from HEAD: a copy whose `.git` is older than
+    its files, as on the device machine, or uncommitted edits; then `commit` is not the code that ran)."""
+    out: dict = {}
     try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:
+            out["commit"] = head.stdout.strip()
+            changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+            if changed.returncode == 0:
+                out["tree_matches_commit"] = not changed.stdout.strip()
     except OSError:
         pass
-    return meta
+    if os.environ.get("TIERKV_COMMIT"):
+        out["commit"] = os.environ["TIERKV_COMMIT"]
+        out.pop("tree_matches_commit", None)
+    return out
+
+
+def require_cuda(tool: str) -> bool:
+    """True where a CUDA device is visible; otherwise says so for `tool` (a GPU-only benchmark) and returns False."""
+    if torch.cuda.is_available():
+        return True
+    print(f"{tool}: needs a CUDA device, and torch sees none (torch {torch.__version__}, built for CUDA "
+          f"{torch.version.cuda or 'none'}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.", file=sys.stderr)
+    return False
 
 
 def write_json(path: str | None, meta: dict, **results) -> None:

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from common import run_meta, write_json
+from common import require_cuda, run_meta, write_json
 from fused_kernels import copy_gbps
 
 # Llama-3.1-8B
@@ -101,8 +101,7 @@ def main() -> int:
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch.backends.cuda.preferred_blas_library")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("decode_gemms: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("decode_gemms"):
         return 2
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)

@@ -5,6 +5,8 @@
 # (item3, item4: not in `all`; the layer-slice copy rates and a profile of item 3's streamed decode steps; profiles
 # of item 4's oversubscribed steps with prefetch on and off).
 # Usage (device tool, repo root, carrying .whl with the kvikio wheels):  bash benchmarks/device_run.sh [stage]
+# The device machine's copy of .git can be older than its files: the JSON's `tree_matches_commit` then reads false.
+# Prefix TIERKV_COMMIT=$(git rev-parse --short HEAD), as written out here, to record the commit that runs.
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU fast-path benchmarks (Llama-3.1-8B shape, dummy bf16 weights), one command, JSON per item in $OUT.
 #   bash benchmarks/fast_path.sh [items...]     items: 1 2 3 4 5 6 2hf (default: 1 2 3 4 5 6)
+# (On the device machine, prefix TIERKV_COMMIT=<the commit> so that the JSON names it: its .git can be stale.)
 # 1 throughput that fits on the GPU   2 throughput beyond the GPU (KV spills to pinned RAM): tierkv on an 8 GiB GPU
 # tier, and the same requests with all KV on the GPU (the compute bound)   2hf item 2's baseline, transformers'
 # offloaded cache on the same requests (a call of its own: ~4 minutes)

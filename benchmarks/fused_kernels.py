@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from common import run_meta, write_json
+from common import require_cuda, run_meta, write_json
 from tierkv.kernels import add_rms_norm_triton, rms_norm_triton, rotary_qk_reference, rotary_qk_triton, silu_mul_triton
 from tierkv.kernels.fused import SILU_BLOCK, SILU_WARPS
 
@@ -143,8 +143,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time rotary_qk_triton at each tokens-per-program block")
     ap.add_argument("--out", help="JSON file for the results")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("fused_kernels: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("fused_kernels"):
         return 2
     torch.manual_seed(0)
     gbps = copy_gbps()

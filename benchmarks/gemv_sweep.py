@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
 
 import torch
 
-from common import run_meta, write_json
+from common import require_cuda, run_meta, write_json
 from decode_gemms import SHAPES, graph_ms, shape_ms
 from fused_kernels import copy_gbps
 from tierkv.kernels.gemv import gemv_config, gemv_triton
@@ -28,8 +27,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--out")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs CUDA", file=sys.stderr)
+    if not require_cuda("gemv_sweep"):
         return 2
     roof = copy_gbps()
     print(f"copy roofline {roof:.0f} GB/s")

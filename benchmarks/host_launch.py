@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common import run_meta, write_json
+from common import require_cuda, run_meta, write_json
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
@@ -44,8 +44,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--out")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("host_launch: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("host_launch"):
         return 2
     from tierkv.kernels.fused import add_rms_norm, silu_mul
 

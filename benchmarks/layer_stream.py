@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from common import run_meta, write_json
+from common import require_cuda, run_meta, write_json
 from tierkv.kernels import copy_blocks_triton
 from tierkv.kernels.block_copy import copy_block_runs, copy_engine_available
 
@@ -59,8 +59,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("layer_stream: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("layer_stream"):
         return 2
     if args.blocks % args.run_blocks or (args.block_kib * 1024) % (args.layers * 2):
         print("layer_stream: --blocks must be a multiple of --run-blocks, and a block must split into --layers", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, union, warm_up
+from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, require_cuda, union, warm_up
 
 HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
@@ -75,8 +75,7 @@ def main() -> int:
                     help="instead of the GPU trace: the window's steps timed one by one, then run again under cProfile "
                          "(the host's Python by function: where a host-bound step's time goes)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("overlap_profile: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("overlap_profile"):
         return 2
     tiers = {"gpu_memory": args.gpu_memory} if args.gpu_memory else {}
     if args.max_model_len:

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
-from common import annotate, ms_and_calls_by_name, ms_by_name, union
+from common import annotate, ms_and_calls_by_name, ms_by_name, require_cuda, union
 from tierkv import attention
 
 
@@ -34,8 +34,7 @@ def main() -> int:
     ap.add_argument("--staging-buffers", type=int, default=2)
     ap.add_argument("--copy-streams", type=int, default=2)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("stream_profile: needs a CUDA device", file=sys.stderr)
+    if not require_cuda("stream_profile"):
         return 2
     tierkv.engine.Engine.staging_buffers = args.staging_buffers
     tierkv.engine.Engine.staging_copy_streams = args.copy_streams
