@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU fast-path benchmarks (Llama-3.1-8B shape, dummy bf16 weights), one command, JSON per item in $OUT.
-#   bash benchmarks/fast_path.sh [items...]     items: 1 2 3 4 5 6 2hf (default: 1 2 3 4 5 6)
+#   bash benchmarks/fast_path.sh [items...]     items: 1 2 3 4 5 6 1hf 2hf (default: 1 2 3 4 5 6)
 # (On the device machine, prefix TIERKV_COMMIT=<the commit> so that the JSON names it: its .git can be stale.)
-# 1 throughput that fits on the GPU   2 throughput beyond the GPU (KV spills to pinned RAM): tierkv on an 8 GiB GPU
+# 1 throughput that fits on the GPU   1hf item 1's baseline, transformers' generate_batch() on the same requests (~3
+# minutes; `1hf 1` in one call gives the same-call ratio)   2 throughput beyond the GPU (KV spills to pinned RAM): tierkv on an 8 GiB GPU
 # tier, and the same requests with all KV on the GPU (the compute bound)   2hf item 2's baseline, transformers'
 # offloaded cache on the same requests (a call of its own: ~4 minutes)
 # 3 one sequence longer than the GPU tier   4 overlap: prefetch on / off / transfers serialized with compute / all KV on the
@@ -21,7 +22,22 @@ show() { grep -E "compiled|graphs captured|tok/s|decode step|links:" || true; }
 for item in $items; do
     start=$SECONDS
     case "$item" in
-    1) timeout 120 $py $et --num-requests 256 --prompt-len 1024 --output-len 128 --cpu-memory 8GiB --out "$out/fp1_throughput.json" 2>&1 | show ;;
+    1) timeout 120 $py $et --num-requests 256 --prompt-len 1024 --output-len 128 --cpu-memory 8GiB --out "$out/fp1_throughput.json" 2>&1 | show
+       $py - "$out" <<'PY'
+import json, os, sys
+t = json.load(open(f"{sys.argv[1]}/fp1_throughput.json"))
+line = f"item 1: {t['output_tok_per_s']:.1f} output tok/s, {t['output_tok_per_s'] / 4500:.0%} of the ~4,500 roofline (ANCHORS.md)"
+hf = f"{sys.argv[1]}/fp1_hf_generate_batch.json"
+if os.path.exists(hf):
+    h = json.load(open(hf))
+    line += f"; transformers generate_batch() {h['output_tok_per_s']:.1f} tok/s in this call: {t['output_tok_per_s'] / h['output_tok_per_s']:.1f}x"
+else:
+    line += f"; {t['output_tok_per_s'] / 217.5:.1f}x ANCHORS.md's generate_batch() figure (217.5, another lease; item 1hf measures it here)"
+print(line)
+PY
+       ;;
+    1hf) timeout 400 $py benchmarks/hf_generate_batch.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --output-len 128 \
+             --out "$out/fp1_hf_generate_batch.json" 2>&1 | grep -v -i warn | tail -4 ;;
     2) timeout 150 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --gpu-memory 8GiB --cpu-memory 40GiB --out "$out/fp2_spill.json" 2>&1 | show
        timeout 100 $py $et --num-requests 32 --prompt-len 8192 --output-len 64 --cpu-memory 8GiB --out "$out/fp2_all_gpu.json" 2>&1 | show
        # The spill run's decode batch (7 sequences: what the 8 GiB tier holds) with all KV on the GPU: its decode step

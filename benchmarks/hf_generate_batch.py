@@ -1,0 +1,83 @@
+"""The baseline of the fast-path issue's item 1, measured in the same call as tierkv: transformers' continuous
+batching, `generate_batch()`, on the same requests as `engine_throughput.py` (same seed, same prompt and output
+lengths; dummy bf16 weights at the real shape, greedy, every request generating exactly --output-len tokens).
+
+    python benchmarks/hf_generate_batch.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --output-len 128 \
+        --out hf_generate_batch.json
+
+The model loads with transformers' default attention; generate_batch() runs its paged variant of it for the run
+(ANCHORS.md's figure came from attn_implementation="paged|sdpa").
+A short generate_batch() call first pays the one-time costs (CUDA graph capture, kernel selection) outside the
+timed run. ANCHORS.md's figure for 256 x (1024 + 128), from another lease: 217.5 output tok/s (150.6 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from common import require_cuda, run_meta, write_json
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if not require_cuda("hf_generate_batch"):
+        return 2
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tierkv.loader import load_hf_config, resolve_config_path
+
+    device = torch.device("cuda")
+    config = load_hf_config(resolve_config_path(args.model))
+    t0 = time.perf_counter()
+    with torch.device(device):  # random weights, initialised where they run
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    # Which attention generate_batch() switches the model to for its run (it switches back after): recorded.
+    switches: list[str] = []
+    set_attn = model.set_attn_implementation
+    model.set_attn_implementation = lambda impl, *a, **k: (switches.append(str(impl)), set_attn(impl, *a, **k))[1]
+    # The same prompts as engine_throughput.py: one generator, seed 0, in request order.
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
+    # No end-of-sequence token: every request runs its full --output-len, as in tierkv's run.
+    cfg = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    t0 = time.perf_counter()
+    model.generate_batch(inputs=[p[:16] for p in prompts[:4]], generation_config=cfg, progress_bar=False)  # warm-up
+    warm_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    lengths = [len(o.generated_tokens) for o in outs.values()]
+    generated = sum(lengths)
+    if len(outs) != args.num_requests or generated != args.num_requests * args.output_len:
+        # A request that failed or stopped early would make the baseline look faster or slower than it is: say so.
+        print(f"hf_generate_batch: {len(outs)} of {args.num_requests} requests came back with {generated} tokens, not "
+              f"{args.num_requests * args.output_len}: not a valid baseline", file=sys.stderr)
+        return 1
+    meta = run_meta()
+    meta["transformers"] = transformers.__version__
+    row = dict(num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len, wall_s=wall,
+               output_tokens=generated, output_tok_per_s=generated / wall, load_s=load_s, warm_up_s=warm_s,
+               attn_implementation_loaded=model.config._attn_implementation, attn_implementation_switches=switches, max_gpu_bytes=torch.cuda.max_memory_allocated())
+    write_json(args.out, meta, **row)
+    print(f"transformers {transformers.__version__} generate_batch() (attention {switches[0] if switches else row['attn_implementation_loaded']}), {args.num_requests} x "
+          f"({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, {generated / wall:.1f} output tok/s "
+          f"(load {load_s:.1f} s, warm-up {warm_s:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
