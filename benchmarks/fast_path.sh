@@ -55,6 +55,8 @@ line = (f"item 2: GPU tier 8 GiB {d['spill']['wall_s']:.1f} s ({d['spill']['outp
 if os.path.exists(hf):
     h = json.load(open(hf))
     line += f"; transformers offloaded {h['output_tok_per_s']:.2f} tok/s: {d['spill']['output_tok_per_s'] / h['output_tok_per_s']:.1f}x"
+    if h.get("steady_output_tok_per_s"):
+        line += f" ({d['spill']['output_tok_per_s'] / h['steady_output_tok_per_s']:.1f}x its batches after the first, {h['steady_output_tok_per_s']:.2f} tok/s)"
 print(line)
 PY
        ;;
