@@ -54,6 +54,22 @@ def require_cuda(tool: str) -> bool:
     return False
 
 
+def add_workload_args(ap, num_requests: int = 256, prompt_len: int = 1024, output_len: int = 128) -> None:
+    """The workload options that the engine runs and their transformers baselines share: the model, and
+    num_requests prompts of prompt_len random tokens, each generating exactly output_len tokens."""
+    ap.add_argument("--model", default="llama-3.1-8b", help="a preset name (dummy weights at its shape) or a checkpoint folder")
+    ap.add_argument("--num-requests", type=int, default=num_requests)
+    ap.add_argument("--prompt-len", type=int, default=prompt_len)
+    ap.add_argument("--output-len", type=int, default=output_len)
+
+
+def workload_prompts(num_requests: int, prompt_len: int, vocab_size: int) -> torch.Tensor:
+    """The prompts of a workload, (num_requests, prompt_len) token ids: one generator seeded 0, in request order, so
+    that tierkv's runs and the transformers baselines get the same requests."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (num_requests, prompt_len), generator=g)
+
+
 def write_json(path: str | None, meta: dict, **results) -> None:
     if path:
         with open(path, "w") as f:

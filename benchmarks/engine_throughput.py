@@ -20,7 +20,7 @@ import time
 import torch
 
 import tierkv
-from common import log_compiles, run_meta, timed_generation, warm_up, write_json
+from common import add_workload_args, log_compiles, run_meta, timed_generation, warm_up, workload_prompts, write_json
 from tierkv.stats import format_stats
 
 
@@ -39,10 +39,7 @@ def h2d_gbps(nbytes: int = 1 << 30) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--num-requests", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_workload_args(ap)
     ap.add_argument("--gpu-memory")
     ap.add_argument("--cpu-memory")
     ap.add_argument("--nvme-dir")
@@ -74,8 +71,7 @@ def main() -> int:
     llm = tierkv.LLM(args.model, **opts)
     load_s = time.perf_counter() - t0
     vocab = llm.loaded.spec.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab, (args.num_requests, args.prompt_len), generator=g).tolist()
+    prompts = workload_prompts(args.num_requests, args.prompt_len, vocab).tolist()
     params = tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     link = h2d_gbps() if torch.cuda.is_available() else None
     warm_up(llm, prompts)

@@ -19,15 +19,12 @@ import time
 
 import torch
 
-from common import require_cuda, run_meta, write_json
+from common import add_workload_args, require_cuda, run_meta, workload_prompts, write_json
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--num-requests", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_workload_args(ap)
     ap.add_argument("--out")
     args = ap.parse_args()
     if not require_cuda("hf_generate_batch"):
@@ -48,8 +45,7 @@ def main() -> int:
     set_attn = model.set_attn_implementation
     model.set_attn_implementation = lambda impl, *a, **k: (switches.append(str(impl)), set_attn(impl, *a, **k))[1]
     # The same prompts as engine_throughput.py: one generator, seed 0, in request order.
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, config.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
+    prompts = workload_prompts(args.num_requests, args.prompt_len, config.vocab_size).tolist()
     # No end-of-sequence token: every request runs its full --output-len, as in tierkv's run.
     cfg = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
     t0 = time.perf_counter()

@@ -20,15 +20,12 @@ import time
 
 import torch
 
-from common import require_cuda, run_meta, write_json
+from common import add_workload_args, require_cuda, run_meta, workload_prompts, write_json
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=8192)
-    ap.add_argument("--output-len", type=int, default=64)
+    add_workload_args(ap, 32, 8192, 64)
     ap.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (halved on out-of-memory)")
     ap.add_argument("--batches", type=int, help="run only this many batches (the rest have the same shapes)")
     ap.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"], help="transformers' cache (dynamic: all KV on the GPU)")
@@ -50,8 +47,7 @@ def main() -> int:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     load_s = time.perf_counter() - t0
     # The same prompts as engine_throughput.py: one generator, seed 0, in request order.
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, config.vocab_size, (args.num_requests, args.prompt_len), generator=g)
+    prompts = workload_prompts(args.num_requests, args.prompt_len, config.vocab_size)
     kwargs = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
     if args.cache == "offloaded":
         kwargs["cache_implementation"] = "offloaded"

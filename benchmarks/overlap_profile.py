@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import annotate, log_compiles, ms_and_calls_by_name, ms_by_name, require_cuda, union, warm_up
+from common import add_workload_args, annotate, log_compiles, ms_and_calls_by_name, ms_by_name, require_cuda, union, warm_up, workload_prompts
 
 HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
@@ -57,10 +57,7 @@ def host_profile(llm, steps: int, top: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--num-requests", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--output-len", type=int, default=128)
+    add_workload_args(ap)
     ap.add_argument("--cpu-memory", default="8GiB")
     ap.add_argument("--gpu-memory")
     ap.add_argument("--max-model-len", type=int, help="for prompts beyond the model's default (item 3's 256k tokens)")
@@ -83,8 +80,7 @@ def main() -> int:
     llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192, **tiers,
                      enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling, prefetch=not args.no_prefetch,
                      oversubscribe=args.oversubscribe)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, llm.loaded.spec.vocab_size, (args.num_requests, args.prompt_len), generator=g).tolist()
+    prompts = workload_prompts(args.num_requests, args.prompt_len, llm.loaded.spec.vocab_size).tolist()
     warm_up(llm, prompts)  # the steps before the window compile the rest
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))
     engine = llm.engine

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 import tierkv
-from common import run_meta, write_json
+from common import add_workload_args, run_meta, workload_prompts, write_json
 
 PM_CALLS = ("begin_step", "append_tokens", "acquire", "pin_in_place", "release", "prefetch", "add_sequence", "free", "fork", "register")
 
@@ -26,10 +26,7 @@ def sync():
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--num-requests", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--output-len", type=int, default=64)
+    add_workload_args(ap, 256, 1024, 64)
     ap.add_argument("--gpu-memory")
     ap.add_argument("--cpu-memory")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -43,8 +40,7 @@ def main() -> int:
     llm = tierkv.LLM(args.model, **opts)
     engine, pm = llm.engine, llm.pm
     vocab = llm.loaded.spec.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, vocab, (args.num_requests, args.prompt_len), generator=g).tolist()
+    prompts = workload_prompts(args.num_requests, args.prompt_len, vocab).tolist()
     llm.generate(prompts[:2], tierkv.SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
 
     acc = defaultdict(float)
