@@ -7,8 +7,9 @@ lengths; dummy bf16 weights at the real shape, greedy, every request generating 
 
 The model loads with transformers' default attention; generate_batch() runs its paged variant of it for the run
 (ANCHORS.md's figure came from attn_implementation="paged|sdpa").
-A short generate_batch() call first pays the one-time costs (CUDA graph capture, kernel selection) outside the
-timed run. ANCHORS.md's figure for 256 x (1024 + 128), from another lease: 217.5 output tok/s (150.6 s).
+A short generate_batch() call first pays the one-time costs (kernel selection) outside the timed run (as in
+`tierkv bench --baseline hf`, through the same function). ANCHORS.md's figure for 256 x (1024 + 128), from
+another lease: 217.5 output tok/s (150.6 s).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def main() -> int:
     if not require_cuda("hf_generate_batch"):
         return 2
     import transformers
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
+    from tierkv.benchmark import timed_generate_batch
     from tierkv.loader import load_hf_config, resolve_config_path
 
     device = torch.device("cuda")
@@ -47,31 +49,22 @@ def main() -> int:
     # The same prompts as engine_throughput.py: one generator, seed 0, in request order.
     prompts = workload_prompts(args.num_requests, args.prompt_len, config.vocab_size).tolist()
     # No end-of-sequence token: every request runs its full --output-len, as in tierkv's run.
-    cfg = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-    t0 = time.perf_counter()
-    model.generate_batch(inputs=[p[:16] for p in prompts[:4]], generation_config=cfg, progress_bar=False)  # warm-up
-    warm_s = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    lengths = [len(o.generated_tokens) for o in outs.values()]
+    wall, lengths = timed_generate_batch(model, prompts, args.output_len)
     generated = sum(lengths)
-    if len(outs) != args.num_requests or generated != args.num_requests * args.output_len:
+    if len(lengths) != args.num_requests or generated != args.num_requests * args.output_len:
         # A request that failed or stopped early would make the baseline look faster or slower than it is: say so.
-        print(f"hf_generate_batch: {len(outs)} of {args.num_requests} requests came back with {generated} tokens, not "
+        print(f"hf_generate_batch: {len(lengths)} of {args.num_requests} requests came back with {generated} tokens, not "
               f"{args.num_requests * args.output_len}: not a valid baseline", file=sys.stderr)
         return 1
     meta = run_meta()
     meta["transformers"] = transformers.__version__
     row = dict(num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len, wall_s=wall,
-               output_tokens=generated, output_tok_per_s=generated / wall, load_s=load_s, warm_up_s=warm_s,
+               output_tokens=generated, output_tok_per_s=generated / wall, load_s=load_s,
                attn_implementation_loaded=model.config._attn_implementation, attn_implementation_switches=switches, max_gpu_bytes=torch.cuda.max_memory_allocated())
     write_json(args.out, meta, **row)
     print(f"transformers {transformers.__version__} generate_batch() (attention {switches[0] if switches else row['attn_implementation_loaded']}), {args.num_requests} x "
           f"({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, {generated / wall:.1f} output tok/s "
-          f"(load {load_s:.1f} s, warm-up {warm_s:.1f} s)")
+          f"(load {load_s:.1f} s)")
     return 0
 
 

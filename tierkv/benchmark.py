@@ -290,10 +290,24 @@ def _phase_result(outputs, wall, reqs, base, stats, ceilings) -> dict:
     return result
 
 
+def timed_generate_batch(model, prompts: list[list[int]], max_new: int) -> tuple[float, list[int]]:
+    """transformers' continuous batching, greedy, no end-of-sequence token (every request runs max_new tokens): a
+    short warm-up call, then one timed generate_batch() over `prompts`. Returns its wall time and the number of
+    tokens each request that came back generated."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=[prompts[0][:8]], generation_config=cfg, progress_bar=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+    wall = time.perf_counter() - t0
+    return wall, [len(o.generated_tokens) for o in outs.values()]
+
+
 def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: torch.device, dtype) -> dict[str, dict]:
     """The same requests through transformers: generate() with the dynamic and the offloaded cache (all requests in
     one left-padded batch), and generate_batch() (its continuous batching)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     from tierkv.loader import load_hf_config, resolve_config_path
 
@@ -335,12 +349,8 @@ def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: 
         except Exception as exc:  # e.g. out of memory at this batch size: reported, not hidden
             results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     try:
-        cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
-        model.generate_batch(inputs=[reqs[0].prompt_ids[:8]], generation_config=cfg, progress_bar=False)  # warm-up
-        t0 = time.perf_counter()
-        outs = model.generate_batch(inputs=[r.prompt_ids for r in reqs], generation_config=cfg, progress_bar=False)
-        wall = time.perf_counter() - t0
-        generated = sum(len(o.generated_tokens) for o in outs.values())
+        wall, lengths = timed_generate_batch(model, [r.prompt_ids for r in reqs], max_new)
+        generated = sum(lengths)
         results["hf generate_batch"] = {"wall_s": wall, "output_tokens": generated, "output_tokens_per_s": generated / wall}
     except Exception as exc:
         results["hf generate_batch"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
