@@ -412,14 +412,11 @@ class Engine:
             at, src = host_to_device([np.array([r for r, _, _ in pending], np.int64), np.array([i for _, _, i in pending], np.int64)], dev)
             ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
         if self.graphs is not None and self.graphs.eligible(plans, tables):
-            waits = self.pm.take_layer_waits()
             # Blocks still arriving: the replay waits for them layer by layer (its gates). (Running such a step as
             # piecewise graphs instead made it slower on the H100, 2026-11-24: item 4's decode steps with blocks
             # arriving took 22.6 ms at the median against 15.7 ms waiting whole before a replay; the host's
             # layer-by-layer launches cost more than the overlap saved.)
-            if waits:
-                self.graphs.wait_layers(waits)
-            return self.graphs.run(plans, tables, ids_d, positions, slots), False
+            return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), False
         streamed = self._stream_plan(plans, placed)
         q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(
             [q_starts.astype(np.int32), starts.astype(np.int32), (starts + n).astype(np.int32), firsts.astype(np.int32), table.ravel()], dev

@@ -122,16 +122,6 @@ class DecodeGraphs:
         self.captures = 0
         layers = len(engine.model.model.layers)
         self.gates = LayerGates(layers, engine.device) if self.layer_gates and external_events_supported() else None
-        self._gated = False  # the next replay waits on the gates (wait_layers armed them for its step)
-
-    def wait_layers(self, handles: list) -> None:
-        """Make the next replay wait for `handles` (LayeredHandles of blocks still arriving) layer by layer, or, where
-        the graphs have no gates, make the compute stream wait for them whole now."""
-        if self.gates is not None:
-            self.gates.arm(handles)
-            self._gated = True
-        else:
-            all_of(handles).wait_on(torch.cuda.current_stream(self.engine.device))
 
     def eligible(self, plans, tables) -> bool:
         return (
@@ -140,11 +130,17 @@ class DecodeGraphs:
             and max(len(t) for t in tables) <= self.width_buckets[-1]
         )
 
-    def run(self, plans, tables, ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+    def run(self, plans, tables, ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray, arriving: list) -> torch.Tensor:
         """The decode step's logits (len(plans), vocab), from a replayed graph. `ids` (on the device), `positions`
-        and `slots` (host): each entry's input token, its position and where its K/V go."""
+        and `slots` (host): each entry's input token, its position and where its K/V go. `arriving`: LayeredHandles
+        of blocks still coming in, waited for layer by layer by a graph with wait nodes (the gates armed for them),
+        or, where the graphs have no gates, by the compute stream as a whole before the replay."""
         n = len(plans)
-        gated, self._gated = self._gated, False
+        gated = bool(arriving) and self.gates is not None
+        if gated:
+            self.gates.arm(arriving)
+        elif arriving:
+            all_of(arriving).wait_on(torch.cuda.current_stream(self.engine.device))
         B, W = self._pick(n, max(len(t) for t in tables), gated)
         pad = B - n
         first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
