@@ -1,5 +1,7 @@
 """The engine on a CUDA device (device machine): Triton kernels inside the whole model, against transformers."""
 
+import random
+
 import pytest
 import torch
 
@@ -8,6 +10,17 @@ from tierkv import SamplingParams
 from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 pytestmark = pytest.mark.gpu
+
+
+class _LongHolds(random.Random):
+    """For the mover's debug hook (`_debug_rng`): every hold on a copy stream is as long as the hook's longest, or up
+    to twice that (1-2 ms on the H100), never near zero. The hook holds a stream once per batch, before all of its
+    layer groups; a tiny model's swap-in is a few KiB, so after a short hold it is already complete when `acquire`,
+    some tens of microseconds after launching it, asks whether it is done, and the step has nothing in flight."""
+
+    def randrange(self, start, stop=None, step=1):
+        lo, hi = (0, start) if stop is None else (start, stop)
+        return super().randrange(hi, 2 * hi - lo)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -60,8 +73,6 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
     layers already compute; with the copy stream held back by a random sleep before each transfer, the output
     is still exact (without the per-layer waits the step would read blocks not yet there). The prompt's step runs
     as piecewise graphs: each layer's wait comes before the graph piece that writes that layer's KV."""
-    import random
-
     from tierkv.handles import LayeredHandle
     from tierkv.mover import Mover
 
@@ -99,8 +110,6 @@ def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch
     stream (copy engines, or the kernel); with that stream held back by random sleeps before each copy, the output
     is still exact (a missing event between a buffer's copy and its attention, or its attention and its next
     copy, would show as wrong tokens)."""
-    import random
-
     from tierkv import attention
     from tierkv.kernels import block_copy
 
@@ -200,9 +209,8 @@ def test_a_graph_waits_on_its_gates_as_they_stood_at_its_launch():
 def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypatch):
     """Groups taking turns on a small GPU tier, swapped back in one layer at a time with the copy streams held back
     at random, prefetch off so that blocks are still in flight when their step starts: the decode steps replay their
-    graphs, waiting on gates layer by layer. Same tokens as eager steps and transformers."""
-    import random
-
+    graphs, waiting on gates layer by layer. Same tokens as eager steps and transformers. The holds are long
+    (_LongHolds): with the hook's random ones, 2 of 34 H100 runs had no decode step meet blocks in flight."""
     from tierkv.mover import Mover
 
     monkeypatch.setattr(Mover, "layered_min_blocks", 4)
@@ -213,7 +221,7 @@ def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypa
     for graphs in (True, False):
         with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", cuda_graphs=graphs, gpu_blocks=24, cpu_blocks=400,
                         max_num_batched_tokens=128, oversubscribe=True, prefetch=False) as llm:
-            llm.pm.mover._debug_rng = random.Random(5)
+            llm.pm.mover._debug_rng = _LongHolds(5)
             outs[graphs] = llm.generate(prompts, SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
             if graphs:
@@ -234,8 +242,6 @@ def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
     layer's KV; whether a step meets blocks in flight depends on timing: the prefix test below makes sure of one).
     Same tokens as eager steps and as transformers, log-probabilities as close as float32 allows (the GEMMs see
     padded rows)."""
-    import random
-
     from tierkv.mover import Mover
 
     if case == "swapped":
@@ -291,8 +297,6 @@ def test_asynchronous_steps_on_gpu_match_synchronous_ones(gpu_blocks, tmp_path):
     """Steps planned and launched while the previous one still runs (its greedy tokens fed on the device), decode
     graphs replayed among them, stops landing mid-run, copy streams held back at random (races): the tokens equal
     synchronous steps' and transformers'. With 24 GPU blocks groups take turns and KV swaps to pinned RAM."""
-    import random
-
     hf = make_checkpoint(tmp_path / "m", "llama").cuda()
     prompts = random_prompts(8, 5, 150, hf.config.vocab_size, seed=9)
     free = [hf_greedy(hf, p, 20) for p in prompts]
