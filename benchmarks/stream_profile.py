@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
-from common import annotate, ms_and_calls_by_name, ms_by_name, require_cuda, union
+from common import annotate, ms_and_calls_by_name, ms_by_name, require_cuda, union, workload_prompts
 from tierkv import attention
 
 
@@ -40,8 +40,7 @@ def main() -> int:
     tierkv.engine.Engine.staging_copy_streams = args.copy_streams
     llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=None if args.gpu_memory == "auto" else args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,
                      max_model_len=args.prompt_len + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, llm.loaded.spec.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.num_requests)]
+    prompts = workload_prompts(args.num_requests, args.prompt_len, llm.loaded.spec.vocab_size).tolist()
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.steps + 4, ignore_eos=True))
     engine = llm.engine
     while engine.counters.generated_tokens < 2 * args.num_requests:
