@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common import append_rows, require_cuda, run_meta, write_json
-from tierkv.kernels import PagedBatch, paged_attention_triton
+from tierkv.kernels.paged_attention import PagedBatch, paged_attention_triton
 
 
 def case(batch: int, length: int, args) -> dict:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from common import append_rows, require_cuda, run_meta, write_json
-from tierkv.kernels import PagedBatch, paged_attention_triton
+from tierkv.kernels.paged_attention import PagedBatch, paged_attention_triton
 from tierkv.kernels.paged_attention import PREFILL_CONFIG, PREFILL_CONFIG_SMALL, SPLIT_MAX_Q
 
 SWEEP = [

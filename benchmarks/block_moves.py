@@ -19,7 +19,7 @@ import time
 import torch
 
 from common import append_rows, require_cuda, run_meta, write_json
-from tierkv.kernels import copy_blocks_triton
+from tierkv.kernels.block_copy import copy_blocks_triton
 from tierkv.kernels.block_copy import default_max_programs
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from common import require_cuda, run_meta, write_json
-from tierkv.kernels import add_rms_norm_triton, rms_norm_triton, rotary_qk_reference, rotary_qk_triton, silu_mul_triton
+from tierkv.kernels.fused import add_rms_norm_triton, rms_norm_triton, rotary_qk_reference, rotary_qk_triton, silu_mul_triton
 from tierkv.kernels.fused import SILU_BLOCK, SILU_WARPS
 
 

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from common import require_cuda, run_meta, write_json
-from tierkv.kernels import copy_blocks_triton
+from tierkv.kernels.block_copy import copy_blocks_triton
 from tierkv.kernels.block_copy import copy_block_runs, copy_engine_available
 
 

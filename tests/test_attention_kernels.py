@@ -4,7 +4,9 @@ compiled on CUDA) against the reference, exact merging of partial results."""
 import pytest
 import torch
 
-from tierkv.kernels import (
+from tierkv.kernels.kv_write import write_kv_reference, write_kv_triton
+from tierkv.kernels.paged_attention import (
+    PREFILL_CONFIG,
     PagedBatch,
     attention_reference,
     merge_partials,
@@ -12,10 +14,7 @@ from tierkv.kernels import (
     merge_partials_triton,
     paged_attention_reference,
     paged_attention_triton,
-    write_kv_reference,
-    write_kv_triton,
 )
-from tierkv.kernels.paged_attention import PREFILL_CONFIG
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tierkv.kernels import copy_blocks, copy_blocks_reference, copy_blocks_triton
+from tierkv.kernels.block_copy import copy_blocks, copy_blocks_reference, copy_blocks_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tierkv.kernels import (
+from tierkv.kernels.fused import (
     add_rms_norm,
     add_rms_norm_reference,
     add_rms_norm_triton,

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tierkv.kernels import gemv_reference, gemv_triton, linear
+from tierkv.kernels.gemv import gemv_reference, gemv_triton, linear
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
 

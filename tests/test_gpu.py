@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tierkv import KVLayout, PageManager, PageManagerConfig
-from tierkv.kernels import copy_blocks_reference, copy_blocks_triton
+from tierkv.kernels.block_copy import copy_blocks_reference, copy_blocks_triton
 from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_engine_available
 from tierkv.mover import Mover
 from tierkv.tiers import CPU, GPU, MemoryTier, NvmeTier

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.kernels import PagedBatch, copy_blocks, merge_partials_into, paged_attention, write_kv
+from tierkv.kernels.paged_attention import PagedBatch, merge_partials_into, paged_attention
+from tierkv.kernels.block_copy import copy_blocks
+from tierkv.kernels.kv_write import write_kv
 from tierkv.kernels.block_copy import copy_block_runs, copy_blocks_triton, copy_engine_runs
 from tierkv.tiers import MemoryTier
 

@@ -35,7 +35,7 @@ from tierkv.sampling import SamplingParams
 
 TOP_KEYS = ("model", "engine", "sampling", "input", "output")
 RECORD_KEYS = ("id", "prompt", "messages")
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")  # package data
 
 
 @dataclass

@@ -88,7 +88,8 @@ def _run_parser(sub) -> None:
         description=(
             "Run every record of the config's input JSONL that is not yet in its output JSONL, appending each result "
             "as it finishes. Killed and started again, it finishes the rest. Without CONFIG it runs the demo "
-            "(configs/demo.yaml) from scratch and prints the texts."
+            "(configs/demo.yaml, shipped with tierkv) from scratch, prints the texts and writes out/demo.jsonl in the "
+            "current directory."
         ),
     )
     p.add_argument("config", nargs="?", help="the run's YAML file (default: the demo)")
@@ -106,7 +107,13 @@ def _run_run(args) -> int:
     from tierkv.stats import format_stats
 
     demo = args.config is None
-    spec = batch.load_spec(args.config or batch.DEMO_CONFIG, args.overrides)
+    overrides = args.overrides
+    if demo:
+        # The demo's config is package data (inside site-packages once installed): its results and block files go
+        # to out/ in the current directory instead of beside the YAML.
+        out = os.path.abspath("out")
+        overrides = [f"output={out}/demo.jsonl", f"engine.nvme_dir={out}/demo-nvme", *overrides]
+    spec = batch.load_spec(args.config or batch.DEMO_CONFIG, overrides)
     if args.check:
         done = batch.finished_ids(spec.output, {r.id for r in spec.records})
         batch.check_capacity(spec)
@@ -131,7 +138,10 @@ def _run_run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tierkv import __version__
+
     parser = argparse.ArgumentParser(prog="tierkv", description="tierkv: a tiered KV-cache offloading runtime")
+    parser.add_argument("--version", action="version", version=f"tierkv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     bench = _bench_parser(sub)

@@ -10,7 +10,7 @@ import torch
 
 from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
-from tierkv.kernels import PagedBatch
+from tierkv.kernels.paged_attention import PagedBatch
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.loader import LoadedModel
 from tierkv.page_manager import PageManager

@@ -32,7 +32,8 @@ import torch
 
 from tierkv.attention import StepAttention, host_to_device, padded_tables
 from tierkv.handles import all_of
-from tierkv.kernels import PagedBatch, write_kv
+from tierkv.kernels.paged_attention import PagedBatch
+from tierkv.kernels.kv_write import write_kv
 from tierkv.tiers import GPU
 
 

@@ -20,7 +20,7 @@ from tierkv import packaged
 from tierkv.errors import ConfigError
 from tierkv.model import CausalLM, ModelSpec
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "models")  # package data
 
 
 @dataclass

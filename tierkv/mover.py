@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
-from tierkv.kernels import copy_blocks
+from tierkv.kernels.block_copy import copy_blocks
 from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available, copy_engine_runs
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 

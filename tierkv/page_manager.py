@@ -36,7 +36,9 @@ from tierkv.errors import CapacityError, CorruptBlockError
 from tierkv.handles import DONE, Handle, LayeredHandle, all_of
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover
-from tierkv.policies import EvictionPolicy, NextScheduledPrefetch, PrefetchPolicy, make_eviction_policy
+from tierkv.policies.base import EvictionPolicy
+from tierkv.policies.prefetch import NextScheduledPrefetch, PrefetchPolicy
+from tierkv.policies.registry import make_eviction_policy
 from tierkv.stats import TierCounters, build_stats, format_stats
 from tierkv.tiers import CPU, GPU, NVME, TIER_NAMES, MemoryTier, NvmeTier, Tier
 

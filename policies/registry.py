@@ -1,14 +1,10 @@
-"""Eviction and prefetch policies for tierkv's page manager.
+"""Eviction policies by name, as the engine's `eviction` option spells them."""
 
-Pure Python, no torch: a policy sees block keys (any hashable) and never touches tensors. The page manager
-keeps one eviction policy instance per tier, tells it of every insert, access and removal, and asks it for
-victims when the tier is full.
-"""
+from __future__ import annotations
 
 from tierkv.policies.base import EvictionPolicy
 from tierkv.policies.clock import ClockPolicy
 from tierkv.policies.lru import LRUPolicy
-from tierkv.policies.prefetch import NextScheduledPrefetch, PrefetchPolicy
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "clock": ClockPolicy}
 
@@ -20,14 +16,3 @@ def make_eviction_policy(name: str) -> EvictionPolicy:
     except KeyError:
         known = ", ".join(sorted(EVICTION_POLICIES))
         raise ValueError(f"unknown eviction policy {name!r}; choose one of: {known}") from None
-
-
-__all__ = [
-    "EvictionPolicy",
-    "LRUPolicy",
-    "ClockPolicy",
-    "PrefetchPolicy",
-    "NextScheduledPrefetch",
-    "EVICTION_POLICIES",
-    "make_eviction_policy",
-]
