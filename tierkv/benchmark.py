@@ -197,7 +197,7 @@ def _run_requests(llm, reqs: list[BenchRequest]) -> tuple[list, float]:
 
     pending = sorted(enumerate(reqs), key=lambda x: x[1].arrival_s)
     outputs: dict[str, object] = {}
-    base = len(llm.engine.requests)
+    base = llm.engine._arrivals
     t0 = time.perf_counter()
     i = 0
     while i < len(pending) or llm.has_unfinished():

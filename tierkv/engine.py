@@ -14,6 +14,7 @@ from tierkv.kernels.paged_attention import PagedBatch
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.loader import LoadedModel
 from tierkv.page_manager import PageManager
+from tierkv.pm_repair import repair
 from tierkv.prefix_cache import LoadOrRecompute, PrefixHasher, PrefixStats
 from tierkv.sampling import SamplingParams, make_generator, sample_row, top_logprobs
 from tierkv.scheduler import ScheduledEntry, Scheduler
@@ -88,7 +89,9 @@ class Engine:
         self.block_size = pm.layout.block_size
         self.prefetch_enabled = prefetch
         self.counters = EngineCounters()
-        self.requests: list[Request] = []
+        self.live: dict[int, Request] = {}  # unfinished requests by arrival number
+        self.finished_log: list[Request] = []  # requests that finished or were aborted, until the caller takes them
+        self._touching: dict[int, Request] = {}  # requests the step in progress has admitted or scheduled
         self._next_seq = 0
         self._arrivals = 0
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -114,6 +117,7 @@ class Engine:
         self.pieces = PiecewiseGraphs(self) if cuda_graphs and cuda else None
         self.async_scheduling = async_scheduling
         self._inflight: LaunchedStep | None = None  # a deferred step: its tokens are read during the next step
+        self._completing: LaunchedStep | None = None  # the step whose tokens the step in progress is reading
         self._synced_at = 0.0  # when the host last read a step's tokens back
         # Deferred steps' greedy tokens come back through these (one row per sequence of a step, at most).
         rows = scheduler.max_num_seqs if scheduler is not None else 0
@@ -124,9 +128,46 @@ class Engine:
     def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
         req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals)
         self._arrivals += 1
+        self.live[req.arrival] = req
         self.scheduler.add(req)
-        self.requests.append(req)
         return req
+
+    def take_finished(self) -> list[Request]:
+        """The requests that finished or were aborted since the last call, in that order."""
+        done, self.finished_log = self.finished_log, []
+        return done
+
+    def _retire(self, req: Request) -> None:
+        if self.live.pop(req.arrival, None) is not None:
+            self.finished_log.append(req)
+
+    def abort(self, requests) -> None:
+        """Stop `requests` now, wherever they are: waiting, running, or in a step still on the device (whose
+        results for them are then dropped). Their blocks are freed in every tier; they finish with reason "abort"."""
+        self._forget(requests)
+        for req in requests:
+            for seq in req.sequences:
+                if seq.seq_id in self.pm.sequences:
+                    self.pm.free(seq.seq_id)
+
+    def _forget(self, requests) -> None:
+        """Take `requests` out of the scheduler and mark them aborted; their page-manager sequences stay."""
+        now = time.perf_counter()
+        running = self.scheduler.running
+        for req in requests:
+            if self.live.get(req.arrival) is not req:
+                continue  # finished already
+            req.aborted = True
+            if req in self.scheduler.waiting:
+                self.scheduler.waiting.remove(req)
+            for seq in req.sequences:
+                seq.pending.clear()
+                if not seq.finished:
+                    seq.finish_reason, seq.finish_time = "abort", now
+                if seq in running:
+                    running.remove(seq)
+            self.scheduler.reserved.pop(req.arrival, None)
+            self._retire(req)
 
     def _new_sequence(self, req: Request, sample_index: int, token_ids: list[int], num_computed: int) -> Sequence:
         seq = Sequence(
@@ -138,6 +179,7 @@ class Engine:
         return seq
 
     def _admit(self, req: Request) -> Sequence:
+        self._touching[req.arrival] = req
         seq = self._new_sequence(req, 0, req.prompt_ids, 0)
         self.pm.add_sequence(seq.seq_id)
         if self.hasher is not None:
@@ -226,10 +268,61 @@ class Engine:
         With asynchronous scheduling a step whose sampled rows are all greedy is left running on the device: the
         next call plans and launches the following step (its input tokens taken on the device from this one's),
         then reads this one's tokens, so the host's bookkeeping overlaps the GPU. A sequence that this step ends
-        (EOS, a stop) has one more step computed for it, whose result is dropped."""
+        (EOS, a stop) has one more step computed for it, whose result is dropped.
+
+        A step that fails (an error, an I/O failure, KeyboardInterrupt at any point) aborts the requests it was
+        running, frees their blocks in every tier, puts the page manager's bookkeeping right and re-raises the
+        error, which carries `aborted_request_ids`; the engine takes new work at once."""
+        self._touching = {}
+        try:
+            return self._step()
+        except BaseException as exc:
+            if self.tp_driver is not None:
+                raise  # the other ranks hold their own state: tierkv.LLM retires the engine instead
+            aborted = self._recover()
+            exc.aborted_request_ids = [r.request_id for r in aborted]
+            if hasattr(exc, "add_note"):
+                exc.add_note(
+                    f"tierkv: the step failed; {len(aborted)} request(s) it was running were aborted and their KV "
+                    f"blocks freed ({', '.join(exc.aborted_request_ids[:8])}{', ...' if len(aborted) > 8 else ''}); "
+                    "the engine is ready for new requests"
+                )
+            raise
+        finally:
+            self._touching = {}
+            self._completing = None
+
+    def _recover(self) -> list[Request]:
+        """After a failed step: abort the requests it touched (and any left between the scheduler's queues), free
+        every page-manager sequence no running sequence owns, and rebuild the page manager's derived state."""
+        involved = dict(self._touching)
+        for launched in (self._inflight, self._completing):
+            if launched is not None:
+                involved.update((e.seq.request.arrival, e.seq.request) for e in launched.entries)
+        self._inflight = self._completing = None
+        queued = {id(r) for r in self.scheduler.waiting} | {id(s.request) for s in self.scheduler.running}
+        involved.update((a, r) for a, r in self.live.items() if id(r) not in queued)
+        aborted = [r for r in involved.values() if self.live.get(r.arrival) is r]
+        self._forget(aborted)
+        keep = {s.seq_id for s in self.scheduler.running}
+        lost = repair(self.pm, set(self.pm.sequences) - keep)
+        if lost:  # their KV did not survive (a transfer failed): their requests end too
+            broken = list({s.request.arrival: s.request for s in self.scheduler.running if s.seq_id in lost}.values())
+            self.abort(broken)
+            aborted += broken
+        reserved = self.scheduler.reserved
+        for arrival in [a for a in reserved if a not in self.live]:
+            del reserved[arrival]
+        for seq in self.scheduler.running:
+            reserved.setdefault(seq.request.arrival, self.scheduler.reservation(seq.request))
+        return aborted
+
+    def _step(self) -> list[Request]:
         t0 = time.perf_counter()
         self.scheduler.admit(self._admit)
         entries = self.scheduler.schedule()
+        self._touching.update((e.seq.request.arrival, e.seq.request) for e in entries)
+        self._completing = self._inflight
         prev, self._inflight = self._inflight, None
         if not entries and prev is None:
             if self.scheduler.running:
@@ -384,6 +477,8 @@ class Engine:
                     s.pending.clear()
                     self.scheduler.finish(s)
                     self.pm.free(s.seq_id)
+            if req.finished:
+                self._retire(req)
             touched[req.arrival] = req
         return list(touched.values())
 

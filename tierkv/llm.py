@@ -7,15 +7,14 @@ import gc
 import os
 import shutil
 import time
-from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 
-import numpy as np
 import torch
 
 from tierkv.config import EngineConfig, PageManagerConfig, resolve_blocks, resolve_device
 from tierkv.engine import Engine
+from tierkv import inputs
 from tierkv.errors import CapacityError, ConfigError, TierKVError
 from tierkv.layout import KVLayout
 from tierkv.loader import load_model
@@ -52,6 +51,9 @@ class LLM:
         self.config = cfg = EngineConfig(model=model, **kwargs)
         device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._closed = False
+        self._broken: str | None = None  # why no more steps can run (tensor parallelism after a failed step)
+        self._queued: set[int] = set()  # arrivals of add_requests() requests not yet returned by step()
+        self._ready: list = []  # those that finished, for the next step() to return
         self._driver = tp = None
         if cfg.tensor_parallel_size > 1:
             from tierkv import parallel
@@ -137,23 +139,24 @@ class LLM:
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (in memory and in the NVMe store's index); returns the blocks dropped."""
+        self._usable()
         return self.pm.reset_prefix_cache()
 
     def get_tokenizer(self):
         return self.loaded.tokenizer
 
     # -- requests ------------------------------------------------------------------------------------------------
+    def _usable(self) -> None:
+        """Refuse work on a closed engine, or on one whose tensor-parallel ranks can no longer agree."""
+        if self._closed:
+            raise ConfigError("this LLM is closed; create a new tierkv.LLM(...) to run more requests")
+        if self._broken is not None:
+            raise TierKVError(f"this LLM cannot run more steps: {self._broken}; close it and create a new one")
+
     def _prepare(self, prompts, sampling_params) -> list[tuple[str | None, list[int], SamplingParams]]:
         """Tokenize and check every prompt before anything runs, so a bad one fails the call, not the run."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(prompts):
-                raise ConfigError(f"{len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
-            params = list(sampling_params)
-        else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
+        prompts = inputs.prompt_list(prompts)
+        params = inputs.sampling_list(sampling_params, len(prompts))
         tok = self.loaded.tokenizer
         vocab = self.loaded.spec.vocab_size
         prepared = []
@@ -161,27 +164,14 @@ class LLM:
             if isinstance(prompt, str):
                 if tok is None:
                     raise ConfigError(f"prompt {i} is text but the model has no tokenizer; pass token ids or tokenizer=")
-                ids = tok(prompt).input_ids
+                if not prompt:
+                    raise ConfigError(f"prompt {i} is an empty string; give some text")
+                ids = inputs.token_ids(tok(prompt).input_ids, f"prompt {i}", vocab)
                 text = prompt
             else:
-                try:
-                    packed = array("q", prompt)  # fast for lists of ints; refuses floats
-                except (TypeError, OverflowError):
-                    packed = array("q", [int(t) for t in prompt])
-                ids = packed.tolist()
+                ids = inputs.token_ids(prompt, f"prompt {i}", vocab)
                 text = None
-            if not ids:
-                raise ConfigError(f"prompt {i} is empty")
-            if isinstance(prompt, str):
-                packed = array("q", ids)
-            view = np.frombuffer(packed, dtype=np.int64)  # range check without a Python loop over a long prompt
-            if int(view.min()) < 0 or int(view.max()) >= vocab:
-                raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
-            total = len(ids) + p.max_tokens
-            if total > self.max_model_len:
-                raise ConfigError(
-                    f"prompt {i}: {len(ids)} tokens + max_tokens {p.max_tokens} = {total} exceeds max_model_len {self.max_model_len}"
-                )
+            inputs.check_request(f"prompt {i}", len(ids), p, vocab, self.max_model_len)
             prepared.append((text, ids, p))
         self._check_capacity(prepared)
         return prepared
@@ -191,61 +181,123 @@ class LLM:
         for i, (_, ids, p) in enumerate(prepared):
             check_request_fits(f"prompt {i}", len(ids), p, self.scheduler, gpu, cpu, nvme)
 
-    def _add(self, prompts, sampling_params, request_ids=None):
+    def _add(self, prompts, sampling_params, request_ids=None) -> list:
+        self._usable()
         prepared = self._prepare(prompts, sampling_params)
+        inputs.request_ids(request_ids, len(prepared), {r.request_id for r in self.engine.live.values()})
         base = self.engine._arrivals
-        if request_ids is None:
-            request_ids = [str(base + i) for i in range(len(prepared))]
-        elif len(request_ids) != len(prepared):
-            raise ConfigError(f"{len(request_ids)} request ids for {len(prepared)} prompts")
-        return [self.engine.add_request(str(rid), i, text, ids, p) for i, (rid, (text, ids, p)) in enumerate(zip(request_ids, prepared))]
+        ids = [str(rid) for rid in request_ids] if request_ids is not None else [str(base + i) for i in range(len(prepared))]
+        added = []
+        try:
+            for i, (rid, (text, tokens, p)) in enumerate(zip(ids, prepared)):
+                added.append(self.engine.add_request(rid, i, text, tokens, p))
+        except BaseException:
+            self.engine.abort(added)  # all of the call or none of it
+            raise
+        return added
 
     def add_requests(self, prompts, sampling_params=None, request_ids: list[str] | None = None) -> list[str]:
-        """Queue prompts for `step()`. Every prompt is checked first: a bad one queues nothing. Returns request ids."""
-        return [r.request_id for r in self._add(prompts, sampling_params, request_ids)]
+        """Queue prompts for `step()`. Every prompt is checked first: a bad one queues nothing. Returns request ids
+        (`request_ids` if given: unique, and not those of requests still running)."""
+        added = self._add(prompts, sampling_params, request_ids)
+        self._queued.update(r.arrival for r in added)
+        return [r.request_id for r in added]
+
+    def _step(self) -> list:
+        """One engine step; afterwards (also after a failed one) the queued requests that finished are set aside
+        for `step()`, wherever they finished (a `generate()` call runs steps too)."""
+        self._usable()
+        try:
+            return self.engine.step()
+        except BaseException as exc:
+            if self._driver is not None:
+                self._broken = f"a step failed under tensor parallelism ({type(exc).__name__}: {exc})"
+            raise
+        finally:
+            for req in self.engine.take_finished():
+                if req.arrival in self._queued:
+                    self._queued.discard(req.arrival)
+                    if not req.aborted:  # an abort is reported once: by the exception of the step that caused it
+                        self._ready.append(req)
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the requests that finished in it."""
-        return [req.output() for req in self.engine.step() if req.finished]
+        """Run one engine step; returns the requests queued by `add_requests` that have finished since the last
+        call (in this step, or in steps a `generate()` ran). A step that fails aborts the requests it was running
+        (their ids are in the exception's `aborted_request_ids`); the next call works."""
+        self._step()
+        ready, self._ready = self._ready, []
+        return [req.output() for req in ready]
+
+    def abort(self, request_ids) -> int:
+        """Stop requests by id (queued or running): their KV blocks are freed in every tier at once, and they are
+        not returned by `step()`. Ids of finished or unknown requests are ignored. Returns how many were stopped."""
+        self._usable()
+        wanted = {str(rid) for rid in ([request_ids] if isinstance(request_ids, (str, int)) else request_ids)}
+        found = [r for r in self.engine.live.values() if r.request_id in wanted]
+        self.engine.abort(found)
+        for req in self.engine.take_finished():
+            if req.arrival in self._queued:
+                self._queued.discard(req.arrival)
+                if not req.aborted:
+                    self._ready.append(req)
+        return len(found)
 
     def has_unfinished(self) -> bool:
-        return self.engine.has_unfinished
+        return self.engine.has_unfinished or bool(self._ready)
 
     def kv_blocks_by_tier(self) -> dict[str, int]:
         """Live KV blocks in each tier now."""
         return {self.pm.tiers[k].name: self.pm.resident(k) for k in self.pm.kinds}
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run the prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order."""
+        """Run the prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order.
+
+        If anything interrupts it (an error, Ctrl-C), the call's unfinished requests are aborted, their blocks
+        freed, and the error raised; the LLM stays usable."""
         requests = self._add(prompts, sampling_params)
         bar = None
-        if use_tqdm:
-            from tqdm import tqdm
+        try:
+            if use_tqdm:
+                from tqdm import tqdm
 
-            bar = tqdm(total=len(requests), desc="generating", unit="req", dynamic_ncols=True)
-        done = 0
-        t0 = time.perf_counter()
-        tokens0 = self.engine.counters.generated_tokens
-        while not all(r.finished for r in requests):
-            self.engine.step()
+                bar = tqdm(total=len(requests), desc="generating", unit="req", dynamic_ncols=True)
+            done = 0
+            t0 = time.perf_counter()
+            tokens0 = self.engine.counters.generated_tokens
+            while not all(r.finished for r in requests):
+                self._step()
+                if bar is not None:
+                    now = sum(r.finished for r in requests)
+                    rate = (self.engine.counters.generated_tokens - tokens0) / max(1e-9, time.perf_counter() - t0)
+                    bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+                    bar.update(now - done)
+                    done = now
+        except BaseException:
+            self._abort_own(requests)
+            raise
+        finally:
             if bar is not None:
-                now = sum(r.finished for r in requests)
-                rate = (self.engine.counters.generated_tokens - tokens0) / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-                bar.update(now - done)
-                done = now
-        if bar is not None:
-            bar.close()
+                bar.close()
         return [r.output() for r in requests]
 
+    def _abort_own(self, requests) -> None:
+        """A call that ends early stops its own unfinished requests (nobody else would collect them)."""
+        if self._broken is None and not self._closed:
+            self.engine.abort([r for r in requests if not r.finished])
+            self.engine.take_finished()
+
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[RequestOutput]:
-        """Like generate, but yields a RequestOutput (cumulative, as in vLLM) each time a request gets new tokens."""
+        """Like generate, but yields a RequestOutput (cumulative, as in vLLM) each time a request gets new tokens.
+        Leaving the loop early (break, an error) aborts the call's unfinished requests and frees their blocks."""
         requests = self._add(prompts, sampling_params)
         mine = {r.arrival for r in requests}
-        while not all(r.finished for r in requests):
-            for req in self.engine.step():
-                if req.arrival in mine:
-                    yield req.output()
+        try:
+            while not all(r.finished for r in requests):
+                for req in self._step():
+                    if req.arrival in mine:
+                        yield req.output()
+        finally:
+            self._abort_own(requests)
 
     # -- figures and shutdown --------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -18,9 +18,9 @@ never blocks on I/O it did not ask to wait for.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Sequence
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,8 +68,11 @@ class Mover:
         self.device = device
         self.cuda = device.type == "cuda"
         self.links: dict[tuple[str, str], LinkStats] = {}
-        self._lock = threading.Lock()
-        self._timed: list[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event]] = []
+        # Link times reported by whichever thread ran a transfer, folded into `links` by collect() on the caller's
+        # thread. Deques, not a lock: a lock held when Ctrl-C lands between a `with` body and its exit is never
+        # released, and every later transfer would wait for it.
+        self._times: deque[tuple[LinkStats, float, int]] = deque()  # (link, host-timed seconds, copy-engine batches)
+        self._timed: deque[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event]] = deque()  # device-timed ones
         self._debug_rng = random.Random(0) if debug_delays else None
         self._io: ThreadPoolExecutor | None = None
         self._staging: MemoryTier | None = None
@@ -109,10 +112,9 @@ class Mover:
         if not src_slots:
             return DONE
         link = self._link(src, dst)
-        with self._lock:
-            link.blocks += len(src_slots)
-            link.nbytes += len(src_slots) * src.layout.block_nbytes
-            link.batches += 1
+        link.blocks += len(src_slots)
+        link.nbytes += len(src_slots) * src.layout.block_nbytes
+        link.batches += 1
         dep = all_of(deps)
         if isinstance(src, NvmeTier) and isinstance(dst, NvmeTier):
             raise ValueError("move: NVMe to NVMe is not a transfer the page manager plans")
@@ -130,15 +132,17 @@ class Mover:
         return self._launch(src, list(src_slots), dst, list(dst_slots), dep, link)
 
     def collect(self) -> None:
-        """Fold the times of finished device transfers into the link stats (cheap; call at step boundaries)."""
-        with self._lock:
-            pending = []
-            for link, start, end in self._timed:
-                if end.query():
-                    link.seconds += start.elapsed_time(end) / 1e3
-                else:
-                    pending.append((link, start, end))
-            self._timed = pending
+        """Fold the times of finished transfers into the link stats (cheap; call at step boundaries)."""
+        for _ in range(len(self._times)):
+            link, seconds, engine_batches = self._times.popleft()
+            link.seconds += seconds
+            link.engine_batches += engine_batches
+        for _ in range(len(self._timed)):  # others may be appended meanwhile: they wait for the next call
+            link, start, end = self._timed.popleft()
+            if end.query():
+                link.seconds += start.elapsed_time(end) / 1e3
+            else:
+                self._timed.append((link, start, end))
 
     def synchronize(self) -> None:
         """Wait for every transfer submitted so far."""
@@ -169,8 +173,7 @@ class Mover:
         return link
 
     def _add_time(self, link: LinkStats, seconds: float) -> None:
-        with self._lock:
-            link.seconds += seconds
+        self._times.append((link, seconds, 0))
 
     def _run_sync(self, src: Tier, src_slots: list[int], dst: Tier, dst_slots: list[int], meta) -> None:
         """Everything in host memory or files: plain copies and file I/O on this thread."""
@@ -227,9 +230,9 @@ class Mover:
             handle = LayeredHandle(marks) if len(marks) > 1 and not self.serialize else EventHandle(end)
         if compute is not None:
             compute.wait_event(end)
-        with self._lock:
-            self._timed.append((link, start, end))
-            link.engine_batches += runs is not None
+        self._timed.append((link, start, end))
+        if runs is not None:
+            self._times.append((link, 0.0, 1))
         return handle
 
     def _layer_groups(self, src: MemoryTier, dst: MemoryTier, n: int) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -42,30 +43,40 @@ class SamplingParams:
         def bad(name: str, value, want: str) -> ConfigError:
             return ConfigError(f"SamplingParams.{name}={value!r}: {want}")
 
+        def number(value) -> bool:  # a real, finite number (not a bool, not NaN or infinity)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if not number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "must be a finite number >= 0 (0 = greedy)")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
             raise bad("top_k", self.top_k, "must be an integer (<= 0 disables it)")
-        if not 0 < self.top_p <= 1:
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "must be in (0, 1]")
-        if not 0 <= self.min_p <= 1:
+        if not number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "must be in [0, 1]")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise bad("seed", self.seed, "must be an integer or None")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             raise bad("n", self.n, "must be an integer >= 1")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or self.logprobs < 0):
             raise bad("logprobs", self.logprobs, "must be None or an integer >= 0")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise bad("stop", self.stop, "must be a non-empty string or a list of them")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad("stop", self.stop, "must be a non-empty string or a list of them")
         self.stop_list = stop
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise bad("cache_salt", self.cache_salt, "must be a string or None")
-        if self.stop_token_ids is not None and any(not isinstance(t, int) for t in self.stop_token_ids):
+        if self.stop_token_ids is not None and (
+            not isinstance(self.stop_token_ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids)
+        ):
             raise bad("stop_token_ids", self.stop_token_ids, "must be a list of integers")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "must be true or false")
 
     @property
     def greedy(self) -> bool:

@@ -23,10 +23,11 @@ class Request:
     sequences: list["Sequence"] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     num_cached_tokens: int = 0  # prompt tokens whose stored KV was reused
+    aborted: bool = False  # stopped before it finished (by the caller, or by a step that failed): its KV is freed
 
     @property
     def finished(self) -> bool:
-        return len(self.sequences) == self.params.n and all(s.finished for s in self.sequences)
+        return self.aborted or (len(self.sequences) == self.params.n and all(s.finished for s in self.sequences))
 
     def output(self) -> RequestOutput:
         seqs = sorted(self.sequences, key=lambda s: s.sample_index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from tierkv.errors import ConfigError
@@ -18,8 +19,8 @@ def parse_nbytes(value: str | int | float, what: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a byte size such as '8GiB', got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"{what}: byte size must not be negative, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{what}: byte size must be a finite number >= 0, got {value!r}")
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:

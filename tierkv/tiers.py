@@ -34,6 +34,7 @@ class SlotAllocator:
     it comes back with the handle of that work, which its next writer must wait on."""
 
     def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
         self._free: deque[tuple[int, Handle]] = deque((s, DONE) for s in range(num_slots))
 
     def take(self) -> tuple[int, Handle]:
@@ -53,6 +54,10 @@ class SlotAllocator:
 
     def free_slots(self) -> set[int]:
         return {s for s, _ in self._free}
+
+    def reset(self, used: set[int]) -> None:
+        """Every slot not in `used` free and idle: after a failed step, once every transfer has finished."""
+        self._free = deque((s, DONE) for s in range(self.num_slots) if s not in used)
 
     def claim(self, slots: set[int]) -> None:
         """Take specific slots out of the free list (blocks found in a store at start-up)."""

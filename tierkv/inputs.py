@@ -1,0 +1,108 @@
+"""What users hand the engine, checked before anything runs: prompts (text or token ids) and per-request limits.
+
+Every refusal is a ConfigError whose message names the prompt, the bad value and the fix. Nothing is converted
+silently: a float, a bool or a string among token ids is an error, not a token.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from tierkv.errors import ConfigError
+from tierkv.sampling import SamplingParams
+
+_TORCH_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_TOKEN_HELP = "give a string, or token ids as a list of ints (or a 1-D integer numpy array or tensor)"
+
+
+def _is_token_sequence(value) -> bool:
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.ndim == 1
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (int, np.integer))
+
+
+def prompt_list(prompts) -> list:
+    """The prompts of one call as a list: a single prompt (a string or one prompt's token ids) becomes a list of one."""
+    if isinstance(prompts, str) or _is_token_sequence(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ConfigError(f"prompts: got {type(prompts).__name__}; {_TOKEN_HELP}, or a list of such prompts")
+
+
+def token_ids(prompt, where: str, vocab_size: int) -> list[int]:
+    """`prompt`'s token ids (a list of ints, or a 1-D integer array or tensor), checked against the vocabulary."""
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        integer = prompt.dtype.kind in "iu" if isinstance(prompt, np.ndarray) else prompt.dtype in _TORCH_INTS
+        if prompt.ndim != 1 or not integer:
+            raise ConfigError(f"{where}: a {type(prompt).__name__} of dtype {prompt.dtype} and {prompt.ndim} dimension(s); {_TOKEN_HELP}")
+        ids = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)):
+        kinds = set(map(type, prompt))
+        if kinds - {int}:  # numpy integer scalars are fine; bools, floats, strings and None are not
+            for i, t in enumerate(prompt):
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise ConfigError(f"{where}: token {i} is {t!r} ({type(t).__name__}), not an integer token id; {_TOKEN_HELP}")
+            ids = [int(t) for t in prompt]
+        else:
+            ids = prompt
+    else:
+        raise ConfigError(f"{where}: got {prompt!r} ({type(prompt).__name__}); {_TOKEN_HELP}")
+    if not ids:
+        raise ConfigError(f"{where} is empty; give at least one token")
+    try:
+        packed = array("q", ids)
+    except OverflowError:
+        raise ConfigError(f"{where} has token ids outside the vocabulary [0, {vocab_size})") from None
+    view = np.frombuffer(packed, dtype=np.int64)  # the range check without a Python loop over a long prompt
+    if int(view.min()) < 0 or int(view.max()) >= vocab_size:
+        raise ConfigError(f"{where} has token ids outside the vocabulary [0, {vocab_size})")
+    return packed.tolist()
+
+
+def check_request(where: str, prompt_len: int, params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Limits of the model that one request must respect (capacity of the tiers is checked apart)."""
+    total = prompt_len + params.max_tokens
+    if total > max_model_len:
+        raise ConfigError(
+            f"{where}: {prompt_len} tokens + max_tokens {params.max_tokens} = {total} exceeds max_model_len {max_model_len}; "
+            "shorten the prompt, lower max_tokens, or raise max_model_len (at most the model's context length)"
+        )
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ConfigError(f"{where}: logprobs={params.logprobs} is more than the model's vocabulary of {vocab_size} tokens")
+
+
+def sampling_list(sampling_params, count: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the same one for all, or a list of exactly `count`."""
+    if isinstance(sampling_params, (list, tuple)):
+        if len(sampling_params) != count:
+            raise ConfigError(f"{len(sampling_params)} SamplingParams for {count} prompts; give one, or one per prompt")
+        params = list(sampling_params)
+    else:
+        params = [sampling_params if sampling_params is not None else SamplingParams()] * count
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ConfigError(f"sampling params {i}: got {type(p).__name__}; give tierkv.SamplingParams(...)")
+    return params
+
+
+def request_ids(ids: Sequence | None, count: int, live: set[str]) -> None:
+    """Caller-chosen request ids: one per prompt, strings or ints, unique among themselves and the live requests."""
+    if ids is None:
+        return
+    if not isinstance(ids, (list, tuple)) or len(ids) != count:
+        raise ConfigError(f"request_ids: give a list of {count} ids (one per prompt), got {ids!r}")
+    seen = set()
+    for rid in ids:
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise ConfigError(f"request id {rid!r}: use a string or an integer")
+        key = str(rid)
+        if key in seen:
+            raise ConfigError(f"request id {key!r} appears twice in this call; ids must be unique")
+        if key in live:
+            raise ConfigError(f"request id {key!r} is already in use by a request that has not finished; choose another id")
+        seen.add(key)
