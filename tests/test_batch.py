@@ -181,6 +181,6 @@ def test_validation_errors_name_the_key_and_the_fix(model_dir, tmp_path, change,
         open(job, "w").write(yaml.safe_dump(text))
     with pytest.raises(ConfigError) as err:
         spec = batch.load_spec(job)
-        batch.check_capacity(spec)
+        batch.prepare(spec)
     assert message in str(err.value), str(err.value)
     assert not os.path.exists(tmp_path / "job" / "out")  # nothing ran, nothing was written

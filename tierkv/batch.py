@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
+from tierkv import inputs
+from tierkv.batch_output import OutputFile, check_output_path, digest, model_signature, peek_finished
 from tierkv.config import EngineConfig, resolve_device
 from tierkv.errors import ConfigError, TierKVError
 from tierkv.sampling import SamplingParams
@@ -45,6 +47,7 @@ class Record:
     prompt: str | None
     messages: list | None
     sampling: dict
+    fingerprint: str = ""  # digest of the input line's object: a result answers this record, not another
 
 
 @dataclass
@@ -129,11 +132,13 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     """Parse and check a run config (no model is loaded); raises ConfigError naming the key and the fix."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
     data = apply_overrides(data, list(overrides))
@@ -170,21 +175,46 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
         raise ConfigError(f"sampling: {exc}") from None
     if not os.path.isfile(spec.input):
         raise ConfigError(f"input: file {spec.input!r} does not exist")
-    out_dir = os.path.dirname(spec.output) or "."
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"output: {out_dir!r} is not a directory")
+    check_paths_apart(spec)
+    check_output_path(spec.output)
     spec.records = read_records(spec.input)
     return spec
+
+
+def check_paths_apart(spec: RunSpec) -> None:
+    """The output must not be (or live inside) anything else the run reads or owns: the input, the config, the
+    model's files, the NVMe tier's directory. Writing there would destroy it."""
+    out = os.path.realpath(spec.output)
+    fix = "choose another output path"
+    for what, path in (("input", spec.input), ("config", spec.path)):
+        if out == os.path.realpath(path):
+            raise ConfigError(f"output {spec.output!r} is the same file as the {what}; the run would overwrite it; {fix}")
+    owned = [("nvme_dir", spec.engine.get("nvme_dir"))]
+    if os.path.exists(spec.model):
+        owned.append(("model", spec.model))
+    for what, path in owned:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if out == real or out.startswith(real.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"output {spec.output!r} lies inside {what} {path!r}, which tierkv owns or reads; {fix}")
+    nvme = spec.engine.get("nvme_dir")
+    if nvme and os.path.realpath(spec.input).startswith(os.path.realpath(nvme).rstrip(os.sep) + os.sep):
+        raise ConfigError(f"input {spec.input!r} lies inside nvme_dir {nvme!r}, whose files tierkv rewrites; move the input")
 
 
 def read_records(path: str) -> list[Record]:
     """The input JSONL, checked: ids present and unique, a prompt or messages, known sampling overrides."""
     records, seen = [], {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"input {os.path.basename(path)}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start} of the line); save the input as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"input {os.path.basename(path)}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -202,14 +232,14 @@ def read_records(path: str) -> list[Record]:
                 raise ConfigError(f"{where}: give exactly one of \"prompt\" (text) or \"messages\" (a chat)")
             if has_prompt and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
                 raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
-            if has_messages and (not isinstance(obj["messages"], list) or not all(
+            if has_messages and (not isinstance(obj["messages"], list) or not obj["messages"] or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"]
             )):
-                raise ConfigError(f"{where}: \"messages\" must be a list of {{\"role\": ..., \"content\": ...}} objects")
+                raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
             overrides = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
             record_where = f"{where} (id {rid!r})"
             check_section(record_where, overrides, SamplingParams)
-            records.append(Record(rid, n, obj.get("prompt"), obj.get("messages"), overrides))
+            records.append(Record(rid, n, obj.get("prompt"), obj.get("messages"), overrides, digest(obj)))
     if not records:
         raise ConfigError(f"input {path}: no records")
     return records
@@ -218,52 +248,14 @@ def read_records(path: str) -> list[Record]:
 # -- the output file -----------------------------------------------------------------------------------------------
 
 
-def finished_ids(path: str, valid: set) -> set:
-    """Ids already in the output; a half-written last line (a kill in the middle of a write) is cut off."""
-    if not os.path.exists(path):
-        return set()
-    done = set()
-    with open(path, "rb+") as f:
-        data = f.read()
-        keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
-        if keep < len(data):
-            f.truncate(keep)
-        for n, line in enumerate(data[:keep].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rid = json.loads(line)["id"]
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"output {path}:{n} is not a tierkv result line; move the file away or choose another output") from None
-            if rid not in valid:
-                raise ConfigError(f"output {path} holds id {rid!r}, which is not in the input: it belongs to another run; choose another output")
-            done.add(rid)
-    return done
-
-
-class ResultWriter:
-    """Appends one JSON line per finished record, flushed and synced before the next one is reported."""
-
-    def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def result_line(rid, output) -> dict:
+def result_line(prepared: "PreparedRecord", output) -> dict:
     outs = [
         {k: v for k, v in {"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
                             "stop_reason": o.stop_reason, "logprobs": _jsonable_logprobs(o.logprobs)}.items() if v is not None or k == "stop_reason"}
         for o in output.outputs
     ]
-    return {"id": rid, "prompt_tokens": len(output.prompt_token_ids), "text": outs[0]["text"], "outputs": outs}
+    return {"id": prepared.record.id, "prompt_tokens": len(output.prompt_token_ids), "text": outs[0]["text"], "outputs": outs,
+            "fingerprint": prepared.fingerprint}
 
 
 def _jsonable_logprobs(logprobs):
@@ -273,8 +265,17 @@ def _jsonable_logprobs(logprobs):
 # -- running ------------------------------------------------------------------------------------------------------
 
 
-def check_capacity(spec: RunSpec) -> list[tuple[Record, list[int], SamplingParams]]:
-    """Tokenize the records and check each can run with the configured tiers, before the weights load."""
+@dataclass
+class PreparedRecord:
+    record: Record
+    token_ids: list[int]
+    params: SamplingParams
+    fingerprint: dict  # {"input": digest of the input record, "settings": digest of what shapes its result}
+
+
+def prepare(spec: RunSpec) -> list[PreparedRecord]:
+    """Tokenize the records and check that each can run (the model's limits, the tiers' capacity) before the
+    weights load; each comes with the fingerprint its result line will carry."""
     from tierkv.layout import KVLayout
     from tierkv.llm import check_gpu_tier, check_request_fits, resolve_capacities
     from tierkv.loader import default_dtype, load_hf_config, load_tokenizer, resolve_config_path
@@ -289,6 +290,7 @@ def check_capacity(spec: RunSpec) -> list[tuple[Record, list[int], SamplingParam
     dtype = cfg.dtype or default_dtype(hf_config, device)
     layout = KVLayout(mspec.num_layers, mspec.num_kv_heads, mspec.head_dim, dtype, cfg.block_size)
     tokenizer = load_tokenizer(cfg.tokenizer or path) if os.path.isdir(cfg.tokenizer or path) else None
+    max_model_len = cfg.max_model_len or mspec.max_position_embeddings or 1 << 30
     gpu_known = cfg.gpu_blocks is not None or cfg.gpu_memory is not None or device.type != "cuda"
     gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device)
     if gpu_known:
@@ -297,6 +299,9 @@ def check_capacity(spec: RunSpec) -> list[tuple[Record, list[int], SamplingParam
         except ConfigError as exc:
             raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
     sched = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps, cfg.oversubscribe)
+    # What shapes a result besides its record: the weights and tokenizer (their files' signatures), how they run.
+    shared = {"model": model_signature(path), "tokenizer": model_signature(cfg.tokenizer) if cfg.tokenizer else None,
+              "load_format": cfg.load_format, "dtype": str(dtype), "seed": cfg.seed, "device": device.type}
     prepared = []
     for r in spec.records:
         where = f"input line {r.line} (id {r.id!r})"
@@ -309,35 +314,54 @@ def check_capacity(spec: RunSpec) -> list[tuple[Record, list[int], SamplingParam
             ids = list(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
         else:
             ids = tokenizer(r.prompt).input_ids
+        if not ids:
+            raise ConfigError(f"{where}: the prompt tokenizes to nothing; give some text")
+        inputs.check_request(where, len(ids), params, mspec.vocab_size, max_model_len)
         if gpu_known:
             try:
                 check_request_fits(where, len(ids), params, sched, gpu, cpu, nvme)
             except TierKVError as exc:
                 raise ConfigError(f"engine (capacity): {exc}") from None
-        prepared.append((r, ids, params))
+        sampling = {k: v for k, v in dataclasses.asdict(params).items() if k != "stop_list"}
+        prepared.append(PreparedRecord(r, ids, params, {"input": r.fingerprint, "settings": digest({**shared, "sampling": sampling})}))
     return prepared
 
 
+def check_run(spec: RunSpec, fresh: bool = False) -> tuple[list[PreparedRecord], set]:
+    """Everything a run checks before it loads the model, changing nothing: the records, and the output (writable,
+    not in use, its lines from this input and these settings). Returns (records, ids already done)."""
+    prepared = prepare(spec)
+    done = set() if fresh else peek_finished(spec.output, {p.record.id: p.fingerprint for p in prepared})
+    if fresh:
+        check_output_path(spec.output)
+    return prepared, done
+
+
 def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: bool = True, echo=print) -> dict:
-    """Run every record not yet in the output; returns a summary (also when there was nothing left to do)."""
+    """Run every record not yet in the output; returns a summary (also when there was nothing left to do).
+
+    Order, so that nothing is lost to a bad config or a second run: check every record; lock the output (a second
+    run on it stops here); check its lines; load the model and take the tiers (the NVMe directory's lock); only then
+    discard the old output (--fresh) and run."""
     from tierkv.llm import LLM
 
-    if fresh and os.path.exists(spec.output):
-        os.remove(spec.output)
-    done = finished_ids(spec.output, {r.id for r in spec.records})
-    prepared = [p for p in check_capacity(spec) if p[0].id not in done]
-    summary = {"config": spec.path, "records": len(spec.records), "already_done": len(done), "run": len(prepared), "output": spec.output}
-    if not prepared:
-        summary.update(wall_s=0.0, generated_tokens=0)
-        return summary
-    t0 = time.perf_counter()
-    llm = LLM(spec.model, **spec.engine)
-    summary["load_s"] = time.perf_counter() - t0
-    writer = ResultWriter(spec.output)
-    bar = None
+    prepared = prepare(spec)
+    out = OutputFile(spec.output)
+    llm = bar = None
     try:
-        by_rid = {str(r.id): r for r, _, _ in prepared}
-        llm.add_requests([ids for _, ids, _ in prepared], [p for _, _, p in prepared], request_ids=[str(r.id) for r, _, _ in prepared])
+        done = set() if fresh else out.finished({p.record.id: p.fingerprint for p in prepared})
+        todo = [p for p in prepared if p.record.id not in done]
+        summary = {"config": spec.path, "records": len(spec.records), "already_done": len(done), "run": len(todo), "output": spec.output}
+        if not todo:
+            summary.update(wall_s=0.0, generated_tokens=0)
+            return summary
+        t0 = time.perf_counter()
+        llm = LLM(spec.model, **spec.engine)
+        summary["load_s"] = time.perf_counter() - t0
+        if fresh:
+            out.discard()
+        by_rid = {str(p.record.id): p for p in todo}
+        llm.add_requests([p.token_ids for p in todo], [p.params for p in todo], request_ids=[str(p.record.id) for p in todo])
         if progress:
             from tqdm import tqdm
 
@@ -345,11 +369,11 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         t1 = time.perf_counter()
         tokens0 = llm.engine.counters.generated_tokens
         while llm.has_unfinished():
-            for out in llm.step():
-                record = by_rid[out.request_id]
-                writer.write(result_line(record.id, out))
+            for output in llm.step():
+                p = by_rid[output.request_id]
+                out.write(result_line(p, output))
                 if show:
-                    echo(f"--- {record.id}: {out.outputs[0].text!r} ({out.outputs[0].finish_reason})")
+                    echo(f"--- {p.record.id}: {output.outputs[0].text!r} ({output.outputs[0].finish_reason})")
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -361,9 +385,12 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         summary["wall_s"] = time.perf_counter() - t1
         summary["generated_tokens"] = llm.engine.counters.generated_tokens - tokens0
         summary["stats"] = llm.stats()
+        return summary
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
-        llm.close()
-    return summary
+        try:
+            if llm is not None:
+                llm.close()
+        finally:
+            out.close(remove_if_empty=llm is None)

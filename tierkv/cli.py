@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
-from tierkv.errors import TierKVError
+from tierkv.errors import ConfigError, TierKVError
+
+
+def _number(kind, low: float, what: str):
+    """An argparse type: a finite `kind` (int or float) >= `low`, refused with a message naming the rule."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(int, 1, "an integer >= 1")
+NON_NEGATIVE = _number(int, 0, "an integer >= 0")
+RATE = _number(float, 0, "a finite number >= 0 (0: all requests at once)")
 
 
 def _bench_parser(sub) -> argparse.ArgumentParser:
@@ -25,21 +46,21 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda where available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's on CUDA, float32 on CPU)")
     p.add_argument("--workload", default="synthetic", choices=["synthetic", "shared-prefix", "long-context", "trace"])
-    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--num-requests", type=POSITIVE, default=16)
     p.add_argument("--prompt-len", default="32:128", help="N or LO:HI (the suffix length for shared-prefix)")
     p.add_argument("--output-len", default="16:32", help="N or LO:HI")
-    p.add_argument("--prefix-len", type=int, default=128, help="shared-prefix: the shared part")
-    p.add_argument("--context-len", type=int, default=2048, help="long-context: the prompt length")
+    p.add_argument("--prefix-len", type=NON_NEGATIVE, default=128, help="shared-prefix: the shared part")
+    p.add_argument("--context-len", type=POSITIVE, default=2048, help="long-context: the prompt length")
     p.add_argument("--trace", help="trace: JSONL with prompt_len or prompt, output_len, and optional arrival_s")
-    p.add_argument("--request-rate", type=float, default=0.0, help="requests per second (Poisson); 0: all at once")
+    p.add_argument("--request-rate", type=RATE, default=0.0, help="requests per second (Poisson); 0: all at once")
     p.add_argument("--eviction", nargs="+", default=["lru"], choices=["lru", "clock"])
-    p.add_argument("--block-size", nargs="+", type=int, default=[16])
-    p.add_argument("--gpu-blocks", nargs="+", type=int, default=[8, 16, 32])
-    p.add_argument("--cpu-blocks", nargs="+", type=int, default=[16])
-    p.add_argument("--nvme-blocks", nargs="+", type=int, default=[256])
+    p.add_argument("--block-size", nargs="+", type=POSITIVE, default=[16])
+    p.add_argument("--gpu-blocks", nargs="+", type=POSITIVE, default=[8, 16, 32])
+    p.add_argument("--cpu-blocks", nargs="+", type=NON_NEGATIVE, default=[16])
+    p.add_argument("--nvme-blocks", nargs="+", type=NON_NEGATIVE, default=[256])
     p.add_argument("--nvme-dir", help="where NVMe tier files go (default: a temporary directory)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-batched-tokens", type=POSITIVE, default=256)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--baseline", choices=["none", "hf"], default="none", help="hf: transformers on the same requests")
     p.add_argument("--out", default="bench-out", help="folder for results.json and the plots (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true")
@@ -51,23 +72,46 @@ def _bench_config(parser: argparse.ArgumentParser, path: str) -> None:
     """Make the options in a --config YAML the bench parser's defaults, so that flags on the command line win."""
     import yaml
 
-    from tierkv.errors import ConfigError
-
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r}: no such file; give the path of a YAML file of tierkv bench options")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not a valid YAML file ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of tierkv bench options")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     for key, value in data.items():
         if key not in actions:
             raise ConfigError(f"{path}: {key}: not a tierkv bench option; options: {', '.join(sorted(actions))}")
-        if actions[key].nargs == "+" and not isinstance(value, list):
-            data[key] = [value]
+        action = actions[key]
+        values = value if isinstance(value, list) else [value]
+        if action.nargs != "+" and isinstance(value, list):
+            raise ConfigError(f"{path}: {key}: expected one value, got a list")
+        if action.type is not None:  # the same checks as on the command line
+            try:
+                values = [action.type(str(v)) for v in values]
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"{path}: {key}: {exc}") from None
+        if action.choices is not None and any(v not in action.choices for v in values):
+            raise ConfigError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        data[key] = values if action.nargs == "+" else values[0]
     parser.set_defaults(**data)
 
 
 def _run_bench(args) -> int:
     from tierkv import benchmark
+
+    if args.nvme_dir is not None and os.path.exists(args.nvme_dir) and not os.path.isdir(args.nvme_dir):
+        raise ConfigError(f"--nvme-dir {args.nvme_dir!r} is a file; give a directory for the NVMe tier's block files")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out!r} is a file; give a directory for results.json and the plots")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {args.out!r} cannot be created under {parent!r}; give a directory you can write")
 
     report = benchmark.main(args)
     os.makedirs(args.out, exist_ok=True)
@@ -114,12 +158,23 @@ def _run_run(args) -> int:
         out = os.path.abspath("out")
         overrides = [f"output={out}/demo.jsonl", f"engine.nvme_dir={out}/demo-nvme", *overrides]
     spec = batch.load_spec(args.config or batch.DEMO_CONFIG, overrides)
+    fresh = args.fresh or demo
     if args.check:
-        done = batch.finished_ids(spec.output, {r.id for r in spec.records})
-        batch.check_capacity(spec)
+        _, done = batch.check_run(spec, fresh)
         print(f"{spec.path}: ok, {len(spec.records)} records ({len(done)} already in {spec.output})")
         return 0
-    summary = batch.run(spec, fresh=args.fresh or demo, show=args.show or demo, progress=not args.no_progress)
+    try:
+        summary = batch.run(spec, fresh=fresh, show=args.show or demo, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ntierkv: interrupted; the records finished so far are in {spec.output}; run the same command again to "
+              "finish the rest", file=sys.stderr)
+        return 130
+    except TierKVError:
+        raise
+    except Exception as exc:  # a step failed (an I/O error, a bug): what happened, and that nothing done is lost
+        print(f"tierkv: error: a step failed: {type(exc).__name__}: {exc}\ntierkv: the records finished so far are in "
+              f"{spec.output}; fix the cause and run the same command again to finish the rest", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -157,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except TierKVError as exc:
         print(f"tierkv: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ntierkv: interrupted", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -192,6 +192,10 @@ class EngineConfig:
         for tier in ("gpu", "cpu", "nvme"):
             if getattr(self, f"{tier}_blocks") is not None and getattr(self, f"{tier}_memory") is not None:
                 raise ConfigError(f"give {tier}_blocks or {tier}_memory, not both")
+            if getattr(self, f"{tier}_memory") is not None:
+                parse_nbytes(getattr(self, f"{tier}_memory"), f"{tier}_memory")  # refused now, not after loading
+            if getattr(self, f"{tier}_blocks") is not None:
+                resolve_blocks(tier, getattr(self, f"{tier}_blocks"), None, 1)
         if (self.nvme_blocks or self.nvme_memory) and not self.nvme_dir:
             raise ConfigError("an NVMe tier size needs nvme_dir: a directory on the NVMe disk for the block files")
         if self.nvme_dir is not None and os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):

@@ -29,9 +29,10 @@ def prompt_list(prompts) -> list:
     """The prompts of one call as a list: a single prompt (a string or one prompt's token ids) becomes a list of one."""
     if isinstance(prompts, str) or _is_token_sequence(prompts):
         return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        return list(prompts)
-    raise ConfigError(f"prompts: got {type(prompts).__name__}; {_TOKEN_HELP}, or a list of such prompts")
+    if isinstance(prompts, (list, tuple)) or (isinstance(prompts, (np.ndarray, torch.Tensor)) and prompts.ndim == 2):
+        return list(prompts)  # a 2-D array or tensor: one prompt per row
+    what = f"a {prompts.ndim}-D {type(prompts).__name__}" if isinstance(prompts, (np.ndarray, torch.Tensor)) else type(prompts).__name__
+    raise ConfigError(f"prompts: got {what}; {_TOKEN_HELP}, or a list of such prompts")
 
 
 def token_ids(prompt, where: str, vocab_size: int) -> list[int]:

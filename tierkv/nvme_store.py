@@ -3,7 +3,9 @@
 Files in `nvme_dir`:
 - `blocks.bin`: a 4 KiB header (JSON: format version, KV layout, slot count, slot stride) then the slots,
   each `slot_stride` bytes (the block size rounded up to 4 KiB so every slot is O_DIRECT-aligned).
-- `slots.idx`: one 64-byte record per slot (magic, checksum of the block's bytes, tokens, content key). Before a
+- `slots.idx`: one 64-byte record per slot (magic, checksum, tokens, content key). The checksum covers the
+  block's content key, its token ids and its bytes together, so a record, a token entry and a block that do not
+  belong together fail it (a key moved to another slot's bytes, tokens swapped between slots). Before a
   slot is rewritten its record is cleared; the new record is written only after the block's bytes (and, for
   blocks with a content key, after an fdatasync), so a record never vouches for bytes that are not there, even
   across a kill -9.
@@ -17,6 +19,7 @@ positional file I/O with O_DIRECT where buffers and offsets allow. The choice is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -27,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 
@@ -34,7 +38,7 @@ from tierkv.errors import ConfigError, CorruptBlockError, StoreError
 from tierkv.layout import KVLayout
 from tierkv.sizes import format_nbytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums cover key and tokens too
 HEADER_NBYTES = 4096
 ALIGN = 4096
 RECORD = struct.Struct("<4sHHQQII32s")  # magic, version, flags, checksum, generation, num_tokens, reserved, key
@@ -47,11 +51,17 @@ def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
-def block_checksum(data) -> int:
-    """64-bit checksum of a block's bytes (xxh3); `data` is a buffer or a contiguous CPU tensor."""
+def block_checksum(data, key: bytes = b"", tokens: bytes = b"") -> int:
+    """64-bit checksum (xxh3) of a block's content key, its token ids (int32 bytes) and its bytes; `data` is a
+    buffer or a contiguous CPU tensor. Unkeyed blocks (swap) have neither key nor tokens."""
     if isinstance(data, torch.Tensor):
         data = data.reshape(-1).view(torch.uint8).numpy()
-    return xxhash.xxh3_64_intdigest(data)
+    h = xxhash.xxh3_64()
+    h.update(struct.pack("<II", len(key), len(tokens)))
+    h.update(key)
+    h.update(tokens)
+    h.update(data)
+    return h.intdigest()
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,15 @@ class SlotRecord:
     generation: int
     num_tokens: int
     key: bytes
+
+
+def _key_field(key: bytes) -> bytes:
+    """A content key as its record holds it: 32 bytes."""
+    return key.ljust(32, b"\0")[:32]
+
+
+def _token_bytes(token_ids) -> bytes:
+    return np.asarray(list(token_ids), dtype=np.int32).tobytes()
 
 
 def _host_bytes(t: torch.Tensor):
@@ -196,6 +215,13 @@ class NvmeStore:
             raise ConfigError(f"nvme_dir {self.directory!r} cannot be created ({exc.strerror}); give a writable directory") from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise ConfigError(f"nvme_dir {self.directory!r} is not writable; give a writable directory")
+        for name in ("LOCK", "blocks.bin", "slots.idx", "slots.tok"):
+            path = os.path.join(self.directory, name)
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise StoreError(
+                    f"NVMe tier: {path} is not a regular file; nvme_dir must hold only tierkv's own files: remove what is in "
+                    "the way, or choose another nvme_dir"
+                )
 
     def _lock(self) -> None:
         path = os.path.join(self.directory, "LOCK")
@@ -251,34 +277,48 @@ class NvmeStore:
                 f"{format_nbytes(free + have)} for it; lower nvme_blocks/nvme_memory or choose another nvme_dir"
             )
         mode = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC)
-        fd = os.open(data_path, mode, 0o644)
+        fd = self._open(data_path, mode)
         try:
-            try:
-                os.posix_fallocate(fd, 0, need)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise StoreError(
-                        f"NVMe tier: disk full while reserving {format_nbytes(need)} in {self.directory}; "
-                        "lower nvme_blocks/nvme_memory or choose another nvme_dir"
-                    ) from None
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise StoreError(f"NVMe tier: cannot reserve {format_nbytes(need)} in {self.directory}: {exc}") from None
-                os.ftruncate(fd, max(need, have))
-            if have > need:
-                os.ftruncate(fd, need)
+            self._reserve(fd, data_path, need, have)
             header = json.dumps({**want, "num_slots": self.num_slots}).encode()
             os.pwrite(fd, header.ljust(HEADER_NBYTES, b"\0"), 0)
         finally:
             os.close(fd)
         self._data_path = data_path
-        self._idx_fd = os.open(idx_path, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
-        os.ftruncate(self._idx_fd, self.num_slots * RECORD_NBYTES)
-        tok_path = os.path.join(self.directory, "slots.tok")
-        self._tok_fd = os.open(tok_path, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
-        os.ftruncate(self._tok_fd, self.num_slots * self._tok_nbytes)
-        self._sync_fd = os.open(data_path, os.O_RDONLY)
+        # The index and the token file are reserved whole too: a write that fills the disk can only happen here.
+        self._idx_fd = self._open(idx_path, mode)
+        self._reserve(self._idx_fd, idx_path, self.num_slots * RECORD_NBYTES, os.fstat(self._idx_fd).st_size)
+        self._tok_path = os.path.join(self.directory, "slots.tok")
+        self._tok_fd = self._open(self._tok_path, mode)
+        self._reserve(self._tok_fd, self._tok_path, self.num_slots * self._tok_nbytes, os.fstat(self._tok_fd).st_size)
+        self._sync_fd = self._open(data_path, os.O_RDONLY)
         self._records: list[SlotRecord | None] = self._load_records()
         self._generation = max((r.generation for r in self._records if r), default=0)
+
+    def _open(self, path: str, flags: int) -> int:
+        try:
+            return os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"NVMe tier: cannot open {path} ({exc.strerror}); nvme_dir must hold only tierkv's own files, writable by "
+                "this user: remove what is in the way, or choose another nvme_dir"
+            ) from None
+
+    def _reserve(self, fd: int, path: str, need: int, have: int) -> None:
+        """Give the file `need` bytes of disk now (so that no later write can find the disk full), or say why not."""
+        try:
+            os.posix_fallocate(fd, 0, need)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreError(
+                    f"NVMe tier: the disk is full: reserving {format_nbytes(need)} for {path} failed; "
+                    "lower nvme_blocks/nvme_memory, free space, or choose another nvme_dir"
+                ) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise StoreError(f"NVMe tier: cannot reserve {format_nbytes(need)} for {path}: {exc.strerror}") from None
+            os.ftruncate(fd, max(need, have))  # a file system without fallocate: sparse, as good as it gets
+        if have > need:
+            os.ftruncate(fd, need)
 
     def _load_records(self) -> list[SlotRecord | None]:
         raw = os.pread(self._idx_fd, self.num_slots * RECORD_NBYTES, 0)
@@ -354,29 +394,42 @@ class NvmeStore:
         self._check_slots(slots)
         if len(set(slots)) != len(slots):
             raise ValueError("NVMe write: a slot appears twice in one batch")
-        checksums = [block_checksum(_host_bytes(pool[r])) for r in rows]
+        keyed = [i for i in range(len(slots)) if keys and keys[i]]
+        toks = {i: _token_bytes(token_ids[i]) for i in keyed}
+        checksums = [block_checksum(_host_bytes(pool[r]), _key_field(keys[i]) if i in toks else b"", toks.get(i, b""))
+                     for i, r in enumerate(rows)]
         blank = bytes(RECORD_NBYTES)
-        for slot in slots:  # first: no record may vouch for a slot whose bytes are about to change
-            if self._records[slot] is not None:
-                os.pwrite(self._idx_fd, blank, slot * RECORD_NBYTES)
-                self._records[slot] = None
-        try:
+        with self._failing(self.directory + "/slots.idx"):
+            for slot in slots:  # first: no record may vouch for a slot whose bytes are about to change
+                if self._records[slot] is not None:
+                    os.pwrite(self._idx_fd, blank, slot * RECORD_NBYTES)
+                    self._records[slot] = None
+        with self._failing(self._data_path):
             self._backend.write(self._runs(slots, pool, rows))
-            keyed = [i for i in range(len(slots)) if keys and keys[i]]
             if keyed:
                 os.fdatasync(self._sync_fd)
-                for i in keyed:
-                    toks = torch.tensor(list(token_ids[i]), dtype=torch.int32).numpy().tobytes()
-                    os.pwrite(self._tok_fd, toks.ljust(self._tok_nbytes, b"\0"), slots[i] * self._tok_nbytes)
+        with self._failing(self._tok_path):
+            for i in keyed:
+                os.pwrite(self._tok_fd, toks[i].ljust(self._tok_nbytes, b"\0"), slots[i] * self._tok_nbytes)
+        with self._failing(self.directory + "/slots.idx"):
+            self._write_records(slots, checksums, keys, token_ids)
+
+    @contextlib.contextmanager
+    def _failing(self, path: str):
+        """I/O errors on one of the store's files as a StoreError naming that file and what to do."""
+        try:
+            yield
         except OSError as exc:
-            hint = "the disk is full; free space or lower nvme_blocks" if exc.errno == errno.ENOSPC else str(exc)
-            raise StoreError(f"NVMe tier: write to {self._data_path} failed: {hint}") from None
-        self._write_records(slots, checksums, keys, token_ids)
+            if exc.errno == errno.ENOSPC:
+                hint = "the disk is full; free space on it, or lower nvme_blocks/nvme_memory"
+            else:
+                hint = f"{exc.strerror or exc}; check the disk and the file"
+            raise StoreError(f"NVMe tier: write to {path} failed: {hint}") from None
 
     def _write_records(self, slots, checksums, keys, token_ids) -> None:
         for i, slot in enumerate(slots):
             self._generation += 1
-            key = (keys[i] if keys and keys[i] else b"").ljust(32, b"\0")[:32]
+            key = _key_field(keys[i] if keys and keys[i] else b"")
             ntok = len(token_ids[i]) if token_ids and token_ids[i] is not None else self.layout.block_size
             rec = SlotRecord(checksums[i], self._generation, ntok, key)
             raw = RECORD.pack(MAGIC, FORMAT_VERSION, 0, rec.checksum, rec.generation, rec.num_tokens, 0, rec.key)
@@ -420,14 +473,22 @@ class NvmeStore:
         try:
             self._backend.read(self._runs(slots, pool, rows))
         except OSError as exc:
-            raise StoreError(f"NVMe tier: read from {self._data_path} failed: {exc}") from None
-        bad = [s for s, r in zip(slots, rows) if block_checksum(_host_bytes(pool[r])) != self._records[s].checksum]
+            raise StoreError(f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk") from None
+        bad = [s for s, r in zip(slots, rows) if self._checksum_of(s, pool[r]) != self._records[s].checksum]
         if bad:
             raise CorruptBlockError(
                 f"NVMe tier: {len(bad)} block(s) in {self._data_path} (slots {bad[:8]}) do not match their "
                 "checksums: the file was changed or damaged on disk",
                 slots=bad,
             )
+
+    def _checksum_of(self, slot: int, block: torch.Tensor) -> int:
+        """The checksum of `block` (just read from `slot`) with the key and tokens the store holds for that slot."""
+        rec = self._records[slot]
+        if not any(rec.key):
+            return block_checksum(_host_bytes(block))
+        tokens = os.pread(self._tok_fd, self._tok_nbytes, slot * self._tok_nbytes)[: 4 * rec.num_tokens]
+        return block_checksum(_host_bytes(block), rec.key, tokens)
 
     def record(self, slot: int) -> SlotRecord | None:
         """What the index says slot `slot` holds (None: nothing written since the store was created)."""

@@ -40,7 +40,7 @@ from tierkv.policies.base import EvictionPolicy
 from tierkv.policies.prefetch import NextScheduledPrefetch, PrefetchPolicy
 from tierkv.policies.registry import make_eviction_policy
 from tierkv.stats import TierCounters, build_stats, format_stats
-from tierkv.tiers import CPU, GPU, NVME, TIER_NAMES, MemoryTier, NvmeTier, Tier
+from tierkv.tiers import CPU, GPU, NVME, TIER_NAMES, MemoryTier, NvmeTier, Tier, check_host_memory
 
 
 @dataclass(eq=False)
@@ -95,6 +95,10 @@ class PageManager:
         self.device: torch.device = config.device
         cuda = self.device.type == "cuda"
         self.tiers: dict[int, Tier] = {}
+        host = {"cpu": config.cpu_blocks * self.layout.block_nbytes} if config.cpu_blocks else {}
+        if not cuda:  # the "GPU" tier is ordinary memory too
+            host["gpu"] = (config.gpu_blocks + config.gpu_reserve_blocks) * self.layout.block_nbytes
+        check_host_memory(host)
         try:
             self.tiers[GPU] = MemoryTier(GPU, self.layout, config.gpu_blocks, config.gpu_blocks + config.gpu_reserve_blocks, self.device, pin=False)
             if config.cpu_blocks:

@@ -142,6 +142,18 @@ def _available_ram() -> int | None:
     return None
 
 
+def check_host_memory(wanted: dict[str, int]) -> None:
+    """Refuse host-memory tiers that together ask for more RAM than is available now: `wanted[tier name] = bytes`.
+    (Each alone may fit; together they would end in the OOM killer, not in an error.)"""
+    total = sum(wanted.values())
+    avail = _available_ram()
+    if avail is not None and len(wanted) > 1 and total > avail and max(wanted.values()) <= avail:  # (one alone: its own message)
+        parts = " + ".join(f"{name} tier {format_nbytes(n)}" for name, n in wanted.items())
+        names = " / ".join(f"{name}_blocks or {name}_memory" for name in wanted)
+        raise CapacityError(f"the tiers in host memory need {parts} = {format_nbytes(total)} together, but only "
+                            f"{format_nbytes(avail)} of RAM is available now; lower {names}")
+
+
 def _register_pinned(owner, t: torch.Tensor) -> weakref.finalize:
     """Page-lock `t`'s memory in place and map it into the device's address space (cudaHostRegister).
 
