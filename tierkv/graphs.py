@@ -300,11 +300,14 @@ class PiecewiseGraphs:
         n = ids.shape[0]
         B = _bucket(n, self.buckets)
         p = (self.pieces.get(B) or self._capture(B)) if self.capture else None
+        # Rows past n must hold no slot (-1), or padding would write KV there. Widened before the copy, so that a
+        # step cut off in between (an error, Ctrl-C) cannot leave slots in rows the next step thinks are clear.
+        filled, self._filled = self._filled, max(self._filled, n)
         self._ids[:n].copy_(ids)
         self._positions[:n].copy_(positions)
         self._slots[:n].copy_(slots)
-        if self._filled > n:
-            self._slots[n : self._filled].fill_(-1)
+        if filled > n:
+            self._slots[n:filled].fill_(-1)
         self._filled = n
         q = self._q(n)
         attn = self._attn[:n]
