@@ -163,7 +163,10 @@ def run_with_faults(path: str, w: Workload, want, rng: random.Random, debug_dela
                 outs = llm.step()
             except (KeyboardInterrupt, RuntimeError, tierkv.StoreError) as exc:
                 assert "injected" in str(exc) or isinstance(exc, (KeyboardInterrupt, tierkv.StoreError)), exc
-                assert plan, f"a step failed with nothing injected: {exc!r}"
+                # On CUDA the disk's I/O runs on the mover's thread: a failure injected during one step can surface
+                # in a later one, when a transfer needs the bytes it failed to write.
+                late = debug_delays and isinstance(exc, tierkv.StoreError) and disk.failures > 0
+                assert plan or late, f"a step failed with nothing injected: {exc!r}"
                 failures += 1
                 aborted.update(exc.aborted_request_ids)
                 check_consistent(llm)

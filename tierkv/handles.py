@@ -106,6 +106,38 @@ class AllOf(Handle):
             p.wait_on(stream)
 
 
+class Settled(Handle):
+    """The same work as `inner`, waited for as ordering only: its failure is not raised. For work that reads a slot
+    or a block (a copy to disk, a copy-on-write source): once it has ended, failed or not, the slot may be reused
+    and the block written. Waiting for the *bytes* of a transfer (a block's `ready`) keeps the failure: a block
+    whose bytes never landed must not be read as if they had."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Handle) -> None:
+        self.inner = inner
+
+    def done(self) -> bool:
+        return self.inner.done()
+
+    def wait(self) -> None:
+        try:
+            self.inner.wait()
+        except Exception:  # noqa: BLE001 - reported where the bytes are needed, not here
+            pass
+
+    def wait_on(self, stream) -> None:
+        try:
+            self.inner.wait_on(stream)
+        except Exception:  # noqa: BLE001 - a failed host job queued no device work to wait for
+            pass
+
+
+def settled(handle: Handle) -> Handle:
+    """`handle` as ordering only (see Settled)."""
+    return handle if handle is DONE or isinstance(handle, (Settled, EventHandle)) else Settled(handle)
+
+
 def all_of(handles: Iterable[Handle]) -> Handle:
     """One handle for many, dropping the ones already known complete and repeats (also among the parts of nested
     AllOfs: 2,048 blocks freed by one transfer carry 2,048 AllOfs of the same two events, and a stream must wait on

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, all_of
+from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, Settled, all_of
 from tierkv.kernels.block_copy import copy_blocks
 from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available, copy_engine_runs
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
@@ -310,6 +310,8 @@ def _device_waitable(handle: Handle) -> bool:
     """True if a stream can wait for `handle` without the host blocking (device events, finished host work)."""
     if isinstance(handle, FutureHandle):
         return handle.future.done()
+    if isinstance(handle, Settled):
+        return _device_waitable(handle.inner)
     parts = getattr(handle, "parts", None)
     if parts is not None:
         return all(_device_waitable(p) for p in parts)

@@ -33,7 +33,7 @@ from tierkv.config import PageManagerConfig
 import warnings
 
 from tierkv.errors import CapacityError, CorruptBlockError
-from tierkv.handles import DONE, Handle, LayeredHandle, all_of
+from tierkv.handles import DONE, Handle, LayeredHandle, all_of, settled
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover
 from tierkv.policies.base import EvictionPolicy
@@ -361,7 +361,7 @@ class PageManager:
             )
             for block, (slot, _) in zip(group, taken):
                 block.copy_slot, block.copy_ready = slot, handle
-                block.readers = all_of([block.readers, handle])
+                block.readers = all_of([block.readers, settled(handle)])
                 self._copy_order[block.block_id] = block
         return len(queue)
 
@@ -926,7 +926,7 @@ class PageManager:
             handle = self.mover.move(self.tiers[kind], [o.slot for o, _ in pairs], self.tiers[GPU], [n.slot for _, n in pairs], deps)
             for old, new in pairs:
                 new.ready = handle
-                old.readers = all_of([old.readers, handle])
+                old.readers = all_of([old.readers, settled(handle)])
         self.cow_copies += len(plan)
 
     def _move(self, blocks: list[Block], dst_kind: int) -> None:
@@ -969,7 +969,7 @@ class PageManager:
                 if keep_host and block.has_data:
                     # The bytes stay in the CPU slot too: the block's copy there until it is written (see
                     # keep_host_copies).
-                    block.host_slot, block.host_ready, block.host_busy = block.slot, block.ready, all_of([handle, block.readers])
+                    block.host_slot, block.host_ready, block.host_busy = block.slot, block.ready, all_of([settled(handle), block.readers])
                     self._host_order[block.block_id] = block
                 elif keep_copy and block.key is not None and block.has_data:
                     # Write-through: the bytes it leaves on disk stay there as its copy (a spare, dropped first).
@@ -1093,6 +1093,7 @@ class PageManager:
                 assert block.key is not None and self.index.get(block.key) is block, f"unheld block {bid} is not a cached block"
             if block.key is not None:
                 assert self.index.get(block.key) is block, f"block {bid}'s key is not indexed to it"
+                assert block.token_ids is not None and block.has_data, f"keyed block {bid} has no tokens or no data"
         for key, block in self.index.items():
             assert block.key == key and self.blocks.get(block.block_id) is block, "the index names a block that is gone"
         for kind in self.kinds:

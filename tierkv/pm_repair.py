@@ -84,7 +84,11 @@ def repair(pm, drop: Iterable[Hashable]) -> set[Hashable]:
     pm._streams_host = False
     pm._host_read_marker = DONE
 
-    # The prefix index: one block per key, the one it named where that block is still right.
+    # The prefix index: one block per key, the one it named where that block is still right. A key without its
+    # tokens (cut off inside register) or on a block never written vouches for nothing.
+    for block in blocks.values():
+        if block.key is not None and (block.token_ids is None or not block.has_data):
+            block.key = block.token_ids = None
     index = {key: b for key, b in pm.index.items() if blocks.get(b.block_id) is b and b.key == key}
     for block in blocks.values():
         if block.key is not None and index.setdefault(block.key, block) is not block:

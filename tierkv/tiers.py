@@ -16,7 +16,7 @@ from collections import deque
 import torch
 
 from tierkv.errors import CapacityError
-from tierkv.handles import DONE, Handle
+from tierkv.handles import DONE, Handle, settled
 from tierkv.layout import KVLayout
 from tierkv.nvme_store import NvmeStore
 from tierkv.sizes import format_nbytes
@@ -47,7 +47,8 @@ class SlotAllocator:
         return sorted((free.popleft() for _ in range(n)), key=_slot_number)
 
     def give(self, slot: int, busy: Handle = DONE) -> None:
-        self._free.append((slot, busy))
+        # The work still touching the slot need only have ended for its next writer: succeeded or failed.
+        self._free.append((slot, settled(busy)))
 
     def __len__(self) -> int:
         return len(self._free)
