@@ -13,8 +13,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from common import append_rows, require_cuda, run_meta, write_json
+
 from tierkv.kernels.paged_attention import PagedBatch, paged_attention_triton
 
 
@@ -78,9 +78,15 @@ def case(batch: int, length: int, args) -> dict:
             print(f"  sweep B={batch} L={length}: {r}")
     return {
         "sweep": sweep,
-        "batch": batch, "length": length, "kv_bytes": nbytes, "rel_error": err,
-        "sdpa_ms": t_sdpa * 1e3, "paged_ms": t_paged * 1e3,
-        "sdpa_tbps": nbytes / t_sdpa / 1e12, "paged_tbps": nbytes / t_paged / 1e12, "ratio": t_sdpa / t_paged,
+        "batch": batch,
+        "length": length,
+        "kv_bytes": nbytes,
+        "rel_error": err,
+        "sdpa_ms": t_sdpa * 1e3,
+        "paged_ms": t_paged * 1e3,
+        "sdpa_tbps": nbytes / t_sdpa / 1e12,
+        "paged_tbps": nbytes / t_paged / 1e12,
+        "ratio": t_sdpa / t_paged,
     }
 
 
@@ -102,16 +108,21 @@ def main() -> int:
         b, length = (int(x) for x in c.split("x"))
         rows.append(case(b, length, args))
         r = rows[-1]
-        print(f"B={b:>3} L={length:>7}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tbps']:.2f} TB/s)  paged {r['paged_ms']:.3f} ms "
-              f"({r['paged_tbps']:.2f} TB/s)  paged/SDPA bandwidth {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}")
+        print(
+            f"B={b:>3} L={length:>7}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tbps']:.2f} TB/s)  paged {r['paged_ms']:.3f} ms "
+            f"({r['paged_tbps']:.2f} TB/s)  paged/SDPA bandwidth {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}"
+        )
     meta = run_meta()
     write_json(args.out, meta, rows=rows)
-    append_rows(args.record, [
-        f"| {meta['date']} | {meta['device']} | decode attention B={r['batch']} L={r['length']} (bf16, 32q/8kv, d=128, bs {args.block_size}) | "
-        f"paged {r['paged_ms']:.3f} ms = {r['paged_tbps']:.2f} TB/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tbps']:.2f} TB/s | "
-        f"{r['ratio']:.0%} | `{meta['command']}` |"
-        for r in rows
-    ])
+    append_rows(
+        args.record,
+        [
+            f"| {meta['date']} | {meta['device']} | decode attention B={r['batch']} L={r['length']} (bf16, 32q/8kv, d=128, bs {args.block_size}) | "
+            f"paged {r['paged_ms']:.3f} ms = {r['paged_tbps']:.2f} TB/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tbps']:.2f} TB/s | "
+            f"{r['ratio']:.0%} | `{meta['command']}` |"
+            for r in rows
+        ],
+    )
     return 0
 
 

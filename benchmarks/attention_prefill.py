@@ -22,11 +22,16 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from common import append_rows, require_cuda, run_meta, write_json
 from torch.nn.attention.bias import causal_lower_right
 
-from common import append_rows, require_cuda, run_meta, write_json
-from tierkv.kernels.paged_attention import PagedBatch, paged_attention_triton
-from tierkv.kernels.paged_attention import PREFILL_CONFIG, PREFILL_CONFIG_SMALL, SPLIT_MAX_Q
+from tierkv.kernels.paged_attention import (
+    PREFILL_CONFIG,
+    PREFILL_CONFIG_SMALL,
+    SPLIT_MAX_Q,
+    PagedBatch,
+    paged_attention_triton,
+)
 
 SWEEP = [
     {"block_m": m, "block_n": n, "num_warps": w, "num_stages": s, "pack_gqa": p}
@@ -36,15 +41,19 @@ MAX_REL_ERROR = 1e-2
 
 
 def parse_case(text: str) -> tuple[int, int, int]:
-    """"ENTRIESxLENGTH[+CACHED]" -> (entries, query tokens per entry, cached tokens per entry)."""
+    """ "ENTRIESxLENGTH[+CACHED]" -> (entries, query tokens per entry, cached tokens per entry)."""
     try:
         entries, rest = text.split("x")
         length, _, cached = rest.partition("+")
         case = int(entries), int(length), int(cached or 0)
     except ValueError:
-        raise SystemExit(f"attention_prefill: case {text!r}: write ENTRIESxLENGTH or ENTRIESxLENGTH+CACHED, e.g. 8x1024 or 1x2048+8192")
+        raise SystemExit(
+            f"attention_prefill: case {text!r}: write ENTRIESxLENGTH or ENTRIESxLENGTH+CACHED, e.g. 8x1024 or 1x2048+8192"
+        ) from None
     if case[1] <= SPLIT_MAX_Q:
-        raise SystemExit(f"attention_prefill: case {text!r}: chunks of at most {SPLIT_MAX_Q} queries go to the decode kernel; use a longer LENGTH")
+        raise SystemExit(
+            f"attention_prefill: case {text!r}: chunks of at most {SPLIT_MAX_Q} queries go to the decode kernel; use a longer LENGTH"
+        )
     return case
 
 
@@ -116,7 +125,9 @@ def case(entries: int, length: int, cached: int, args, failed: dict) -> dict:
 
     err = rel_error(paged())
     if err > MAX_REL_ERROR:
-        raise AssertionError(f"paged prefill {case_name(entries, length, cached)} differs from SDPA: relative error {err:.2e}")
+        raise AssertionError(
+            f"paged prefill {case_name(entries, length, cached)} differs from SDPA: relative error {err:.2e}"
+        )
     pairs = entries * (length * cached + length * (length + 1) // 2)
     flops = 4 * pairs * args.heads * args.head_dim
     t_sdpa = do_bench(sdpa, warmup=25, rep=100, return_mode="median") / 1e3
@@ -143,10 +154,18 @@ def case(entries: int, length: int, cached: int, args, failed: dict) -> dict:
         for r in sweep[:5]:
             print(f"  sweep {case_name(entries, length, cached)}: {r}")
     return {
-        "sweep": sweep, "config": PREFILL_CONFIG if args.head_dim <= 128 else PREFILL_CONFIG_SMALL,
-        "entries": entries, "length": length, "cached": cached, "flops": flops, "rel_error": err,
-        "sdpa_ms": t_sdpa * 1e3, "paged_ms": t_paged * 1e3,
-        "sdpa_tflops": flops / t_sdpa / 1e12, "paged_tflops": flops / t_paged / 1e12, "ratio": t_sdpa / t_paged,
+        "sweep": sweep,
+        "config": PREFILL_CONFIG if args.head_dim <= 128 else PREFILL_CONFIG_SMALL,
+        "entries": entries,
+        "length": length,
+        "cached": cached,
+        "flops": flops,
+        "rel_error": err,
+        "sdpa_ms": t_sdpa * 1e3,
+        "paged_ms": t_paged * 1e3,
+        "sdpa_tflops": flops / t_sdpa / 1e12,
+        "paged_tflops": flops / t_paged / 1e12,
+        "ratio": t_sdpa / t_paged,
     }
 
 
@@ -163,7 +182,9 @@ def precompile(configs: list[dict], args) -> None:
     except Exception as exc:
         print(f"precompile: {type(exc).__name__}: {exc}; compiling during the sweep instead", file=sys.stderr)
         return
-    print(f"precompiled {len(configs)} configs in {time.perf_counter() - t0:.0f} s on {jobs} processes ({failures} failed: the sweep says why)")
+    print(
+        f"precompiled {len(configs)} configs in {time.perf_counter() - t0:.0f} s on {jobs} processes ({failures} failed: the sweep says why)"
+    )
 
 
 def _compile_configs(shape: dict, configs: list[dict]) -> int:
@@ -195,13 +216,17 @@ def print_best_overall(rows: list[dict]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["8x1024", "1x8192", "2x4096", "1x2048+8192"], help="ENTRIESxLENGTH[+CACHED]")
+    ap.add_argument(
+        "--cases", nargs="+", default=["8x1024", "1x8192", "2x4096", "1x2048+8192"], help="ENTRIESxLENGTH[+CACHED]"
+    )
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--sweep", action="store_true", help="also time a grid of PREFILL_CONFIG values")
-    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="processes compiling the sweep's kernels")
+    ap.add_argument(
+        "--jobs", type=int, default=min(16, os.cpu_count() or 1), help="processes compiling the sweep's kernels"
+    )
     ap.add_argument("--out")
     ap.add_argument("--record")
     args = ap.parse_args()
@@ -214,19 +239,24 @@ def main() -> int:
     for entries, length, cached in cases:
         r = case(entries, length, cached, args, failed)
         rows.append(r)
-        print(f"{case_name(entries, length, cached)}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TFLOP/s)  paged {r['paged_ms']:.3f} ms "
-              f"({r['paged_tflops']:.0f} TFLOP/s)  paged/SDPA speed {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}")
+        print(
+            f"{case_name(entries, length, cached)}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TFLOP/s)  paged {r['paged_ms']:.3f} ms "
+            f"({r['paged_tflops']:.0f} TFLOP/s)  paged/SDPA speed {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}"
+        )
     if args.sweep and all(r["sweep"] for r in rows):
         print_best_overall(rows)
     meta = run_meta()
     write_json(args.out, meta, rows=rows, sweep_failed=failed)
     shape = f"bf16, {args.heads}q/{args.kv_heads}kv, d={args.head_dim}, bs {args.block_size}"
-    append_rows(args.record, [
-        f"| {meta['date']} | {meta['device']} | prefill attention {case_name(r['entries'], r['length'], r['cached'])} causal ({shape}) | "
-        f"paged {r['paged_ms']:.3f} ms = {r['paged_tflops']:.0f} TFLOP/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tflops']:.0f} TFLOP/s | "
-        f"{r['ratio']:.0%} | `{meta['command']}` |"
-        for r in rows
-    ])
+    append_rows(
+        args.record,
+        [
+            f"| {meta['date']} | {meta['device']} | prefill attention {case_name(r['entries'], r['length'], r['cached'])} causal ({shape}) | "
+            f"paged {r['paged_ms']:.3f} ms = {r['paged_tflops']:.0f} TFLOP/s | SDPA contiguous {r['sdpa_ms']:.3f} ms = {r['sdpa_tflops']:.0f} TFLOP/s | "
+            f"{r['ratio']:.0%} | `{meta['command']}` |"
+            for r in rows
+        ],
+    )
     return 0
 
 

@@ -17,10 +17,9 @@ import sys
 import time
 
 import torch
-
 from common import append_rows, require_cuda, run_meta, write_json
-from tierkv.kernels.block_copy import copy_blocks_triton
-from tierkv.kernels.block_copy import default_max_programs
+
+from tierkv.kernels.block_copy import copy_blocks_triton, default_max_programs
 from tierkv.layout import KVLayout
 from tierkv.mover import Mover
 from tierkv.tiers import CPU, GPU, MemoryTier
@@ -39,7 +38,9 @@ def timed(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.device, programs: list[int], tiles) -> dict:
+def bench_block_size(
+    block_kib: int, total_mib: int, reps: int, device: torch.device, programs: list[int], tiles
+) -> dict:
     # A layout whose block is block_kib KiB: 8 KV heads of 128 bf16 values, block_size 16, L layers.
     layers = max(1, block_kib * 1024 // (2 * 16 * 8 * 128 * 2))
     layout = KVLayout(num_layers=layers, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, block_size=16)
@@ -109,18 +110,32 @@ def bench_block_size(block_kib: int, total_mib: int, reps: int, device: torch.de
     batched_h2d()
     sync()
     # Compare bytes: random bits include NaN patterns, which torch.equal never calls equal.
-    assert torch.equal(gpu.pool[dev_slots].cpu().view(torch.uint8), cpu.pool[host_slots].view(torch.uint8)), "batched h2d moved wrong bytes"
+    assert torch.equal(gpu.pool[dev_slots].cpu().view(torch.uint8), cpu.pool[host_slots].view(torch.uint8)), (
+        "batched h2d moved wrong bytes"
+    )
     batched_d2h()
     sync()
-    assert torch.equal(gpu.pool[dev_slots2].cpu().view(torch.uint8), cpu.pool[host_slots2].view(torch.uint8)), "batched d2h moved wrong bytes"
+    assert torch.equal(gpu.pool[dev_slots2].cpu().view(torch.uint8), cpu.pool[host_slots2].view(torch.uint8)), (
+        "batched d2h moved wrong bytes"
+    )
 
     # How many programs the kernel needs: bandwidth at bounded grids (fewer programs = more SMs for compute).
     src_i, dst_i = torch.tensor(host_slots, device=device), torch.tensor(dev_slots, device=device)
     src_i2, dst_i2 = torch.tensor(dev_slots2, device=device), torch.tensor(host_slots2, device=device)
     res["by_tile"] = {
         f"{words}w/{warps}warps": three_ways(
-            on(s1, lambda w=words, nw=warps: copy_blocks_triton(cpu.pool, gpu.pool, src_i, dst_i, words_per_program=w, num_warps=nw)),
-            on(s2, lambda w=words, nw=warps: copy_blocks_triton(gpu.pool, cpu.pool, src_i2, dst_i2, words_per_program=w, num_warps=nw)),
+            on(
+                s1,
+                lambda w=words, nw=warps: copy_blocks_triton(
+                    cpu.pool, gpu.pool, src_i, dst_i, words_per_program=w, num_warps=nw
+                ),
+            ),
+            on(
+                s2,
+                lambda w=words, nw=warps: copy_blocks_triton(
+                    gpu.pool, cpu.pool, src_i2, dst_i2, words_per_program=w, num_warps=nw
+                ),
+            ),
         )
         for words, warps in tiles
     }
@@ -153,7 +168,9 @@ def main() -> int:
     ap.add_argument("--block-kib", type=int, nargs="+", default=[64, 512, 2048], help="block sizes in KiB")
     ap.add_argument("--total-mib", type=int, default=1024, help="bytes per batch, MiB")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--programs", type=int, nargs="*", default=[8, 16, 32, 66, 132, 264, 1056], help="grid sizes to sweep")
+    ap.add_argument(
+        "--programs", type=int, nargs="*", default=[8, 16, 32, 66, 132, 264, 1056], help="grid sizes to sweep"
+    )
     ap.add_argument("--tiles", nargs="*", default=[], help="WORDSxWARPS tile shapes to sweep, e.g. 2048x4 8192x8")
     ap.add_argument("--out", help="write the JSON results here")
     ap.add_argument("--record", help="append one line per block size to this markdown file (BENCHMARKS.md)")
@@ -176,20 +193,27 @@ def main() -> int:
     if args.programs:
         print(f"grid sweep (default grid here: {default_max_programs(device)} programs), GB/s h2d / d2h / both:")
     for r in rows if args.programs else []:
-        cells = "  ".join(f"{p}: {v['h2d_gbps']:.1f}/{v['d2h_gbps']:.1f}/{v['both_gbps']:.1f}" for p, v in r["by_programs"].items())
+        cells = "  ".join(
+            f"{p}: {v['h2d_gbps']:.1f}/{v['d2h_gbps']:.1f}/{v['both_gbps']:.1f}" for p, v in r["by_programs"].items()
+        )
         print(f"  {r['block_bytes'] // 1024:>5}KiB  {cells}")
     for r in rows:
         for name, v in r["by_tile"].items():
-            print(f"  tile {r['block_bytes'] // 1024}KiB {name}: {v['h2d']:.1f} / {v['d2h']:.1f} / {v['both']:.1f} GB/s")
+            print(
+                f"  tile {r['block_bytes'] // 1024}KiB {name}: {v['h2d']:.1f} / {v['d2h']:.1f} / {v['both']:.1f} GB/s"
+            )
     write_json(args.out, meta, rows=rows)
-    append_rows(args.record, [
-        f"| {meta['date']} | {meta['device']} | block moves {r['block_bytes'] // 1024} KiB x {r['blocks']} | "
-        f"batched {r['batched_h2d_gbps']:.1f} / {r['batched_d2h_gbps']:.1f} / {r['batched_both_gbps']:.1f} GB/s "
-        f"(h2d / d2h / both) | contiguous {r['contig_h2d_gbps']:.1f} / {r['contig_d2h_gbps']:.1f} / "
-        f"{r['contig_both_gbps']:.1f} GB/s | {r['ratio_h2d']:.0%} / {r['ratio_d2h']:.0%} / {r['ratio_both']:.0%} | "
-        f"per-block copy_ {r['per_block_h2d_gbps']:.1f} GB/s | `{meta['command']}` |"
-        for r in rows
-    ])
+    append_rows(
+        args.record,
+        [
+            f"| {meta['date']} | {meta['device']} | block moves {r['block_bytes'] // 1024} KiB x {r['blocks']} | "
+            f"batched {r['batched_h2d_gbps']:.1f} / {r['batched_d2h_gbps']:.1f} / {r['batched_both_gbps']:.1f} GB/s "
+            f"(h2d / d2h / both) | contiguous {r['contig_h2d_gbps']:.1f} / {r['contig_d2h_gbps']:.1f} / "
+            f"{r['contig_both_gbps']:.1f} GB/s | {r['ratio_h2d']:.0%} / {r['ratio_d2h']:.0%} / {r['ratio_both']:.0%} | "
+            f"per-block copy_ {r['per_block_h2d_gbps']:.1f} GB/s | `{meta['command']}` |"
+            for r in rows
+        ],
+    )
     return 0
 
 

@@ -34,7 +34,9 @@ def _code_version() -> dict:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         if head.returncode == 0:
             out["commit"] = head.stdout.strip()
-            changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+            changed = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            )
             if changed.returncode == 0:
                 out["tree_matches_commit"] = not changed.stdout.strip()
     except OSError:
@@ -49,15 +51,20 @@ def require_cuda(tool: str) -> bool:
     """True where a CUDA device is visible; otherwise says so for `tool` (a GPU-only benchmark) and returns False."""
     if torch.cuda.is_available():
         return True
-    print(f"{tool}: needs a CUDA device, and torch sees none (torch {torch.__version__}, built for CUDA "
-          f"{torch.version.cuda or 'none'}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.", file=sys.stderr)
+    print(
+        f"{tool}: needs a CUDA device, and torch sees none (torch {torch.__version__}, built for CUDA "
+        f"{torch.version.cuda or 'none'}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.",
+        file=sys.stderr,
+    )
     return False
 
 
 def add_workload_args(ap, num_requests: int = 256, prompt_len: int = 1024, output_len: int = 128) -> None:
     """The workload options that the engine runs and their transformers baselines share: the model, and
     num_requests prompts of prompt_len random tokens, each generating exactly output_len tokens."""
-    ap.add_argument("--model", default="llama-3.1-8b", help="a preset name (dummy weights at its shape) or a checkpoint folder")
+    ap.add_argument(
+        "--model", default="llama-3.1-8b", help="a preset name (dummy weights at its shape) or a checkpoint folder"
+    )
     ap.add_argument("--num-requests", type=int, default=num_requests)
     ap.add_argument("--prompt-len", type=int, default=prompt_len)
     ap.add_argument("--output-len", type=int, default=output_len)
@@ -137,16 +144,30 @@ def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tup
         llm.step()
         (decode_steps if counters.prompt_tokens == prompt0 else other).append(time.perf_counter() - s0)
         if all_steps is not None:
-            all_steps.append((time.perf_counter() - s0, counters.prompt_tokens - prompt0, len(llm.scheduler.running),
-                              (graphs.captures if graphs else 0) - captures0, gc_time[0] - gc0, alloc_retries() - retries0,
-                              gpu.blocks_in - moved0[0], gpu.blocks_out - moved0[1], gpu.prefetched - moved0[2],
-                              int(llm.engine._inflight is not None)))
+            all_steps.append(
+                (
+                    time.perf_counter() - s0,
+                    counters.prompt_tokens - prompt0,
+                    len(llm.scheduler.running),
+                    (graphs.captures if graphs else 0) - captures0,
+                    gc_time[0] - gc0,
+                    alloc_retries() - retries0,
+                    gpu.blocks_in - moved0[0],
+                    gpu.blocks_out - moved0[1],
+                    gpu.prefetched - moved0[2],
+                    int(llm.engine._inflight is not None),
+                )
+            )
     gc.callbacks.remove(on_gc)
     if all_steps:
-        print(f"decode graphs captured during the run: {sum(s[3] for s in all_steps)}; garbage collection "
-              f"{sum(s[4] for s in all_steps):.2f} s, longest {max(s[4] for s in all_steps) * 1e3:.0f} ms; CUDA allocator retries "
-              f"{sum(s[5] for s in all_steps)}")
-    print(f"steps: {len(other)} with prompt tokens, {sum(other):.2f} s; {len(decode_steps)} decode only, {sum(decode_steps):.2f} s")
+        print(
+            f"decode graphs captured during the run: {sum(s[3] for s in all_steps)}; garbage collection "
+            f"{sum(s[4] for s in all_steps):.2f} s, longest {max(s[4] for s in all_steps) * 1e3:.0f} ms; CUDA allocator retries "
+            f"{sum(s[5] for s in all_steps)}"
+        )
+    print(
+        f"steps: {len(other)} with prompt tokens, {sum(other):.2f} s; {len(decode_steps)} decode only, {sum(decode_steps):.2f} s"
+    )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0, counters.generated_tokens - generated0, decode_steps
@@ -208,7 +229,9 @@ def log_compiles() -> None:
         t = time.perf_counter()
         out = real(self, *a, **k)
         constexprs = a[3] if len(a) > 3 else ""
-        print(f"  compiled {getattr(self.fn, '__name__', self)} in {time.perf_counter() - t:.2f} s (constexprs {str(constexprs)[:160]})")
+        print(
+            f"  compiled {getattr(self.fn, '__name__', self)} in {time.perf_counter() - t:.2f} s (constexprs {str(constexprs)[:160]})"
+        )
         return out
 
     JITFunction._do_compile = logged

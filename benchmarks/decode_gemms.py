@@ -20,21 +20,34 @@ import argparse
 import sys
 
 import torch
-
 from common import require_cuda, run_meta, write_json
 from fused_kernels import copy_gbps
 
 # Llama-3.1-8B
 HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
 # Its fused decode GEMMs, (out, in): what a decode step reads per layer, and the LM head.
-SHAPES = {"qkv": (Q + 2 * KV, HIDDEN), "o": (HIDDEN, Q), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "lm_head": (128256, HIDDEN)}
+SHAPES = {
+    "qkv": (Q + 2 * KV, HIDDEN),
+    "o": (HIDDEN, Q),
+    "gate_up": (2 * INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+    "lm_head": (128256, HIDDEN),
+}
 
 
 def layer_weights(fused: bool) -> list[torch.Tensor]:
     mk = lambda o, i: torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.01  # noqa: E731
     if fused:
         return [mk(Q + 2 * KV, HIDDEN), mk(HIDDEN, Q), mk(2 * INTER, HIDDEN), mk(HIDDEN, INTER)]
-    return [mk(Q, HIDDEN), mk(KV, HIDDEN), mk(KV, HIDDEN), mk(HIDDEN, Q), mk(INTER, HIDDEN), mk(INTER, HIDDEN), mk(HIDDEN, INTER)]
+    return [
+        mk(Q, HIDDEN),
+        mk(KV, HIDDEN),
+        mk(KV, HIDDEN),
+        mk(HIDDEN, Q),
+        mk(INTER, HIDDEN),
+        mk(INTER, HIDDEN),
+        mk(HIDDEN, INTER),
+    ]
 
 
 def run_layer(ws: list[torch.Tensor], x: torch.Tensor, big: torch.Tensor) -> None:
@@ -114,21 +127,35 @@ def main() -> int:
         bound = nbytes / (bw * 1e9) * 1e3
         for m in args.rows:
             ms = time_ms(layers, m, args.reps)
-            rows.append({"gemms": "fused" if fused else "separate", "rows": m, "ms_per_layer": ms, "bound_ms": bound,
-                         "gbps": nbytes / (ms * 1e-3) / 1e9})
-            print(f"{rows[-1]['gemms']:>8} M={m:4d}: {ms * 1e3:7.1f} us per layer, {rows[-1]['gbps']:6.0f} GB/s, "
-                  f"{bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)")
+            rows.append(
+                {
+                    "gemms": "fused" if fused else "separate",
+                    "rows": m,
+                    "ms_per_layer": ms,
+                    "bound_ms": bound,
+                    "gbps": nbytes / (ms * 1e-3) / 1e9,
+                }
+            )
+            print(
+                f"{rows[-1]['gemms']:>8} M={m:4d}: {ms * 1e3:7.1f} us per layer, {rows[-1]['gbps']:6.0f} GB/s, "
+                f"{bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)"
+            )
         del layers
         torch.cuda.empty_cache()
     shapes = []
     if args.per_shape:
         for name, (o, i) in SHAPES.items():
-            ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for _ in range(2 if name == "lm_head" else args.layers)]
+            ws = [
+                torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+                for _ in range(2 if name == "lm_head" else args.layers)
+            ]
             bound = o * i * 2 / (bw * 1e9) * 1e3
             for m in args.rows:
                 ms = shape_ms(ws, m, args.reps)
                 shapes.append({"gemm": name, "rows": m, "ms": ms, "bound_ms": bound})
-                print(f"  {name:>8} ({o} x {i}) M={m:4d}: {ms * 1e3:7.1f} us, {bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)")
+                print(
+                    f"  {name:>8} ({o} x {i}) M={m:4d}: {ms * 1e3:7.1f} us, {bound / ms:4.0%} of the copy roofline ({bound * 1e3:.1f} us)"
+                )
             del ws
             torch.cuda.empty_cache()
     write_json(args.out, run_meta(), copy_gbps=bw, blas=args.blas or "default", rows=rows, shapes=shapes)

@@ -18,9 +18,9 @@ import sys
 import time
 
 import torch
+from common import add_workload_args, log_compiles, run_meta, timed_generation, warm_up, workload_prompts, write_json
 
 import tierkv
-from common import add_workload_args, log_compiles, run_meta, timed_generation, warm_up, workload_prompts, write_json
 from tierkv.stats import format_stats
 
 
@@ -51,16 +51,34 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, help="tokens per KV block (default: tierkv's)")
     ap.add_argument("--staging-blocks", type=int, help="blocks per streamed chunk (default: tierkv's)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (comparison)")
-    ap.add_argument("--no-async-scheduling", action="store_true", help="plan each step only after the last one's tokens are back (comparison)")
+    ap.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="plan each step only after the last one's tokens are back (comparison)",
+    )
     ap.add_argument("--no-prefetch", action="store_true", help="turn the engine's prefetch off (overlap comparison)")
-    ap.add_argument("--oversubscribe", action="store_true", help="start every request at once; groups take turns on the GPU, swapping")
-    ap.add_argument("--serial-transfers", action="store_true",
-                    help="baseline: every GPU<->CPU transfer waits for the compute before it and compute waits for it (no overlap)")
+    ap.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="start every request at once; groups take turns on the GPU, swapping",
+    )
+    ap.add_argument(
+        "--serial-transfers",
+        action="store_true",
+        help="baseline: every GPU<->CPU transfer waits for the compute before it and compute waits for it (no overlap)",
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
-    opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                prefetch=not args.no_prefetch, enable_prefix_caching=False, cuda_graphs=not args.no_cuda_graphs,
-                async_scheduling=not args.no_async_scheduling, oversubscribe=args.oversubscribe)
+    opts = dict(
+        load_format="dummy",
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        prefetch=not args.no_prefetch,
+        enable_prefix_caching=False,
+        cuda_graphs=not args.no_cuda_graphs,
+        async_scheduling=not args.no_async_scheduling,
+        oversubscribe=args.oversubscribe,
+    )
     for name in ("max_model_len", "block_size", "staging_blocks", "slice_steps"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -89,24 +107,45 @@ def main() -> int:
     # sequences take turns on the GPU instead, bytes cross at group changes, not every step: report the link time.
     streams = stats["engine"]["streamed_steps"] > 0
     bound = max(0, kv_bytes - gpu_bytes) / (link * 1e9) if link and streams else None
-    print(f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
-          f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
-          f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'}, "
-          f"{'transfers serialized with compute, ' if args.serial_transfers else ''}"
-          f"{stats['engine']['deferred_steps']} steps overlapped by asynchronous scheduling)")
+    print(
+        f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
+        f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
+        f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'}, "
+        f"{'transfers serialized with compute, ' if args.serial_transfers else ''}"
+        f"{stats['engine']['deferred_steps']} steps overlapped by asynchronous scheduling)"
+    )
     if step is not None:
         line = f"median decode step {step * 1e3:.1f} ms over {len(decode_steps)} steps"
         if bound:
-            line += (f"; KV {kv_bytes / 2**30:.1f} GiB, GPU tier {gpu_bytes / 2**30:.1f} GiB: {(kv_bytes - gpu_bytes) / 2**30:.1f} GiB "
-                     f"cross the link per step, PCIe bound {bound * 1e3:.1f} ms at {link:.1f} GB/s: step = {step / bound:.2f}x the bound")
+            line += (
+                f"; KV {kv_bytes / 2**30:.1f} GiB, GPU tier {gpu_bytes / 2**30:.1f} GiB: {(kv_bytes - gpu_bytes) / 2**30:.1f} GiB "
+                f"cross the link per step, PCIe bound {bound * 1e3:.1f} ms at {link:.1f} GB/s: step = {step / bound:.2f}x the bound"
+            )
         print(line)
     moved = {k: v for k, v in stats["links"].items() if v["bytes"]}
     if moved and not streams:
-        print("links: " + ", ".join(f"{k} {v['bytes'] / 2**30:.1f} GiB in {v['seconds']:.2f} s" for k, v in moved.items())
-              + f" (of {wall:.1f} s wall)")
-    write_json(args.out, run_meta(), wall_s=wall, output_tokens=generated, output_tok_per_s=generated / wall, stats=stats,
-               decode_step_s=step, decode_steps=len(decode_steps), h2d_gbps=link, kv_bytes=kv_bytes, pcie_bound_s=bound,
-               prefetch=not args.no_prefetch, oversubscribe=args.oversubscribe, serial_transfers=args.serial_transfers, steps=steps)
+        print(
+            "links: "
+            + ", ".join(f"{k} {v['bytes'] / 2**30:.1f} GiB in {v['seconds']:.2f} s" for k, v in moved.items())
+            + f" (of {wall:.1f} s wall)"
+        )
+    write_json(
+        args.out,
+        run_meta(),
+        wall_s=wall,
+        output_tokens=generated,
+        output_tok_per_s=generated / wall,
+        stats=stats,
+        decode_step_s=step,
+        decode_steps=len(decode_steps),
+        h2d_gbps=link,
+        kv_bytes=kv_bytes,
+        pcie_bound_s=bound,
+        prefetch=not args.no_prefetch,
+        oversubscribe=args.oversubscribe,
+        serial_transfers=args.serial_transfers,
+        steps=steps,
+    )
     llm.close()
     return 0
 

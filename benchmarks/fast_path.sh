@@ -26,7 +26,7 @@ for item in $items; do
        $py - "$out" <<'PY'
 import json, os, sys
 t = json.load(open(f"{sys.argv[1]}/fp1_throughput.json"))
-line = f"item 1: {t['output_tok_per_s']:.1f} output tok/s, {t['output_tok_per_s'] / 4500:.0%} of the ~4,500 roofline (ANCHORS.md)"
+line = f"item 1: {t['output_tok_per_s']:.1f} output tok/s, {t['output_tok_per_s'] / 4900:.0%} of the ~4,900 H200 roofline (ANCHORS.md)"
 hf = f"{sys.argv[1]}/fp1_hf_generate_batch.json"
 if os.path.exists(hf):
     h = json.load(open(hf))

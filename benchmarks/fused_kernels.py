@@ -22,10 +22,17 @@ import argparse
 import sys
 
 import torch
-
 from common import require_cuda, run_meta, write_json
-from tierkv.kernels.fused import add_rms_norm_triton, rms_norm_triton, rotary_qk_reference, rotary_qk_triton, silu_mul_triton
-from tierkv.kernels.fused import SILU_BLOCK, SILU_WARPS
+
+from tierkv.kernels.fused import (
+    SILU_BLOCK,
+    SILU_WARPS,
+    add_rms_norm_triton,
+    rms_norm_triton,
+    rotary_qk_reference,
+    rotary_qk_triton,
+    silu_mul_triton,
+)
 
 
 def copy_gbps() -> float:
@@ -96,13 +103,34 @@ def rows_for(T: int, args, gbps: float) -> list[dict]:
     qk = q.numel() + k.numel()
     cases = [
         # (op, variant, fn, bytes moved, fraction of its outputs that differ from the unfused variant's)
-        ("rotary", "PyTorch ops (reference)", lambda: rotary_qk_reference(q, k, cos, sin), (2 * qk + 2 * 2 * T * d) * esize, None),
-        ("rotary", "rotary_qk_triton", lambda: rotary_qk_triton(q, k, cos, sin),
-         (2 * qk + 2 * T * d) * esize, differing(torch.cat([new_q.flatten(), new_k.flatten()]), torch.cat([old_q.flatten(), old_k.flatten()]))),
-        ("add+norm", "add + rms_norm_triton", lambda: rms_norm_triton(residual + x, w, eps),
-         (3 * T * n + 2 * T * n + n) * esize, None),
-        ("add+norm", "add_rms_norm_triton", lambda: add_rms_norm_triton(x, residual, w, eps),
-         (4 * T * n + n) * esize, differing(new_normed, old_normed)),
+        (
+            "rotary",
+            "PyTorch ops (reference)",
+            lambda: rotary_qk_reference(q, k, cos, sin),
+            (2 * qk + 2 * 2 * T * d) * esize,
+            None,
+        ),
+        (
+            "rotary",
+            "rotary_qk_triton",
+            lambda: rotary_qk_triton(q, k, cos, sin),
+            (2 * qk + 2 * T * d) * esize,
+            differing(torch.cat([new_q.flatten(), new_k.flatten()]), torch.cat([old_q.flatten(), old_k.flatten()])),
+        ),
+        (
+            "add+norm",
+            "add + rms_norm_triton",
+            lambda: rms_norm_triton(residual + x, w, eps),
+            (3 * T * n + 2 * T * n + n) * esize,
+            None,
+        ),
+        (
+            "add+norm",
+            "add_rms_norm_triton",
+            lambda: add_rms_norm_triton(x, residual, w, eps),
+            (4 * T * n + n) * esize,
+            differing(new_normed, old_normed),
+        ),
     ]
     gate = torch.randn(T, args.intermediate, device="cuda").bfloat16()
     up = torch.randn(T, args.intermediate, device="cuda").bfloat16()
@@ -110,24 +138,53 @@ def rows_for(T: int, args, gbps: float) -> list[dict]:
     silu_old = silu_mul_triton(gate, up, 1024, 4)
     cases += [
         ("silu_mul", "block 1024, 4 warps", lambda: silu_mul_triton(gate, up, 1024, 4), silu_bytes, None),
-        ("silu_mul", f"block {SILU_BLOCK}, {SILU_WARPS} warps (default)", lambda: silu_mul_triton(gate, up), silu_bytes,
-         differing(silu_mul_triton(gate, up), silu_old)),
+        (
+            "silu_mul",
+            f"block {SILU_BLOCK}, {SILU_WARPS} warps (default)",
+            lambda: silu_mul_triton(gate, up),
+            silu_bytes,
+            differing(silu_mul_triton(gate, up), silu_old),
+        ),
     ]
     if args.sweep:
         for block, warps in ((2048, 4), (2048, 8), (4096, 4), (8192, 8), (8192, 16), (16384, 16)):
-            cases.append(("silu_mul", f"block {block}, {warps} warps", lambda b=block, w=warps: silu_mul_triton(gate, up, b, w), silu_bytes, None))
+            cases.append(
+                (
+                    "silu_mul",
+                    f"block {block}, {warps} warps",
+                    lambda b=block, w=warps: silu_mul_triton(gate, up, b, w),
+                    silu_bytes,
+                    None,
+                )
+            )
         for block_t in (1, 2, 4, 8, 16):
-            cases.append(("rotary", f"rotary_qk_triton block_t={block_t}",
-                          lambda b=block_t: rotary_qk_triton(q, k, cos, sin, block_t=b), (2 * qk + 2 * T * d) * esize, None))
+            cases.append(
+                (
+                    "rotary",
+                    f"rotary_qk_triton block_t={block_t}",
+                    lambda b=block_t: rotary_qk_triton(q, k, cos, sin, block_t=b),
+                    (2 * qk + 2 * T * d) * esize,
+                    None,
+                )
+            )
     rows = []
     for op, variant, fn, nbytes, diff in cases:
         gpu_us, eager_us = time_us(fn, args.reps)
         bound_us = nbytes / (gbps * 1e9) * 1e6
-        rows.append({
-            "tokens": T, "op": op, "variant": variant, "nbytes": nbytes, "gpu_us": gpu_us, "eager_us": eager_us,
-            "gbps": nbytes / (gpu_us * 1e-6) / 1e9, "copy_bound_us": bound_us, "x_bound": gpu_us / bound_us,
-            "differing_fraction": diff,
-        })
+        rows.append(
+            {
+                "tokens": T,
+                "op": op,
+                "variant": variant,
+                "nbytes": nbytes,
+                "gpu_us": gpu_us,
+                "eager_us": eager_us,
+                "gbps": nbytes / (gpu_us * 1e-6) / 1e9,
+                "copy_bound_us": bound_us,
+                "x_bound": gpu_us / bound_us,
+                "differing_fraction": diff,
+            }
+        )
     return rows
 
 
@@ -148,15 +205,19 @@ def main() -> int:
     torch.manual_seed(0)
     gbps = copy_gbps()
     print(f"device copy bandwidth: {gbps:.0f} GB/s (read + write of a 1 GiB copy_)")
-    print(f"{'T':>5}  {'op':<8}  {'variant':<34} {'MB':>8} {'GPU µs':>9} {'eager µs':>9} {'GB/s':>7} {'copy-bound µs':>14} "
-          f"{'x bound':>8} {'differ':>8}")
+    print(
+        f"{'T':>5}  {'op':<8}  {'variant':<34} {'MB':>8} {'GPU µs':>9} {'eager µs':>9} {'GB/s':>7} {'copy-bound µs':>14} "
+        f"{'x bound':>8} {'differ':>8}"
+    )
     rows = []
     for T in args.tokens:
         for r in rows_for(T, args, gbps):
             rows.append(r)
             differ = "-" if r["differing_fraction"] is None else f"{r['differing_fraction']:.1e}"
-            print(f"{T:>5}  {r['op']:<8}  {r['variant']:<34} {r['nbytes'] / 1e6:>8.1f} {r['gpu_us']:>9.1f} {r['eager_us']:>9.1f} "
-                  f"{r['gbps']:>7.0f} {r['copy_bound_us']:>14.1f} {r['x_bound']:>8.2f} {differ:>8}")
+            print(
+                f"{T:>5}  {r['op']:<8}  {r['variant']:<34} {r['nbytes'] / 1e6:>8.1f} {r['gpu_us']:>9.1f} {r['eager_us']:>9.1f} "
+                f"{r['gbps']:>7.0f} {r['copy_bound_us']:>14.1f} {r['x_bound']:>8.2f} {differ:>8}"
+            )
     write_json(args.out, run_meta(), copy_gbps=gbps, rows=rows)
     return 0
 

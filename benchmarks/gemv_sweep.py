@@ -12,10 +12,10 @@ import itertools
 import time
 
 import torch
-
 from common import require_cuda, run_meta, write_json
 from decode_gemms import SHAPES, graph_ms, shape_ms
 from fused_kernels import copy_gbps
+
 from tierkv.kernels.gemv import gemv_config, gemv_triton
 
 
@@ -54,7 +54,9 @@ def main() -> int:
                     if err > 0.05 * ref.float().abs().max().item():
                         print(f"  {name} m={m} {cfg}: wrong (max err {err})")
                         continue
-                    ms = graph_ms(lambda: [gemv_triton(x, w, **cfg) for _ in range(args.reps) for w in ws], args.reps * copies)
+                    ms = graph_ms(
+                        lambda: [gemv_triton(x, w, **cfg) for _ in range(args.reps) for w in ws], args.reps * copies
+                    )
                 except Exception as e:  # noqa: BLE001  (a config that does not compile: out of resources)
                     print(f"  {name} m={m} {cfg}: {type(e).__name__}")
                     continue
@@ -62,14 +64,31 @@ def main() -> int:
                     best = (ms, cfg)
             ms, cfg = best
             picked = gemv_config(n, k)
-            picked_ms = graph_ms(lambda: [gemv_triton(x, w, **picked) for _ in range(args.reps) for w in ws], args.reps * copies)
-            row = dict(shape=name, n=n, k=k, rows=m, cublas_us=blas * 1e3, triton_us=ms * 1e3, config=cfg,
-                       cublas_gbps=nbytes / blas / 1e6, triton_gbps=nbytes / ms / 1e6, roofline_gbps=roof,
-                       picked_config=picked, picked_us=picked_ms * 1e3, picked_gbps=nbytes / picked_ms / 1e6)
+            picked_ms = graph_ms(
+                lambda: [gemv_triton(x, w, **picked) for _ in range(args.reps) for w in ws], args.reps * copies
+            )
+            row = dict(
+                shape=name,
+                n=n,
+                k=k,
+                rows=m,
+                cublas_us=blas * 1e3,
+                triton_us=ms * 1e3,
+                config=cfg,
+                cublas_gbps=nbytes / blas / 1e6,
+                triton_gbps=nbytes / ms / 1e6,
+                roofline_gbps=roof,
+                picked_config=picked,
+                picked_us=picked_ms * 1e3,
+                picked_gbps=nbytes / picked_ms / 1e6,
+            )
             rows.append(row)
-            print(f"{name:8s} m={m:3d}: cuBLAS {blas * 1e3:7.1f} us ({row['cublas_gbps'] / roof:4.0%})  triton best {ms * 1e3:7.1f} us "
-                  f"({row['triton_gbps'] / roof:4.0%}) {cfg}; gemv_config's {picked_ms * 1e3:7.1f} us ({row['picked_gbps'] / roof:4.0%})  "
-                  f"[{time.time() - t0:.0f} s]", flush=True)
+            print(
+                f"{name:8s} m={m:3d}: cuBLAS {blas * 1e3:7.1f} us ({row['cublas_gbps'] / roof:4.0%})  triton best {ms * 1e3:7.1f} us "
+                f"({row['triton_gbps'] / roof:4.0%}) {cfg}; gemv_config's {picked_ms * 1e3:7.1f} us ({row['picked_gbps'] / roof:4.0%})  "
+                f"[{time.time() - t0:.0f} s]",
+                flush=True,
+            )
         ws = x = ref = None
         torch.cuda.empty_cache()
     write_json(args.out, run_meta(), copy_gbps=roof, rows=rows)

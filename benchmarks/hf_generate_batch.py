@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-
 from common import add_workload_args, require_cuda, run_meta, workload_prompts, write_json
 
 
@@ -53,18 +52,32 @@ def main() -> int:
     generated = sum(lengths)
     if len(lengths) != args.num_requests or generated != args.num_requests * args.output_len:
         # A request that failed or stopped early would make the baseline look faster or slower than it is: say so.
-        print(f"hf_generate_batch: {len(lengths)} of {args.num_requests} requests came back with {generated} tokens, not "
-              f"{args.num_requests * args.output_len}: not a valid baseline", file=sys.stderr)
+        print(
+            f"hf_generate_batch: {len(lengths)} of {args.num_requests} requests came back with {generated} tokens, not "
+            f"{args.num_requests * args.output_len}: not a valid baseline",
+            file=sys.stderr,
+        )
         return 1
     meta = run_meta()
     meta["transformers"] = transformers.__version__
-    row = dict(num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len, wall_s=wall,
-               output_tokens=generated, output_tok_per_s=generated / wall, load_s=load_s,
-               attn_implementation_loaded=model.config._attn_implementation, attn_implementation_switches=switches, max_gpu_bytes=torch.cuda.max_memory_allocated())
+    row = dict(
+        num_requests=args.num_requests,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        wall_s=wall,
+        output_tokens=generated,
+        output_tok_per_s=generated / wall,
+        load_s=load_s,
+        attn_implementation_loaded=model.config._attn_implementation,
+        attn_implementation_switches=switches,
+        max_gpu_bytes=torch.cuda.max_memory_allocated(),
+    )
     write_json(args.out, meta, **row)
-    print(f"transformers {transformers.__version__} generate_batch() (attention {switches[0] if switches else row['attn_implementation_loaded']}), {args.num_requests} x "
-          f"({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, {generated / wall:.1f} output tok/s "
-          f"(load {load_s:.1f} s)")
+    print(
+        f"transformers {transformers.__version__} generate_batch() (attention {switches[0] if switches else row['attn_implementation_loaded']}), {args.num_requests} x "
+        f"({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, {generated / wall:.1f} output tok/s "
+        f"(load {load_s:.1f} s)"
+    )
     return 0
 
 

@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-
 from common import add_workload_args, require_cuda, run_meta, workload_prompts, write_json
 
 
@@ -28,11 +27,18 @@ def main() -> int:
     add_workload_args(ap, 32, 8192, 64)
     ap.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (halved on out-of-memory)")
     ap.add_argument("--batches", type=int, help="run only this many batches (the rest have the same shapes)")
-    ap.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"], help="transformers' cache (dynamic: all KV on the GPU)")
+    ap.add_argument(
+        "--cache",
+        default="offloaded",
+        choices=["offloaded", "dynamic"],
+        help="transformers' cache (dynamic: all KV on the GPU)",
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if args.device == "cuda" and not require_cuda("hf_offloaded"):  # (transformers' offloaded cache copies on CUDA streams)
+    if args.device == "cuda" and not require_cuda(
+        "hf_offloaded"
+    ):  # (transformers' offloaded cache copies on CUDA streams)
         return 2
     import transformers
     from transformers import AutoModelForCausalLM
@@ -62,7 +68,9 @@ def main() -> int:
     # keeps for reuse) that are not the offloaded cache's steady speed.
     warm = prompts[:batch].to(device)
     with torch.inference_mode():
-        model.generate(warm, attention_mask=torch.ones_like(warm), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+        model.generate(
+            warm, attention_mask=torch.ones_like(warm), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2}
+        )
     del warm
     done, walls, sizes, errors = 0, [], [], []
     meta = run_meta()
@@ -71,10 +79,22 @@ def main() -> int:
     def record(final: bool) -> dict:
         measured = sum(walls)
         tokens = done * args.output_len
-        row = dict(cache=args.cache, batch_sizes=sizes, batch_walls_s=walls, requests_run=done, num_requests=args.num_requests,
-                   prompt_len=args.prompt_len, output_len=args.output_len, wall_s=measured, output_tokens=tokens,
-                   output_tok_per_s=tokens / measured if measured else None, load_s=load_s, errors=errors, complete=done == args.num_requests,
-                   max_gpu_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+        row = dict(
+            cache=args.cache,
+            batch_sizes=sizes,
+            batch_walls_s=walls,
+            requests_run=done,
+            num_requests=args.num_requests,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            wall_s=measured,
+            output_tokens=tokens,
+            output_tok_per_s=tokens / measured if measured else None,
+            load_s=load_s,
+            errors=errors,
+            complete=done == args.num_requests,
+            max_gpu_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        )
         if done and done < args.num_requests:
             row["extrapolated_wall_s"] = measured / done * args.num_requests  # same shapes: time scales with requests
         if len(walls) > 1:
@@ -110,12 +130,16 @@ def main() -> int:
         done += n
         walls.append(wall)
         sizes.append(n)
-        print(f"  batch of {n}: {wall:.1f} s ({n * args.output_len / wall:.1f} output tok/s); {done}/{args.num_requests} requests")
+        print(
+            f"  batch of {n}: {wall:.1f} s ({n * args.output_len / wall:.1f} output tok/s); {done}/{args.num_requests} requests"
+        )
         record(False)
     row = record(True)
-    line = (f"transformers {transformers.__version__} generate() ({args.cache} cache), {done} of {args.num_requests} x "
-            f"({args.prompt_len} + {args.output_len}) in batches of {sizes[0] if sizes else batch}: {row['wall_s']:.1f} s, "
-            f"{row['output_tok_per_s'] or 0:.2f} output tok/s")
+    line = (
+        f"transformers {transformers.__version__} generate() ({args.cache} cache), {done} of {args.num_requests} x "
+        f"({args.prompt_len} + {args.output_len}) in batches of {sizes[0] if sizes else batch}: {row['wall_s']:.1f} s, "
+        f"{row['output_tok_per_s'] or 0:.2f} output tok/s"
+    )
     if "extrapolated_wall_s" in row:
         line += f"; all {args.num_requests} requests extrapolated: {row['extrapolated_wall_s']:.1f} s"
     if "steady_output_tok_per_s" in row:

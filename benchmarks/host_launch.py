@@ -16,7 +16,6 @@ import sys
 import time
 
 import torch
-
 from common import require_cuda, run_meta, write_json
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
@@ -87,10 +86,14 @@ def main() -> int:
 
         stream = driver.active.get_current_stream(driver.active.get_current_device())
         run = compiled.run
-        host, gpu = timed(lambda: run(T, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *kargs, 4096),
-                          args.calls)
+        host, gpu = timed(
+            lambda: run(T, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *kargs, 4096),
+            args.calls,
+        )
         rows.append(dict(op="triton compiled run", backend="-", tokens=T, host_us=host, gpu_us=gpu))
-        host, gpu = timed(lambda: (h.data_ptr(), r.data_ptr(), nw.data_ptr(), normed.data_ptr(), s.data_ptr()), args.calls)
+        host, gpu = timed(
+            lambda: (h.data_ptr(), r.data_ptr(), nw.data_ptr(), normed.data_ptr(), s.data_ptr()), args.calls
+        )
         rows.append(dict(op="5 data_ptr() calls", backend="-", tokens=T, host_us=host, gpu_us=gpu))
         gu = torch.randn(T, 28672, device=dev, dtype=dt)
         host, gpu = timed(lambda: silu_mul(*gu.chunk(2, dim=-1)), args.calls)

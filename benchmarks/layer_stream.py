@@ -21,10 +21,9 @@ import statistics
 import sys
 
 import torch
-
 from common import require_cuda, run_meta, write_json
-from tierkv.kernels.block_copy import copy_blocks_triton
-from tierkv.kernels.block_copy import copy_block_runs, copy_engine_available
+
+from tierkv.kernels.block_copy import copy_block_runs, copy_blocks_triton, copy_engine_available
 
 
 def gpu_ms(fn, stream: torch.cuda.Stream, reps: int) -> float:
@@ -62,7 +61,10 @@ def main() -> int:
     if not require_cuda("layer_stream"):
         return 2
     if args.blocks % args.run_blocks or (args.block_kib * 1024) % (args.layers * 2):
-        print("layer_stream: --blocks must be a multiple of --run-blocks, and a block must split into --layers", file=sys.stderr)
+        print(
+            "layer_stream: --blocks must be a multiple of --run-blocks, and a block must split into --layers",
+            file=sys.stderr,
+        )
         return 2
     layer_words = args.block_kib * 1024 // args.layers // 2  # int16 words of one layer of one block
     host = torch.empty((args.blocks, args.layers, layer_words), dtype=torch.int16, pin_memory=True)
@@ -75,7 +77,9 @@ def main() -> int:
     src_idx = torch.tensor([s + j for s, _, n in runs for j in range(n)], dtype=torch.int64, device="cuda")
     dst_idx = torch.arange(args.blocks, dtype=torch.int64, device="cuda")
     rows = []
-    print(f"{args.blocks} blocks of {args.block_kib} KiB ({args.layers} layers), source in runs of {args.run_blocks}; host->device GB/s")
+    print(
+        f"{args.blocks} blocks of {args.block_kib} KiB ({args.layers} layers), source in runs of {args.run_blocks}; host->device GB/s"
+    )
     for group in args.group:
         src = host[:, :group]  # each row: `group` consecutive layers of one block, contiguous; rows at the block pitch
         dst = torch.empty((args.blocks, group, layer_words), dtype=torch.int16, device="cuda")
@@ -98,12 +102,26 @@ def main() -> int:
                 raise SystemExit(f"layer_stream: the copy-engine copy of {group}-layer pieces is wrong")
         rows.append(result)
         c = result["contiguous_gbps"]
-        dma = f"dma {result['dma_gbps']:5.1f} ({result['dma_gbps'] / c:4.0%})" if "dma_gbps" in result else "dma (no CuPy)"
-        print(f"  {group} layer(s), {result['piece_kib']:4d} KiB pieces: contiguous {c:5.1f}  {dma}  "
-              f"kernel {result['kernel_gbps']:5.1f} ({result['kernel_gbps'] / c:4.0%})", flush=True)
+        dma = (
+            f"dma {result['dma_gbps']:5.1f} ({result['dma_gbps'] / c:4.0%})"
+            if "dma_gbps" in result
+            else "dma (no CuPy)"
+        )
+        print(
+            f"  {group} layer(s), {result['piece_kib']:4d} KiB pieces: contiguous {c:5.1f}  {dma}  "
+            f"kernel {result['kernel_gbps']:5.1f} ({result['kernel_gbps'] / c:4.0%})",
+            flush=True,
+        )
         dst = flat_src = flat_dst = want = None  # freed before the next size
-    write_json(args.out, run_meta(), blocks=args.blocks, block_kib=args.block_kib, layers=args.layers,
-               run_blocks=args.run_blocks, rows=rows)
+    write_json(
+        args.out,
+        run_meta(),
+        blocks=args.blocks,
+        block_kib=args.block_kib,
+        layers=args.layers,
+        run_blocks=args.run_blocks,
+        rows=rows,
+    )
     return 0
 
 

@@ -17,8 +17,8 @@ import sys
 import time
 
 import torch
-
 from common import run_meta, write_json
+
 from tierkv.layout import KVLayout
 from tierkv.nvme_store import NvmeStore
 
@@ -91,7 +91,9 @@ def main() -> int:
         pool = pool.pin_memory()
     nbytes = args.blocks * layout.block_nbytes
     ceiling_w, ceiling_r = raw_direct(os.path.join(args.dir, "raw.bin"), nbytes)
-    print(f"{args.blocks} blocks of {layout.block_nbytes / 2**20:.1f} MiB ({nbytes / 2**30:.2f} GiB), batches of {args.batch}")
+    print(
+        f"{args.blocks} blocks of {layout.block_nbytes / 2**20:.1f} MiB ({nbytes / 2**30:.2f} GiB), batches of {args.batch}"
+    )
     print(f"  raw O_DIRECT sequential 16 MiB: write {ceiling_w:.2f} GB/s, read {ceiling_r:.2f} GB/s")
     rows = {}
     for name in args.backends:
@@ -100,11 +102,15 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is reported, not hidden
             print(f"  {name}: cannot run here: {exc}")
             continue
-        print(f"  {name:<7} ({r['backend']}): write {r['write_gbps']:.2f} GB/s ({r['write_gbps'] / ceiling_w:.0%} of raw), "
-              f"read {r['read_gbps']:.2f} GB/s ({r['read_gbps'] / ceiling_r:.0%} of raw)")
+        print(
+            f"  {name:<7} ({r['backend']}): write {r['write_gbps']:.2f} GB/s ({r['write_gbps'] / ceiling_w:.0%} of raw), "
+            f"read {r['read_gbps']:.2f} GB/s ({r['read_gbps'] / ceiling_r:.0%} of raw)"
+        )
     if "kvikio" in rows and "posix" in rows:
         k, p = rows["kvikio"], rows["posix"]
-        print(f"  kvikio / posix: write {k['write_gbps'] / p['write_gbps']:.0%}, read {k['read_gbps'] / p['read_gbps']:.0%}")
+        print(
+            f"  kvikio / posix: write {k['write_gbps'] / p['write_gbps']:.0%}, read {k['read_gbps'] / p['read_gbps']:.0%}"
+        )
     write_json(args.out, run_meta(), raw={"write_gbps": ceiling_w, "read_gbps": ceiling_r}, backends=rows)
     return 0
 

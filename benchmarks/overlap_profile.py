@@ -18,10 +18,20 @@ import sys
 import time
 
 import torch
+from common import (
+    add_workload_args,
+    annotate,
+    log_compiles,
+    ms_and_calls_by_name,
+    ms_by_name,
+    require_cuda,
+    union,
+    warm_up,
+    workload_prompts,
+)
 from torch.profiler import ProfilerActivity, profile
 
 import tierkv
-from common import add_workload_args, annotate, log_compiles, ms_and_calls_by_name, ms_by_name, require_cuda, union, warm_up, workload_prompts
 
 HOST = ("tierkv.", "pm.", "sched.", "mover.")
 
@@ -39,7 +49,10 @@ def host_profile(llm, steps: int, top: int) -> None:
         llm.step()
         rows.append((time.perf_counter() - t0, engine.counters.prompt_tokens - p0))
     torch.cuda.synchronize()
-    print("steps timed one by one (host ms in step(), prompt tokens): " + ", ".join(f"{s * 1e3:.1f} ({n})" for s, n in rows))
+    print(
+        "steps timed one by one (host ms in step(), prompt tokens): "
+        + ", ".join(f"{s * 1e3:.1f} ({n})" for s, n in rows)
+    )
     prof = cProfile.Profile()
     p0, t0 = engine.counters.prompt_tokens, time.perf_counter()
     prof.enable()
@@ -47,8 +60,10 @@ def host_profile(llm, steps: int, top: int) -> None:
         llm.step()
     prof.disable()
     torch.cuda.synchronize()
-    print(f"{steps} more steps under cProfile: {(time.perf_counter() - t0) * 1e3 / steps:.1f} ms each, "
-          f"{engine.counters.prompt_tokens - p0} prompt tokens")
+    print(
+        f"{steps} more steps under cProfile: {(time.perf_counter() - t0) * 1e3 / steps:.1f} ms each, "
+        f"{engine.counters.prompt_tokens - p0} prompt tokens"
+    )
     stats = pstats.Stats(prof)
     for key in ("tottime", "cumulative"):
         print(f"by {key} (top {top}):")
@@ -65,21 +80,34 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
     ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true")
-    ap.add_argument("--oversubscribe", action="store_true", help="start every request at once (groups take turns, swapping)")
+    ap.add_argument(
+        "--oversubscribe", action="store_true", help="start every request at once (groups take turns, swapping)"
+    )
     ap.add_argument("--trace", help="also write a chrome trace here")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by GPU time")
-    ap.add_argument("--host-profile", action="store_true",
-                    help="instead of the GPU trace: the window's steps timed one by one, then run again under cProfile "
-                         "(the host's Python by function: where a host-bound step's time goes)")
+    ap.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="instead of the GPU trace: the window's steps timed one by one, then run again under cProfile "
+        "(the host's Python by function: where a host-bound step's time goes)",
+    )
     args = ap.parse_args()
     if not require_cuda("overlap_profile"):
         return 2
     tiers = {"gpu_memory": args.gpu_memory} if args.gpu_memory else {}
     if args.max_model_len:
         tiers["max_model_len"] = args.max_model_len
-    llm = tierkv.LLM(args.model, load_format="dummy", cpu_memory=args.cpu_memory, max_num_batched_tokens=8192, **tiers,
-                     enable_prefix_caching=False, async_scheduling=not args.no_async_scheduling, prefetch=not args.no_prefetch,
-                     oversubscribe=args.oversubscribe)
+    llm = tierkv.LLM(
+        args.model,
+        load_format="dummy",
+        cpu_memory=args.cpu_memory,
+        max_num_batched_tokens=8192,
+        **tiers,
+        enable_prefix_caching=False,
+        async_scheduling=not args.no_async_scheduling,
+        prefetch=not args.no_prefetch,
+        oversubscribe=args.oversubscribe,
+    )
     prompts = workload_prompts(args.num_requests, args.prompt_len, llm.loaded.spec.vocab_size).tolist()
     warm_up(llm, prompts)  # the steps before the window compile the rest
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True))
@@ -89,7 +117,11 @@ def main() -> int:
         llm.step()
     annotate(engine, ("_launch", "run_forward", "_complete"), "tierkv")
     annotate(engine.scheduler, ("admit", "schedule"), "sched")
-    annotate(llm.pm, ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free", "_promote", "_place_below"), "pm")
+    annotate(
+        llm.pm,
+        ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free", "_promote", "_place_below"),
+        "pm",
+    )
     annotate(llm.pm.mover, ("move", "collect", "synchronize"), "mover")
     if args.host_profile:
         host_profile(llm, args.steps, args.top)
@@ -103,7 +135,11 @@ def main() -> int:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = list(prof.events())
-    gpu = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA" and not e.name.startswith(HOST)]
+    gpu = [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type.name == "CUDA" and not e.name.startswith(HOST)
+    ]
     host = [e for e in events if e.device_type.name == "CPU" and e.name.startswith(HOST)]
     first = min(e.time_range.start for e in host)
     last = max(s[1] for s in gpu)
@@ -111,20 +147,36 @@ def main() -> int:
     span = last - first
     prompt_tokens = engine.counters.prompt_tokens - prompt0
     kind = f"prompt tokens in the window: {prompt_tokens}" if prompt_tokens else "decode only"
-    print(f"{args.steps} steps ({kind}), async scheduling "
-          f"{'off' if args.no_async_scheduling else 'on'}: wall {wall * 1e3:.1f} ms, traced span {span / 1e3:.1f} ms, "
-          f"GPU busy {busy / 1e3:.1f} ms ({busy / span:.0%}), idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps")
+    print(
+        f"{args.steps} steps ({kind}), async scheduling "
+        f"{'off' if args.no_async_scheduling else 'on'}: wall {wall * 1e3:.1f} ms, traced span {span / 1e3:.1f} ms, "
+        f"GPU busy {busy / 1e3:.1f} ms ({busy / span:.0%}), idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps"
+    )
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:10]:
-        active = sorted((h for h in host if h.time_range.start <= s <= h.time_range.end), key=lambda h: h.time_range.start)
-        print(f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}")
+        active = sorted(
+            (h for h in host if h.time_range.start <= s <= h.time_range.end), key=lambda h: h.time_range.start
+        )
+        print(
+            f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}"
+        )
     print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
     # CUDA runtime calls by host time: a synchronising call (cudaStreamSynchronize, cudaEventSynchronize, a
     # cudaMemcpy that waits, cudaHostAlloc, cudaMalloc) holds the host while the GPU drains.
-    api = ms_and_calls_by_name(e for e in events if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.time_range.start >= first)
-    print("CUDA runtime calls per step (host ms; top 6): " + ", ".join(
-        f"{name} {ms / args.steps:.2f} (x{n / args.steps:.0f})" for name, (ms, n) in list(api.items())[:6]))
-    kernels = ms_and_calls_by_name((e for e in events if e.device_type.name == "CUDA" and not e.name.startswith(HOST)
-                                    and e.time_range.end >= first), name=lambda e: e.name[:90])
+    api = ms_and_calls_by_name(
+        e for e in events if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.time_range.start >= first
+    )
+    print(
+        "CUDA runtime calls per step (host ms; top 6): "
+        + ", ".join(f"{name} {ms / args.steps:.2f} (x{n / args.steps:.0f})" for name, (ms, n) in list(api.items())[:6])
+    )
+    kernels = ms_and_calls_by_name(
+        (
+            e
+            for e in events
+            if e.device_type.name == "CUDA" and not e.name.startswith(HOST) and e.time_range.end >= first
+        ),
+        name=lambda e: e.name[:90],
+    )
     print(f"GPU time per step by kernel (ms; top {args.top}):")
     for name, (ms, n) in list(kernels.items())[: args.top]:
         print(f"  {ms / args.steps:8.2f}  x{n / args.steps:6.1f}  {name}")

@@ -83,8 +83,13 @@ def run(cfg: BenchConfig, progress=None) -> dict:
         nvme_dir = tmp.name
     pm = PageManager(
         PageManagerConfig(
-            layout, device=cfg.device, gpu_blocks=cfg.gpu_blocks, cpu_blocks=cfg.cpu_blocks,
-            nvme_dir=nvme_dir if cfg.nvme_blocks else None, nvme_blocks=cfg.nvme_blocks, eviction=cfg.eviction,
+            layout,
+            device=cfg.device,
+            gpu_blocks=cfg.gpu_blocks,
+            cpu_blocks=cfg.cpu_blocks,
+            nvme_dir=nvme_dir if cfg.nvme_blocks else None,
+            nvme_blocks=cfg.nvme_blocks,
+            eviction=cfg.eviction,
         )
     )
     try:
@@ -126,7 +131,9 @@ def _run(cfg: BenchConfig, pm: PageManager, layout: KVLayout, rng: random.Random
             s = waiting[0]
             need = layout.num_blocks_for(prompts[s] + cfg.gen_tokens)
             if need > gpu_budget:
-                raise ValueError(f"sequence of {prompts[s] + cfg.gen_tokens} tokens needs {need} blocks > gpu_blocks {gpu_budget}")
+                raise ValueError(
+                    f"sequence of {prompts[s] + cfg.gen_tokens} tokens needs {need} blocks > gpu_blocks {gpu_budget}"
+                )
             reserved = sum(layout.num_blocks_for(prompts[r] + cfg.gen_tokens) - len(pm.block_table(r)) for r in running)
             if need > pm.free_blocks() - reserved:
                 break
@@ -157,7 +164,7 @@ def _run(cfg: BenchConfig, pm: PageManager, layout: KVLayout, rng: random.Random
         pool[slots.to(pool.device), :, :, (positions % bs).to(pool.device)] = values.to(pool.device, non_blocking=True)
         pm.release(group)
         if cfg.prefetch and slice_left <= 1:
-            rest = list(running)[len(group):] + list(running)[: len(group)]
+            rest = list(running)[len(group) :] + list(running)[: len(group)]
             pm.prefetch(next_group(rest))
         steps += 1
         decode_tokens += len(group)

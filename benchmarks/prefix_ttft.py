@@ -18,9 +18,9 @@ import sys
 import time
 
 import torch
+from common import append_rows, run_meta, write_json
 
 import tierkv
-from common import append_rows, run_meta, write_json
 
 
 def ttft(llm, prompt, salt=None) -> tuple[float, int]:
@@ -48,8 +48,14 @@ def main() -> int:
     ap.add_argument("--record")
     args = ap.parse_args()
     llm = tierkv.LLM(
-        args.model, load_format="dummy", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, nvme_dir=args.nvme_dir,
-        nvme_memory=args.nvme_memory, max_num_batched_tokens=args.max_num_batched_tokens, prefix_load="auto",
+        args.model,
+        load_format="dummy",
+        gpu_memory=args.gpu_memory,
+        cpu_memory=args.cpu_memory,
+        nvme_dir=args.nvme_dir,
+        nvme_memory=args.nvme_memory,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_load="auto",
     )
     vocab = llm.loaded.spec.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -65,7 +71,9 @@ def main() -> int:
     rows["recompute (cold cache)"] = [ttft(llm, request())]
     llm.reset_prefix_cache()
     rows["recompute (cold cache)"].append(ttft(llm, request()))
-    rows["recompute (warm, other salt)"] = [ttft(llm, request(), salt=f"other-tenant-{i}") for i in range(max(2, args.repeats // 2))]
+    rows["recompute (warm, other salt)"] = [
+        ttft(llm, request(), salt=f"other-tenant-{i}") for i in range(max(2, args.repeats // 2))
+    ]
 
     def measure(name: str, tiers: list[str], load: str, repeats: int) -> None:
         llm.engine.prefix_load = load
@@ -90,16 +98,26 @@ def main() -> int:
     meta = run_meta()
     print(f"{args.model}, prefix {args.prefix_len} tokens = {kv_bytes / 2**30:.2f} GiB of KV, {meta['device']}")
     for name, (med, lo, hi, n, cached) in summary.items():
-        print(f"  {name:<32} TTFT {med * 1e3:8.1f} ms (median of {n}; {lo * 1e3:.1f}-{hi * 1e3:.1f})   reused {cached:>6} tokens   "
-              f"{base / med:6.1f}x vs recompute")
+        print(
+            f"  {name:<32} TTFT {med * 1e3:8.1f} ms (median of {n}; {lo * 1e3:.1f}-{hi * 1e3:.1f})   reused {cached:>6} tokens   "
+            f"{base / med:6.1f}x vs recompute"
+        )
     print(f"  NVMe backend: {stats['tiers']['nvme'].get('backend')}; prefix stats: {stats['prefix']}")
-    write_json(args.out, meta, rows={k: {"ttft_s": [t for t, _ in v], "cached_tokens": v[0][1]} for k, v in rows.items()},
-               kv_bytes=kv_bytes, stats=stats)
-    append_rows(args.record, [
-        f"| {meta['date']} | {meta['device']} | {name} | {med * 1e3:.1f} ms (median of {n}; {lo * 1e3:.1f}-{hi * 1e3:.1f}) | {cached} | "
-        f"{base / med:.1f}x | `{meta['command']}` |"
-        for name, (med, lo, hi, n, cached) in summary.items()
-    ])
+    write_json(
+        args.out,
+        meta,
+        rows={k: {"ttft_s": [t for t, _ in v], "cached_tokens": v[0][1]} for k, v in rows.items()},
+        kv_bytes=kv_bytes,
+        stats=stats,
+    )
+    append_rows(
+        args.record,
+        [
+            f"| {meta['date']} | {meta['device']} | {name} | {med * 1e3:.1f} ms (median of {n}; {lo * 1e3:.1f}-{hi * 1e3:.1f}) | {cached} | "
+            f"{base / med:.1f}x | `{meta['command']}` |"
+            for name, (med, lo, hi, n, cached) in summary.items()
+        ],
+    )
     return 0
 
 

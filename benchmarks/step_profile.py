@@ -12,11 +12,22 @@ import time
 from collections import defaultdict
 
 import torch
-
-import tierkv
 from common import add_workload_args, run_meta, workload_prompts, write_json
 
-PM_CALLS = ("begin_step", "append_tokens", "acquire", "pin_in_place", "release", "prefetch", "add_sequence", "free", "fork", "register")
+import tierkv
+
+PM_CALLS = (
+    "begin_step",
+    "append_tokens",
+    "acquire",
+    "pin_in_place",
+    "release",
+    "prefetch",
+    "add_sequence",
+    "free",
+    "fork",
+    "register",
+)
 
 
 def sync():
@@ -33,7 +44,12 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     # Steps run one at a time here (a sync after each): asynchronous scheduling would only blur the split.
-    opts = dict(load_format="dummy", max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False, async_scheduling=False)
+    opts = dict(
+        load_format="dummy",
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+        async_scheduling=False,
+    )
     for name in ("gpu_memory", "cpu_memory"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -53,6 +69,7 @@ def main() -> int:
                 sync()
             acc[name] += time.perf_counter() - t
             return out
+
         return wrapper
 
     sched = engine.scheduler
@@ -88,8 +105,14 @@ def main() -> int:
     report = {}
     for kind in phases:
         n = max(1, steps[kind])
-        report[kind] = {"steps": steps[kind], **{k: 1e3 * v / n for k, v in sorted(phases[kind].items(), key=lambda kv: -kv[1])}}
-        print(f"{kind}: {steps[kind]} steps, per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in report[kind].items() if k != "steps"))
+        report[kind] = {
+            "steps": steps[kind],
+            **{k: 1e3 * v / n for k, v in sorted(phases[kind].items(), key=lambda kv: -kv[1])},
+        }
+        print(
+            f"{kind}: {steps[kind]} steps, per step (ms): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in report[kind].items() if k != "steps")
+        )
     gen = args.num_requests * args.output_len
     print(f"total {total:.1f} s, {gen / total:.1f} output tok/s with syncs")
     write_json(args.out, run_meta(), report=report, total_s=total)

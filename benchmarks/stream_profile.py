@@ -13,11 +13,11 @@ import sys
 import time
 
 import torch
+from common import annotate, ms_and_calls_by_name, ms_by_name, require_cuda, union, workload_prompts
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
 import tierkv.engine
-from common import annotate, ms_and_calls_by_name, ms_by_name, require_cuda, union, workload_prompts
 from tierkv import attention
 
 
@@ -27,7 +27,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=131072)
     ap.add_argument("--gpu-memory", default="4GiB", help="GPU tier size, or auto (what the GPU has free)")
     ap.add_argument("--cpu-memory", default="24GiB")
-    ap.add_argument("--num-requests", type=int, default=1, help="sequences decoding together (profiled once all have prefilled)")
+    ap.add_argument(
+        "--num-requests", type=int, default=1, help="sequences decoding together (profiled once all have prefilled)"
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--trace")
     ap.add_argument("--staging-blocks", type=int, default=1024)
@@ -38,8 +40,16 @@ def main() -> int:
         return 2
     tierkv.engine.Engine.staging_buffers = args.staging_buffers
     tierkv.engine.Engine.staging_copy_streams = args.copy_streams
-    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory=None if args.gpu_memory == "auto" else args.gpu_memory, cpu_memory=args.cpu_memory, staging_blocks=args.staging_blocks,
-                     max_model_len=args.prompt_len + 64, max_num_batched_tokens=8192, enable_prefix_caching=False)
+    llm = tierkv.LLM(
+        args.model,
+        load_format="dummy",
+        gpu_memory=None if args.gpu_memory == "auto" else args.gpu_memory,
+        cpu_memory=args.cpu_memory,
+        staging_blocks=args.staging_blocks,
+        max_model_len=args.prompt_len + 64,
+        max_num_batched_tokens=8192,
+        enable_prefix_caching=False,
+    )
     prompts = workload_prompts(args.num_requests, args.prompt_len, llm.loaded.spec.vocab_size).tolist()
     llm.add_requests(prompts, tierkv.SamplingParams(max_tokens=args.steps + 4, ignore_eos=True))
     engine = llm.engine
@@ -73,19 +83,28 @@ def main() -> int:
     host_names = ("pm.", "tierkv.")
     for i, (s0, s1) in enumerate(steps):
         inside = [e for e in events if s0 <= e.time_range.start <= s1]
-        gpu = [e for e in inside if e.device_type.name == "CUDA" and not e.name.startswith(host_names)]  # not annotations
+        gpu = [
+            e for e in inside if e.device_type.name == "CUDA" and not e.name.startswith(host_names)
+        ]  # not annotations
         copies = [(e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name or "copy_blocks" in e.name]
-        compute = [(e.time_range.start, e.time_range.end) for e in gpu if not ("emcpy" in e.name or "copy_blocks" in e.name)]
+        compute = [
+            (e.time_range.start, e.time_range.end) for e in gpu if not ("emcpy" in e.name or "copy_blocks" in e.name)
+        ]
         first_gpu = min((r[0] for r in compute + copies), default=s1) - s0
         first_copy = min((r[0] for r in copies), default=s1) - s0
-        print(f"step {i}: wall {walls[i]:.1f} ms; first GPU work at {first_gpu / 1e3:.1f} ms, first streamed copy at "
-              f"{first_copy / 1e3:.1f} ms; copies busy {union(copies)[0] / 1e3:.1f} ms ({len(copies)} ops), compute busy "
-              f"{union(compute)[0] / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms")
+        print(
+            f"step {i}: wall {walls[i]:.1f} ms; first GPU work at {first_gpu / 1e3:.1f} ms, first streamed copy at "
+            f"{first_copy / 1e3:.1f} ms; copies busy {union(copies)[0] / 1e3:.1f} ms ({len(copies)} ops), compute busy "
+            f"{union(compute)[0] / 1e3:.1f} ms ({len(compute)} ops); last GPU op ends at {(max(r[1] for r in copies + compute) - s0) / 1e3:.1f} ms"
+        )
         by_name = ms_and_calls_by_name(gpu, name=lambda e: e.name[:60])
         print("   GPU ops: " + "; ".join(f"{k} {t:.1f} ms x{c}" for k, (t, c) in list(by_name.items())[:8]))
         mem = sorted((e.time_range.start, e.time_range.end) for e in gpu if "emcpy" in e.name and "Pinned" in e.name)
         gaps = sorted(((b[0] - a[1]) / 1e3 for a, b in zip(mem, mem[1:])), reverse=True)
-        print(f"   gaps between host->device copies: total {sum(gaps):.1f} ms, largest " + ", ".join(f"{g:.2f}" for g in gaps[:6]))
+        print(
+            f"   gaps between host->device copies: total {sum(gaps):.1f} ms, largest "
+            + ", ".join(f"{g:.2f}" for g in gaps[:6])
+        )
         host = ms_by_name(e for e in inside if e.device_type.name == "CPU" and e.name.startswith(host_names))
         print("   host: " + ", ".join(f"{k} {v:.1f} ms" for k, v in host.items()))
     print(f"streamed chunk copies: {calls}")

@@ -17,14 +17,19 @@ import sys
 import time
 
 import torch
+from common import append_rows, run_meta, timed_generation, write_json
 
 import tierkv
-from common import append_rows, run_meta, timed_generation, write_json
 
 
 def run_one(args, tp: int) -> dict:
-    opts = dict(load_format="dummy", tensor_parallel_size=tp, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
+    opts = dict(
+        load_format="dummy",
+        tensor_parallel_size=tp,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=False,
+    )
     for name in ("gpu_memory", "cpu_memory"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
@@ -44,13 +49,23 @@ def run_one(args, tp: int) -> dict:
         llm.close()
     total = stats.get("tensor_parallel", {}).get("total", stats)
     row = {
-        "tp": tp, "load_s": load_s, "wall_s": wall, "output_tokens": generated, "output_tok_per_s": generated / wall,
-        "decode_step_ms": 1e3 * statistics.median(decode_steps) if decode_steps else None, "decode_steps": len(decode_steps),
-        "bytes_to_gpu": total["tiers"]["gpu"]["bytes_in"], "bytes_from_gpu": total["tiers"]["gpu"]["bytes_out"],
-        "transfer_s": sum(v["seconds"] for v in total["links"].values()), "engine": stats["engine"],
+        "tp": tp,
+        "load_s": load_s,
+        "wall_s": wall,
+        "output_tokens": generated,
+        "output_tok_per_s": generated / wall,
+        "decode_step_ms": 1e3 * statistics.median(decode_steps) if decode_steps else None,
+        "decode_steps": len(decode_steps),
+        "bytes_to_gpu": total["tiers"]["gpu"]["bytes_in"],
+        "bytes_from_gpu": total["tiers"]["gpu"]["bytes_out"],
+        "transfer_s": sum(v["seconds"] for v in total["links"].values()),
+        "engine": stats["engine"],
     }
-    print(f"TP={tp}: {row['output_tok_per_s']:.1f} output tok/s, decode step {row['decode_step_ms'] or float('nan'):.1f} ms "
-          f"(median of {len(decode_steps)}), {row['bytes_to_gpu'] / 2**30:.1f} GiB to the GPUs, load {load_s:.0f} s", flush=True)
+    print(
+        f"TP={tp}: {row['output_tok_per_s']:.1f} output tok/s, decode step {row['decode_step_ms'] or float('nan'):.1f} ms "
+        f"(median of {len(decode_steps)}), {row['bytes_to_gpu'] / 2**30:.1f} GiB to the GPUs, load {load_s:.0f} s",
+        flush=True,
+    )
     return row
 
 

@@ -11,10 +11,10 @@ import sys
 import time
 
 import torch
+from common import annotate
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
-from common import annotate
 
 
 def main() -> int:
@@ -23,8 +23,14 @@ def main() -> int:
     ap.add_argument("--prefix-len", type=int, default=32768)
     ap.add_argument("--trace")
     args = ap.parse_args()
-    llm = tierkv.LLM(args.model, load_format="dummy", gpu_memory="16GiB", cpu_memory="8GiB", max_num_batched_tokens=8192,
-                     prefix_load="always")
+    llm = tierkv.LLM(
+        args.model,
+        load_format="dummy",
+        gpu_memory="16GiB",
+        cpu_memory="8GiB",
+        max_num_batched_tokens=8192,
+        prefix_load="always",
+    )
     vocab = llm.loaded.spec.vocab_size
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (args.prefix_len,), generator=g).tolist()

@@ -47,7 +47,15 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_tiles"])  # changes with every batch: no variant per size class
     def _copy_blocks_kernel(
-        src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, words_per_block, src_stride, dst_stride, chunks_per_block, num_tiles,
+        src_ptr,
+        dst_ptr,
+        src_idx_ptr,
+        dst_idx_ptr,
+        words_per_block,
+        src_stride,
+        dst_stride,
+        chunks_per_block,
+        num_tiles,
         WORDS: tl.constexpr,
     ):
         # Grid-stride over (block pair, chunk) tiles: a bounded grid leaves SMs free for compute and for a
@@ -105,8 +113,17 @@ def copy_blocks_triton(
         max_programs = default_max_programs(src_idx.device) if src_idx.is_cuda else 4
     grid = (min(n * chunks, max_programs),)
     _copy_blocks_kernel[grid](
-        src_w, dst_w, src_idx, dst_idx, words_per_block, src_stride, dst_stride, chunks, n * chunks,
-        WORDS=words_per_program, num_warps=num_warps,
+        src_w,
+        dst_w,
+        src_idx,
+        dst_idx,
+        words_per_block,
+        src_stride,
+        dst_stride,
+        chunks,
+        n * chunks,
+        WORDS=words_per_program,
+        num_warps=num_warps,
     )
 
 
@@ -119,6 +136,7 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst
 
 
 # -- the copy engine, for runs of consecutive slots --------------------------------------------------------------
+
 
 def _run_starts(src_slots, dst_slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(source slots, destination slots, index where each maximal run of consecutive slots in both begins)."""
@@ -171,7 +189,9 @@ def copy_engine_available() -> bool:
     return _cupy_runtime is not False
 
 
-def copy_block_runs(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], stream: torch.cuda.Stream) -> None:
+def copy_block_runs(
+    src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], stream: torch.cuda.Stream
+) -> None:
     """`dst[d:d+n] = src[s:s+n]` for every run (s, d, n), one 2D copy-engine transfer per run, queued on `stream`.
 
     Same pools as `copy_blocks_triton` (device or pinned host memory; rows may be strided, e.g. one layer of
@@ -179,16 +199,28 @@ def copy_block_runs(src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, 
     own row pitch), which the DMA engines move at the link's speed without holding any SM. Needs
     `copy_engine_available()`; the reference is `copy_blocks_reference` with the runs expanded."""
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
-        raise ValueError(f"copy_block_runs: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
+        raise ValueError(
+            f"copy_block_runs: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}"
+        )
     if not copy_engine_available():
         raise RuntimeError("copy_block_runs needs CuPy (pip install 'tierkv[gpu]'); use copy_blocks_triton instead")
     row_bytes, src_pitch = _row_layout(src)
     _, dst_pitch = _row_layout(dst)
     for s, d, n in runs:
         if s < 0 or d < 0 or s + n > src.shape[0] or d + n > dst.shape[0]:
-            raise IndexError(f"copy_block_runs: run {(s, d, n)} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)")
+            raise IndexError(
+                f"copy_block_runs: run {(s, d, n)} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)"
+            )
     rt, handle = _cupy_runtime, stream.cuda_stream
     src_ptr, dst_ptr = src.data_ptr(), dst.data_ptr()
     for s, d, n in runs:
-        rt.memcpy2DAsync(dst_ptr + d * dst_pitch, dst_pitch, src_ptr + s * src_pitch, src_pitch, row_bytes, n,
-                         rt.memcpyDefault, handle)
+        rt.memcpy2DAsync(
+            dst_ptr + d * dst_pitch,
+            dst_pitch,
+            src_ptr + s * src_pitch,
+            src_pitch,
+            row_bytes,
+            n,
+            rt.memcpyDefault,
+            handle,
+        )

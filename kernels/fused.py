@@ -101,8 +101,22 @@ if triton is not None:
         tl.store(Y + row * stride_out + offs, (w * normed).to(dt), mask=mask)
 
     @triton.jit
-    def _rotate_heads(X, t, tmask, i, imask, c1, c2, s1, s2, stride_t, stride_h,
-                      H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rotate_heads(
+        X,
+        t,
+        tmask,
+        i,
+        imask,
+        c1,
+        c2,
+        s1,
+        s2,
+        stride_t,
+        stride_h,
+        H: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """Rotates, in place, heads [0, H) of tokens t of X, BLOCK_H heads at a time; c1.. are (BLOCK_T, 1, HALF)."""
         dt = X.dtype.element_ty
         for h0 in range(0, H, BLOCK_H):
@@ -116,9 +130,26 @@ if triton is not None:
             tl.store(xb + HALF, (_round(x2 * c2, dt) + _round(x1 * s2, dt)).to(dt), mask=mask)
 
     @triton.jit(do_not_specialize=["T"])  # T changes with the step's token count: no variant per size class
-    def _rotary_qk_kernel(Q, K, COS, SIN, T, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-                          HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    def _rotary_qk_kernel(
+        Q,
+        K,
+        COS,
+        SIN,
+        T,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_ct,
+        stride_st,
+        HQ: tl.constexpr,
+        HK: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+    ):
         t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
         i = tl.arange(0, BLOCK_HALF)
@@ -160,7 +191,9 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
     if x2.shape[0]:
         n = shape[-1]
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n))
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, weight, out, x2.stride(0), out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n)
+        )
     return out.view(shape)
 
 
@@ -177,7 +210,18 @@ def add_rms_norm_triton(
         block = triton.next_power_of_2(n)
         warps = 4 if block < 2048 else 8 if block < 8192 else 16  # 8 warps: 16 elements per thread at hidden 4096
         _add_rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, normed, s, x2.stride(0), r2.stride(0), normed.stride(0), n, eps, BLOCK=block, num_warps=warps
+            x2,
+            r2,
+            weight,
+            normed,
+            s,
+            x2.stride(0),
+            r2.stride(0),
+            normed.stride(0),
+            n,
+            eps,
+            BLOCK=block,
+            num_warps=warps,
         )
     return normed.view(shape), s.view(shape)
 
@@ -204,9 +248,24 @@ def rotary_qk_triton(
         heads = max(1, 2048 // (block_t * block_half))  # per iteration: 2 x 2048 elements of q or k
         hk = k.shape[1]
         _rotary_qk_kernel[(triton.cdiv(T, block_t),)](
-            q, k, cos, sin, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-            HQ=hq, HK=hk, HALF=d // 2, BLOCK_T=block_t, BLOCK_HQ=min(triton.next_power_of_2(hq), heads),
-            BLOCK_HK=min(triton.next_power_of_2(hk), heads), BLOCK_HALF=block_half,
+            q,
+            k,
+            cos,
+            sin,
+            T,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            sin.stride(0),
+            HQ=hq,
+            HK=hk,
+            HALF=d // 2,
+            BLOCK_T=block_t,
+            BLOCK_HQ=min(triton.next_power_of_2(hq), heads),
+            BLOCK_HK=min(triton.next_power_of_2(hk), heads),
+            BLOCK_HALF=block_half,
         )
     return q, k
 
@@ -217,7 +276,9 @@ def rotary_qk_triton(
 SILU_BLOCK, SILU_WARPS = 2048, 4
 
 
-def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def silu_mul_triton(
+    gate: torch.Tensor, up: torch.Tensor, block: int | None = None, num_warps: int | None = None
+) -> torch.Tensor:
     """silu(gate) * up for gate, up (..., N) whose last dim is dense and whose rows may be strided (the two halves
     of a fused gate/up projection are read in place). The result is a new dense tensor."""
     shape, n = gate.shape, gate.shape[-1]

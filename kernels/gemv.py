@@ -35,8 +35,20 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])  # M = 1 (one sequence) would otherwise compile variants of its own mid-run
     def _gemv_kernel(
-        X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        X,
+        W,
+        B,
+        Y,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
@@ -60,8 +72,14 @@ if triton is not None:
 
 
 def gemv_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = 32, block_k: int = 256,
-    num_warps: int = 4, num_stages: int = 4,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    block_n: int = 32,
+    block_k: int = 256,
+    num_warps: int = 4,
+    num_stages: int = 4,
 ) -> torch.Tensor:
     """x (M, K) with M <= MAX_ROWS, weight (N, K) row-major, bias (N,) or None: (M, N) in x's dtype. The rows go
     in one tile of the next power of two from 16 (tl.dot's least)."""
@@ -73,9 +91,22 @@ def gemv_triton(
         raise ValueError("gemv_triton needs x and weight contiguous along K")
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, bias if bias is not None else x, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        x,
+        weight,
+        bias if bias is not None else x,
+        out,
+        M,
+        N,
+        K,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=max(16, triton.next_power_of_2(M)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

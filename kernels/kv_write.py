@@ -15,7 +15,9 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_reference(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Plain PyTorch. k, v: (T, Hkv, D)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -28,8 +30,20 @@ if triton is not None:
 
     @triton.jit
     def _write_kv_kernel(
-        K, V, KC, VC, SLOTS, stride_kt, stride_vt, stride_ks, stride_kb, stride_vs, stride_vb,
-        BS: tl.constexpr, NUMEL: tl.constexpr, BLOCK: tl.constexpr,
+        K,
+        V,
+        KC,
+        VC,
+        SLOTS,
+        stride_kt,
+        stride_vt,
+        stride_ks,
+        stride_kb,
+        stride_vs,
+        stride_vb,
+        BS: tl.constexpr,
+        NUMEL: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         t = tl.program_id(0)
         slot = tl.load(SLOTS + t).to(tl.int64)
@@ -44,7 +58,9 @@ if triton is not None:
             tl.store(VC + blk * stride_vs + off * stride_vb + offs, v.to(VC.dtype.element_ty), mask=mask)
 
 
-def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_triton(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Triton: one program per token, copying its (Hkv, D) keys and values, which are contiguous in a block."""
     T = k.shape[0]
     if T == 0:
@@ -54,9 +70,20 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     assert k_cache.stride(2) == k_cache.shape[3] and k_cache.stride(3) == 1
     block = max(16, 1 << (numel - 1).bit_length())
     _write_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        BS=k_cache.shape[1], NUMEL=numel, BLOCK=block,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        BS=k_cache.shape[1],
+        NUMEL=numel,
+        BLOCK=block,
     )
 
 

@@ -55,7 +55,9 @@ class PagedBatch:
     max_q: int
     max_context: int
     q_starts_host: list[int] | None = None  # q_starts as a host list, where the caller has it (saves a device sync)
-    _tiles: dict = field(default_factory=dict, repr=False, compare=False)  # prefill tiles per (tile height, first entry), on device
+    _tiles: dict = field(
+        default_factory=dict, repr=False, compare=False
+    )  # prefill tiles per (tile height, first entry), on device
     _short: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)  # see _leading_short
 
     @property
@@ -175,9 +177,31 @@ if triton is not None:
 
     @triton.jit
     def _attend_keys(
-        q, q_pos, K, V, BT_ROW, kv0, lo, hi, kvh, scale, window, m_i, l_i, acc,
-        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-        CAUSAL: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        q,
+        q_pos,
+        K,
+        V,
+        BT_ROW,
+        kv0,
+        lo,
+        hi,
+        kvh,
+        scale,
+        window,
+        m_i,
+        l_i,
+        acc,
+        stride_ks,
+        stride_kt,
+        stride_kh,
+        stride_vs,
+        stride_vt,
+        stride_vh,
+        CAUSAL: tl.constexpr,
+        BS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """Online softmax of the query rows `q` over keys [lo, hi) of one sequence, whose block table row is
@@ -191,7 +215,11 @@ if triton is not None:
             slot = tl.load(BT_ROW + rel // BS, mask=n_mask, other=0).to(tl.int64)
             tok = rel % BS
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(
+                K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             valid = n_mask[None, :]
             if CAUSAL:
@@ -204,7 +232,11 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(
+                V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         return m_i, l_i, acc
@@ -217,9 +249,31 @@ if triton is not None:
 
     @triton.jit
     def _prefill_keys(
-        q, q_pos, K, V, BT_ROW, kv0, lo, hi, kvh, qk_scale, window, m_i, l_i, acc,
-        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-        MASKED: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        q,
+        q_pos,
+        K,
+        V,
+        BT_ROW,
+        kv0,
+        lo,
+        hi,
+        kvh,
+        qk_scale,
+        window,
+        m_i,
+        l_i,
+        acc,
+        stride_ks,
+        stride_kt,
+        stride_kh,
+        stride_vs,
+        stride_vt,
+        stride_vh,
+        MASKED: tl.constexpr,
+        BS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """Online softmax in base 2 (scores times qk_scale = scale * log2(e)) of the rows `q` at positions `q_pos`
@@ -280,12 +334,42 @@ if triton is not None:
     # combination would compile another variant, seconds in the middle of a run.
     @triton.jit(do_not_specialize=["stride_bt"])
     def _prefill_kernel(
-        Q, K, V, O, LSE, BT, TILE_ENTRY, TILE_M0, Q_STARTS, Q_POS0, CTX, FIRST,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh, stride_bt,
-        qk_scale, window, head_programs,
-        GROUP: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        Q,
+        K,
+        V,
+        O,
+        LSE,
+        BT,
+        TILE_ENTRY,
+        TILE_M0,
+        Q_STARTS,
+        Q_POS0,
+        CTX,
+        FIRST,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_lt,
+        stride_ks,
+        stride_kt,
+        stride_kh,
+        stride_vs,
+        stride_vt,
+        stride_vh,
+        stride_bt,
+        qk_scale,
+        window,
+        head_programs,
+        GROUP: tl.constexpr,
+        HEADS: tl.constexpr,
+        TOKENS: tl.constexpr,
+        BS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # One program: TOKENS query tokens of one entry (a tile) times HEADS query heads of one KV head, as BLOCK_M
         # rows, token-major. HEADS = 1 is one head per program; HEADS = GROUP packs the KV head's whole group, which
@@ -306,7 +390,11 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         rows = (qs + m0 + tok).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        q = tl.load(
+            Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=r_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         # Keys in three ranges: [lo, band_lo) and [band_hi, hi) masked per row; [band_lo, band_hi), whole BLOCK_N
         # steps of keys before the tile's first query and inside its last query's window, unmasked (most keys of a
         # long prompt).
@@ -326,35 +414,137 @@ if triton is not None:
         kvh = h0 // GROUP
         bt_row = BT + e * stride_bt
         m_i, l_i, acc = _prefill_keys(
-            q, q_pos, K, V, bt_row, kv0, lo, band_lo, kvh, qk_scale, window, m_i, l_i, acc,
-            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-            MASKED=True, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            q,
+            q_pos,
+            K,
+            V,
+            bt_row,
+            kv0,
+            lo,
+            band_lo,
+            kvh,
+            qk_scale,
+            window,
+            m_i,
+            l_i,
+            acc,
+            stride_ks,
+            stride_kt,
+            stride_kh,
+            stride_vs,
+            stride_vt,
+            stride_vh,
+            MASKED=True,
+            BS=BS,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            PRECISION=PRECISION,
         )
         m_i, l_i, acc = _prefill_keys(
-            q, q_pos, K, V, bt_row, kv0, band_lo, band_hi, kvh, qk_scale, window, m_i, l_i, acc,
-            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-            MASKED=False, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            q,
+            q_pos,
+            K,
+            V,
+            bt_row,
+            kv0,
+            band_lo,
+            band_hi,
+            kvh,
+            qk_scale,
+            window,
+            m_i,
+            l_i,
+            acc,
+            stride_ks,
+            stride_kt,
+            stride_kh,
+            stride_vs,
+            stride_vt,
+            stride_vh,
+            MASKED=False,
+            BS=BS,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            PRECISION=PRECISION,
         )
         m_i, l_i, acc = _prefill_keys(
-            q, q_pos, K, V, bt_row, kv0, band_hi, hi, kvh, qk_scale, window, m_i, l_i, acc,
-            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-            MASKED=True, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            q,
+            q_pos,
+            K,
+            V,
+            bt_row,
+            kv0,
+            band_hi,
+            hi,
+            kvh,
+            qk_scale,
+            window,
+            m_i,
+            l_i,
+            acc,
+            stride_ks,
+            stride_kt,
+            stride_kh,
+            stride_vs,
+            stride_vt,
+            stride_vh,
+            MASKED=True,
+            BS=BS,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            PRECISION=PRECISION,
         )
         # Rows that saw no key (a window past every key of a streamed chunk) get output 0 and lse -inf.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # base 2 -> e: * ln 2
         io_mask = r_mask[:, None] & d_mask[None, :]
-        tl.store(O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=io_mask)
+        tl.store(
+            O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            (acc / l_safe[:, None]).to(O.dtype.element_ty),
+            mask=io_mask,
+        )
         tl.store(LSE + rows * stride_lt + heads, lse, mask=r_mask)
 
     @triton.jit(do_not_specialize=["stride_bt", "stride_oe", "stride_le"])
     def _split_kernel(
-        Q, K, V, O_PART, L_PART, BT, Q_STARTS, Q_POS0, CTX, FIRST,
-        stride_qt, stride_qh, stride_oe, stride_op, stride_oh, stride_le, stride_lp,
-        stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh, stride_bt,
-        scale, window, partition,
-        GROUP: tl.constexpr, ROWS: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
+        Q,
+        K,
+        V,
+        O_PART,
+        L_PART,
+        BT,
+        Q_STARTS,
+        Q_POS0,
+        CTX,
+        FIRST,
+        stride_qt,
+        stride_qh,
+        stride_oe,
+        stride_op,
+        stride_oh,
+        stride_le,
+        stride_lp,
+        stride_ks,
+        stride_kt,
+        stride_kh,
+        stride_vs,
+        stride_vt,
+        stride_vh,
+        stride_bt,
+        scale,
+        window,
+        partition,
+        GROUP: tl.constexpr,
+        ROWS: tl.constexpr,
+        BS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr,
     ):
         # One program: one entry, one KV head, one partition of the keys; its rows are every (query token, query
         # head of this KV head) pair of the entry, so the keys are read once for all of them.
@@ -373,7 +563,11 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         rows = (qs + tok).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        q = tl.load(
+            Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=r_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         lo = kv0 + part * partition
         hi = tl.minimum(ctx, lo + partition)
         if window > 0:
@@ -383,9 +577,32 @@ if triton is not None:
         acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
         # With one query token (decode) the keys [lo, hi) all precede it and lie in its window: no mask needed.
         m_i, l_i, acc = _attend_keys(
-            q, p0 + tok, K, V, BT + e * stride_bt, kv0, lo, hi, kvh, scale, window, m_i, l_i, acc,
-            stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
-            CAUSAL=CAUSAL, BS=BS, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            q,
+            p0 + tok,
+            K,
+            V,
+            BT + e * stride_bt,
+            kv0,
+            lo,
+            hi,
+            kvh,
+            scale,
+            window,
+            m_i,
+            l_i,
+            acc,
+            stride_ks,
+            stride_kt,
+            stride_kh,
+            stride_vs,
+            stride_vt,
+            stride_vh,
+            CAUSAL=CAUSAL,
+            BS=BS,
+            HEAD_DIM=HEAD_DIM,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            PRECISION=PRECISION,
         )
         out, lse = _normalise(acc, m_i, l_i)
         o_ptr = O_PART + rows[:, None] * stride_oe + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]
@@ -394,9 +611,22 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["parts", "stride_oe", "stride_op", "stride_le", "stride_lp"])
     def _reduce_kernel(
-        O_PART, L_PART, OUT, LSE, parts,
-        stride_oe, stride_op, stride_oh, stride_le, stride_lp, stride_ot, stride_oh2, stride_lt,
-        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        O_PART,
+        L_PART,
+        OUT,
+        LSE,
+        parts,
+        stride_oe,
+        stride_op,
+        stride_oh,
+        stride_le,
+        stride_lp,
+        stride_ot,
+        stride_oh2,
+        stride_lt,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         e = tl.program_id(0)
         h = tl.program_id(1)
@@ -405,7 +635,9 @@ if triton is not None:
         d_mask = offs_d < HEAD_DIM
         m = tl.max(tl.full([BLOCK_P], float("-inf"), tl.float32), 0)
         for p0 in range(0, parts, BLOCK_P):
-            lp = tl.load(L_PART + e * stride_le + (p0 + offs_p) * stride_lp + h, mask=p0 + offs_p < parts, other=float("-inf"))
+            lp = tl.load(
+                L_PART + e * stride_le + (p0 + offs_p) * stride_lp + h, mask=p0 + offs_p < parts, other=float("-inf")
+            )
             m = tl.maximum(m, tl.max(lp, 0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         acc = tl.zeros([BLOCK_D], tl.float32)
@@ -414,8 +646,11 @@ if triton is not None:
             p_mask = p0 + offs_p < parts
             lp = tl.load(L_PART + e * stride_le + (p0 + offs_p) * stride_lp + h, mask=p_mask, other=float("-inf"))
             w = tl.exp(lp - m_safe)
-            o = tl.load(O_PART + e * stride_oe + (p0 + offs_p)[:, None] * stride_op + h * stride_oh + offs_d[None, :],
-                        mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+            o = tl.load(
+                O_PART + e * stride_oe + (p0 + offs_p)[:, None] * stride_op + h * stride_oh + offs_d[None, :],
+                mask=p_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
             acc += tl.sum(o * w[:, None], 0)
             total += tl.sum(w, 0)
         denom = tl.where(total == 0.0, 1.0, total)
@@ -445,7 +680,18 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(
-        out_ptr, lse_ptr, ob_ptr, lb_ptr, so_t, so_h, sl_t, sb_t, sb_h, slb_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        out_ptr,
+        lse_ptr,
+        ob_ptr,
+        lb_ptr,
+        so_t,
+        so_h,
+        sl_t,
+        sb_t,
+        sb_h,
+        slb_t,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # One (row, head): the same arithmetic as merge_partials, in float32.
         t = tl.program_id(0)
@@ -474,8 +720,18 @@ def merge_partials_triton(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Ten
         return
     assert out.stride(2) == 1 and out_b.stride(2) == 1 and lse.stride(1) == 1 and lse_b.stride(1) == 1
     _merge_kernel[(T, H)](
-        out, lse, out_b, lse_b, out.stride(0), out.stride(1), lse.stride(0), out_b.stride(0), out_b.stride(1), lse_b.stride(0),
-        HEAD_DIM=D, BLOCK_D=_pow2(D),
+        out,
+        lse,
+        out_b,
+        lse_b,
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        out_b.stride(0),
+        out_b.stride(1),
+        lse_b.stride(0),
+        HEAD_DIM=D,
+        BLOCK_D=_pow2(D),
     )
 
 
@@ -532,19 +788,62 @@ def paged_attention_triton(
         o_part = torch.empty((rows, parts, num_heads, head_dim), dtype=torch.float32, device=q.device)
         l_part = torch.empty((rows, parts, num_heads), dtype=torch.float32, device=q.device)
         _split_kernel[(short, num_kv_heads, parts)](
-            q, k_cache, v_cache, o_part, l_part, bt, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
-            q.stride(0), q.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            bt.stride(0), scale, sliding_window, partition,
-            GROUP=group, ROWS=_pow2(short_q * group), BS=bs, HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-            PRECISION=precision, CAUSAL=short_q > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            q,
+            k_cache,
+            v_cache,
+            o_part,
+            l_part,
+            bt,
+            batch.q_starts,
+            batch.q_pos0,
+            batch.context_lens,
+            batch.first_block,
+            q.stride(0),
+            q.stride(1),
+            o_part.stride(0),
+            o_part.stride(1),
+            o_part.stride(2),
+            l_part.stride(0),
+            l_part.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            bt.stride(0),
+            scale,
+            sliding_window,
+            partition,
+            GROUP=group,
+            ROWS=_pow2(short_q * group),
+            BS=bs,
+            HEAD_DIM=head_dim,
+            BLOCK_N=cfg["block_n"],
+            BLOCK_D=block_d,
+            PRECISION=precision,
+            CAUSAL=short_q > 1,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
         # Merge the partitions; those past a sequence's end hold lse -inf and weigh nothing.
         _reduce_kernel[(rows, num_heads)](
-            o_part, l_part, out, lse, parts,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            HEAD_DIM=head_dim, BLOCK_P=16, BLOCK_D=block_d,
+            o_part,
+            l_part,
+            out,
+            lse,
+            parts,
+            o_part.stride(0),
+            o_part.stride(1),
+            o_part.stride(2),
+            l_part.stride(0),
+            l_part.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            HEAD_DIM=head_dim,
+            BLOCK_P=16,
+            BLOCK_D=block_d,
         )
     if short == batch.num_entries:
         return (out, lse) if need_lse else out
@@ -554,25 +853,63 @@ def paged_attention_triton(
     heads = group if cfg["pack_gqa"] else 1
     for name in ("block_m", "block_n"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
-            raise ValueError(f"prefill_config {name}={cfg[name]}: must be a power of two of at least 16 (tl.dot's minimum)")
+            raise ValueError(
+                f"prefill_config {name}={cfg[name]}: must be a power of two of at least 16 (tl.dot's minimum)"
+            )
     if heads > block_m:
-        raise ValueError(f"prefill_config block_m={block_m} holds no token of a packed group of {heads} heads: raise block_m or set pack_gqa=False")
+        raise ValueError(
+            f"prefill_config block_m={block_m} holds no token of a packed group of {heads} heads: raise block_m or set pack_gqa=False"
+        )
     tile_tokens = block_m // heads
     num_tiles, te, tm = _prefill_tiles(batch, tile_tokens, q.device, short)
     if num_tiles:
         head_programs = num_heads // heads
         _prefill_kernel[(num_tiles * head_programs,)](
-            q, k_cache, v_cache, out, lse, bt, te, tm, batch.q_starts, batch.q_pos0, batch.context_lens, batch.first_block,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            bt.stride(0), scale * _LOG2_E, sliding_window, head_programs,
-            GROUP=group, HEADS=heads, TOKENS=tile_tokens, BS=bs, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=block_d, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            q,
+            k_cache,
+            v_cache,
+            out,
+            lse,
+            bt,
+            te,
+            tm,
+            batch.q_starts,
+            batch.q_pos0,
+            batch.context_lens,
+            batch.first_block,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            bt.stride(0),
+            scale * _LOG2_E,
+            sliding_window,
+            head_programs,
+            GROUP=group,
+            HEADS=heads,
+            TOKENS=tile_tokens,
+            BS=bs,
+            HEAD_DIM=head_dim,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            PRECISION=precision,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return (out, lse) if need_lse else out
 
 
-def compile_variants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device) -> int:
+def compile_variants(
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device
+) -> int:
     """Compile every variant of the split-K kernel a run can need (one per row bucket and causality: a short chunk
     of 2-16 query tokens, such as the tail of a prompt beside decodes, needs its own), the prefill kernel and the
     merge kernels, on tiny inputs, so that no compilation (0.8-1.2 s each on an H100) lands in the middle of a run.
@@ -595,14 +932,23 @@ def compile_variants(num_heads: int, num_kv_heads: int, head_dim: int, block_siz
             return torch.tensor(values, dtype=torch.int32, device=device)
 
         batch = PagedBatch(
-            ints(starts), ints([c - n for c, n in zip(context, q_lens)]), ints(context), ints([0] * b),
-            (torch.arange(b * width, dtype=torch.int32, device=device) % 4).view(b, width), max(q_lens), max(context), starts,
+            ints(starts),
+            ints([c - n for c, n in zip(context, q_lens)]),
+            ints(context),
+            ints([0] * b),
+            (torch.arange(b * width, dtype=torch.int32, device=device) % 4).view(b, width),
+            max(q_lens),
+            max(context),
+            starts,
         )
         q = torch.zeros((starts[-1], num_heads, head_dim), dtype=dtype, device=device)
         paged_attention_triton(q, kc, vc, batch, default_scale(head_dim), need_lse=True)
 
     for n in range(1, SPLIT_MAX_Q + 1):
-        key = (_pow2(n * group), n > 1)  # the split-K kernel's ROWS and CAUSAL for a batch whose longest entry has n rows
+        key = (
+            _pow2(n * group),
+            n > 1,
+        )  # the split-K kernel's ROWS and CAUSAL for a batch whose longest entry has n rows
         if key not in seen:
             seen.add(key)
             call([n])
@@ -624,12 +970,16 @@ def _leading_short(batch: PagedBatch) -> tuple[int, int, int]:
             while short < batch.num_entries and starts[short + 1] - starts[short] <= SPLIT_MAX_Q:
                 short += 1
         found = batch._short = (
-            short, starts[short] if short else 0, max((starts[i + 1] - starts[i] for i in range(short)), default=0)
+            short,
+            starts[short] if short else 0,
+            max((starts[i + 1] - starts[i] for i in range(short)), default=0),
         )
     return found
 
 
-def _prefill_tiles(batch: PagedBatch, tile_tokens: int, device, first_entry: int = 0) -> tuple[int, torch.Tensor, torch.Tensor]:
+def _prefill_tiles(
+    batch: PagedBatch, tile_tokens: int, device, first_entry: int = 0
+) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(number of tiles, entry of each tile, first query row of each tile within its entry) for tiles of
     `tile_tokens` query tokens over entries `first_entry` on, built on the host once per batch, tile height and
     first entry (every layer reuses them).
@@ -640,7 +990,11 @@ def _prefill_tiles(batch: PagedBatch, tile_tokens: int, device, first_entry: int
     if tiles is None:
         starts = batch.q_starts_host if batch.q_starts_host is not None else batch.q_starts.tolist()
         order = sorted(
-            ((m0, i) for i in range(first_entry, batch.num_entries) for m0 in range(0, starts[i + 1] - starts[i], tile_tokens)),
+            (
+                (m0, i)
+                for i in range(first_entry, batch.num_entries)
+                for m0 in range(0, starts[i + 1] - starts[i], tile_tokens)
+            ),
             key=lambda t: -t[0],
         )
         # Rows padded to 16 entries: both start 64-byte aligned (Triton specialises on pointer alignment).

@@ -51,7 +51,9 @@ def make_case(seed, entries, num_heads=4, num_kv_heads=2, head_dim=8, bs=4, dtyp
 
 def to(batch: PagedBatch, device) -> PagedBatch:
     fields = ("q_starts", "q_pos0", "context_lens", "first_block", "block_tables")
-    return PagedBatch(*(getattr(batch, f).to(device) for f in fields), batch.max_q, batch.max_context, batch.q_starts.tolist())
+    return PagedBatch(
+        *(getattr(batch, f).to(device) for f in fields), batch.max_q, batch.max_context, batch.q_starts.tolist()
+    )
 
 
 MIXED = [(0, 9, 0), (5, 1, 0), (12, 3, 1), (0, 1, 0), (20, 1, 2), (7, 6, 0)]  # short chunks: split-K kernel
@@ -86,7 +88,9 @@ def test_reference_equals_dense_attention(window):
         torch.testing.assert_close(out[r0 : r0 + n], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("entries", [MIXED, DECODE, LONG, DECODES_FIRST], ids=["mixed", "decode", "long", "decodes-first"])
+@pytest.mark.parametrize(
+    "entries", [MIXED, DECODE, LONG, DECODES_FIRST], ids=["mixed", "decode", "long", "decodes-first"]
+)
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_matches_reference(entries, window, dtype):
@@ -94,7 +98,9 @@ def test_triton_matches_reference(entries, window, dtype):
         pytest.skip("the Triton interpreter mishandles bf16 (numpy has no bf16); bf16 runs on the device machine")
     q, kc, vc, batch = make_case(1, entries, dtype=dtype)
     want, want_lse = paged_attention_reference(q.float(), kc.float(), vc.float(), batch, 0.35, window, need_lse=True)
-    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.35, window, need_lse=True)
+    got, got_lse = paged_attention_triton(
+        q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.35, window, need_lse=True
+    )
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float().cpu(), want, **tol)
     torch.testing.assert_close(got_lse.cpu(), want_lse, **tol)
@@ -104,7 +110,15 @@ def test_triton_decode_splits_long_contexts_into_partitions():
     entries = [(300, 1, 0), (77, 1, 2), (5, 1, 0)]
     q, kc, vc, batch = make_case(2, entries, bs=8, num_slots=64)
     want, want_lse = paged_attention_reference(q, kc, vc, batch, 0.2, need_lse=True)
-    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.2, need_lse=True, decode_config={"partition": 64, "block_n": 32})
+    got, got_lse = paged_attention_triton(
+        q.to(DEVICE),
+        kc.to(DEVICE),
+        vc.to(DEVICE),
+        to(batch, DEVICE),
+        0.2,
+        need_lse=True,
+        decode_config={"partition": 64, "block_n": 32},
+    )
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
 
@@ -122,15 +136,21 @@ PREFILL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: f"m{c['block_m']}n{c['block_n']}{'-packed' if c['pack_gqa'] else ''}")
-@pytest.mark.parametrize("window", [0, 5, 37])  # 37: wider than a tile plus a step, so windowed tiles have unmasked keys
+@pytest.mark.parametrize(
+    "config", PREFILL_CONFIGS, ids=lambda c: f"m{c['block_m']}n{c['block_n']}{'-packed' if c['pack_gqa'] else ''}"
+)
+@pytest.mark.parametrize(
+    "window", [0, 5, 37]
+)  # 37: wider than a tile plus a step, so windowed tiles have unmasked keys
 def test_triton_prefill_matches_reference(config, window):
     """Every prefill configuration, out and lse, with windows narrower and wider than a tile; fresh data per case."""
     q, kc, vc, batch = make_case(10 + window, PREFILL, num_slots=96)
     want, want_lse = paged_attention_reference(q, kc, vc, batch, 0.3, window, need_lse=True)
     dev = to(batch, DEVICE)
     dev.q_starts_host = batch.q_starts.tolist()
-    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), dev, 0.3, window, need_lse=True, prefill_config=config)
+    got, got_lse = paged_attention_triton(
+        q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), dev, 0.3, window, need_lse=True, prefill_config=config
+    )
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
     if window:
@@ -146,7 +166,9 @@ def test_triton_prefill_packs_uneven_gqa_groups(head_dim):
     dev = to(batch, DEVICE)
     for packed in (True, False):
         config = {"block_m": 16, "block_n": 16, "pack_gqa": packed}
-        got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), dev, 0.25, 9, need_lse=True, prefill_config=config)
+        got, got_lse = paged_attention_triton(
+            q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), dev, 0.25, 9, need_lse=True, prefill_config=config
+        )
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
     assert sorted(dev._tiles) == [(5, 0), (16, 0)]
@@ -156,8 +178,16 @@ def test_triton_prefill_float16():
     """16-bit inputs: the native dot and probabilities cast to the value dtype before the second product."""
     q, kc, vc, batch = make_case(30, PREFILL, dtype=torch.float16, num_slots=96)
     want, want_lse = paged_attention_reference(q.float(), kc.float(), vc.float(), batch, 0.3, 0, need_lse=True)
-    got, got_lse = paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.3, 0, need_lse=True,
-                                          prefill_config={"block_m": 16, "block_n": 16})
+    got, got_lse = paged_attention_triton(
+        q.to(DEVICE),
+        kc.to(DEVICE),
+        vc.to(DEVICE),
+        to(batch, DEVICE),
+        0.3,
+        0,
+        need_lse=True,
+        prefill_config={"block_m": 16, "block_n": 16},
+    )
     torch.testing.assert_close(got.float().cpu(), want, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=2e-3, atol=2e-3)
 
@@ -247,7 +277,9 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run():
         for n in range(1, SPLIT_MAX_Q + 1):
             for entries in ([(30, 1, 0), (7, n, 1)], [(12, 1, 0), (9, n, 1), (0, 40, 0)]):
                 q, kc, vc, batch = make_case(n, entries, num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
-                paged_attention_triton(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.125, need_lse=True)
+                paged_attention_triton(
+                    q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.125, need_lse=True
+                )
         torch.cuda.synchronize()
     finally:
         JITFunction._do_compile = real

@@ -9,16 +9,24 @@ import time
 
 import pytest
 import yaml
-
-import tierkv
-from tierkv import ConfigError
-from tierkv import batch
 from tiny_models import make_checkpoint
 
+import tierkv
+from tierkv import ConfigError, batch
+
 PROMPTS = [
-    "Once upon a time", "The quick brown fox", "Tiered memory keeps hot blocks", "a little cat who lived",
-    "by the sea", "and the dog does not mind", "cold ones in host memory", "jumps over the lazy dog",
-    "there was a little", "on the GPU and", "big house by the sea", "The dog",
+    "Once upon a time",
+    "The quick brown fox",
+    "Tiered memory keeps hot blocks",
+    "a little cat who lived",
+    "by the sea",
+    "and the dog does not mind",
+    "cold ones in host memory",
+    "jumps over the lazy dog",
+    "there was a little",
+    "on the GPU and",
+    "big house by the sea",
+    "The dog",
 ]
 
 
@@ -37,7 +45,14 @@ def write_job(folder, model_dir, records=None, **sections):
             f.write(json.dumps(r) + "\n")
     config = {
         "model": model_dir,
-        "engine": {"device": "cpu", "gpu_blocks": 4, "cpu_blocks": 4, "nvme_dir": "nvme", "nvme_blocks": 64, "max_num_batched_tokens": 32},
+        "engine": {
+            "device": "cpu",
+            "gpu_blocks": 4,
+            "cpu_blocks": 4,
+            "nvme_dir": "nvme",
+            "nvme_blocks": 64,
+            "max_num_batched_tokens": 32,
+        },
         "sampling": {"max_tokens": 40, "temperature": 0, "ignore_eos": True},
         "input": "in.jsonl",
         "output": "out/results.jsonl",
@@ -64,7 +79,9 @@ def test_yaml_run_end_to_end_matches_the_python_api(model_dir, tmp_path):
     rows = {r["id"]: r for r in read_output(tmp_path / "job" / "out" / "results.jsonl")}
     assert sorted(rows) == sorted(f"r{i}" for i in range(len(PROMPTS)))
     with tierkv.LLM(model_dir, device="cpu", gpu_blocks=8) as llm:
-        want = llm.generate(PROMPTS, tierkv.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False)
+        want = llm.generate(
+            PROMPTS, tierkv.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), use_tqdm=False
+        )
     for i, out in enumerate(want):
         assert rows[f"r{i}"]["outputs"][0]["token_ids"] == out.outputs[0].token_ids
         assert rows[f"r{i}"]["text"] == out.outputs[0].text
@@ -132,7 +149,9 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_output(model_d
 
 
 def test_half_written_last_line_is_cut_off_and_redone(model_dir, tmp_path):
-    job = write_job(tmp_path / "job", model_dir, [{"id": "a", "prompt": "The dog"}, {"id": "b", "prompt": "by the sea"}])
+    job = write_job(
+        tmp_path / "job", model_dir, [{"id": "a", "prompt": "The dog"}, {"id": "b", "prompt": "by the sea"}]
+    )
     out = tmp_path / "job" / "out" / "results.jsonl"
     batch.run(batch.load_spec(job), progress=False)
     good = read_output(out)
@@ -162,15 +181,32 @@ def test_check_and_overrides(model_dir, tmp_path):
         (dict(engine={"gpu_blocks": "four"}), None, "engine.gpu_blocks: expected int | None, got 'four'"),
         (dict(sampling={"temperature": "hot"}), None, "sampling.temperature: expected float, got 'hot'"),
         (dict(sampling={"max_tokens": 0}), None, "sampling: SamplingParams.max_tokens=0"),
+        (
+            dict(sampling={"temperature": float("nan")}),
+            None,
+            "sampling: SamplingParams.temperature=nan: must be a finite number",
+        ),
         (dict(input="missing.jsonl"), None, "input: file"),
         (dict(model=None), None, "model: expected a string"),
         (dict(engine={"gpu_blocks": 1}), None, "engine.gpu_blocks/gpu_memory: the GPU tier holds 1 blocks"),
-        (dict(engine={"cpu_blocks": 0, "nvme_blocks": 2}, sampling={"max_tokens": 200}), None, "may need 13 KV blocks but all tiers together hold 6"),
-        (dict(engine={"cpu_blocks": 2}, sampling={"max_tokens": 200}), None, "streamed from the CPU tier, which must hold 9 of them but holds 2"),
+        (
+            dict(engine={"cpu_blocks": 0, "nvme_blocks": 2}, sampling={"max_tokens": 200}),
+            None,
+            "may need 13 KV blocks but all tiers together hold 6",
+        ),
+        (
+            dict(engine={"cpu_blocks": 2}, sampling={"max_tokens": 200}),
+            None,
+            "streamed from the CPU tier, which must hold 9 of them but holds 2",
+        ),
         ({}, [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}], "in.jsonl:2: duplicate id 1 (first on line 1)"),
-        ({}, [{"prompt": "a"}], "in.jsonl:1: missing \"id\""),
-        ({}, [{"id": 1, "prompt": "a", "messages": []}], "give exactly one of \"prompt\""),
-        ({}, [{"id": 1, "prompt": "a", "temperatur": 0}], "(id 1).temperatur: unknown key (did you mean 'temperature'?)"),
+        ({}, [{"prompt": "a"}], 'in.jsonl:1: missing "id"'),
+        ({}, [{"id": 1, "prompt": "a", "messages": []}], 'give exactly one of "prompt"'),
+        (
+            {},
+            [{"id": 1, "prompt": "a", "temperatur": 0}],
+            "(id 1).temperatur: unknown key (did you mean 'temperature'?)",
+        ),
     ],
 )
 def test_validation_errors_name_the_key_and_the_fix(model_dir, tmp_path, change, records, message):

@@ -9,8 +9,27 @@ from tierkv.cli import main
 
 def test_bench_sweep_writes_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--num-requests", "6", "--prompt-len", "20:60", "--output-len", "8",
-                 "--gpu-blocks", "4", "8", "--eviction", "lru", "clock", "--cpu-blocks", "8", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--num-requests",
+            "6",
+            "--prompt-len",
+            "20:60",
+            "--output-len",
+            "8",
+            "--gpu-blocks",
+            "4",
+            "8",
+            "--eviction",
+            "lru",
+            "clock",
+            "--cpu-blocks",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "TTFT ms p50/p90/p99" in table and "link ceilings (GB/s, measured now)" in table
@@ -30,18 +49,62 @@ def test_bench_sweep_writes_table_json_and_plots(tmp_path, capsys):
 @pytest.mark.parametrize("workload", ["shared-prefix", "long-context"])
 def test_other_workloads(workload, tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "--workload", workload, "--num-requests", "3", "--prefix-len", "64", "--context-len", "300",
-                 "--output-len", "4", "--gpu-blocks", "6", "--cpu-blocks", "24", "--out", str(out), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--workload",
+                workload,
+                "--num-requests",
+                "3",
+                "--prefix-len",
+                "64",
+                "--context-len",
+                "300",
+                "--output-len",
+                "4",
+                "--gpu-blocks",
+                "6",
+                "--cpu-blocks",
+                "24",
+                "--out",
+                str(out),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["workload"]["kind"] == workload and report["runs"][0]["output_tokens"] > 0
 
 
 def test_trace_replay_and_hf_baseline(tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text("\n".join(json.dumps({"prompt_len": n, "output_len": 6, "arrival_s": 0.01 * i}) for i, n in enumerate([10, 40, 25])))
+    trace.write_text(
+        "\n".join(
+            json.dumps({"prompt_len": n, "output_len": 6, "arrival_s": 0.01 * i}) for i, n in enumerate([10, 40, 25])
+        )
+    )
     out = tmp_path / "bench"
-    assert main(["bench", "--workload", "trace", "--trace", str(trace), "--gpu-blocks", "8", "--baseline", "hf",
-                 "--out", str(out), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--workload",
+                "trace",
+                "--trace",
+                str(trace),
+                "--gpu-blocks",
+                "8",
+                "--baseline",
+                "hf",
+                "--out",
+                str(out),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["runs"][0]["output_tokens"] == 18
     base = report["baseline"]
@@ -65,7 +128,24 @@ def test_bench_config_file_and_flags_win(tmp_path):
 
 def test_without_an_nvme_tier(tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "--num-requests", "3", "--output-len", "4", "--gpu-blocks", "8", "--nvme-blocks", "0",
-                 "--out", str(out), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--num-requests",
+                "3",
+                "--output-len",
+                "4",
+                "--gpu-blocks",
+                "8",
+                "--nvme-blocks",
+                "0",
+                "--out",
+                str(out),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "results.json").read_text())
     assert set(report["runs"][0]["tiers"]) == {"gpu", "cpu"} and report["runs"][0]["config"]["nvme_blocks"] == 0

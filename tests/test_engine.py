@@ -3,10 +3,10 @@ NVMe tiers (float32, CPU), plus sampling, n > 1, stop conditions, streaming and 
 
 import pytest
 import torch
+from tiny_models import ARCHS, hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
 from tierkv import CapacityError, ConfigError, SamplingParams
-from tiny_models import ARCHS, hf_greedy, make_checkpoint, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,16 @@ def tiered_llm(path, nvme_dir, **kw):
     # GPU tier: 12 blocks of 16 tokens = 192 tokens, less than the longest prompt (300): those stream.
     # CPU tier: 10 blocks, far less than the ~200 blocks of all requests: the rest spill to NVMe.
     # Oversubscribed: every request starts at once and groups take turns on the GPU, so KV swaps through all tiers.
-    opts = dict(device="cpu", block_size=16, gpu_blocks=12, cpu_blocks=10, nvme_dir=str(nvme_dir), nvme_blocks=400, max_num_batched_tokens=128,
-                oversubscribe=True)
+    opts = dict(
+        device="cpu",
+        block_size=16,
+        gpu_blocks=12,
+        cpu_blocks=10,
+        nvme_dir=str(nvme_dir),
+        nvme_blocks=400,
+        max_num_batched_tokens=128,
+        oversubscribe=True,
+    )
     opts.update(kw)
     return tierkv.LLM(path, **opts)
 
@@ -70,9 +78,18 @@ def test_logprobs_are_the_models_distribution(checkpoints, tmp_path):
     path, hf = checkpoints["qwen2"]
     prompt = random_prompts(1, 40, 40, hf.config.vocab_size, seed=5)[0]
     ids = torch.tensor([prompt])
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with tiered_llm(path, tmp_path / "nvme") as llm:
-        out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=3), use_tqdm=False)[0].outputs[0]
+        out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=3), use_tqdm=False)[
+            0
+        ].outputs[0]
     assert len(out.logprobs) == 6
     for step, (lp, logits) in enumerate(zip(out.logprobs, ref.logits)):
         want = torch.log_softmax(logits[0].float(), -1)
@@ -124,14 +141,22 @@ def test_stop_strings_and_stop_tokens(checkpoints, tmp_path):
         text = free.text
         stop = text[len(text) // 2 : len(text) // 2 + 3]
         cut = text.find(stop)
-        out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop=[stop]), use_tqdm=False)[0].outputs[0]
+        out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop=[stop]), use_tqdm=False)[
+            0
+        ].outputs[0]
         assert out.text == text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
         assert free.token_ids[: len(out.token_ids)] == out.token_ids and len(out.token_ids) < 32
-        incl = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop=stop, include_stop_str_in_output=True), use_tqdm=False)
+        incl = llm.generate(
+            [prompt],
+            SamplingParams(max_tokens=32, temperature=0, stop=stop, include_stop_str_in_output=True),
+            use_tqdm=False,
+        )
         assert incl[0].outputs[0].text == text[: cut + len(stop)]
         token = free.token_ids[5]
         first = free.token_ids.index(token)
-        out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[token]), use_tqdm=False)[0].outputs[0]
+        out = llm.generate(
+            [prompt], SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[token]), use_tqdm=False
+        )[0].outputs[0]
         assert out.token_ids == free.token_ids[: first + 1] and out.stop_reason == token
 
 
@@ -199,8 +224,14 @@ def test_bad_input_is_refused_with_the_fix(checkpoints, tmp_path):
 @pytest.mark.parametrize(
     "rope",
     [
-        {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
     ],
@@ -220,7 +251,13 @@ def test_dummy_weights_from_a_preset_name(tmp_path):
     from tierkv.model import ModelSpec
 
     spec = ModelSpec.from_hf_config(load_hf_config(resolve_config_path("llama-3.1-8b")))
-    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (32, 32, 8, 128, 128256)
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (
+        32,
+        32,
+        8,
+        128,
+        128256,
+    )
     with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=8) as llm:
         out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 5
@@ -234,8 +271,17 @@ def test_prefetch_for_time_slicing_does_not_thrash(tmp_path):
     running with prefetch off, and the same output."""
     moved, outputs = {}, {}
     for prefetch in (True, False):
-        with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000,
-                        enable_prefix_caching=False, prefetch=prefetch, max_num_batched_tokens=512, oversubscribe=True) as llm:
+        with tierkv.LLM(
+            "tiny-llama",
+            load_format="dummy",
+            device="cpu",
+            gpu_blocks=96,
+            cpu_blocks=4000,
+            enable_prefix_caching=False,
+            prefetch=prefetch,
+            max_num_batched_tokens=512,
+            oversubscribe=True,
+        ) as llm:
             prompts = random_prompts(24, 256, 256, 500, seed=0)
             outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), use_tqdm=False)
             stats = llm.stats()
@@ -252,8 +298,17 @@ def test_turns_spread_the_swapping_over_the_steps():
     step (staggered turns), so a typical step brings in two sequences' blocks (~25 of 96), not the whole tier every
     4 steps as whole-group turns did (96 blocks in one step, none in the others). Steps where sequences finish take
     in more at once (their room is filled), so the median is what is checked."""
-    with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000, enable_prefix_caching=False,
-                    max_num_batched_tokens=2048, oversubscribe=True, slice_steps=4) as llm:
+    with tierkv.LLM(
+        "tiny-llama",
+        load_format="dummy",
+        device="cpu",
+        gpu_blocks=96,
+        cpu_blocks=4000,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=2048,
+        oversubscribe=True,
+        slice_steps=4,
+    ) as llm:
         prompts = random_prompts(24, 180, 180, 500, seed=2)  # 12 blocks each with its output: 8 fit the GPU tier
         llm.add_requests(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
         per_step = []
@@ -276,13 +331,24 @@ def test_prefetch_when_sequences_outgrow_the_gpu_moves_nothing_twice(tmp_path):
     ahead of their step, and the output is the same."""
     moved, outputs = {}, {}
     for prefetch in (True, False):
-        with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=64, cpu_blocks=4000,
-                        enable_prefix_caching=False, prefetch=prefetch) as llm:
+        with tierkv.LLM(
+            "tiny-llama",
+            load_format="dummy",
+            device="cpu",
+            gpu_blocks=64,
+            cpu_blocks=4000,
+            enable_prefix_caching=False,
+            prefetch=prefetch,
+        ) as llm:
             prompts = random_prompts(16, 64, 64, 500, seed=1)
             outs = llm.generate(prompts, SamplingParams(max_tokens=160, temperature=0, ignore_eos=True), use_tqdm=False)
             stats = llm.stats()
             llm.pm.check_invariants()
-        moved[prefetch] = (stats["links"]["cpu->gpu"]["blocks"], stats["tiers"]["gpu"]["prefetched"], stats["engine"]["preemptions"])
+        moved[prefetch] = (
+            stats["links"]["cpu->gpu"]["blocks"],
+            stats["tiers"]["gpu"]["prefetched"],
+            stats["engine"]["preemptions"],
+        )
         outputs[prefetch] = [o.outputs[0].token_ids for o in outs]
     assert outputs[True] == outputs[False]
     (on, prefetched, preempted), (off, _, _) = moved[True], moved[False]
@@ -298,8 +364,16 @@ def test_new_requests_wait_for_room_instead_of_swapping_begun_ones(tmp_path):
     longer ones may outgrow the GPU and take turns then)."""
     outputs, stats = {}, {}
     for over in (True, False):
-        with tierkv.LLM("tiny-llama", load_format="dummy", device="cpu", gpu_blocks=96, cpu_blocks=4000,
-                        enable_prefix_caching=False, max_num_batched_tokens=512, oversubscribe=over) as llm:
+        with tierkv.LLM(
+            "tiny-llama",
+            load_format="dummy",
+            device="cpu",
+            gpu_blocks=96,
+            cpu_blocks=4000,
+            enable_prefix_caching=False,
+            max_num_batched_tokens=512,
+            oversubscribe=over,
+        ) as llm:
             prompts = random_prompts(24, 200, 256, 500, seed=0)
             outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
             stats[over] = llm.stats()
@@ -316,8 +390,15 @@ def test_streaming_in_many_small_chunks_is_exact(tmp_path):
     3 blocks each layer merges a dozen partial attentions (log-sum-exp), and the output still equals transformers'."""
     hf = make_checkpoint(tmp_path / "m", "llama")
     prompts = random_prompts(3, 120, 200, hf.config.vocab_size, seed=8)
-    with tierkv.LLM(str(tmp_path / "m"), device="cpu", block_size=4, gpu_blocks=6, cpu_blocks=200, staging_blocks=3,
-                    max_num_batched_tokens=32) as llm:
+    with tierkv.LLM(
+        str(tmp_path / "m"),
+        device="cpu",
+        block_size=4,
+        gpu_blocks=6,
+        cpu_blocks=200,
+        staging_blocks=3,
+        max_num_batched_tokens=32,
+    ) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
         assert llm.stats()["engine"]["streamed_steps"] > 0
     for p, o in zip(prompts, outs):
@@ -340,7 +421,9 @@ def test_asynchronous_scheduling_gives_what_synchronous_steps_give(checkpoints, 
     prompts = random_prompts(10, 20, 160, hf.config.vocab_size, seed=11)
     free = [hf_greedy(hf, p, 24) for p in prompts]
     params = [SamplingParams(max_tokens=24 - i, temperature=0) for i in range(len(prompts))]
-    params[1] = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free[1][4]])  # ends after its 5th token or earlier
+    params[1] = SamplingParams(
+        max_tokens=24, temperature=0, stop_token_ids=[free[1][4]]
+    )  # ends after its 5th token or earlier
     params[2] = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free[2][0]])  # ends on its first token
     params[5] = SamplingParams(max_tokens=1, temperature=0)
     params[6] = SamplingParams(max_tokens=12, temperature=0.8, seed=3)  # sampled on the host: not deferred
@@ -348,7 +431,11 @@ def test_asynchronous_scheduling_gives_what_synchronous_steps_give(checkpoints, 
     results, stats = {}, {}
     for on in (True, False):
         with tiered_llm(path, tmp_path / f"nvme-{on}", async_scheduling=on) as llm:
-            text = llm.generate([prompts[3]], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].outputs[0].text
+            text = (
+                llm.generate([prompts[3]], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
+                .outputs[0]
+                .text
+            )
             stop = text[len(text) // 2 : len(text) // 2 + 2]
             params[3] = SamplingParams(max_tokens=24, temperature=0, stop=[stop])
             outs = llm.generate(prompts, params, use_tqdm=False)

@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
+from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
 from tierkv import SamplingParams
-from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 pytestmark = pytest.mark.gpu
 
@@ -28,8 +28,16 @@ def test_float32_on_gpu_equals_transformers(arch, tmp_path):
     hf = make_checkpoint(tmp_path / "m", arch).cuda()
     prompts = random_prompts(8, 5, 300, hf.config.vocab_size, seed=1)
     want = [hf_greedy(hf, p, 24) for p in prompts]
-    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=12, cpu_blocks=10,
-                    nvme_dir=str(tmp_path / "nvme"), nvme_blocks=200, max_num_batched_tokens=128) as llm:
+    with tierkv.LLM(
+        str(tmp_path / "m"),
+        device="cuda",
+        dtype="float32",
+        gpu_blocks=12,
+        cpu_blocks=10,
+        nvme_dir=str(tmp_path / "nvme"),
+        nvme_blocks=200,
+        max_num_batched_tokens=128,
+    ) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
         stats = llm.stats()
     assert [o.outputs[0].token_ids for o in outs] == want
@@ -41,24 +49,40 @@ def test_bfloat16_logits_close_and_greedy_agrees(tmp_path):
     greedy paths agree token for token except where transformers' logits put our token within bf16 rounding of
     its top choice (a near tie)."""
     truth = make_checkpoint(tmp_path / "m", "llama", initializer_range=0.2).cuda()
-    hf = make_checkpoint(tmp_path / "m2", "llama", initializer_range=0.2).to("cuda", torch.bfloat16)  # same seed, same weights
+    hf = make_checkpoint(tmp_path / "m2", "llama", initializer_range=0.2).to(
+        "cuda", torch.bfloat16
+    )  # same seed, same weights
     prompts = random_prompts(6, 20, 200, hf.config.vocab_size, seed=2)
-    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="bfloat16", gpu_blocks=8, cpu_blocks=16,
-                    nvme_dir=str(tmp_path / "nvme"), nvme_blocks=200, max_num_batched_tokens=64) as llm:
+    with tierkv.LLM(
+        str(tmp_path / "m"),
+        device="cuda",
+        dtype="bfloat16",
+        gpu_blocks=8,
+        cpu_blocks=16,
+        nvme_dir=str(tmp_path / "nvme"),
+        nvme_blocks=200,
+        max_num_batched_tokens=64,
+    ) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=5), use_tqdm=False)
     exact = 0
     for p, out in zip(prompts, outs):
         ids = torch.tensor([p], device="cuda")
         with torch.no_grad():
             true_lp = torch.log_softmax(truth(ids).logits[0, -1].float(), -1)
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True)
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         hf_lp = torch.log_softmax(ref.logits[0][0].float(), -1)
         ours = out.outputs[0].logprobs[0]
         ours_err = max(abs(v - float(true_lp[t])) for t, v in ours.items())
         hf_err = max(abs(float(hf_lp[t]) - float(true_lp[t])) for t in ours)
         assert ours_err <= 2 * hf_err + 0.02, f"bf16 error {ours_err:.3f} vs transformers' bf16 {hf_err:.3f}"
-        got, want = out.outputs[0].token_ids, ref.sequences[0, len(p):].tolist()
+        got, want = out.outputs[0].token_ids, ref.sequences[0, len(p) :].tolist()
         if got == want:
             exact += 1
             continue
@@ -82,8 +106,16 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
     prefix = random_prompts(1, 400, 400, hf.config.vocab_size, seed=4)[0]
     prompts = [prefix + [5, 6, 7], prefix + [9, 8]]
     seen = []
-    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", block_size=4, gpu_blocks=400, cpu_blocks=400,
-                    prefix_load="always", max_num_batched_tokens=512) as llm:
+    with tierkv.LLM(
+        str(tmp_path / "m"),
+        device="cuda",
+        dtype="float32",
+        block_size=4,
+        gpu_blocks=400,
+        cpu_blocks=400,
+        prefix_load="always",
+        max_num_batched_tokens=512,
+    ) as llm:
         first = llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
         llm.pm.demote_cached("cpu")
         llm.pm.mover._debug_rng = random.Random(1)  # random sleeps on the copy streams before each transfer
@@ -99,7 +131,9 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
         pieces = llm.stats()["engine"]["piecewise_steps"]
     assert second[0].num_cached_tokens == 400
     assert pieces > 0, "the prompt steps did not run as piecewise graphs (their layer-by-layer waits untested)"
-    assert any(isinstance(h, LayeredHandle) and len(h.groups) == 4 for h in seen), "the hit was not promoted in layer groups"
+    assert any(isinstance(h, LayeredHandle) and len(h.groups) == 4 for h in seen), (
+        "the hit was not promoted in layer groups"
+    )
     assert first[0].outputs[0].token_ids == hf_greedy(hf, prompts[0], 8)
     assert second[0].outputs[0].token_ids == hf_greedy(hf, prompts[1], 8)
 
@@ -122,8 +156,15 @@ def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch
     hf = make_checkpoint(tmp_path / "m", "llama").cuda()
     prompts = random_prompts(3, 300, 600, hf.config.vocab_size, seed=5)
     want = [hf_greedy(hf, p, 16) for p in prompts]
-    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=12, cpu_blocks=200, staging_blocks=5,
-                    max_num_batched_tokens=64) as llm:
+    with tierkv.LLM(
+        str(tmp_path / "m"),
+        device="cuda",
+        dtype="float32",
+        gpu_blocks=12,
+        cpu_blocks=200,
+        staging_blocks=5,
+        max_num_batched_tokens=64,
+    ) as llm:
         llm.pm.mover._debug_rng = random.Random(2)
         outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
         stats = llm.stats()
@@ -142,8 +183,15 @@ def test_decode_steps_replayed_as_cuda_graphs_match_eager_steps(tmp_path):
     params = [SamplingParams(max_tokens=n, temperature=0, logprobs=3) for n in lens]
     outs, stats = {}, {}
     for graphs in (True, False):
-        with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=200, cpu_blocks=16,
-                        max_num_batched_tokens=256, cuda_graphs=graphs) as llm:
+        with tierkv.LLM(
+            str(tmp_path / "m"),
+            device="cuda",
+            dtype="float32",
+            gpu_blocks=200,
+            cpu_blocks=16,
+            max_num_batched_tokens=256,
+            cuda_graphs=graphs,
+        ) as llm:
             outs[graphs] = llm.generate(prompts, params, use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
     assert stats[True]["graph_steps"] >= 20 and stats[True]["graphs_captured"] == 2
@@ -219,8 +267,17 @@ def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypa
     prompts = random_prompts(8, 5, 150, hf.config.vocab_size, seed=13)
     outs, stats = {}, {}
     for graphs in (True, False):
-        with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", cuda_graphs=graphs, gpu_blocks=24, cpu_blocks=400,
-                        max_num_batched_tokens=128, oversubscribe=True, prefetch=False) as llm:
+        with tierkv.LLM(
+            str(tmp_path / "m"),
+            device="cuda",
+            dtype="float32",
+            cuda_graphs=graphs,
+            gpu_blocks=24,
+            cpu_blocks=400,
+            max_num_batched_tokens=128,
+            oversubscribe=True,
+            prefetch=False,
+        ) as llm:
             llm.pm.mover._debug_rng = _LongHolds(5)
             outs[graphs] = llm.generate(prompts, SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
@@ -229,8 +286,11 @@ def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypa
             llm.pm.check_invariants()
     assert stats[True]["preemptions"] > 0 and stats[True]["graph_steps_gated"] > 0, stats[True]
     assert kinds == {True, False}, f"graphs captured with wait nodes: {kinds} (both kinds expected); {stats[True]}"
-    assert [o.outputs[0].token_ids for o in outs[True]] == [o.outputs[0].token_ids for o in outs[False]] \
+    assert (
+        [o.outputs[0].token_ids for o in outs[True]]
+        == [o.outputs[0].token_ids for o in outs[False]]
         == [hf_greedy(hf, p, 14) for p in prompts]
+    )
 
 
 @pytest.mark.parametrize("case", ["mixed", "streamed", "swapped"])
@@ -282,8 +342,16 @@ def test_transfers_serialized_with_compute_give_the_same_tokens(tmp_path):
     after the transfer, no layer-by-layer waits): groups swapping on a small tier, same tokens as transformers."""
     hf = make_checkpoint(tmp_path / "m", "llama").cuda()
     prompts = random_prompts(6, 5, 150, hf.config.vocab_size, seed=12)
-    with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=24, cpu_blocks=400,
-                    max_num_batched_tokens=128, oversubscribe=True, prefetch=False) as llm:
+    with tierkv.LLM(
+        str(tmp_path / "m"),
+        device="cuda",
+        dtype="float32",
+        gpu_blocks=24,
+        cpu_blocks=400,
+        max_num_batched_tokens=128,
+        oversubscribe=True,
+        prefetch=False,
+    ) as llm:
         llm.pm.mover.serialize = True
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
         stats = llm.stats()
@@ -304,8 +372,16 @@ def test_asynchronous_steps_on_gpu_match_synchronous_ones(gpu_blocks, tmp_path):
     params[2] = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[free[2][3]])
     outs, stats = {}, {}
     for on in (True, False):
-        with tierkv.LLM(str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=gpu_blocks, cpu_blocks=400,
-                        max_num_batched_tokens=128, async_scheduling=on, oversubscribe=True) as llm:
+        with tierkv.LLM(
+            str(tmp_path / "m"),
+            device="cuda",
+            dtype="float32",
+            gpu_blocks=gpu_blocks,
+            cpu_blocks=400,
+            max_num_batched_tokens=128,
+            async_scheduling=on,
+            oversubscribe=True,
+        ) as llm:
             llm.pm.mover._debug_rng = random.Random(4)
             outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             stats[on] = llm.stats()["engine"]

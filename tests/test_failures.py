@@ -16,10 +16,10 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from tiny_models import make_checkpoint
 
 import tierkv
 from tierkv import SamplingParams
-from tiny_models import make_checkpoint
 
 TIERKV_CODE = os.path.dirname(tierkv.__file__)  # kernels/ and policies/ are reached through links inside it
 MIN_STEPS = int(os.environ.get("TIERKV_FAULT_STEPS", "2000"))
@@ -93,15 +93,30 @@ def random_workload(rng: random.Random, vocab: int, nvme_dir: str, device: str) 
         prompts.append((rng.choice(stems) if rng.random() < 0.5 else []) + tail)
         n = rng.choice([1, 1, 1, 2])
         sampled = n > 1 or rng.random() < 0.2
-        params.append(SamplingParams(
-            max_tokens=rng.randrange(1, 14), n=n, ignore_eos=True, temperature=0.8 if sampled else 0,
-            seed=rng.randrange(1000) if sampled else None, logprobs=2 if rng.random() < 0.1 else None,
-        ))
+        params.append(
+            SamplingParams(
+                max_tokens=rng.randrange(1, 14),
+                n=n,
+                ignore_eos=True,
+                temperature=0.8 if sampled else 0,
+                seed=rng.randrange(1000) if sampled else None,
+                logprobs=2 if rng.random() < 0.1 else None,
+            )
+        )
     options = dict(
-        device=device, dtype="float32", block_size=4,
-        gpu_blocks=rng.choice([8, 12, 20]), cpu_blocks=rng.choice([12, 20]), nvme_dir=nvme_dir, nvme_blocks=160,
-        eviction=rng.choice(["lru", "clock"]), oversubscribe=rng.random() < 0.5, async_scheduling=rng.random() < 0.7,
-        write_through=rng.random() < 0.3, max_num_batched_tokens=rng.choice([16, 48]), slice_steps=rng.choice([2, 4]),
+        device=device,
+        dtype="float32",
+        block_size=4,
+        gpu_blocks=rng.choice([8, 12, 20]),
+        cpu_blocks=rng.choice([12, 20]),
+        nvme_dir=nvme_dir,
+        nvme_blocks=160,
+        eviction=rng.choice(["lru", "clock"]),
+        oversubscribe=rng.random() < 0.5,
+        async_scheduling=rng.random() < 0.7,
+        write_through=rng.random() < 0.3,
+        max_num_batched_tokens=rng.choice([16, 48]),
+        slice_steps=rng.choice([2, 4]),
         cuda_graphs=rng.random() < 0.5,
     )
     return Workload(prompts, params, options)
@@ -155,7 +170,10 @@ def run_with_faults(path: str, w: Workload, want, rng: random.Random, debug_dela
             roll = rng.random()
             plan.clear()
             if roll < 0.08:
-                plan.update(lines=rng.randrange(1, 2500), exc=KeyboardInterrupt() if rng.random() < 0.5 else RuntimeError("injected"))
+                plan.update(
+                    lines=rng.randrange(1, 2500),
+                    exc=KeyboardInterrupt() if rng.random() < 0.5 else RuntimeError("injected"),
+                )
             elif roll < 0.12:
                 plan.update(disk=0.5)
             steps += 1

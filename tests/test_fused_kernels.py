@@ -21,7 +21,9 @@ from tierkv.kernels.fused import (
 )
 
 # The Triton kernels run on CPU tensors only in the interpreter (set by conftest where there is no CUDA).
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
 
 
 def rope_tables(T, D, device, dtype):

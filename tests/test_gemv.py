@@ -9,7 +9,9 @@ import torch
 
 from tierkv.kernels.gemv import gemv_reference, gemv_triton, linear
 
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
 
 
 def data(m, n, k, bias, device, dtype, seed=0):
@@ -30,8 +32,13 @@ def close(got, want):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "m, n, k, bias, block_n, block_k",
-    [(1, 40, 64, False, 16, 32), (5, 70, 96, True, 16, 32), (16, 33, 130, True, 16, 32), (3, 64, 64, False, 32, 16),
-     (40, 48, 80, True, 16, 32)],  # 40 rows: a tile of 64
+    [
+        (1, 40, 64, False, 16, 32),
+        (5, 70, 96, True, 16, 32),
+        (16, 33, 130, True, 16, 32),
+        (3, 64, 64, False, 32, 16),
+        (40, 48, 80, True, 16, 32),
+    ],  # 40 rows: a tile of 64
 )
 def test_gemv_matches_linear(device, m, n, k, bias, block_n, block_k):
     dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
@@ -53,7 +60,14 @@ def test_gemv_refuses_what_it_cannot_do(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_linear_dispatch_and_graph_replay_on_the_gpu():
     # The model's shapes at a decode step (some scaled down), through the dispatch and the tiles it picks.
-    for m, n, k in [(1, 6144, 512), (8, 4096, 4096), (16, 28672 // 4, 1024), (8, 512, 14336), (3, 70000, 256), (17, 256, 256)]:
+    for m, n, k in [
+        (1, 6144, 512),
+        (8, 4096, 4096),
+        (16, 28672 // 4, 1024),
+        (8, 512, 14336),
+        (3, 70000, 256),
+        (17, 256, 256),
+    ]:
         x, w, b = data(m, n, k, m == 3, "cuda", torch.bfloat16)
         close(linear(x, w, b), gemv_reference(x, w, b))
     x32, w32, _ = data(8, 64, 64, False, "cuda", torch.float32)  # float32 stays with cuBLAS: exact to it

@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from tierkv import KVLayout, PageManager, PageManagerConfig
-from tierkv.kernels.block_copy import copy_blocks_reference, copy_blocks_triton
-from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_engine_available
+from tierkv.kernels.block_copy import (
+    block_runs,
+    copy_block_runs,
+    copy_blocks_reference,
+    copy_blocks_triton,
+    copy_engine_available,
+)
 from tierkv.mover import Mover
 from tierkv.tiers import CPU, GPU, MemoryTier, NvmeTier
 
@@ -17,8 +22,11 @@ pytestmark = pytest.mark.gpu
 def test_uva_copy_kernel_both_directions(dtype, shape):
     torch.manual_seed(0)
     n_host, n_dev, batch = 9, 7, 5
-    rand = (lambda n: torch.randint(0, 255, (n, *shape), dtype=torch.uint8)) if dtype == torch.uint8 else (
-        lambda n: torch.randn((n, *shape)).to(dtype))
+    rand = (
+        (lambda n: torch.randint(0, 255, (n, *shape), dtype=torch.uint8))
+        if dtype == torch.uint8
+        else (lambda n: torch.randn((n, *shape)).to(dtype))
+    )
     host = rand(n_host).pin_memory()
     dev = rand(n_dev).cuda()
     src_idx = torch.randperm(n_host)[:batch]
@@ -71,7 +79,9 @@ def test_mover_all_links_with_staging_chunks(tmp_path):
 
 def test_eviction_waits_for_a_slow_compute_stream(tmp_path):
     """The d2h copy of an evicted block must not start before the compute stream has written it."""
-    cfg = PageManagerConfig(LAYOUT, device="cuda", gpu_blocks=2, cpu_blocks=4, nvme_dir=str(tmp_path / "n"), nvme_blocks=4)
+    cfg = PageManagerConfig(
+        LAYOUT, device="cuda", gpu_blocks=2, cpu_blocks=4, nvme_dir=str(tmp_path / "n"), nvme_blocks=4
+    )
     with PageManager(cfg) as pm:
         for trial in range(5):
             seq = f"s{trial}"
@@ -91,22 +101,30 @@ def test_eviction_waits_for_a_slow_compute_stream(tmp_path):
 def test_identical_results_alone_and_in_a_crowd(tmp_path):
     """Many sequences through tiny tiers with delays injected: every byte still right (FAULTS.md)."""
     cfg = PageManagerConfig(
-        LAYOUT, device="cuda", gpu_blocks=8, cpu_blocks=8, nvme_dir=str(tmp_path / "n"), nvme_blocks=256,
-        staging_blocks=4, debug_delays=True,
+        LAYOUT,
+        device="cuda",
+        gpu_blocks=8,
+        cpu_blocks=8,
+        nvme_dir=str(tmp_path / "n"),
+        nvme_blocks=256,
+        staging_blocks=4,
+        debug_delays=True,
     )
     g = torch.Generator().manual_seed(1)
     with PageManager(cfg) as pm:
         data = {}
         for i in range(60):
             n = int(torch.randint(1, 64, (1,), generator=g))
-            kv = torch.randn((LAYOUT.num_layers, 2, n, LAYOUT.num_kv_heads, LAYOUT.head_dim), generator=g).to(LAYOUT.dtype)
+            kv = torch.randn((LAYOUT.num_layers, 2, n, LAYOUT.num_kv_heads, LAYOUT.head_dim), generator=g).to(
+                LAYOUT.dtype
+            )
             pm.add_sequence(i)
             pm.append_tokens(i, n)
             pm.write_tokens(i, 0, kv)
             data[i] = kv
             if i % 3 == 0:
                 pm.prefetch([max(0, i - 7)])
-        for step in range(40):
+        for _ in range(40):
             pm.begin_step()
             s = int(torch.randint(0, 60, (1,), generator=g))
             pm.acquire([s])

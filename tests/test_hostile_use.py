@@ -3,7 +3,6 @@ and bad input is refused before anything runs with a message naming the value an
 the seven ways this went wrong before; see the issue "Nothing lost, nothing poisoned".)"""
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -13,14 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-import yaml
+from test_batch import PROMPTS, cli, lines_in, read_output, write_job
+from tiny_models import make_checkpoint, random_prompts
 
 import tierkv
-from tierkv import CapacityError, ConfigError, SamplingParams, StoreError, batch
+from tierkv import CapacityError, ConfigError, SamplingParams, StoreError
 from tierkv.batch_output import OutputFile
 from tierkv.nvme_store import RECORD_NBYTES, NvmeStore
-from tiny_models import make_checkpoint, random_prompts
-from test_batch import PROMPTS, cli, lines_in, read_output, write_job
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -61,7 +59,16 @@ def test_fresh_with_a_config_that_fails_its_checks_keeps_the_old_results(model_d
     assert cli(job)[0] == 0
     out = tmp_path / "job" / "out" / "results.jsonl"
     before = out.read_bytes()
-    code, _, err = cli(job, "--fresh", "--set", "engine.cpu_blocks=0", "--set", "engine.nvme_blocks=2", "--set", "sampling.max_tokens=200")
+    code, _, err = cli(
+        job,
+        "--fresh",
+        "--set",
+        "engine.cpu_blocks=0",
+        "--set",
+        "engine.nvme_blocks=2",
+        "--set",
+        "sampling.max_tokens=200",
+    )
     assert code == 2 and "KV blocks but all tiers together hold" in err, err
     assert out.read_bytes() == before
 
@@ -189,28 +196,34 @@ def test_ctrl_c_during_a_batch_run_stops_cleanly_and_resumes(model_dir, tmp_path
 # -- 5. accepted nonsense ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(temperature=float("nan")), "temperature=nan: must be a finite number"),
-    (dict(temperature=True), "temperature=True"),
-    (dict(top_p=float("inf")), "top_p=inf"),
-    (dict(stop=5), "stop=5"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(temperature=float("nan")), "temperature=nan: must be a finite number"),
+        (dict(temperature=True), "temperature=True"),
+        (dict(top_p=float("inf")), "top_p=inf"),
+        (dict(stop=5), "stop=5"),
+    ],
+)
 def test_sampling_nonsense_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         SamplingParams(**kw)
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ([5, 2.7, 8], "token 1 is 2.7 (float)"),
-    ([5, "7"], "token 1 is '7' (str)"),
-    ([True, 5], "token 0 is True (bool)"),
-    (np.array([1.0, 2.0]), "dtype float64"),
-    (torch.tensor(5), "prompts: got a 0-D Tensor"),
-    (torch.tensor([[1, 2], [3, 4]], dtype=torch.float32), "prompt 0: a Tensor of dtype torch.float32"),
-    (None, "prompts: got NoneType"),
-    (5, "prompts: got int"),
-    (["a", None], "prompt 1: got None"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([5, 2.7, 8], "token 1 is 2.7 (float)"),
+        ([5, "7"], "token 1 is '7' (str)"),
+        ([True, 5], "token 0 is True (bool)"),
+        (np.array([1.0, 2.0]), "dtype float64"),
+        (torch.tensor(5), "prompts: got a 0-D Tensor"),
+        (torch.tensor([[1, 2], [3, 4]], dtype=torch.float32), "prompt 0: a Tensor of dtype torch.float32"),
+        (None, "prompts: got NoneType"),
+        (5, "prompts: got int"),
+        (["a", None], "prompt 1: got None"),
+    ],
+)
 def test_prompt_nonsense_is_refused(model_dir, tmp_path, prompt, message):
     with small_llm(model_dir, tmp_path / "nvme") as llm:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -262,8 +275,11 @@ def test_bad_input_files_and_output_paths_get_messages(model_dir, tmp_path):
     job = write_job(tmp_path / "job", model_dir, [{"id": 1, "messages": []}])
     code, _, err = cli(job, "--check")
     assert code == 2 and "non-empty list" in err, err
-    for output, message in (("out", "is a directory"), ("in.jsonl/x.jsonl", "is a file, not a directory"),
-                            ("/proc/sys/results.jsonl", "not writable")):
+    for output, message in (
+        ("out", "is a directory"),
+        ("in.jsonl/x.jsonl", "is a file, not a directory"),
+        ("/proc/sys/results.jsonl", "not writable"),
+    ):
         (tmp_path / "job" / "out").mkdir(exist_ok=True)
         job = write_job(tmp_path / "job", model_dir, output=output)
         code, _, err = cli(job, "--check")
@@ -316,12 +332,20 @@ def test_bench_arguments_and_config_errors_get_messages(tmp_path):
         (["--num-requests", "0"], "must be an integer >= 1"),
         (["--prefix-len", "-5"], "must be an integer >= 0"),
     ):
-        proc = subprocess.run([sys.executable, "-m", "tierkv", "bench", *args], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tierkv", "bench", *args], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     (tmp_path / "rate.yaml").write_text("request_rate: -1\n")
-    proc = subprocess.run([sys.executable, "-m", "tierkv", "bench", "--config", str(tmp_path / "rate.yaml")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "request_rate" in proc.stderr and "must be a finite number" in proc.stderr, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "tierkv", "bench", "--config", str(tmp_path / "rate.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "request_rate" in proc.stderr and "must be a finite number" in proc.stderr, (
+        proc.stderr
+    )
 
 
 # -- 7. misleading --------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ def test_no_folder_of_the_checkout_shadows_an_installed_distribution():
         names = sorted((entries & set(installed)) - own)
         for name, locations in _where(names, folder).items():
             mine = (folder / name, folder / f"{name}.py")
-            inside = [loc for loc in locations if loc and any(Path(loc).resolve().is_relative_to(m.resolve()) for m in mine)]
+            inside = [
+                loc for loc in locations if loc and any(Path(loc).resolve().is_relative_to(m.resolve()) for m in mine)
+            ]
             assert not inside, (
                 f"`import {name}` run from {folder} finds the checkout's {inside} instead of the installed "
                 f"distribution {installed[name]}: a folder with an __init__.py (or a module) of that name there "
@@ -65,26 +67,62 @@ def test_transformers_and_tierkv_kernels_import_from_the_repository_root():
 def test_the_built_wheel_runs_outside_the_checkout(tmp_path):
     constraints = os.environ.get("TIERKV_CONSTRAINTS", REPO / "constraints.txt")  # scripts/lock.sh tests a new set
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--build-constraint", str(constraints), "-w", str(tmp_path / "dist"),
-                    str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--build-constraint",
+            str(constraints),
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("tierkv-*.whl")
     files = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("tierkv/__main__.py", "tierkv/kernels/paged_attention.py", "tierkv/policies/registry.py",
-                   "tierkv/configs/demo.yaml", "tierkv/configs/demo_prompts.jsonl", "tierkv/configs/models/tiny-llama.json"):
+    for needed in (
+        "tierkv/__main__.py",
+        "tierkv/kernels/paged_attention.py",
+        "tierkv/policies/registry.py",
+        "tierkv/configs/demo.yaml",
+        "tierkv/configs/demo_prompts.jsonl",
+        "tierkv/configs/models/tiny-llama.json",
+    ):
         assert needed in files, f"the wheel lacks {needed}"
-    assert not any(f.split("/")[0] in ("kernels", "policies", "configs", "tests") for f in files), "top-level folders leaked"
+    assert not any(f.split("/")[0] in ("kernels", "policies", "configs", "tests") for f in files), (
+        "top-level folders leaked"
+    )
 
     # A fresh environment holding only the wheel's tierkv. Its dependencies are this environment's, visible through
     # a .pth line (which adds the folder to sys.path without running the editable install's hooks inside it), so
     # that pip checks the wheel's requirements against the tested set instead of downloading them again.
     env = tmp_path / "env"
     venv.create(env, with_pip=False)
-    site = subprocess.run([env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     here = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "tested-dependencies.pth").write_text("\n".join(here) + "\n")
-    subprocess.run([*pip, "--python", str(env / "bin" / "python"), "install", "-q", "--no-index",
-                    f"tierkv[demo] @ {wheel.as_uri()}"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *pip,
+            "--python",
+            str(env / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-index",
+            f"tierkv[demo] @ {wheel.as_uri()}",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     work = tmp_path / "elsewhere"
     work.mkdir()

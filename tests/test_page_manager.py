@@ -11,7 +11,11 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32,
 
 
 def make(nvme_dir=None, gpu=2, cpu=2, nvme=0, **kw):
-    return PageManager(PageManagerConfig(LAYOUT, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=nvme_dir if nvme else None, nvme_blocks=nvme, **kw))
+    return PageManager(
+        PageManagerConfig(
+            LAYOUT, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=nvme_dir if nvme else None, nvme_blocks=nvme, **kw
+        )
+    )
 
 
 def kv(n, seed):
@@ -188,7 +192,10 @@ def test_a_swap_into_a_full_gpu_goes_in_chunks_that_each_wait_only_for_their_own
         before = {k: v["batches"] for k, v in pm.stats()["links"].items()}
         table = pm.acquire(["a"])[0]
         after = pm.stats()["links"]
-        assert after["gpu->cpu"]["batches"] - before.get("gpu->cpu", 0) == 4 and after["cpu->gpu"]["batches"] - before.get("cpu->gpu", 0) == 4
+        assert (
+            after["gpu->cpu"]["batches"] - before.get("gpu->cpu", 0) == 4
+            and after["cpu->gpu"]["batches"] - before.get("cpu->gpu", 0) == 4
+        )
         assert torch.equal(torch.cat([pm.tiers[0].pool[s] for s in table], dim=2), a)
         pm.release(["a"])
         pm.check_invariants()
@@ -297,7 +304,13 @@ def test_nvme_dir_that_is_a_file_is_refused(tmp_path):
 
 def test_byte_capacities_turn_into_blocks(nvme_dir):
     nbytes = LAYOUT.block_nbytes
-    cfg = PageManagerConfig(LAYOUT, gpu_memory=3 * nbytes + 5, cpu_memory=f"{2 * nbytes}B", nvme_dir=nvme_dir, nvme_memory=f"{4 * nbytes / 1024}KiB")
+    cfg = PageManagerConfig(
+        LAYOUT,
+        gpu_memory=3 * nbytes + 5,
+        cpu_memory=f"{2 * nbytes}B",
+        nvme_dir=nvme_dir,
+        nvme_memory=f"{4 * nbytes / 1024}KiB",
+    )
     assert (cfg.gpu_blocks, cfg.cpu_blocks, cfg.nvme_blocks) == (3, 2, 4)
 
 

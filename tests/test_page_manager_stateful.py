@@ -48,8 +48,16 @@ class PageManagerMachine(RuleBasedStateMachine):
         cuda = self.device == "cuda"
         self.pm = PageManager(
             PageManagerConfig(
-                layout, device=self.device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=self.dir if nvme else None,
-                nvme_blocks=nvme, eviction=eviction, gpu_reserve_blocks=reserve, staging_blocks=2, debug_delays=cuda,
+                layout,
+                device=self.device,
+                gpu_blocks=gpu,
+                cpu_blocks=cpu,
+                nvme_dir=self.dir if nvme else None,
+                nvme_blocks=nvme,
+                eviction=eviction,
+                gpu_reserve_blocks=reserve,
+                staging_blocks=2,
+                debug_delays=cuda,
                 write_through=write_through,
             )
         )
@@ -236,7 +244,9 @@ class PageManagerMachine(RuleBasedStateMachine):
         for seq, data in self.shadow.items():
             assert torch.equal(self.pm.read_tokens(seq), data), f"sequence {seq}: bytes differ"
         for key, block in self.pm.index.items():
-            assert torch.equal(self.pm.read_block(block), self.content[key][0][:, :, :]), "a cached block's bytes changed"
+            assert torch.equal(self.pm.read_block(block), self.content[key][0][:, :, :]), (
+                "a cached block's bytes changed"
+            )
 
 
 PageManagerMachine.TestCase.settings = settings(

@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import hf_greedy, make_checkpoint
 
 import tierkv
 from tierkv import SamplingParams
 from tierkv.nvme_store import HEADER_NBYTES
 from tierkv.prefix_cache import LoadOrRecompute, PrefixHasher
-from tiny_models import hf_greedy, make_checkpoint
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -54,7 +54,9 @@ def test_shared_prefixes_are_reused_from_every_tier_and_stay_exact(model, tmp_pa
         assert llm.stats()["prefix"]["hit_tokens_by_tier"]["gpu"] > 0
         for tier in ("cpu", "nvme"):
             assert llm.pm.demote_cached(tier) > 0
-            assert not any(b.tier < llm.pm.kinds[-1] and b.ref_count == 0 for b in llm.pm.blocks.values() if tier == "nvme")
+            assert not any(
+                b.tier < llm.pm.kinds[-1] and b.ref_count == 0 for b in llm.pm.blocks.values() if tier == "nvme"
+            )
             before = llm.stats()["prefix"]["hit_tokens_by_tier"][tier]
             outs = llm.generate(prompts, GREEDY, use_tqdm=False)
             check(outs, want)
@@ -67,12 +69,18 @@ def test_different_salts_do_not_share_and_reset_forgets(model, tmp_path):
     path, _, prompts, want = model
     with llm_for(path, tmp_path / "nvme") as llm:
         llm.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-a"), use_tqdm=False)
-        other = llm.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-b"), use_tqdm=False)[0]
-        same = llm.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-a"), use_tqdm=False)[0]
+        other = llm.generate(
+            prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-b"), use_tqdm=False
+        )[0]
+        same = llm.generate(
+            prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-a"), use_tqdm=False
+        )[0]
         assert other.num_cached_tokens == 0 and same.num_cached_tokens >= 96
         assert other.outputs[0].token_ids == same.outputs[0].token_ids == want[0]
         assert llm.reset_prefix_cache() > 0
-        again = llm.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-a"), use_tqdm=False)[0]
+        again = llm.generate(
+            prompts[:1], SamplingParams(max_tokens=12, temperature=0, cache_salt="tenant-a"), use_tqdm=False
+        )[0]
         assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == want[0]
 
 
@@ -91,7 +99,9 @@ def test_a_new_process_serves_the_prefixes_from_nvme(model, tmp_path):
     """)
     import json
 
-    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    result = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    )
     assert all(c >= 96 for c in result["cached"]) and result["nvme"] > 0
     assert result["tokens"] == want
 
@@ -109,7 +119,9 @@ def test_kill_9_while_storing_leaves_a_store_that_opens_cleanly(model, tmp_path)
             llm.generate([prompt] * 2, tierkv.SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     """)
     for i, delay in enumerate((0.2, 0.5, 0.9, 1.4)):
-        proc = subprocess.Popen([sys.executable, "-c", writer, str(i)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", writer, str(i)], stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -159,7 +171,9 @@ def test_a_store_of_another_model_is_dropped_and_two_processes_are_refused(model
         assert not llm.pm.index
         assert llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
     with pytest.warns(RuntimeWarning, match="written by another model"), llm_for(path, nvme):  # back to the first model
-        code = f"import tierkv; tierkv.LLM({path!r}, device='cpu', gpu_blocks=12, nvme_dir={str(nvme)!r}, nvme_blocks=120)"
+        code = (
+            f"import tierkv; tierkv.LLM({path!r}, device='cpu', gpu_blocks=12, nvme_dir={str(nvme)!r}, nvme_blocks=120)"
+        )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert proc.returncode != 0 and "is in use by another tierkv process" in proc.stderr
 

@@ -25,8 +25,15 @@ def complete(entries):
 
 
 def scheduler(gpu_blocks=100, tokens=64, slice_steps=2, oversubscribe=False):
-    return Scheduler(block_size=16, gpu_blocks=gpu_blocks, total_blocks=10_000, max_num_batched_tokens=tokens, max_num_seqs=8,
-                     slice_steps=slice_steps, oversubscribe=oversubscribe)
+    return Scheduler(
+        block_size=16,
+        gpu_blocks=gpu_blocks,
+        total_blocks=10_000,
+        max_num_batched_tokens=tokens,
+        max_num_seqs=8,
+        slice_steps=slice_steps,
+        oversubscribe=oversubscribe,
+    )
 
 
 def test_decodes_go_first_and_a_long_prompt_is_chunked():
@@ -34,7 +41,7 @@ def test_decodes_go_first_and_a_long_prompt_is_chunked():
     long_prompt = make(500, 0, 0)
     decoding = [make(20, 20, i, generated=1) for i in (1, 2)]
     s.running.extend([long_prompt, *decoding])
-    for step in range(3):
+    for _ in range(3):
         entries = s.schedule()
         kinds = [(e.seq.seq_id, e.num_tokens) for e in entries]
         assert kinds[:2] == [(1, 1), (2, 1)]  # every step keeps the decodes going

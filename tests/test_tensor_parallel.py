@@ -10,21 +10,28 @@ import sys
 import time
 
 import pytest
+from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
-from tierkv import ConfigError
+from tierkv import ConfigError, WorkerError
 from tierkv.model import ModelSpec
-from tierkv import WorkerError
 from tierkv.parallel import SAFE_ENV, Shards, TPContext
-from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 MAX_TOKENS = 12
 
 
 def tiers(tmp_path, name):
     # Tiny GPU and CPU tiers: long prompts stream from the CPU tier, everything else spills to NVMe.
-    return dict(device="cpu", block_size=4, gpu_blocks=6, cpu_blocks=40, nvme_dir=str(tmp_path / name), nvme_blocks=160,
-                max_num_batched_tokens=48, prefix_load="always")
+    return dict(
+        device="cpu",
+        block_size=4,
+        gpu_blocks=6,
+        cpu_blocks=40,
+        nvme_dir=str(tmp_path / name),
+        nvme_blocks=160,
+        max_num_batched_tokens=48,
+        prefix_load="always",
+    )
 
 
 def gloo_threads():
@@ -94,9 +101,22 @@ def test_tp2_equals_transformers_and_tp1_through_three_tiers(tmp_path, arch, ove
 
 def test_shards_split_heads_mlp_and_vocabulary():
     spec = ModelSpec(
-        architecture="LlamaForCausalLM", vocab_size=301, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=False, o_bias=False,
-        mlp_bias=False, qk_norm=False, sliding_windows=(0, 0), max_position_embeddings=2048,
+        architecture="LlamaForCausalLM",
+        vocab_size=301,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        qk_norm=False,
+        sliding_windows=(0, 0),
+        max_position_embeddings=2048,
     )
     got = [Shards.for_rank(spec, TPContext(r, 4)) for r in range(4)]
     assert [s.heads for s in got] == [(0, 2), (2, 4), (4, 6), (6, 8)]
@@ -205,16 +225,16 @@ model, out, nvme = sys.argv[1:4]
 prompts = json.loads(sys.argv[4])
 llm = tierkv.LLM(model, device="cpu", tensor_parallel_size=2, block_size=4, gpu_blocks=6, cpu_blocks=40, nvme_dir=nvme, nvme_blocks=160)
 # Ranks other than 0 served rank 0 inside LLM(...) and exited there: only rank 0 runs what follows.
-params = tierkv.SamplingParams(max_tokens=%d, temperature=0, ignore_eos=True)
+params = tierkv.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 stats = llm.stats()
 llm.close()
 # `llm` stays referenced to the end, as in a user's script: close() alone must have ended the process group's
 # threads (left running into the interpreter's teardown, they aborted the process now and then).
-threads = [open("/proc/self/task/%%s/comm" %% t).read().strip() for t in os.listdir("/proc/self/task")]
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 with open(out, "w") as f:
     json.dump({"outputs": outputs, "ranks": stats["tensor_parallel"]["size"], "gloo_threads": [n for n in threads if "gloo" in n]}, f)
-""" % MAX_TOKENS
+""".replace("MAX_TOKENS", str(MAX_TOKENS))
 
 
 def test_the_same_code_runs_under_torchrun(tmp_path):
@@ -225,13 +245,24 @@ def test_the_same_code_runs_under_torchrun(tmp_path):
     script.write_text(TORCHRUN_SCRIPT)
     out = tmp_path / "out.json"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(script), str(path), str(out), str(tmp_path / "nvme"), json.dumps(prompts),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(path),
+        str(out),
+        str(tmp_path / "nvme"),
+        json.dumps(prompts),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["ranks"] == 2
-    assert got["gloo_threads"] == [], f"after close() rank 0 still ran the process group's threads {got['gloo_threads']}"
+    assert got["gloo_threads"] == [], (
+        f"after close() rank 0 still ran the process group's threads {got['gloo_threads']}"
+    )
     for prompt, tokens in zip(prompts, got["outputs"]):
         assert tokens == hf_greedy(hf, prompt, MAX_TOKENS)

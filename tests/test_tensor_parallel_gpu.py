@@ -4,11 +4,11 @@ everything but NCCL itself."""
 
 import pytest
 import torch
+from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
 from tierkv import SamplingParams
 from tierkv.parallel import ONE_GPU_ENV
-from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +23,14 @@ def tp_mode(request, monkeypatch):
 
 
 def tiers(tmp_path, name):
-    return dict(device="cuda", gpu_blocks=12, cpu_blocks=24, nvme_dir=str(tmp_path / name), nvme_blocks=200, max_num_batched_tokens=128)
+    return dict(
+        device="cuda",
+        gpu_blocks=12,
+        cpu_blocks=24,
+        nvme_dir=str(tmp_path / name),
+        nvme_blocks=200,
+        max_num_batched_tokens=128,
+    )
 
 
 @pytest.mark.parametrize("arch, kv_heads", [("llama", 2), ("qwen2", 1)])
@@ -48,13 +55,18 @@ def test_bfloat16_tp2_logits_close_to_tp1(tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=5)
     runs = {}
     for tp in (1, 2):
-        with tierkv.LLM(str(tmp_path / "m"), dtype="bfloat16", tensor_parallel_size=tp, **tiers(tmp_path, f"kv{tp}")) as llm:
+        with tierkv.LLM(
+            str(tmp_path / "m"), dtype="bfloat16", tensor_parallel_size=tp, **tiers(tmp_path, f"kv{tp}")
+        ) as llm:
             runs[tp] = llm.generate(prompts, params, use_tqdm=False)
     agree = 0
     for p, one, two in zip(prompts, runs[1], runs[2]):
         with torch.no_grad():
             true_lp = torch.log_softmax(truth(torch.tensor([p], device="cuda")).logits[0, -1].float(), -1)
-        err = {tp: max(abs(v - float(true_lp[t])) for t, v in out.outputs[0].logprobs[0].items()) for tp, out in ((1, one), (2, two))}
+        err = {
+            tp: max(abs(v - float(true_lp[t])) for t, v in out.outputs[0].logprobs[0].items())
+            for tp, out in ((1, one), (2, two))
+        }
         assert err[2] <= 2 * err[1] + 0.02, f"TP=2 bf16 error {err[2]:.3f} vs TP=1's {err[1]:.3f}"
         agree += one.outputs[0].token_ids == two.outputs[0].token_ids
     assert agree >= len(prompts) // 2, f"only {agree} of {len(prompts)} greedy paths agree between TP=1 and TP=2"

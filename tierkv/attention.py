@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.kernels.paged_attention import PagedBatch, merge_partials_into, paged_attention
-from tierkv.kernels.block_copy import copy_blocks
+from tierkv.kernels.block_copy import copy_block_runs, copy_blocks, copy_blocks_triton, copy_engine_runs
 from tierkv.kernels.kv_write import write_kv
-from tierkv.kernels.block_copy import copy_block_runs, copy_blocks_triton, copy_engine_runs
+from tierkv.kernels.paged_attention import PagedBatch, merge_partials_into, paged_attention
 from tierkv.tiers import MemoryTier
 
 
@@ -79,7 +78,7 @@ class StepAttention:
         staging: torch.Tensor | None,
         scale: float,
         sliding_windows: tuple[int, ...],
-        copy_streams: "list[torch.cuda.Stream] | None" = None,
+        copy_streams: list[torch.cuda.Stream] | None = None,
         delay=None,
     ) -> None:
         self.gpu = gpu
@@ -93,7 +92,9 @@ class StepAttention:
         self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
         self._stream_index = [self._plan(s) for s in streamed]
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before writing or reading it
-        self.gates: list | None = None  # a decode graph's per-layer external events (graphs.LayerGates), waited on likewise
+        self.gates: list | None = (
+            None  # a decode graph's per-layer external events (graphs.LayerGates), waited on likewise
+        )
         self._chunks = 0  # chunks streamed so far this step (buffer = count % buffers)
         if self.copy_streams is not None:
             buffers = staging.shape[0]
@@ -115,9 +116,14 @@ class StepAttention:
         firsts = range(0, len(s.slots), chunk)
         # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
         # Rows of 8 (3 unused): every chunk's views sit at the same offsets mod 16 bytes, so one kernel variant serves all.
-        meta = host_to_device([np.array(
-            [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f, 0, 0, 0] for f in firsts], dtype=np.int32
-        ).ravel()], device)[0].view(-1, 8)
+        meta = host_to_device(
+            [
+                np.array(
+                    [[0, rows, s.q_pos0, min(len(s.slots), f + chunk) * bs, f, 0, 0, 0] for f in firsts], dtype=np.int32
+                ).ravel()
+            ],
+            device,
+        )[0].view(-1, 8)
         table = torch.arange(min(chunk, len(s.slots)), dtype=torch.int32, device=device)[None]
         plan = []
         for i, first in enumerate(firsts):
@@ -134,7 +140,11 @@ class StepAttention:
             moves = []
             for tier, src, dst in groups.values():
                 runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
-                as_index = None if runs else tuple(host_to_device([np.asarray(src, np.int64), np.asarray(dst, np.int64)], device))
+                as_index = (
+                    None
+                    if runs
+                    else tuple(host_to_device([np.asarray(src, np.int64), np.asarray(dst, np.int64)], device))
+                )
                 moves.append((tier, runs, as_index))
             batch = PagedBatch(
                 q_starts=meta[i, 0:2],
@@ -207,7 +217,9 @@ class StepAttention:
                 if runs:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
-                    copy_blocks_triton(tier.pool[:, layer], buf, *index, max_programs=32 if tier.is_host_memory else None)
+                    copy_blocks_triton(
+                        tier.pool[:, layer], buf, *index, max_programs=32 if tier.is_host_memory else None
+                    )
             self._filled[b].record(stream)
         compute.wait_event(self._filled[b])
         return buf

@@ -108,7 +108,9 @@ def check_section(where: str, data, cls, exclude=()) -> dict:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, known)}; known keys: {', '.join(known)}")
         if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{where}.{key}: expected {_hint_name(hints[key])}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(
+                f"{where}.{key}: expected {_hint_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
     return dict(data)
 
 
@@ -144,10 +146,14 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     data = apply_overrides(data, list(overrides))
     for key in data:
         if key not in TOP_KEYS:
-            raise ConfigError(f"{key}: unknown top-level key{_suggest(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}")
+            raise ConfigError(
+                f"{key}: unknown top-level key{_suggest(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}"
+            )
     for key in ("model", "input", "output"):
         if key not in data:
-            raise ConfigError(f"{key}: missing; a run config needs {', '.join(k for k in TOP_KEYS if k not in ('engine', 'sampling'))}")
+            raise ConfigError(
+                f"{key}: missing; a run config needs {', '.join(k for k in TOP_KEYS if k not in ('engine', 'sampling'))}"
+            )
         if not isinstance(data[key], str) or not data[key]:
             raise ConfigError(f"{key}: expected a string, got {data[key]!r}")
     base = os.path.dirname(os.path.abspath(path))
@@ -188,7 +194,9 @@ def check_paths_apart(spec: RunSpec) -> None:
     fix = "choose another output path"
     for what, path in (("input", spec.input), ("config", spec.path)):
         if out == os.path.realpath(path):
-            raise ConfigError(f"output {spec.output!r} is the same file as the {what}; the run would overwrite it; {fix}")
+            raise ConfigError(
+                f"output {spec.output!r} is the same file as the {what}; the run would overwrite it; {fix}"
+            )
     owned = [("nvme_dir", spec.engine.get("nvme_dir"))]
     if os.path.exists(spec.model):
         owned.append(("model", spec.model))
@@ -200,7 +208,9 @@ def check_paths_apart(spec: RunSpec) -> None:
             raise ConfigError(f"output {spec.output!r} lies inside {what} {path!r}, which tierkv owns or reads; {fix}")
     nvme = spec.engine.get("nvme_dir")
     if nvme and os.path.realpath(spec.input).startswith(os.path.realpath(nvme).rstrip(os.sep) + os.sep):
-        raise ConfigError(f"input {spec.input!r} lies inside nvme_dir {nvme!r}, whose files tierkv rewrites; move the input")
+        raise ConfigError(
+            f"input {spec.input!r} lies inside nvme_dir {nvme!r}, whose files tierkv rewrites; move the input"
+        )
 
 
 def read_records(path: str) -> list[Record]:
@@ -212,7 +222,9 @@ def read_records(path: str) -> list[Record]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start} of the line); save the input as UTF-8") from None
+                raise ConfigError(
+                    f"{where}: not UTF-8 text (byte {exc.start} of the line); save the input as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -222,20 +234,27 @@ def read_records(path: str) -> list[Record]:
             if not isinstance(obj, dict):
                 raise ConfigError(f"{where}: each line must be a JSON object")
             if "id" not in obj or not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-                raise ConfigError(f"{where}: missing \"id\" (a string or an integer); every record needs a unique id")
+                raise ConfigError(f'{where}: missing "id" (a string or an integer); every record needs a unique id')
             rid = obj["id"]
             if str(rid) in seen:
                 raise ConfigError(f"{where}: duplicate id {rid!r} (first on line {seen[str(rid)]}); ids must be unique")
             seen[str(rid)] = n
             has_prompt, has_messages = "prompt" in obj, "messages" in obj
             if has_prompt == has_messages:
-                raise ConfigError(f"{where}: give exactly one of \"prompt\" (text) or \"messages\" (a chat)")
+                raise ConfigError(f'{where}: give exactly one of "prompt" (text) or "messages" (a chat)')
             if has_prompt and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
-                raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
-            if has_messages and (not isinstance(obj["messages"], list) or not obj["messages"] or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"]
-            )):
-                raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+                raise ConfigError(f'{where}: "prompt" must be a non-empty string')
+            if has_messages and (
+                not isinstance(obj["messages"], list)
+                or not obj["messages"]
+                or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in obj["messages"]
+                )
+            ):
+                raise ConfigError(
+                    f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects'
+                )
             overrides = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
             record_where = f"{where} (id {rid!r})"
             check_section(record_where, overrides, SamplingParams)
@@ -248,14 +267,29 @@ def read_records(path: str) -> list[Record]:
 # -- the output file -----------------------------------------------------------------------------------------------
 
 
-def result_line(prepared: "PreparedRecord", output) -> dict:
+def result_line(prepared: PreparedRecord, output) -> dict:
     outs = [
-        {k: v for k, v in {"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-                            "stop_reason": o.stop_reason, "logprobs": _jsonable_logprobs(o.logprobs)}.items() if v is not None or k == "stop_reason"}
+        {
+            k: v
+            for k, v in {
+                "index": o.index,
+                "text": o.text,
+                "token_ids": o.token_ids,
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+                "logprobs": _jsonable_logprobs(o.logprobs),
+            }.items()
+            if v is not None or k == "stop_reason"
+        }
         for o in output.outputs
     ]
-    return {"id": prepared.record.id, "prompt_tokens": len(output.prompt_token_ids), "text": outs[0]["text"], "outputs": outs,
-            "fingerprint": prepared.fingerprint}
+    return {
+        "id": prepared.record.id,
+        "prompt_tokens": len(output.prompt_token_ids),
+        "text": outs[0]["text"],
+        "outputs": outs,
+        "fingerprint": prepared.fingerprint,
+    }
 
 
 def _jsonable_logprobs(logprobs):
@@ -298,20 +332,40 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
             check_gpu_tier(gpu, layout.block_nbytes)
         except ConfigError as exc:
             raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
-    sched = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps, cfg.oversubscribe)
+    sched = Scheduler(
+        cfg.block_size,
+        gpu,
+        gpu + cpu + nvme,
+        cfg.max_num_batched_tokens,
+        cfg.max_num_seqs,
+        cfg.slice_steps,
+        cfg.oversubscribe,
+    )
     # What shapes a result besides its record: the weights and tokenizer (their files' signatures), how they run.
-    shared = {"model": model_signature(path), "tokenizer": model_signature(cfg.tokenizer) if cfg.tokenizer else None,
-              "load_format": cfg.load_format, "dtype": str(dtype), "seed": cfg.seed, "device": device.type}
+    shared = {
+        "model": model_signature(path),
+        "tokenizer": model_signature(cfg.tokenizer) if cfg.tokenizer else None,
+        "load_format": cfg.load_format,
+        "dtype": str(dtype),
+        "seed": cfg.seed,
+        "device": device.type,
+    }
     prepared = []
     for r in spec.records:
         where = f"input line {r.line} (id {r.id!r})"
         params = SamplingParams(**{**spec.sampling, **r.sampling})
         if tokenizer is None:
-            raise ConfigError(f"model {spec.model!r} has no tokenizer for text prompts; set engine.tokenizer to a tokenizer folder")
+            raise ConfigError(
+                f"model {spec.model!r} has no tokenizer for text prompts; set engine.tokenizer to a tokenizer folder"
+            )
         if r.messages is not None:
             if not tokenizer.chat_template:
-                raise ConfigError(f"{where}: \"messages\" needs a chat template, and this model's tokenizer has none; use \"prompt\"")
-            ids = list(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+                raise ConfigError(
+                    f'{where}: "messages" needs a chat template, and this model\'s tokenizer has none; use "prompt"'
+                )
+            ids = list(
+                tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
         else:
             ids = tokenizer(r.prompt).input_ids
         if not ids:
@@ -323,7 +377,11 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
             except TierKVError as exc:
                 raise ConfigError(f"engine (capacity): {exc}") from None
         sampling = {k: v for k, v in dataclasses.asdict(params).items() if k != "stop_list"}
-        prepared.append(PreparedRecord(r, ids, params, {"input": r.fingerprint, "settings": digest({**shared, "sampling": sampling})}))
+        prepared.append(
+            PreparedRecord(
+                r, ids, params, {"input": r.fingerprint, "settings": digest({**shared, "sampling": sampling})}
+            )
+        )
     return prepared
 
 
@@ -351,7 +409,13 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
     try:
         done = set() if fresh else out.finished({p.record.id: p.fingerprint for p in prepared})
         todo = [p for p in prepared if p.record.id not in done]
-        summary = {"config": spec.path, "records": len(spec.records), "already_done": len(done), "run": len(todo), "output": spec.output}
+        summary = {
+            "config": spec.path,
+            "records": len(spec.records),
+            "already_done": len(done),
+            "run": len(todo),
+            "output": spec.output,
+        }
         if not todo:
             summary.update(wall_s=0.0, generated_tokens=0)
             return summary
@@ -361,7 +425,9 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         if fresh:
             out.discard()
         by_rid = {str(p.record.id): p for p in todo}
-        llm.add_requests([p.token_ids for p in todo], [p.params for p in todo], request_ids=[str(p.record.id) for p in todo])
+        llm.add_requests(
+            [p.token_ids for p in todo], [p.params for p in todo], request_ids=[str(p.record.id) for p in todo]
+        )
         if progress:
             from tqdm import tqdm
 

@@ -50,8 +50,11 @@ def model_signature(path: str) -> dict:
     file, for dummy weights)."""
     if os.path.isfile(path):
         return {os.path.basename(path): file_signature(path)}
-    return {name: file_signature(os.path.join(path, name)) for name in sorted(os.listdir(path))
-            if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")}
+    return {
+        name: file_signature(os.path.join(path, name))
+        for name in sorted(os.listdir(path))
+        if os.path.isfile(os.path.join(path, name)) and not name.startswith(".")
+    }
 
 
 def _first_existing(path: str) -> str:
@@ -66,7 +69,9 @@ def _first_existing(path: str) -> str:
 def check_output_path(path: str) -> None:
     """Refuse an output path that cannot be written, without creating anything (what `run --check` can say)."""
     if os.path.isdir(path):
-        raise ConfigError(f"output {path!r} is a directory; give a file path, e.g. {os.path.join(path, 'results.jsonl')!r}")
+        raise ConfigError(
+            f"output {path!r} is a directory; give a file path, e.g. {os.path.join(path, 'results.jsonl')!r}"
+        )
     folder = _first_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(folder):
         raise ConfigError(f"output {path!r}: {folder!r} is a file, not a directory; choose another output path")
@@ -79,7 +84,9 @@ def check_output_path(path: str) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output") from None
+            raise ConfigError(
+                f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output"
+            ) from None
         finally:
             os.close(fd)
 
@@ -106,14 +113,20 @@ def parse_finished(path: str, data: bytes, expected: dict) -> tuple[set, int]:
             raise ConfigError(f"output {path}:{n} is not a tierkv result line; {fix}") from None
         want = expected.get(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
         if want is None:
-            raise ConfigError(f"output {path}:{n} holds id {rid!r}, which is not in the input: it belongs to another run; {fix}")
+            raise ConfigError(
+                f"output {path}:{n} holds id {rid!r}, which is not in the input: it belongs to another run; {fix}"
+            )
         got = obj.get("fingerprint") if isinstance(obj.get("fingerprint"), dict) else {}
         if got.get("input") != want["input"]:
-            raise ConfigError(f"output {path}:{n}: id {rid!r} was written for a different input record than the one the "
-                              f"input now holds under that id; {fix}")
+            raise ConfigError(
+                f"output {path}:{n}: id {rid!r} was written for a different input record than the one the "
+                f"input now holds under that id; {fix}"
+            )
         if got.get("settings") != want["settings"]:
-            raise ConfigError(f"output {path}:{n}: id {rid!r} was written under other settings (model, weights, dtype, seed "
-                              f"or sampling differ from this run's); {fix}")
+            raise ConfigError(
+                f"output {path}:{n}: id {rid!r} was written under other settings (model, weights, dtype, seed "
+                f"or sampling differ from this run's); {fix}"
+            )
         done.add(rid)
     return done, keep
 
@@ -138,13 +151,17 @@ class OutputFile:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
-            raise ConfigError(f"output {path!r} cannot be opened for writing ({exc.strerror}); choose another output path") from None
+            raise ConfigError(
+                f"output {path!r} cannot be opened for writing ({exc.strerror}); choose another output path"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = -1
-            raise ConfigError(f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output") from None
+            raise ConfigError(
+                f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output"
+            ) from None
 
     def finished(self, expected: dict) -> set:
         """Ids already answered in the file, each checked against `expected[id] = {"input": ..., "settings": ...}`.
@@ -170,7 +187,9 @@ class OutputFile:
             os.fsync(self.fd)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise TierKVError(f"output {self.path}: the disk is full; free some space, then run again to finish the rest") from None
+                raise TierKVError(
+                    f"output {self.path}: the disk is full; free some space, then run again to finish the rest"
+                ) from None
             raise
 
     def close(self, remove_if_empty: bool = False) -> None:

@@ -55,11 +55,16 @@ def make_workload(args, vocab: int) -> list[BenchRequest]:
     out_lo, out_hi = _range(args.output_len, "--output-len")
     if args.workload == "synthetic":
         p_lo, p_hi = _range(args.prompt_len, "--prompt-len")
-        reqs = [BenchRequest(tokens(rng.randint(p_lo, p_hi)), rng.randint(out_lo, out_hi)) for _ in range(args.num_requests)]
+        reqs = [
+            BenchRequest(tokens(rng.randint(p_lo, p_hi)), rng.randint(out_lo, out_hi)) for _ in range(args.num_requests)
+        ]
     elif args.workload == "shared-prefix":
         prefix = tokens(args.prefix_len)
         s_lo, s_hi = _range(args.prompt_len, "--prompt-len")
-        reqs = [BenchRequest(prefix + tokens(rng.randint(s_lo, s_hi)), rng.randint(out_lo, out_hi)) for _ in range(args.num_requests)]
+        reqs = [
+            BenchRequest(prefix + tokens(rng.randint(s_lo, s_hi)), rng.randint(out_lo, out_hi))
+            for _ in range(args.num_requests)
+        ]
     elif args.workload == "long-context":
         reqs = [BenchRequest(tokens(args.context_len), out_hi)]
     elif args.workload == "trace":
@@ -73,9 +78,15 @@ def make_workload(args, vocab: int) -> list[BenchRequest]:
                 try:
                     r = json.loads(line)
                     prompt = r["prompt"] if "prompt" in r else tokens(int(r["prompt_len"]))
-                    reqs.append(BenchRequest([int(t) % vocab for t in prompt], int(r["output_len"]), float(r.get("arrival_s", 0.0))))
+                    reqs.append(
+                        BenchRequest(
+                            [int(t) % vocab for t in prompt], int(r["output_len"]), float(r.get("arrival_s", 0.0))
+                        )
+                    )
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise ConfigError(f"--trace {args.trace}:{n}: needs prompt_len or prompt, and output_len ({exc})") from None
+                    raise ConfigError(
+                        f"--trace {args.trace}:{n}: needs prompt_len or prompt, and output_len ({exc})"
+                    ) from None
     else:
         raise ConfigError(f"--workload {args.workload!r} is not synthetic, shared-prefix, long-context or trace")
     if args.request_rate and args.workload != "trace":
@@ -228,7 +239,9 @@ def _phases(workload: str, llm) -> list[str]:
     return ["cold", "warm gpu"] + [f"warm {llm.pm.tiers[k].name}" for k in llm.pm.kinds[1:]]
 
 
-def run_tierkv(model: str, engine: dict, reqs: list[BenchRequest], ceilings: dict[str, float], workload: str = "synthetic") -> dict:
+def run_tierkv(
+    model: str, engine: dict, reqs: list[BenchRequest], ceilings: dict[str, float], workload: str = "synthetic"
+) -> dict:
     from tierkv.llm import LLM
     from tierkv.sampling import SamplingParams
 
@@ -236,7 +249,11 @@ def run_tierkv(model: str, engine: dict, reqs: list[BenchRequest], ceilings: dic
     phases = {}
     try:
         # Warm up kernels and allocators on a throwaway request.
-        llm.generate([reqs[0].prompt_ids[:8]], SamplingParams(max_tokens=2, ignore_eos=True, cache_salt="warm-up"), use_tqdm=False)
+        llm.generate(
+            [reqs[0].prompt_ids[:8]],
+            SamplingParams(max_tokens=2, ignore_eos=True, cache_salt="warm-up"),
+            use_tqdm=False,
+        )
         llm.pm.synchronize()
         for phase in _phases(workload, llm):
             if phase in ("run", "cold"):
@@ -307,11 +324,11 @@ def timed_generate_batch(model, prompts: list[list[int]], max_new: int) -> tuple
 def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: torch.device, dtype) -> dict[str, dict]:
     """The same requests through transformers: generate() with the dynamic and the offloaded cache (all requests in
     one left-padded batch), and generate_batch() (its continuous batching)."""
+    import gc
+
     from transformers import AutoModelForCausalLM
 
     from tierkv.loader import load_hf_config, resolve_config_path
-
-    import gc
 
     gc.collect()  # tierkv's runs are over: give their memory back before transformers takes its own
     if device.type == "cuda":
@@ -333,7 +350,10 @@ def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: 
         mask[k, width - len(r.prompt_ids) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     useful = sum(r.output_len for r in reqs)
-    for name, kwargs in (("hf generate (dynamic cache)", {}), ("hf generate (offloaded cache)", {"cache_implementation": "offloaded"})):
+    for name, kwargs in (
+        ("hf generate (dynamic cache)", {}),
+        ("hf generate (offloaded cache)", {"cache_implementation": "offloaded"}),
+    ):
         if "offloaded" in name and device.type != "cuda":
             results[name] = {"error": "transformers' offloaded cache needs CUDA"}
             continue
@@ -341,7 +361,15 @@ def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0, **kwargs)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=0,
+                **kwargs,
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
@@ -351,7 +379,11 @@ def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: 
     try:
         wall, lengths = timed_generate_batch(model, [r.prompt_ids for r in reqs], max_new)
         generated = sum(lengths)
-        results["hf generate_batch"] = {"wall_s": wall, "output_tokens": generated, "output_tokens_per_s": generated / wall}
+        results["hf generate_batch"] = {
+            "wall_s": wall,
+            "output_tokens": generated,
+            "output_tokens_per_s": generated / wall,
+        }
     except Exception as exc:
         results["hf generate_batch"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return results
@@ -365,10 +397,23 @@ def sweep(args) -> list[dict]:
     combos = itertools.product(args.eviction, args.block_size, args.gpu_blocks, args.cpu_blocks, args.nvme_blocks)
     runs = []
     for eviction, block_size, gpu, cpu, nvme in combos:
-        engine = {"_config": {"eviction": eviction, "block_size": block_size, "gpu_blocks": gpu, "cpu_blocks": cpu, "nvme_blocks": nvme}}
+        engine = {
+            "_config": {
+                "eviction": eviction,
+                "block_size": block_size,
+                "gpu_blocks": gpu,
+                "cpu_blocks": cpu,
+                "nvme_blocks": nvme,
+            }
+        }
         engine |= {
-            "eviction": eviction, "block_size": block_size, "gpu_blocks": gpu, "cpu_blocks": cpu,
-            "max_num_batched_tokens": args.max_num_batched_tokens, "load_format": args.load_format, "seed": args.seed,
+            "eviction": eviction,
+            "block_size": block_size,
+            "gpu_blocks": gpu,
+            "cpu_blocks": cpu,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "load_format": args.load_format,
+            "seed": args.seed,
         }
         if args.device:
             engine["device"] = args.device
@@ -406,15 +451,23 @@ def main(args) -> dict:
             results.append(r)
         baseline = None
         if args.baseline == "hf":
-            dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            dtype = (
+                getattr(torch, args.dtype)
+                if args.dtype
+                else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            )
             baseline = run_hf(args.model, args.load_format, reqs, device, dtype)
     finally:
         if tmp is not None:
             tmp.cleanup()
     return {
         "workload": {
-            "kind": args.workload, "requests": len(reqs), "prompt_tokens": sum(len(r.prompt_ids) for r in reqs),
-            "output_tokens": sum(r.output_len for r in reqs), "model": args.model, "device": str(device),
+            "kind": args.workload,
+            "requests": len(reqs),
+            "prompt_tokens": sum(len(r.prompt_ids) for r in reqs),
+            "output_tokens": sum(r.output_len for r in reqs),
+            "model": args.model,
+            "device": str(device),
         },
         "link_ceilings_gbps": ceilings,
         "runs": results,
@@ -430,7 +483,8 @@ def format_table(report: dict) -> str:
         f"workload {report['workload']['kind']}: {report['workload']['requests']} requests, "
         f"{report['workload']['prompt_tokens']} prompt + {report['workload']['output_tokens']} output tokens, "
         f"{report['workload']['model']} on {report['workload']['device']}",
-        "link ceilings (GB/s, measured now): " + ", ".join(f"{k} {v:.2f}" for k, v in report["link_ceilings_gbps"].items()),
+        "link ceilings (GB/s, measured now): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["link_ceilings_gbps"].items()),
         f"{'eviction':>8} {'bs':>3} {'gpu':>5} {'cpu':>5} {'nvme':>5} | {'req/s':>7} {'out tok/s':>9} | "
         f"{'TTFT ms p50/p90/p99':>20} | {'TPOT ms p50/p90/p99':>20} | {'hit% gpu/cpu/nvme':>17} | link GB/s (util.)",
     ]
@@ -439,7 +493,8 @@ def format_table(report: dict) -> str:
         hits = "/".join("-" if t["hit_rate"] is None else f"{100 * t['hit_rate']:.0f}" for t in r["tiers"].values())
         links = ", ".join(
             f"{k} {v['gbps']:.2f}" + (f" ({100 * v['utilisation']:.0f}%)" if v["utilisation"] is not None else "")
-            for k, v in r["links"].items() if v["bytes"]
+            for k, v in r["links"].items()
+            if v["bytes"]
         )
         ttft = "/".join(ms(r["ttft_s"][p]) for p in ("p50", "p90", "p99"))
         tpot = "/".join(ms(r["tpot_s"][p]) for p in ("p50", "p90", "p99"))
@@ -475,7 +530,10 @@ def plot(report: dict, folder: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    axis = next((k for k in ("gpu_blocks", "cpu_blocks", "nvme_blocks") if len({r["config"][k] for r in runs}) > 1), "gpu_blocks")
+    axis = next(
+        (k for k in ("gpu_blocks", "cpu_blocks", "nvme_blocks") if len({r["config"][k] for r in runs}) > 1),
+        "gpu_blocks",
+    )
     paths = []
     for metric, label, fname in (
         (lambda r: r["output_tokens_per_s"], "output tokens/s", "throughput_vs_capacity.png"),

@@ -41,8 +41,12 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
             "in the same run. Defaults: a tiny Llama with random weights on the CPU, a few seconds."
         ),
     )
-    p.add_argument("--model", default="tiny-llama", help="checkpoint folder, packaged model or config (default: %(default)s)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (configs imply it)")
+    p.add_argument(
+        "--model", default="tiny-llama", help="checkpoint folder, packaged model or config (default: %(default)s)"
+    )
+    p.add_argument(
+        "--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (configs imply it)"
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda where available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's on CUDA, float32 on CPU)")
     p.add_argument("--workload", default="synthetic", choices=["synthetic", "shared-prefix", "long-context", "trace"])
@@ -138,8 +142,14 @@ def _run_parser(sub) -> None:
     )
     p.add_argument("config", nargs="?", help="the run's YAML file (default: the demo)")
     p.add_argument("--check", action="store_true", help="only check the config and the input, load nothing")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set engine.eviction=clock (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set engine.eviction=clock (repeatable)",
+    )
     p.add_argument("--fresh", action="store_true", help="discard the existing output and start over")
     p.add_argument("--show", action="store_true", help="print each result's text as it finishes")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -166,20 +176,28 @@ def _run_run(args) -> int:
     try:
         summary = batch.run(spec, fresh=fresh, show=args.show or demo, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\ntierkv: interrupted; the records finished so far are in {spec.output}; run the same command again to "
-              "finish the rest", file=sys.stderr)
+        print(
+            f"\ntierkv: interrupted; the records finished so far are in {spec.output}; run the same command again to "
+            "finish the rest",
+            file=sys.stderr,
+        )
         return 130
     except TierKVError:
         raise
     except Exception as exc:  # a step failed (an I/O error, a bug): what happened, and that nothing done is lost
-        print(f"tierkv: error: a step failed: {type(exc).__name__}: {exc}\ntierkv: the records finished so far are in "
-              f"{spec.output}; fix the cause and run the same command again to finish the rest", file=sys.stderr)
+        print(
+            f"tierkv: error: a step failed: {type(exc).__name__}: {exc}\ntierkv: the records finished so far are in "
+            f"{spec.output}; fix the cause and run the same command again to finish the rest",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     if not summary["run"]:
-        print(f"{spec.path}: all {summary['records']} records are already in {spec.output}; nothing to do (--fresh starts over)")
+        print(
+            f"{spec.path}: all {summary['records']} records are already in {spec.output}; nothing to do (--fresh starts over)"
+        )
         return 0
     print(format_stats(summary["stats"]))
     e = summary["stats"]["engine"]

@@ -95,14 +95,20 @@ class PageManagerConfig:
                 "(a gpu_memory below one block rounds down to 0); raise gpu_blocks or gpu_memory"
             )
         if self.nvme_blocks and not self.nvme_dir:
-            raise ConfigError(f"nvme_blocks={self.nvme_blocks} needs nvme_dir: a directory on the NVMe disk for the block files")
+            raise ConfigError(
+                f"nvme_blocks={self.nvme_blocks} needs nvme_dir: a directory on the NVMe disk for the block files"
+            )
         if self.nvme_dir is not None:
             if not isinstance(self.nvme_dir, (str, os.PathLike)) or not str(self.nvme_dir):
                 raise ConfigError(f"nvme_dir must be a directory path, got {self.nvme_dir!r}")
             if os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):
-                raise ConfigError(f"nvme_dir {str(self.nvme_dir)!r} exists and is not a directory; give a directory path")
+                raise ConfigError(
+                    f"nvme_dir {str(self.nvme_dir)!r} exists and is not a directory; give a directory path"
+                )
             if self.nvme_blocks == 0:
-                raise ConfigError(f"nvme_dir {str(self.nvme_dir)!r} is set but the NVMe tier has 0 blocks; set nvme_blocks or nvme_memory")
+                raise ConfigError(
+                    f"nvme_dir {str(self.nvme_dir)!r} is set but the NVMe tier has 0 blocks; set nvme_blocks or nvme_memory"
+                )
         if self.eviction not in EVICTION_NAMES:
             raise ConfigError(f"eviction {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
         if self.nvme_backend not in ("auto", "kvikio", "posix"):
@@ -181,7 +187,14 @@ class EngineConfig:
             raise ConfigError(f"load_format {self.load_format!r} is not one of 'auto', 'dummy'")
         if self.eviction not in EVICTION_NAMES:
             raise ConfigError(f"eviction {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "staging_blocks", "slice_steps", "tensor_parallel_size"):
+        for name in (
+            "block_size",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "staging_blocks",
+            "slice_steps",
+            "tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -200,10 +213,23 @@ class EngineConfig:
             raise ConfigError("an NVMe tier size needs nvme_dir: a directory on the NVMe disk for the block files")
         if self.nvme_dir is not None and os.path.exists(self.nvme_dir) and not os.path.isdir(self.nvme_dir):
             raise ConfigError(f"nvme_dir {self.nvme_dir!r} exists and is not a directory; give a directory path")
-        if isinstance(self.tp_timeout_s, bool) or not isinstance(self.tp_timeout_s, (int, float)) or self.tp_timeout_s <= 0:
+        if (
+            isinstance(self.tp_timeout_s, bool)
+            or not isinstance(self.tp_timeout_s, (int, float))
+            or self.tp_timeout_s <= 0
+        ):
             raise ConfigError(f"tp_timeout_s must be a positive number of seconds, got {self.tp_timeout_s!r}")
-        for name in ("oversubscribe", "prefetch", "cuda_graphs", "async_scheduling", "enable_prefix_caching", "write_through"):
+        for name in (
+            "oversubscribe",
+            "prefetch",
+            "cuda_graphs",
+            "async_scheduling",
+            "enable_prefix_caching",
+            "write_through",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.prefix_load not in ("auto", "always"):
-            raise ConfigError(f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'")
+            raise ConfigError(
+                f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'"
+            )

@@ -10,8 +10,7 @@ import torch
 
 from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
-from tierkv.kernels.paged_attention import PagedBatch
-from tierkv.kernels.paged_attention import compile_variants
+from tierkv.kernels.paged_attention import PagedBatch, compile_variants
 from tierkv.loader import LoadedModel
 from tierkv.page_manager import PageManager
 from tierkv.pm_repair import repair
@@ -60,7 +59,7 @@ class LaunchedStep:
     deferred: bool  # completed during the next step
     streamed: bool
     greedy_host: torch.Tensor | None = None  # deferred on CUDA: the greedy tokens' pinned host copy, queued at launch
-    landed: "torch.cuda.Event | None" = None  # recorded after that copy
+    landed: torch.cuda.Event | None = None  # recorded after that copy
 
 
 class Engine:
@@ -99,12 +98,22 @@ class Engine:
         # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read).
         cuda = self.device.type == "cuda"
         self.staging = torch.empty(
-            (self.staging_buffers if cuda else 1, staging_blocks, 2, layout.block_size, layout.num_kv_heads, layout.head_dim),
-            dtype=layout.dtype, device=self.device,
+            (
+                self.staging_buffers if cuda else 1,
+                staging_blocks,
+                2,
+                layout.block_size,
+                layout.num_kv_heads,
+                layout.head_dim,
+            ),
+            dtype=layout.dtype,
+            device=self.device,
         )
         self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run
-            compile_variants(self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device)
+            compile_variants(
+                self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device
+            )
         self.scale = self.spec.head_dim**-0.5
         self.hasher = hasher  # None: no prefix caching
         self.prefix_load = prefix_load
@@ -121,11 +130,15 @@ class Engine:
         self._synced_at = 0.0  # when the host last read a step's tokens back
         # Deferred steps' greedy tokens come back through these (one row per sequence of a step, at most).
         rows = scheduler.max_num_seqs if scheduler is not None else 0
-        self._tokens_host = [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(3)] if cuda and rows else []
+        self._tokens_host = (
+            [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(3)] if cuda and rows else []
+        )
         self._token_buffer = 0
 
     # -- requests ----------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams
+    ) -> Request:
         req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals)
         self._arrivals += 1
         self.live[req.arrival] = req
@@ -171,8 +184,13 @@ class Engine:
 
     def _new_sequence(self, req: Request, sample_index: int, token_ids: list[int], num_computed: int) -> Sequence:
         seq = Sequence(
-            self._next_seq, req, sample_index, list(token_ids), len(req.prompt_ids),
-            make_generator(req.params, sample_index, self.device, self._generator), num_computed,
+            self._next_seq,
+            req,
+            sample_index,
+            list(token_ids),
+            len(req.prompt_ids),
+            make_generator(req.params, sample_index, self.device, self._generator),
+            num_computed,
         )
         self._next_seq += 1
         req.sequences.append(seq)
@@ -359,7 +377,7 @@ class Engine:
         p = e.seq.request.params
         return p.greedy and p.logprobs is None and (p.n == 1 or len(e.seq.request.sequences) == p.n)
 
-    def _launch(self, entries: list[ScheduledEntry], t0: float) -> "LaunchedStep":
+    def _launch(self, entries: list[ScheduledEntry], t0: float) -> LaunchedStep:
         """Place the step's blocks and queue its forward pass (and greedy sampling) on the device."""
         pm = self.pm
         pm.begin_step()
@@ -398,8 +416,13 @@ class Engine:
         greedy = None
         if logits is not None and any(e.seq.request.params.greedy for e in sampled):
             greedy = logits.argmax(-1)
-        deferred = (bool(sampled) and self.async_scheduling and self.tp_driver is None and self.scheduler is not None
-                    and all(map(self._deferrable, sampled)))
+        deferred = (
+            bool(sampled)
+            and self.async_scheduling
+            and self.tp_driver is None
+            and self.scheduler is not None
+            and all(map(self._deferrable, sampled))
+        )
         greedy_host = landed = None
         if deferred:
             for i, e in enumerate(sampled):
@@ -413,7 +436,9 @@ class Engine:
                 greedy_host.copy_(greedy, non_blocking=True)
                 landed = torch.cuda.Event()
                 landed.record()
-        return LaunchedStep(entries, sampled, logits, greedy, t0, prefill_tokens, deferred, streamed, greedy_host, landed)
+        return LaunchedStep(
+            entries, sampled, logits, greedy, t0, prefill_tokens, deferred, streamed, greedy_host, landed
+        )
 
     @staticmethod
     def _input_ids(entries: list[ScheduledEntry]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, int]]]:
@@ -430,7 +455,7 @@ class Engine:
                 ids.append(0)
         return torch.tensor(ids, dtype=torch.long), pending
 
-    def _complete(self, step: "LaunchedStep") -> list[Request]:
+    def _complete(self, step: LaunchedStep) -> list[Request]:
         """Read the step's sampled tokens (waiting for the device where they are still on it) and update its
         sequences: new tokens, stops, forks, finished sequences freed, full blocks registered for prefix reuse."""
         if step.landed is not None:
@@ -483,7 +508,11 @@ class Engine:
         return list(touched.values())
 
     def run_forward(
-        self, plans: list[EntryPlan], tables: list[list[int]], placed: dict[int, list[tuple[int, int]]], input_ids: torch.Tensor,
+        self,
+        plans: list[EntryPlan],
+        tables: list[list[int]],
+        placed: dict[int, list[tuple[int, int]]],
+        input_ids: torch.Tensor,
         pending: list[tuple[int, torch.Tensor, int]] = (),
     ) -> tuple[torch.Tensor | None, bool]:
         """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
@@ -504,7 +533,9 @@ class Engine:
         rows = (q_starts[1:] - 1)[np.fromiter((p.samples for p in plans), dtype=bool, count=len(plans))]
         ids_d, positions_d, slots_d, rows_d = host_to_device([input_ids.numpy(), positions, slots, rows], dev)
         if pending:
-            at, src = host_to_device([np.array([r for r, _, _ in pending], np.int64), np.array([i for _, _, i in pending], np.int64)], dev)
+            at, src = host_to_device(
+                [np.array([r for r, _, _ in pending], np.int64), np.array([i for _, _, i in pending], np.int64)], dev
+            )
             ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
         if self.graphs is not None and self.graphs.eligible(plans, tables):
             # Blocks still arriving: the replay waits for them layer by layer (its gates). (Running such a step as
@@ -514,14 +545,34 @@ class Engine:
             return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), False
         streamed = self._stream_plan(plans, placed)
         q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(
-            [q_starts.astype(np.int32), starts.astype(np.int32), (starts + n).astype(np.int32), firsts.astype(np.int32), table.ravel()], dev
+            [
+                q_starts.astype(np.int32),
+                starts.astype(np.int32),
+                (starts + n).astype(np.int32),
+                firsts.astype(np.int32),
+                table.ravel(),
+            ],
+            dev,
         )
         batch = PagedBatch(
-            q_starts=q_starts_d, q_pos0=pos0_d, context_lens=ctx_d, first_block=first_d, block_tables=table_d.view(len(plans), width),
-            max_q=int(n.max()), max_context=int((starts + n).max()), q_starts_host=q_starts.tolist(),
+            q_starts=q_starts_d,
+            q_pos0=pos0_d,
+            context_lens=ctx_d,
+            first_block=first_d,
+            block_tables=table_d.view(len(plans), width),
+            max_q=int(n.max()),
+            max_context=int((starts + n).max()),
+            q_starts_host=q_starts.tolist(),
         )
         attend = StepAttention(
-            self.pm.tiers[GPU], batch, slots_d, streamed, self.staging, self.scale, self.spec.sliding_windows, self.copy_streams,
+            self.pm.tiers[GPU],
+            batch,
+            slots_d,
+            streamed,
+            self.staging,
+            self.scale,
+            self.spec.sliding_windows,
+            self.copy_streams,
             self.pm.mover.debug_delay,
         )
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
@@ -538,6 +589,8 @@ class Engine:
         for i, p in enumerate(plans):
             if p.first_block:
                 tiers = [self.pm.tiers[kind] for kind, _ in placed[p.seq_id]]
-                out.append(StreamedEntry(i, (row, row + p.num_tokens), p.start, tiers, [slot for _, slot in placed[p.seq_id]]))
+                out.append(
+                    StreamedEntry(i, (row, row + p.num_tokens), p.start, tiers, [slot for _, slot in placed[p.seq_id]])
+                )
             row += p.num_tokens
         return out

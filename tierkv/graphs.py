@@ -32,8 +32,8 @@ import torch
 
 from tierkv.attention import StepAttention, host_to_device, padded_tables
 from tierkv.handles import all_of
-from tierkv.kernels.paged_attention import PagedBatch
 from tierkv.kernels.kv_write import write_kv
+from tierkv.kernels.paged_attention import PagedBatch
 from tierkv.tiers import GPU
 
 
@@ -83,7 +83,7 @@ class LayerGates:
         """Point each layer's gate at the end of its layer group's transfer in every one of `handles` (LayeredHandles)."""
         need: list[list] = [[] for _ in self.events]
         for h in handles:
-            for lo, hi, event in h.groups:
+            for lo, _hi, event in h.groups:
                 need[lo].append(event)  # groups run in layer order on one stream: the gate of a later layer covers it
         s = self.stream
         for layer, gate in enumerate(self.events):
@@ -107,8 +107,10 @@ class DecodeGraphs:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.max_batch = engine.scheduler.max_num_seqs if engine.scheduler is not None else 256
-        self.batch_buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < self.max_batch}
-                                    | {self.max_batch})
+        self.batch_buckets = sorted(
+            {b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < self.max_batch}
+            | {self.max_batch}
+        )
         bs = engine.block_size
         widths, w = [], 16
         while w * bs < self.max_context:
@@ -131,7 +133,9 @@ class DecodeGraphs:
             and max(len(t) for t in tables) <= self.width_buckets[-1]
         )
 
-    def run(self, plans, tables, ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray, arriving: list) -> torch.Tensor:
+    def run(
+        self, plans, tables, ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray, arriving: list
+    ) -> torch.Tensor:
         """The decode step's logits (len(plans), vocab), from a replayed graph. `ids` (on the device), `positions`
         and `slots` (host): each entry's input token, its position and where its K/V go. `arriving`: LayeredHandles
         of blocks still coming in, waited for layer by layer by a graph with wait nodes (the gates armed for them),
@@ -146,7 +150,11 @@ class DecodeGraphs:
         pad = B - n
         first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
         live = np.concatenate([np.ones(n, dtype=np.int64), first])
-        host_vec = [np.concatenate([positions, first + positions[0]]).astype(np.int64), np.concatenate([slots, first - 1]).astype(np.int64), live]
+        host_vec = [
+            np.concatenate([positions, first + positions[0]]).astype(np.int64),
+            np.concatenate([slots, first - 1]).astype(np.int64),
+            live,
+        ]
         host_tab = padded_tables(tables + [tables[0]] * pad, W)
         g = self.graphs.get((B, W, gated))
         if g is None:
@@ -188,15 +196,26 @@ class DecodeGraphs:
         out.copy_(e.model.logits(hidden))
         return out
 
-    def _capture(self, B: int, W: int, gated: bool, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray) -> _Graph:
+    def _capture(
+        self, B: int, W: int, gated: bool, ids: torch.Tensor, host_vec: list[np.ndarray], host_tab: np.ndarray
+    ) -> _Graph:
         """Capture the graph for (B, W) with this step's inputs in its buffers (the warm-up runs and the capture
         write this step's K/V, the same bytes the replay then writes again)."""
         dev = self.engine.device
         if self.logits_out is None:
-            self.logits_out = torch.empty((self.max_batch, self.engine.spec.vocab_size), dtype=torch.float32, device=dev)
+            self.logits_out = torch.empty(
+                (self.max_batch, self.engine.spec.vocab_size), dtype=torch.float32, device=dev
+            )
         static = torch.zeros(B, dtype=torch.int64, device=dev)
-        g = _Graph(torch.cuda.CUDAGraph(), static, torch.zeros_like(static), torch.zeros_like(static), torch.zeros_like(static),
-                   torch.zeros((B, W), dtype=torch.int32, device=dev), None)
+        g = _Graph(
+            torch.cuda.CUDAGraph(),
+            static,
+            torch.zeros_like(static),
+            torch.zeros_like(static),
+            torch.zeros_like(static),
+            torch.zeros((B, W), dtype=torch.int32, device=dev),
+            None,
+        )
         self._fill(g, ids, host_vec, host_tab)
         # q_pos0 and context_lens are refreshed from the positions buffer inside the graph: a replay sees new ones.
         batch = PagedBatch(
@@ -265,7 +284,9 @@ class PiecewiseGraphs:
     def __init__(self, engine, max_tokens: int = 2048, capture: bool = True) -> None:
         self.engine = engine
         self.capture = capture  # False: the pieces run eagerly, uncaptured (on CPU: the tests of the split itself)
-        self.buckets = [b for b in (16, *range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128)) if b < max_tokens]
+        self.buckets = [
+            b for b in (16, *range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128)) if b < max_tokens
+        ]
         self.buckets.append(max_tokens)
         self.pieces: dict[int, _Pieces] = {}
         self.pool = None
@@ -275,7 +296,9 @@ class PiecewiseGraphs:
         self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self._positions = torch.zeros(top, dtype=torch.int64, device=dev)
         self._slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
-        self._qkv = torch.zeros((top, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim), dtype=engine.pm.layout.dtype, device=dev)
+        self._qkv = torch.zeros(
+            (top, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim), dtype=engine.pm.layout.dtype, device=dev
+        )
         self._attn = torch.zeros((top, spec.num_heads, spec.head_dim), dtype=engine.pm.layout.dtype, device=dev)
         self._filled = 0  # rows of _slots that may hold a slot from an earlier step (>= 0)
 
@@ -294,7 +317,9 @@ class PiecewiseGraphs:
         return self._qkv[:n, : spec.num_heads * spec.head_dim].view(n, spec.num_heads, spec.head_dim)
 
     @torch.inference_mode()
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: StepAttention) -> torch.Tensor:
+    def run(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: StepAttention
+    ) -> torch.Tensor:
         """The step's final-normed hidden states (T, hidden) for its T tokens `ids`, at `positions`, their K/V going
         to `slots` (all on the device), attention by `attend` (its KV writes are the pieces')."""
         n = ids.shape[0]
@@ -335,7 +360,9 @@ class PiecewiseGraphs:
         else:
             state["x"], state["residual"] = layers[i - 1].post_attention(self._attn[:n], state["residual"])
         if i < len(layers):
-            _, k, v, state["residual"] = layers[i].pre_attention(state["x"], state["residual"], state["cos"], state["sin"], self._qkv[:n])
+            _, k, v, state["residual"] = layers[i].pre_attention(
+                state["x"], state["residual"], state["cos"], state["sin"], self._qkv[:n]
+            )
             write_kv(k, v, *self.engine.pm.tiers[GPU].layer_views(i), self._slots[:n])
         else:
             state["hidden"] = model.finish(state["x"], state["residual"])

@@ -31,7 +31,11 @@ def prompt_list(prompts) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)) or (isinstance(prompts, (np.ndarray, torch.Tensor)) and prompts.ndim == 2):
         return list(prompts)  # a 2-D array or tensor: one prompt per row
-    what = f"a {prompts.ndim}-D {type(prompts).__name__}" if isinstance(prompts, (np.ndarray, torch.Tensor)) else type(prompts).__name__
+    what = (
+        f"a {prompts.ndim}-D {type(prompts).__name__}"
+        if isinstance(prompts, (np.ndarray, torch.Tensor))
+        else type(prompts).__name__
+    )
     raise ConfigError(f"prompts: got {what}; {_TOKEN_HELP}, or a list of such prompts")
 
 
@@ -40,14 +44,18 @@ def token_ids(prompt, where: str, vocab_size: int) -> list[int]:
     if isinstance(prompt, (np.ndarray, torch.Tensor)):
         integer = prompt.dtype.kind in "iu" if isinstance(prompt, np.ndarray) else prompt.dtype in _TORCH_INTS
         if prompt.ndim != 1 or not integer:
-            raise ConfigError(f"{where}: a {type(prompt).__name__} of dtype {prompt.dtype} and {prompt.ndim} dimension(s); {_TOKEN_HELP}")
+            raise ConfigError(
+                f"{where}: a {type(prompt).__name__} of dtype {prompt.dtype} and {prompt.ndim} dimension(s); {_TOKEN_HELP}"
+            )
         ids = prompt.tolist()
     elif isinstance(prompt, (list, tuple)):
         kinds = set(map(type, prompt))
         if kinds - {int}:  # numpy integer scalars are fine; bools, floats, strings and None are not
             for i, t in enumerate(prompt):
                 if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise ConfigError(f"{where}: token {i} is {t!r} ({type(t).__name__}), not an integer token id; {_TOKEN_HELP}")
+                    raise ConfigError(
+                        f"{where}: token {i} is {t!r} ({type(t).__name__}), not an integer token id; {_TOKEN_HELP}"
+                    )
             ids = [int(t) for t in prompt]
         else:
             ids = prompt
@@ -74,7 +82,9 @@ def check_request(where: str, prompt_len: int, params: SamplingParams, vocab_siz
             "shorten the prompt, lower max_tokens, or raise max_model_len (at most the model's context length)"
         )
     if params.logprobs is not None and params.logprobs > vocab_size:
-        raise ConfigError(f"{where}: logprobs={params.logprobs} is more than the model's vocabulary of {vocab_size} tokens")
+        raise ConfigError(
+            f"{where}: logprobs={params.logprobs} is more than the model's vocabulary of {vocab_size} tokens"
+        )
 
 
 def sampling_list(sampling_params, count: int) -> list[SamplingParams]:
@@ -105,5 +115,7 @@ def request_ids(ids: Sequence | None, count: int, live: set[str]) -> None:
         if key in seen:
             raise ConfigError(f"request id {key!r} appears twice in this call; ids must be unique")
         if key in live:
-            raise ConfigError(f"request id {key!r} is already in use by a request that has not finished; choose another id")
+            raise ConfigError(
+                f"request id {key!r} is already in use by a request that has not finished; choose another id"
+            )
         seen.add(key)

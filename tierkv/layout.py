@@ -51,7 +51,9 @@ class KVLayout:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"KV layout: {name} must be a positive integer, got {value!r}")
         if self.block_size > 4096:
-            raise ConfigError(f"KV layout: block_size {self.block_size} tokens is too large; use at most 4096 (16 is usual)")
+            raise ConfigError(
+                f"KV layout: block_size {self.block_size} tokens is too large; use at most 4096 (16 is usual)"
+            )
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
 
     @property
@@ -86,7 +88,7 @@ class KVLayout:
         return d
 
     @classmethod
-    def from_hf_config(cls, config, dtype: str | torch.dtype = torch.bfloat16, block_size: int = 16) -> "KVLayout":
+    def from_hf_config(cls, config, dtype: str | torch.dtype = torch.bfloat16, block_size: int = 16) -> KVLayout:
         """The layout for a transformers decoder config (Llama, Mistral, Qwen2 and kin)."""
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads

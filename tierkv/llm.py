@@ -12,9 +12,9 @@ from dataclasses import fields
 
 import torch
 
+from tierkv import inputs
 from tierkv.config import EngineConfig, PageManagerConfig, resolve_blocks, resolve_device
 from tierkv.engine import Engine
-from tierkv import inputs
 from tierkv.errors import CapacityError, ConfigError, TierKVError
 from tierkv.layout import KVLayout
 from tierkv.loader import load_model
@@ -88,10 +88,28 @@ class LLM:
 
             pm = RecordingPageManager(pm, self._driver)
         self.pm = pm
-        self.scheduler = Scheduler(cfg.block_size, gpu, gpu + cpu + nvme, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.slice_steps, cfg.oversubscribe)
+        self.scheduler = Scheduler(
+            cfg.block_size,
+            gpu,
+            gpu + cpu + nvme,
+            cfg.max_num_batched_tokens,
+            cfg.max_num_seqs,
+            cfg.slice_steps,
+            cfg.oversubscribe,
+        )
         hasher = PrefixHasher(self.fingerprint, cfg.block_size) if cfg.enable_prefix_caching else None
-        self.engine = Engine(self.loaded, self.pm, self.scheduler, cfg.staging_blocks, cfg.seed, cfg.prefetch, hasher, cfg.prefix_load,
-                             cuda_graphs=cfg.cuda_graphs and self._driver is None, async_scheduling=cfg.async_scheduling)
+        self.engine = Engine(
+            self.loaded,
+            self.pm,
+            self.scheduler,
+            cfg.staging_blocks,
+            cfg.seed,
+            cfg.prefetch,
+            hasher,
+            cfg.prefix_load,
+            cuda_graphs=cfg.cuda_graphs and self._driver is None,
+            async_scheduling=cfg.async_scheduling,
+        )
         self.engine.tp_driver = self._driver
         if hasher is not None and cfg.prefix_load == "auto":
             self._calibrate()
@@ -125,7 +143,12 @@ class LLM:
         try:
             gpu, cpu = pm.tiers[0].num_blocks, pm.tiers[1].num_blocks if 1 in pm.tiers else 0
             fits = min(gpu + cpu, pm.free_blocks() // 2) * bs - 1  # a probe that needs no more than the tiers give
-            length = min(max(4 * bs, 2 * engine.chooser.MIN_OBSERVED_TOKENS), self.max_model_len - 1, fits, self.config.max_num_batched_tokens)
+            length = min(
+                max(4 * bs, 2 * engine.chooser.MIN_OBSERVED_TOKENS),
+                self.max_model_len - 1,
+                fits,
+                self.config.max_num_batched_tokens,
+            )
             if length >= 2:
                 probe = [int(t) % self.loaded.spec.vocab_size for t in range(7, 7 + length)]
                 for _ in range(2):
@@ -163,7 +186,9 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, str):
                 if tok is None:
-                    raise ConfigError(f"prompt {i} is text but the model has no tokenizer; pass token ids or tokenizer=")
+                    raise ConfigError(
+                        f"prompt {i} is text but the model has no tokenizer; pass token ids or tokenizer="
+                    )
                 if not prompt:
                     raise ConfigError(f"prompt {i} is an empty string; give some text")
                 ids = inputs.token_ids(tok(prompt).input_ids, f"prompt {i}", vocab)
@@ -186,7 +211,11 @@ class LLM:
         prepared = self._prepare(prompts, sampling_params)
         inputs.request_ids(request_ids, len(prepared), {r.request_id for r in self.engine.live.values()})
         base = self.engine._arrivals
-        ids = [str(rid) for rid in request_ids] if request_ids is not None else [str(base + i) for i in range(len(prepared))]
+        ids = (
+            [str(rid) for rid in request_ids]
+            if request_ids is not None
+            else [str(base + i) for i in range(len(prepared))]
+        )
         added = []
         try:
             for i, (rid, (text, tokens, p)) in enumerate(zip(ids, prepared)):
@@ -249,7 +278,9 @@ class LLM:
         """Live KV blocks in each tier now."""
         return {self.pm.tiers[k].name: self.pm.resident(k) for k in self.pm.kinds}
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """Run the prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order.
 
         If anything interrupts it (an error, Ctrl-C), the call's unfinished requests are aborted, their blocks
@@ -286,7 +317,9 @@ class LLM:
             self.engine.abort([r for r in requests if not r.finished])
             self.engine.take_finished()
 
-    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+    ) -> Iterator[RequestOutput]:
         """Like generate, but yields a RequestOutput (cumulative, as in vLLM) each time a request gets new tokens.
         Leaving the loop early (break, an error) aborts the call's unfinished requests and frees their blocks."""
         requests = self._add(prompts, sampling_params)
@@ -316,7 +349,9 @@ class LLM:
             "graph_steps": self.engine.graphs.replays if self.engine.graphs is not None else 0,
             "graphs_captured": self.engine.graphs.captures if self.engine.graphs is not None else 0,
             # graph steps that waited layer by layer for blocks still arriving (swapped in, prefetched late)
-            "graph_steps_gated": self.engine.graphs.gates.armed if self.engine.graphs is not None and self.engine.graphs.gates else 0,
+            "graph_steps_gated": self.engine.graphs.gates.armed
+            if self.engine.graphs is not None and self.engine.graphs.gates
+            else 0,
             # steps run as piecewise graphs (eager attention between graphs of the rest), and their buckets captured
             "piecewise_steps": self.engine.pieces.replays if self.engine.pieces is not None else 0,
             "piecewise_captured": self.engine.pieces.captures if self.engine.pieces is not None else 0,
@@ -352,7 +387,7 @@ class LLM:
             finally:
                 self.pm.close()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -384,17 +419,27 @@ def setup_rank(cfg: EngineConfig, device: torch.device, tp=None) -> tuple:
     fingerprint = model_fingerprint(loaded.model, description)
     pm = PageManager(
         PageManagerConfig(
-            layout, device=device, gpu_blocks=gpu, cpu_blocks=cpu, nvme_dir=nvme_dir if nvme else None,
-            nvme_blocks=nvme, eviction=cfg.eviction, nvme_backend=cfg.nvme_backend, store_tag=fingerprint,
+            layout,
+            device=device,
+            gpu_blocks=gpu,
+            cpu_blocks=cpu,
+            nvme_dir=nvme_dir if nvme else None,
+            nvme_blocks=nvme,
+            eviction=cfg.eviction,
+            nvme_backend=cfg.nvme_backend,
+            store_tag=fingerprint,
             # Under tensor parallelism the prefixes a previous process stored are not adopted: the ranks would
             # have to agree on which of them every rank still holds intact (not built yet).
-            adopt_stored=cfg.enable_prefix_caching and tp is None, write_through=cfg.write_through,
+            adopt_stored=cfg.enable_prefix_caching and tp is None,
+            write_through=cfg.write_through,
         )
     )
     return loaded, pm
 
 
-def resolve_capacities(cfg: EngineConfig, block_nbytes: int, device: torch.device, ranks: int = 1) -> tuple[int, int, int]:
+def resolve_capacities(
+    cfg: EngineConfig, block_nbytes: int, device: torch.device, ranks: int = 1
+) -> tuple[int, int, int]:
     """Blocks per tier (gpu, cpu, nvme): as given, or defaults from the machine (see EngineConfig). With `ranks`
     tensor-parallel ranks on the host, the defaults that share one resource (RAM, the disk) are split between them."""
     if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
@@ -435,7 +480,9 @@ def check_gpu_tier(gpu_blocks: int, block_nbytes: int) -> None:
         )
 
 
-def check_request_fits(what: str, prompt_len: int, params: SamplingParams, scheduler: Scheduler, gpu: int, cpu: int, nvme: int) -> None:
+def check_request_fits(
+    what: str, prompt_len: int, params: SamplingParams, scheduler: Scheduler, gpu: int, cpu: int, nvme: int
+) -> None:
     """Raise CapacityError if a request can never run with these tiers (all of them together, or streaming)."""
     need = scheduler.reservation(_Probe([0] * prompt_len, params))
     total = gpu + cpu + nvme

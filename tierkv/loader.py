@@ -34,7 +34,11 @@ class LoadedModel:
 
 
 def preset_names() -> list[str]:
-    return sorted(os.path.splitext(f)[0] for f in os.listdir(PRESET_DIR) if f.endswith(".json")) if os.path.isdir(PRESET_DIR) else []
+    return (
+        sorted(os.path.splitext(f)[0] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
+        if os.path.isdir(PRESET_DIR)
+        else []
+    )
 
 
 def resolve_config_path(model: str) -> str:
@@ -96,7 +100,9 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
 
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
-        raise ConfigError(f"model folder {folder} has no *.safetensors weights; use load_format='dummy' for random weights")
+        raise ConfigError(
+            f"model folder {folder} has no *.safetensors weights; use load_format='dummy' for random weights"
+        )
     params = dict(model.named_parameters())
     seen = set()
     for path in files:
@@ -107,7 +113,9 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
                         continue
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
-                    raise ConfigError(f"checkpoint tensor {name!r} in {path} has no place in a {model.spec.architecture}")
+                    raise ConfigError(
+                        f"checkpoint tensor {name!r} in {path} has no place in a {model.spec.architecture}"
+                    )
                 target = params[name]
                 cut = model.shards.slice_of(name, model.spec.head_dim) if model.tp is not None else None
                 if cut is None:
@@ -121,7 +129,9 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
                     vocab = name.endswith(("embed_tokens.weight", "lm_head.weight"))
                     others = [n for d, n in enumerate(full) if d != dim]
                     if others != [n for d, n in enumerate(expected) if d != dim] or (hi > full[dim] and not vocab):
-                        raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(full)}, which does not hold this rank's slice {lo}:{hi} of dim {dim}")
+                        raise ConfigError(
+                            f"checkpoint tensor {name!r} has shape {tuple(full)}, which does not hold this rank's slice {lo}:{hi} of dim {dim}"
+                        )
                     hi = min(hi, full[dim])  # the vocabulary's last shard may run past its end: zero rows
                     tensor = view[tuple(slice(lo, hi) if d == dim else slice(None) for d in range(len(full)))]
                     if tensor.shape[dim] < expected[dim]:
@@ -129,7 +139,9 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
                         pad[dim] = expected[dim] - tensor.shape[dim]
                         tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)
                 if tuple(tensor.shape) != tuple(expected):
-                    raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+                    raise ConfigError(
+                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+                    )
                 with torch.no_grad():
                     target.copy_(tensor.to(device=device, dtype=dtype))
                 seen.add(name)
@@ -139,7 +151,12 @@ def _load_safetensors(model: CausalLM, folder: str, device: torch.device, dtype:
 
 
 def load_model(
-    model: str, device: torch.device, dtype: torch.dtype | None = None, load_format: str = "auto", seed: int = 0, tp=None
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
+    tp=None,
 ) -> LoadedModel:
     """Build the model on `device` and fill its weights from the checkpoint, or randomly for load_format='dummy'.
 

@@ -46,11 +46,16 @@ class ModelSpec:
     max_position_embeddings: int
 
     @classmethod
-    def from_hf_config(cls, config) -> "ModelSpec":
+    def from_hf_config(cls, config) -> ModelSpec:
         archs = getattr(config, "architectures", None) or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+            by_type = {
+                "llama": "LlamaForCausalLM",
+                "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM",
+            }
             arch = by_type.get(getattr(config, "model_type", ""))
         if arch is None:
             raise ConfigError(
@@ -117,7 +122,9 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             scaling = 1.0
         elif rope_type == "dynamic":
-            raise ConfigError("rope_type 'dynamic' (NTK scaling that changes with the sequence length) is not supported")
+            raise ConfigError(
+                "rope_type 'dynamic' (NTK scaling that changes with the sequence length) is not supported"
+            )
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -185,7 +192,9 @@ class Attention(nn.Module):
         three; q_proj/k_proj/v_proj keep their parameters (same names) as views into it."""
         self.qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+    def forward(
+        self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn
+    ) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
         return self.output(attend(layer, q, k, v))
 
@@ -285,7 +294,9 @@ class VocabParallelEmbedding(nn.Module):
             return nn.functional.embedding(ids, self.weight)
         local = ids - self.lo
         inside = (local >= 0) & (local < self.weight.shape[0])
-        out = nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside[:, None].to(self.weight.dtype)
+        out = nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside[:, None].to(
+            self.weight.dtype
+        )
         return self.tp.all_reduce(out)
 
 
@@ -331,7 +342,9 @@ class CausalLM(nn.Module):
             x, residual = layer(i, x, residual, cos, sin, attend)
         return self.finish(x, residual)
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def embed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embeddings, cos, sin) of the step's tokens: what the first layer takes."""
         x = self.model.embed_tokens(input_ids)
         return (x, *self.rotary(positions, x.dtype))

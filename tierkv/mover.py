@@ -19,16 +19,22 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, Settled, all_of
-from tierkv.kernels.block_copy import copy_blocks
-from tierkv.kernels.block_copy import block_runs, copy_block_runs, copy_blocks_triton, copy_engine_available, copy_engine_runs
+from tierkv.kernels.block_copy import (
+    block_runs,
+    copy_block_runs,
+    copy_blocks,
+    copy_blocks_triton,
+    copy_engine_available,
+    copy_engine_runs,
+)
 from tierkv.tiers import MemoryTier, NvmeTier, Tier
 
 
@@ -59,7 +65,9 @@ class Mover:
     # Device-to-host batches of blocks at least this large go to the copy engines whatever their slot order.
     d2h_engine_block_bytes = 1 << 20
 
-    def __init__(self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False) -> None:
+    def __init__(
+        self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False
+    ) -> None:
         self.tiers = list(tiers)
         # A benchmark baseline, not a mode to run in: every GPU<->host transfer starts only after all the compute
         # queued before it, and compute waits for it whole, so that nothing overlaps. A run with it set, against the
@@ -200,8 +208,13 @@ class Mover:
         # Host<->GPU batches in long runs of consecutive slots go to the copy engines: one 2D copy per run (and
         # layer group), at the full speed of the link, holding no SM.
         runs = copy_engine_runs(src_slots, dst_slots) if src.is_cuda != dst.is_cuda else None
-        if runs is None and src.is_cuda and dst.is_host_memory and src.layout.block_nbytes >= self.d2h_engine_block_bytes \
-                and copy_engine_available():
+        if (
+            runs is None
+            and src.is_cuda
+            and dst.is_host_memory
+            and src.layout.block_nbytes >= self.d2h_engine_block_bytes
+            and copy_engine_available()
+        ):
             # Large blocks going down: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the
             # engine at the link's speed), so that the copy-in of a swap, on the SMs, can share the link with it.
             runs = block_runs(src_slots, dst_slots)
@@ -290,7 +303,9 @@ class Mover:
                 done.record(self.d2h_stream)
             done.synchronize()
             keys, toks = meta
-            dst.store.write(dst_slots[i:j], staging.pool, rows, keys[i:j] if keys else None, toks[i:j] if toks else None)
+            dst.store.write(
+                dst_slots[i:j], staging.pool, rows, keys[i:j] if keys else None, toks[i:j] if toks else None
+            )
 
     def _nvme_to_gpu(self, src: NvmeTier, src_slots, dst: MemoryTier, dst_slots) -> Handle:
         staging = self._staging

@@ -212,7 +212,9 @@ class NvmeStore:
         try:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"nvme_dir {self.directory!r} cannot be created ({exc.strerror}); give a writable directory") from None
+            raise ConfigError(
+                f"nvme_dir {self.directory!r} cannot be created ({exc.strerror}); give a writable directory"
+            ) from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise ConfigError(f"nvme_dir {self.directory!r} is not writable; give a writable directory")
         for name in ("LOCK", "blocks.bin", "slots.idx", "slots.tok"):
@@ -315,7 +317,9 @@ class NvmeStore:
                     "lower nvme_blocks/nvme_memory, free space, or choose another nvme_dir"
                 ) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise StoreError(f"NVMe tier: cannot reserve {format_nbytes(need)} for {path}: {exc.strerror}") from None
+                raise StoreError(
+                    f"NVMe tier: cannot reserve {format_nbytes(need)} for {path}: {exc.strerror}"
+                ) from None
             os.ftruncate(fd, max(need, have))  # a file system without fallocate: sparse, as good as it gets
         if have > need:
             os.ftruncate(fd, need)
@@ -396,8 +400,10 @@ class NvmeStore:
             raise ValueError("NVMe write: a slot appears twice in one batch")
         keyed = [i for i in range(len(slots)) if keys and keys[i]]
         toks = {i: _token_bytes(token_ids[i]) for i in keyed}
-        checksums = [block_checksum(_host_bytes(pool[r]), _key_field(keys[i]) if i in toks else b"", toks.get(i, b""))
-                     for i, r in enumerate(rows)]
+        checksums = [
+            block_checksum(_host_bytes(pool[r]), _key_field(keys[i]) if i in toks else b"", toks.get(i, b""))
+            for i, r in enumerate(rows)
+        ]
         blank = bytes(RECORD_NBYTES)
         with self._failing(self.directory + "/slots.idx"):
             for slot in slots:  # first: no record may vouch for a slot whose bytes are about to change
@@ -473,7 +479,9 @@ class NvmeStore:
         try:
             self._backend.read(self._runs(slots, pool, rows))
         except OSError as exc:
-            raise StoreError(f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk") from None
+            raise StoreError(
+                f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk"
+            ) from None
         bad = [s for s, r in zip(slots, rows) if self._checksum_of(s, pool[r]) != self._records[s].checksum]
         if bad:
             raise CorruptBlockError(
@@ -494,7 +502,7 @@ class NvmeStore:
         """What the index says slot `slot` holds (None: nothing written since the store was created)."""
         return self._records[slot]
 
-    def __enter__(self) -> "NvmeStore":
+    def __enter__(self) -> NvmeStore:
         return self
 
     def __exit__(self, *exc) -> None:

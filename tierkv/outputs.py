@@ -12,7 +12,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length", "abort", or None while running
+    finish_reason: str | None = (
+        None  # "stop" (EOS, stop token or stop string), "length", "abort", or None while running
+    )
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, float]] | None = None  # per generated token, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None

@@ -44,7 +44,9 @@ def gguf_path(name: str) -> str:
     model = PACKAGED[name]
     spec = importlib.util.find_spec(model.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model {name!r} comes from the Python package {model.module!r}, which is not installed; run: {model.install}")
+        raise ConfigError(
+            f"model {name!r} comes from the Python package {model.module!r}, which is not installed; run: {model.install}"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], model.filename)
     if not os.path.isfile(path):
         raise ConfigError(f"package {model.module!r} has no {model.filename}; reinstall it: {model.install}")

@@ -24,14 +24,13 @@ its index, so a new process on the same directory starts with them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from tierkv.config import PageManagerConfig
-import warnings
-
 from tierkv.errors import CapacityError, CorruptBlockError
 from tierkv.handles import DONE, Handle, LayeredHandle, all_of, settled
 from tierkv.layout import KVLayout
@@ -100,11 +99,22 @@ class PageManager:
             host["gpu"] = (config.gpu_blocks + config.gpu_reserve_blocks) * self.layout.block_nbytes
         check_host_memory(host)
         try:
-            self.tiers[GPU] = MemoryTier(GPU, self.layout, config.gpu_blocks, config.gpu_blocks + config.gpu_reserve_blocks, self.device, pin=False)
+            self.tiers[GPU] = MemoryTier(
+                GPU,
+                self.layout,
+                config.gpu_blocks,
+                config.gpu_blocks + config.gpu_reserve_blocks,
+                self.device,
+                pin=False,
+            )
             if config.cpu_blocks:
-                self.tiers[CPU] = MemoryTier(CPU, self.layout, config.cpu_blocks, config.cpu_blocks, torch.device("cpu"), pin=cuda)
+                self.tiers[CPU] = MemoryTier(
+                    CPU, self.layout, config.cpu_blocks, config.cpu_blocks, torch.device("cpu"), pin=cuda
+                )
             if config.nvme_blocks:
-                self.tiers[NVME] = NvmeTier(self.layout, config.nvme_blocks, config.nvme_dir, config.nvme_backend, config.store_tag)
+                self.tiers[NVME] = NvmeTier(
+                    self.layout, config.nvme_blocks, config.nvme_dir, config.nvme_backend, config.store_tag
+                )
             self.mover = Mover(list(self.tiers.values()), self.device, config.staging_blocks, config.debug_delays)
         except BaseException:
             for tier in self.tiers.values():
@@ -339,8 +349,17 @@ class PageManager:
     def flush_copies(self) -> int:
         """Write-through: write the keyed blocks registered since the last flush to NVMe, one batch per source
         tier, keeping them where they are; returns how many copies were started."""
-        queue = list({b.block_id: b for b in self._copy_queue if self.blocks.get(b.block_id) is b and b.key is not None
-                      and b.tier != NVME and b.copy_slot is None and b.has_data}.values())
+        queue = list(
+            {
+                b.block_id: b
+                for b in self._copy_queue
+                if self.blocks.get(b.block_id) is b
+                and b.key is not None
+                and b.tier != NVME
+                and b.copy_slot is None
+                and b.has_data
+            }.values()
+        )
         self._copy_queue = []
         if not queue or NVME not in self.tiers:
             return 0
@@ -356,8 +375,13 @@ class PageManager:
             if kind == GPU:
                 deps.append(self.mover.compute_marker())
             handle = self.mover.move(
-                self.tiers[kind], [b.slot for b in group], nvme, [s for s, _ in taken], deps,
-                keys=[b.key for b in group], token_ids=[b.token_ids for b in group],
+                self.tiers[kind],
+                [b.slot for b in group],
+                nvme,
+                [s for s, _ in taken],
+                deps,
+                keys=[b.key for b in group],
+                token_ids=[b.token_ids for b in group],
             )
             for block, (slot, _) in zip(group, taken):
                 block.copy_slot, block.copy_ready = slot, handle
@@ -383,7 +407,9 @@ class PageManager:
         next step (as prefetched blocks are). Returns how many transfers were started."""
         step = self.step + 1
         todo = [b for b in blocks if b.tier == CPU]
-        started = self._promote(todo, {b.block_id for b in blocks}, allow_reserved=False, best_effort=True) if todo else 0
+        started = (
+            self._promote(todo, {b.block_id for b in blocks}, allow_reserved=False, best_effort=True) if todo else 0
+        )
         for block in blocks:
             if block.tier == GPU:
                 block.reserved_step = max(block.reserved_step, step)
@@ -429,7 +455,8 @@ class PageManager:
             return 0
         blocks = [
             self.blocks[bid]
-            for kind in self.kinds if kind != NVME
+            for kind in self.kinds
+            if kind != NVME
             for bid in reversed(list(self.policies[kind]))
             if self.blocks[bid].ref_count == 0 and self.blocks[bid].pins == 0 and self.blocks[bid].copy_slot is None
         ]
@@ -445,7 +472,9 @@ class PageManager:
         returns how many moved. For tests and benchmarks of hits from a given tier."""
         target = TIER_NAMES.index(to)
         if target == GPU or target not in self.tiers:
-            raise ValueError(f"demote_cached: {to!r} is not a lower tier here (have {[TIER_NAMES[k] for k in self.kinds]})")
+            raise ValueError(
+                f"demote_cached: {to!r} is not a lower tier here (have {[TIER_NAMES[k] for k in self.kinds]})"
+            )
         blocks = [b for b in self.blocks.values() if b.ref_count == 0 and b.tier < target and b.pins == 0]
         for block in blocks:
             self.policies[block.tier].remove(block.block_id)
@@ -489,7 +518,9 @@ class PageManager:
                 bad = [b for b in batch if old[b.block_id] in set(exc.slots)]
                 warnings.warn(
                     f"prefix cache: {len(bad)} block(s) in the NVMe tier failed their checksum; dropped, to be "
-                    "recomputed", RuntimeWarning, stacklevel=2,
+                    "recomputed",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 usable = min([usable] + [blocks.index(b) for b in bad])
                 for block in batch:
@@ -547,15 +578,21 @@ class PageManager:
         for seq_id, seq in zip(seq_ids, seqs):
             first, stop = block_ranges.get(seq_id, (0, len(seq.blocks)))
             if not 0 <= first <= stop <= len(seq.blocks):
-                raise ValueError(f"acquire: block range [{first}, {stop}) outside sequence {seq_id!r}'s {len(seq.blocks)} blocks")
+                raise ValueError(
+                    f"acquire: block range [{first}, {stop}) outside sequence {seq_id!r}'s {len(seq.blocks)} blocks"
+                )
             spans.append((first, stop))
             if seq_id in writes:
                 lo, hi = writes[seq_id]
                 if not 0 <= lo <= hi <= seq.num_tokens:
-                    raise ValueError(f"acquire: write [{lo}, {hi}) outside sequence {seq_id!r}'s {seq.num_tokens} tokens")
+                    raise ValueError(
+                        f"acquire: write [{lo}, {hi}) outside sequence {seq_id!r}'s {seq.num_tokens} tokens"
+                    )
                 wlo, whi = lo // bs, -(-hi // bs)
                 if hi > lo and not (first <= wlo and whi <= stop):
-                    raise ValueError(f"acquire: write [{lo}, {hi}) of {seq_id!r} falls outside its acquired blocks [{first}, {stop})")
+                    raise ValueError(
+                        f"acquire: write [{lo}, {hi}) of {seq_id!r} falls outside its acquired blocks [{first}, {stop})"
+                    )
                 if hi > lo:
                     write_spans[seq_id] = (wlo, whi)
         cow = self._cow_plan(seq_ids, seqs, write_spans)
@@ -624,8 +661,12 @@ class PageManager:
                     waits.append(block.ready)
         if self.mover.cuda:
             # Blocks about to be written must also wait for transfers still reading them (copies to disk).
-            written_blocks = [b for seq_id, seq in zip(seq_ids, seqs) if seq_id in write_spans
-                              for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]]
+            written_blocks = [
+                b
+                for seq_id, seq in zip(seq_ids, seqs)
+                if seq_id in write_spans
+                for b in seq.blocks[write_spans[seq_id][0] : write_spans[seq_id][1]]
+            ]
             written = [b.readers for b in written_blocks if b.readers is not DONE]
             if layered and waits:
                 later = {id(h): h for h in waits if isinstance(h, LayeredHandle)}
@@ -707,7 +748,11 @@ class PageManager:
             self._host_read_marker = self.mover.compute_marker()
 
     def prefetch(
-        self, seq_ids: Sequence[Hashable], before_step: int | None = None, budget_blocks: int | None = None, keep: Sequence[Hashable] = ()
+        self,
+        seq_ids: Sequence[Hashable],
+        before_step: int | None = None,
+        budget_blocks: int | None = None,
+        keep: Sequence[Hashable] = (),
     ) -> int:
         """Start bringing the blocks of `seq_ids` (in that order of urgency) to the GPU; returns at once.
 
@@ -742,7 +787,9 @@ class PageManager:
         """
         target = TIER_NAMES.index(to)
         if target == GPU or target not in self.tiers:
-            raise ValueError(f"evict: tier {to!r} is not a lower tier of this page manager (have {[TIER_NAMES[k] for k in self.kinds]})")
+            raise ValueError(
+                f"evict: tier {to!r} is not a lower tier of this page manager (have {[TIER_NAMES[k] for k in self.kinds]})"
+            )
         blocks = {b.block_id: b for s in seq_ids for b in self._seq(s).blocks if b.tier < target and b.pins == 0}
         room = sum(self.free_blocks(k) for k in self.kinds if k >= target)
         chosen = sorted(blocks.values(), key=lambda b: b.tier)[:room]
@@ -772,7 +819,9 @@ class PageManager:
             b = blocks[bid]
             # A prefetch reservation holds a block for its sequence until its step begins (then the step's pins
             # hold what it uses); a cached block has no sequence to hold it for.
-            return b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step <= step or b.ref_count == 0)
+            return (
+                b.pins == 0 and bid not in protect and (allow_reserved or b.reserved_step <= step or b.ref_count == 0)
+            )
 
         return evictable
 
@@ -892,12 +941,19 @@ class PageManager:
                 self.policies[block.tier].remove(block.block_id)
             self._move(batch, GPU)
             started += len(batch)
-            todo = todo[len(batch):]
+            todo = todo[len(batch) :]
             over = self.resident(GPU) - gpu.num_blocks
             if over > 0:
-                victims = [self.blocks[v] for v in self.policies[GPU].pop_victims(over, self._evictable(protect, allow_reserved))]
-                stayed = self._place_below([b for b in victims if b.ref_count] + [b for b in victims if not b.ref_count],
-                                           self.kinds[1], protect, allow_reserved)
+                victims = [
+                    self.blocks[v]
+                    for v in self.policies[GPU].pop_victims(over, self._evictable(protect, allow_reserved))
+                ]
+                stayed = self._place_below(
+                    [b for b in victims if b.ref_count] + [b for b in victims if not b.ref_count],
+                    self.kinds[1],
+                    protect,
+                    allow_reserved,
+                )
                 if stayed or len(victims) < over:  # the batch vacated at least as many slots below: cannot happen
                     raise AssertionError("tierkv bug: victims of a reserve-slot promotion found no room below")
         return started
@@ -923,7 +979,9 @@ class PageManager:
             deps = [b.ready for pair in pairs for b in pair]
             if kind == GPU:
                 deps.append(self.mover.compute_marker())
-            handle = self.mover.move(self.tiers[kind], [o.slot for o, _ in pairs], self.tiers[GPU], [n.slot for _, n in pairs], deps)
+            handle = self.mover.move(
+                self.tiers[kind], [o.slot for o, _ in pairs], self.tiers[GPU], [n.slot for _, n in pairs], deps
+            )
             for old, new in pairs:
                 new.ready = handle
                 old.readers = all_of([old.readers, settled(handle)])
@@ -950,7 +1008,11 @@ class PageManager:
             keyed = dst_kind == NVME and any(b.key for b, _ in moving)
             try:
                 handle = self.mover.move(
-                    src, [b.slot for b, _ in moving], dst, [s for _, (s, _) in moving], deps,
+                    src,
+                    [b.slot for b, _ in moving],
+                    dst,
+                    [s for _, (s, _) in moving],
+                    deps,
                     keys=[b.key for b, _ in moving] if keyed else None,
                     token_ids=[b.token_ids for b, _ in moving] if keyed else None,
                 )
@@ -969,7 +1031,11 @@ class PageManager:
                 if keep_host and block.has_data:
                     # The bytes stay in the CPU slot too: the block's copy there until it is written (see
                     # keep_host_copies).
-                    block.host_slot, block.host_ready, block.host_busy = block.slot, block.ready, all_of([settled(handle), block.readers])
+                    block.host_slot, block.host_ready, block.host_busy = (
+                        block.slot,
+                        block.ready,
+                        all_of([settled(handle), block.readers]),
+                    )
                     self._host_order[block.block_id] = block
                 elif keep_copy and block.key is not None and block.has_data:
                     # Write-through: the bytes it leaves on disk stay there as its copy (a spare, dropped first).
@@ -977,7 +1043,9 @@ class PageManager:
                     self._copy_order[block.block_id] = block
                 else:
                     # The old slot is free once the transfer has read it (an empty block was never written).
-                    src.slots.give(block.slot, all_of([handle, block.ready, block.readers]) if block.has_data else block.ready)
+                    src.slots.give(
+                        block.slot, all_of([handle, block.ready, block.readers]) if block.has_data else block.ready
+                    )
                 block.readers = DONE
                 if block.ref_count == 0:
                     self.cached[src_kind] -= 1
@@ -999,7 +1067,9 @@ class PageManager:
         if tuple(kv.shape) != expect:
             raise ValueError(f"write_tokens: kv has shape {tuple(kv.shape)}, expected {expect}")
         if start < 0 or start + n > seq.num_tokens:
-            raise ValueError(f"write_tokens: positions [{start}, {start + n}) outside the sequence's {seq.num_tokens} tokens")
+            raise ValueError(
+                f"write_tokens: positions [{start}, {start + n}) outside the sequence's {seq.num_tokens} tokens"
+            )
         if n == 0:
             return
         bs = self.layout.block_size
@@ -1050,7 +1120,9 @@ class PageManager:
             hi = min(end, (i + 1) * bs) - i * bs
             parts.append(data[:, :, lo:hi])
         if not parts:
-            return torch.empty((self.layout.num_layers, 2, 0, self.layout.num_kv_heads, self.layout.head_dim), dtype=self.layout.dtype)
+            return torch.empty(
+                (self.layout.num_layers, 2, 0, self.layout.num_kv_heads, self.layout.head_dim), dtype=self.layout.dtype
+            )
         return torch.cat(parts, dim=2)
 
     def residence(self, block: Block) -> tuple[str, bool]:
@@ -1087,10 +1159,14 @@ class PageManager:
         live = {bid for bid, b in self.blocks.items() if b.ref_count > 0}
         assert set(refs) == live, "blocks in use != blocks referenced by tables"
         for bid, block in self.blocks.items():
-            assert block.ref_count == refs.get(bid, 0), f"block {bid}: ref_count {block.ref_count} != {refs.get(bid, 0)} references"
+            assert block.ref_count == refs.get(bid, 0), (
+                f"block {bid}: ref_count {block.ref_count} != {refs.get(bid, 0)} references"
+            )
             assert bid in self.policies[block.tier], f"block {bid} not tracked by its tier's policy"
             if block.ref_count == 0:
-                assert block.key is not None and self.index.get(block.key) is block, f"unheld block {bid} is not a cached block"
+                assert block.key is not None and self.index.get(block.key) is block, (
+                    f"unheld block {bid} is not a cached block"
+                )
             if block.key is not None:
                 assert self.index.get(block.key) is block, f"block {bid}'s key is not indexed to it"
                 assert block.token_ids is not None and block.has_data, f"keyed block {bid} has no tokens or no data"
@@ -1108,28 +1184,38 @@ class PageManager:
             assert block.pins == pins.get(bid, 0), f"block {bid}: pins {block.pins} != {pins.get(bid, 0)}"
         assert self._pinned_blocks == len(pins), f"pinned-block count {self._pinned_blocks} != {len(pins)}"
         copies = [b.copy_slot for b in self.blocks.values() if b.copy_slot is not None]
-        assert len(copies) == self.copies and all(b.copy_slot is not None for b in self._copy_order.values()), "write-through copies are off"
+        assert len(copies) == self.copies and all(b.copy_slot is not None for b in self._copy_order.values()), (
+            "write-through copies are off"
+        )
         for b in self.blocks.values():
             if b.copy_slot is not None:
                 assert b.key is not None and b.tier != NVME, f"block {b.block_id} has a copy but is unkeyed or on NVMe"
         hosts = [b.host_slot for b in self.blocks.values() if b.host_slot is not None]
-        assert len(hosts) == self.host_copies and all(b.host_slot is not None for b in self._host_order.values()), "host copies are off"
+        assert len(hosts) == self.host_copies and all(b.host_slot is not None for b in self._host_order.values()), (
+            "host copies are off"
+        )
         for b in self.blocks.values():
             if b.host_slot is not None:
-                assert b.tier == GPU and b.has_data, f"block {b.block_id} has a host copy but is not a GPU block with data"
+                assert b.tier == GPU and b.has_data, (
+                    f"block {b.block_id} has a host copy but is not a GPU block with data"
+                )
         for kind, tier in self.tiers.items():
             spare = copies if kind == NVME else hosts if kind == CPU else []
             used = [b.slot for b in self.blocks.values() if b.tier == kind] + spare
             assert len(used) == len(set(used)), f"{tier.name}: two blocks (or copies) share a slot"
             resident = len(used) - len(spare)
             assert resident == self.resident(kind), f"{tier.name}: policy tracks {self.resident(kind)}, {resident} live"
-            assert len(used) <= tier.num_blocks, f"{tier.name}: {len(used)} blocks and copies > capacity {tier.num_blocks}"
+            assert len(used) <= tier.num_blocks, (
+                f"{tier.name}: {len(used)} blocks and copies > capacity {tier.num_blocks}"
+            )
             free = tier.slots.free_slots()
             assert len(free) == len(tier.slots), f"{tier.name}: a slot is free twice"
             assert not (free & set(used)), f"{tier.name}: a used slot is also free"
             assert len(free) + len(used) == tier.num_slots, f"{tier.name}: slots leaked"
             live = sum(1 for b in self.blocks.values() if b.tier == kind and b.ref_count > 0)
-            assert self.free_blocks(kind) == tier.num_blocks - live, f"{tier.name}: free_blocks {self.free_blocks(kind)} != {tier.num_blocks} - {live} in use"
+            assert self.free_blocks(kind) == tier.num_blocks - live, (
+                f"{tier.name}: free_blocks {self.free_blocks(kind)} != {tier.num_blocks} - {live} in use"
+            )
 
     def close(self) -> None:
         """Wait for transfers, close the NVMe files and release the directory. Safe to call twice."""
@@ -1140,7 +1226,7 @@ class PageManager:
         for tier in self.tiers.values():
             tier.close()
 
-    def __enter__(self) -> "PageManager":
+    def __enter__(self) -> PageManager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1149,4 +1235,3 @@ class PageManager:
     def __repr__(self) -> str:
         tiers = ", ".join(f"{TIER_NAMES[k]}={self.resident(k)}/{self.tiers[k].num_blocks}" for k in self.kinds)
         return f"PageManager({self.layout.block_nbytes} B/block, {tiers}, eviction={self.config.eviction})"
-

@@ -43,7 +43,9 @@ class TPContext:
     def split(self, n: int, what: str) -> tuple[int, int]:
         """This rank's [lo, hi) of `n` things split evenly; refused where they do not split."""
         if n % self.world:
-            raise ConfigError(f"tensor_parallel_size={self.world} does not divide {what} ({n}); choose a divisor of {n}")
+            raise ConfigError(
+                f"tensor_parallel_size={self.world} does not divide {what} ({n}); choose a divisor of {n}"
+            )
         per = n // self.world
         return self.rank * per, (self.rank + 1) * per
 
@@ -69,9 +71,15 @@ class Shards:
     vocab_padded: int
 
     @classmethod
-    def for_rank(cls, spec, tp: TPContext | None) -> "Shards":
+    def for_rank(cls, spec, tp: TPContext | None) -> Shards:
         if tp is None or tp.world == 1:
-            return cls((0, spec.num_heads), (0, spec.num_kv_heads), (0, spec.intermediate_size), (0, spec.vocab_size), spec.vocab_size)
+            return cls(
+                (0, spec.num_heads),
+                (0, spec.num_kv_heads),
+                (0, spec.intermediate_size),
+                (0, spec.vocab_size),
+                spec.vocab_size,
+            )
         heads = tp.split(spec.num_heads, "the attention heads")
         group = spec.num_heads // spec.num_kv_heads
         if spec.num_kv_heads >= tp.world:
@@ -143,8 +151,12 @@ def init_group(rank: int, world: int, init_method: str, device: torch.device, ti
     # exception", SIGABRT). Imported now, they bind None.
     from torch.distributed.nn import functional  # noqa: F401
 
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend != "gloo" else dist.group.WORLD
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
+    ctrl = (
+        dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if backend != "gloo" else dist.group.WORLD
+    )
     return TPContext(rank, world, dist.group.WORLD, ctrl)
 
 
@@ -212,11 +224,31 @@ class Workers:
 
 # The page manager's methods that change its state (or order its transfers): rank 0 records each successful call
 # and every other rank replays it, in order, on its own page manager.
-REPLAYED = frozenset({
-    "add_sequence", "append_tokens", "fork", "free", "flush_copies", "attach", "register", "persist_keyed",
-    "demote_cached", "reset_prefix_cache", "load_from_disk", "begin_step", "acquire", "pin_in_place", "release",
-    "prefetch", "promote_cached", "evict", "synchronize", "reset_counters", "write_tokens",
-})
+REPLAYED = frozenset(
+    {
+        "add_sequence",
+        "append_tokens",
+        "fork",
+        "free",
+        "flush_copies",
+        "attach",
+        "register",
+        "persist_keyed",
+        "demote_cached",
+        "reset_prefix_cache",
+        "load_from_disk",
+        "begin_step",
+        "acquire",
+        "pin_in_place",
+        "release",
+        "prefetch",
+        "promote_cached",
+        "evict",
+        "synchronize",
+        "reset_counters",
+        "write_tokens",
+    }
+)
 
 
 class BlockIds(tuple):
@@ -233,7 +265,7 @@ def tables_digest(tables) -> str:
 class Driver:
     """Rank 0's side: the recorded calls not yet sent, the step plans, stats, shutdown, failure reports."""
 
-    def __init__(self, tp: TPContext, workers: "Workers", timeout_s: float) -> None:
+    def __init__(self, tp: TPContext, workers: Workers, timeout_s: float) -> None:
         self.tp, self.workers, self.timeout_s = tp, workers, timeout_s
         self.ops: list[tuple] = []
         self.closed = False
@@ -263,7 +295,9 @@ class Driver:
             raise
 
     def send_step(self, plans, input_ids: torch.Tensor, tables) -> None:
-        self._send("step", plans=[tuple(p.__dict__.values()) for p in plans], input_ids=input_ids, digest=tables_digest(tables))
+        self._send(
+            "step", plans=[tuple(p.__dict__.values()) for p in plans], input_ids=input_ids, digest=tables_digest(tables)
+        )
 
     def flush(self) -> None:
         if self.ops:
@@ -303,7 +337,9 @@ class Driver:
             self.closed = True
             self.workers.kill()
             shutdown_group(self.tp)
-            raise WorkerError(f"{reason}; the run cannot go on. A YAML batch run started again resumes where it stopped") from exc
+            raise WorkerError(
+                f"{reason}; the run cannot go on. A YAML batch run started again resumes where it stopped"
+            ) from exc
 
 
 def _looks_like_timeout(exc: BaseException) -> bool:
@@ -375,8 +411,11 @@ def total_stats(per_rank: list[dict]) -> dict:
         seconds = max(link["seconds"] for link in links)
         nbytes = sum(link["bytes"] for link in links)
         total["links"][key] = {
-            "blocks": sum(link["blocks"] for link in links), "bytes": nbytes, "batches": sum(link["batches"] for link in links),
-            "seconds": seconds, "gbps": nbytes / seconds / 1e9 if seconds > 0 else None,
+            "blocks": sum(link["blocks"] for link in links),
+            "bytes": nbytes,
+            "batches": sum(link["batches"] for link in links),
+            "seconds": seconds,
+            "gbps": nbytes / seconds / 1e9 if seconds > 0 else None,
         }
     return total
 
@@ -422,7 +461,9 @@ class Follower:
                 kind = msg["kind"]
                 if kind == "step":
                     if tables_digest(self.tables) != msg["digest"]:
-                        raise TierKVError(f"rank {self.tp.rank}: block tables differ from rank 0's (a tierkv bug); stopping")
+                        raise TierKVError(
+                            f"rank {self.tp.rank}: block tables differ from rank 0's (a tierkv bug); stopping"
+                        )
                     plans = [EntryPlan(*p) for p in msg["plans"]]
                     self.engine.run_forward(plans, self.tables, self.placed, msg["input_ids"])
                     self.placed = {}
@@ -490,7 +531,7 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def start(cfg, device: torch.device) -> tuple[TPContext, torch.device, "Workers"]:
+def start(cfg, device: torch.device) -> tuple[TPContext, torch.device, Workers]:
     """Start the ranks. Spawned here: one worker process per rank 1..N-1, and this process becomes rank 0.
     Under torchrun: this process is RANK; a rank other than 0 builds its shard, serves rank 0 until it closes
     and then exits the process (so code after `tierkv.LLM(...)` runs on rank 0 only)."""
@@ -499,7 +540,9 @@ def start(cfg, device: torch.device) -> tuple[TPContext, torch.device, "Workers"
     if under_torchrun():
         env_world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         if env_world != world:
-            raise ConfigError(f"tensor_parallel_size={world} but torchrun started {env_world} processes; make them equal")
+            raise ConfigError(
+                f"tensor_parallel_size={world} but torchrun started {env_world} processes; make them equal"
+            )
         local = int(os.environ.get("LOCAL_RANK", rank))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         dev = rank_device(device, local, local_world)
@@ -528,7 +571,12 @@ def start(cfg, device: torch.device) -> tuple[TPContext, torch.device, "Workers"
     beats = ctx.Array("d", [time.time()] * world, lock=False)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [
-        ctx.Process(target=_worker_main, args=(r, world, init_method, cfg, devices[r], errors, beats), name=f"tierkv-tp-rank{r}", daemon=True)
+        ctx.Process(
+            target=_worker_main,
+            args=(r, world, init_method, cfg, devices[r], errors, beats),
+            name=f"tierkv-tp-rank{r}",
+            daemon=True,
+        )
         for r in range(1, world)
     ]
     workers = Workers(procs, errors, beats)

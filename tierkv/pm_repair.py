@@ -52,8 +52,10 @@ def repair(pm, drop: Iterable[Hashable]) -> set[Hashable]:
     # Two blocks claiming one slot cannot both be right: neither is trusted.
     owners: dict[tuple[int, int], int] = {}
     for bid, block in blocks.items():
-        for where in [(block.tier, block.slot)] + ([(CPU, block.host_slot)] if block.host_slot is not None else []) + (
-            [(NVME, block.copy_slot)] if block.copy_slot is not None else []
+        for where in (
+            [(block.tier, block.slot)]
+            + ([(CPU, block.host_slot)] if block.host_slot is not None else [])
+            + ([(NVME, block.copy_slot)] if block.copy_slot is not None else [])
         ):
             other = owners.setdefault(where, bid)
             if other != bid:
@@ -132,5 +134,7 @@ def repair(pm, drop: Iterable[Hashable]) -> set[Hashable]:
         stayed = pm._place_below(victims, pm.kinds[1], set(), allow_reserved=True)
         pm.mover.synchronize()
         if stayed:
-            raise AssertionError("tierkv bug: the GPU tier is over its size after a failed step and nothing below has room")
+            raise AssertionError(
+                "tierkv bug: the GPU tier is over its size after a failed step and nothing below has room"
+            )
     return lost

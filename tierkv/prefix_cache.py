@@ -106,7 +106,9 @@ class LoadOrRecompute:
         if tokens < self.MIN_OBSERVED_TOKENS or seconds <= 0:
             return
         rate = tokens / seconds
-        self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.7 * self.prefill_tokens_per_s + 0.3 * rate
+        self.prefill_tokens_per_s = (
+            rate if self.prefill_tokens_per_s is None else 0.7 * self.prefill_tokens_per_s + 0.3 * rate
+        )
 
     def observe_links(self, links: dict) -> None:
         """Take the bandwidths measured so far from the page manager's link stats ((src, dst) -> LinkStats)."""
@@ -142,4 +144,3 @@ class LoadOrRecompute:
             if cost <= best_cost:
                 best_j, best_cost = j, cost
         return best_j
-

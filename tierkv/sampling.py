@@ -60,7 +60,9 @@ class SamplingParams:
             raise bad("seed", self.seed, "must be an integer or None")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             raise bad("n", self.n, "must be an integer >= 1")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or self.logprobs < 0):
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or self.logprobs < 0
+        ):
             raise bad("logprobs", self.logprobs, "must be None or an integer >= 0")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             raise bad("stop", self.stop, "must be a non-empty string or a list of them")
@@ -71,7 +73,8 @@ class SamplingParams:
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise bad("cache_salt", self.cache_salt, "must be a string or None")
         if self.stop_token_ids is not None and (
-            not isinstance(self.stop_token_ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids)
+            not isinstance(self.stop_token_ids, (list, tuple))
+            or any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids)
         ):
             raise bad("stop_token_ids", self.stop_token_ids, "must be a list of integers")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
@@ -83,7 +86,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def make_generator(params: SamplingParams, sample_index: int, device: torch.device, fallback: torch.Generator) -> torch.Generator:
+def make_generator(
+    params: SamplingParams, sample_index: int, device: torch.device, fallback: torch.Generator
+) -> torch.Generator:
     """Each seeded sample gets its own stream of random numbers: reproducible whatever runs beside it."""
     if params.seed is None:
         return fallback

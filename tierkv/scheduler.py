@@ -46,8 +46,16 @@ class ScheduledEntry:
 
 
 class Scheduler:
-    def __init__(self, block_size: int, gpu_blocks: int, total_blocks: int, max_num_batched_tokens: int, max_num_seqs: int,
-                 slice_steps: int, oversubscribe: bool = False) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        gpu_blocks: int,
+        total_blocks: int,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        slice_steps: int,
+        oversubscribe: bool = False,
+    ) -> None:
         self.block_size = block_size
         self.oversubscribe = oversubscribe
         self.gpu_blocks = gpu_blocks
@@ -93,7 +101,9 @@ class Scheduler:
             req = self.waiting[0]
             need = self.reservation(req)
             seqs_after = len(self.running) + req.params.n
-            if sum(self.reserved.values()) + need > self.total_blocks or (self.running and seqs_after > self.max_num_seqs):
+            if sum(self.reserved.values()) + need > self.total_blocks or (
+                self.running and seqs_after > self.max_num_seqs
+            ):
                 break
             self.waiting.popleft()
             self.reserved[req.arrival] = need
@@ -219,5 +229,7 @@ class Scheduler:
         if not self._rotated:
             return [], [s for s in self.running if s.seq_id in last and not s.finished]
         nxt = self._members(self.running)[0]  # the next step's group, as far as the running order now tells
-        return ([s for s in nxt if s.seq_id not in last and not s.finished],
-                [s for s in nxt if s.seq_id in last and not s.finished])
+        return (
+            [s for s in nxt if s.seq_id not in last and not s.finished],
+            [s for s in nxt if s.seq_id in last and not s.finished],
+        )

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +19,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: int
-    sequences: list["Sequence"] = field(default_factory=list)
+    sequences: list[Sequence] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     num_cached_tokens: int = 0  # prompt tokens whose stored KV was reused
     aborted: bool = False  # stopped before it finished (by the caller, or by a step that failed): its KV is freed
@@ -38,8 +37,13 @@ class Request:
             "finished_time": max(s.finish_time for s in seqs) if self.finished else None,
         }
         return RequestOutput(
-            self.request_id, self.prompt, list(self.prompt_ids), [s.completion() for s in seqs], self.finished,
-            num_cached_tokens=self.num_cached_tokens, metrics=metrics,
+            self.request_id,
+            self.prompt,
+            list(self.prompt_ids),
+            [s.completion() for s in seqs],
+            self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+            metrics=metrics,
         )
 
 
@@ -86,7 +90,10 @@ class Sequence:
             return ""
         n = len(self.token_ids) - self.num_prompt
         if self._decoded is None or self._decoded[0] != n:
-            self._decoded = (n, self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens))
+            self._decoded = (
+                n,
+                self.tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens),
+            )
         return self._decoded[1]
 
     @property

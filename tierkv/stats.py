@@ -26,7 +26,7 @@ class TierCounters:
     onto_copies: int = 0  # of evictions_in: blocks demoted onto the copy kept since their promotion (no bytes moved)
 
 
-def build_stats(pm: "PageManager") -> dict:
+def build_stats(pm: PageManager) -> dict:
     """The page manager's stats as a JSON-able dict: {"tiers": {...}, "links": {...}, ...}."""
     block_nbytes = pm.layout.block_nbytes
     links = {}
@@ -83,15 +83,30 @@ def build_stats(pm: "PageManager") -> dict:
 def format_stats(stats: dict) -> str:
     """A fixed-width table of per-tier figures, then one line per link."""
     cols = [
-        ("tier", 5), ("used/cap", 13), ("hits", 8), ("misses", 8), ("hit%", 6),
-        ("evict in", 9), ("evict out", 9), ("in", 11), ("out", 11), ("move s", 8),
+        ("tier", 5),
+        ("used/cap", 13),
+        ("hits", 8),
+        ("misses", 8),
+        ("hit%", 6),
+        ("evict in", 9),
+        ("evict out", 9),
+        ("in", 11),
+        ("out", 11),
+        ("move s", 8),
     ]
     lines = ["  ".join(f"{name:>{w}}" for name, w in cols)]
     for name, t in stats["tiers"].items():
         hit = f"{100 * t['hit_rate']:.0f}" if t["hit_rate"] is not None else "-"
         row = [
-            name, f"{t['used_blocks']}/{t['capacity_blocks']}", t["hits"], t["misses"], hit,
-            t["evictions_in"], t["evictions_out"], format_nbytes(t["bytes_in"]), format_nbytes(t["bytes_out"]),
+            name,
+            f"{t['used_blocks']}/{t['capacity_blocks']}",
+            t["hits"],
+            t["misses"],
+            hit,
+            t["evictions_in"],
+            t["evictions_out"],
+            format_nbytes(t["bytes_in"]),
+            format_nbytes(t["bytes_out"]),
             f"{t['seconds_in'] + t['seconds_out']:.3f}",
         ]
         lines.append("  ".join(f"{str(v):>{w}}" for v, (_, w) in zip(row, cols)))
@@ -101,7 +116,7 @@ def format_stats(stats: dict) -> str:
             f"  link {key:<10} {link['blocks']:>8} blocks  {format_nbytes(link['bytes']):>11}  "
             f"{link['batches']:>6} batches  {link['seconds']:.3f} s  {rate}"
         )
-    for name, t in stats["tiers"].items():
+    for t in stats["tiers"].values():
         if "backend" in t:
             lines.append(f"  nvme backend: {t['backend']}")
     return "\n".join(lines)

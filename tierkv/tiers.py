@@ -10,8 +10,8 @@ import ctypes
 import mmap
 import os
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -148,11 +148,15 @@ def check_host_memory(wanted: dict[str, int]) -> None:
     (Each alone may fit; together they would end in the OOM killer, not in an error.)"""
     total = sum(wanted.values())
     avail = _available_ram()
-    if avail is not None and len(wanted) > 1 and total > avail and max(wanted.values()) <= avail:  # (one alone: its own message)
+    if (
+        avail is not None and len(wanted) > 1 and total > avail and max(wanted.values()) <= avail
+    ):  # (one alone: its own message)
         parts = " + ".join(f"{name} tier {format_nbytes(n)}" for name, n in wanted.items())
         names = " / ".join(f"{name}_blocks or {name}_memory" for name in wanted)
-        raise CapacityError(f"the tiers in host memory need {parts} = {format_nbytes(total)} together, but only "
-                            f"{format_nbytes(avail)} of RAM is available now; lower {names}")
+        raise CapacityError(
+            f"the tiers in host memory need {parts} = {format_nbytes(total)} together, but only "
+            f"{format_nbytes(avail)} of RAM is available now; lower {names}"
+        )
 
 
 def _register_pinned(owner, t: torch.Tensor) -> weakref.finalize:
@@ -177,19 +181,26 @@ def _unregister(ptr: int, _keepalive: torch.Tensor) -> None:
 class MemoryTier(Tier):
     """Blocks in one tensor `pool` of shape (num_slots, *block_shape): device memory, pinned or plain host memory."""
 
-    def __init__(self, kind: int, layout: KVLayout, num_blocks: int, num_slots: int, device: torch.device, pin: bool) -> None:
+    def __init__(
+        self, kind: int, layout: KVLayout, num_blocks: int, num_slots: int, device: torch.device, pin: bool
+    ) -> None:
         nbytes, name = num_slots * layout.block_nbytes, TIER_NAMES[kind]
 
         def refused(what: str, why: str) -> CapacityError:
-            return CapacityError(f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {what} "
-                                 f"{why}; lower {name}_blocks / {name}_memory")
+            return CapacityError(
+                f"cannot allocate the {name} tier: {num_slots} blocks = {format_nbytes(nbytes)} of {what} "
+                f"{why}; lower {name}_blocks / {name}_memory"
+            )
 
         if device.type == "cpu":
             # Checked before mapping anything: a pinned pool is touched whole at once, and a plain one fills as the
             # run goes on; either way, more than the RAM free now ends in the OOM killer, not in an error.
             avail = _available_ram()
             if avail is not None and nbytes > avail:
-                raise refused(f"{'pinned ' if pin else ''}host memory,", f"but only {format_nbytes(avail)} of RAM is available now")
+                raise refused(
+                    f"{'pinned ' if pin else ''}host memory,",
+                    f"but only {format_nbytes(avail)} of RAM is available now",
+                )
         self.device = device
         self.pinned = pin
         shape = (num_slots, *layout.block_shape)
