@@ -15,7 +15,7 @@ from tiny_models import hf_greedy, make_checkpoint, random_prompts
 import tierkv
 from tierkv import ConfigError, WorkerError
 from tierkv.model import ModelSpec
-from tierkv.parallel import SAFE_ENV, Shards, TPContext
+from tierkv.tp.group import SAFE_ENV, Shards, TPContext
 
 MAX_TOKENS = 12
 

@@ -8,7 +8,7 @@ from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
 from tierkv import SamplingParams
-from tierkv.parallel import ONE_GPU_ENV
+from tierkv.tp.group import ONE_GPU_ENV
 
 pytestmark = pytest.mark.gpu
 

@@ -310,8 +310,8 @@ class PreparedRecord:
 def prepare(spec: RunSpec) -> list[PreparedRecord]:
     """Tokenize the records and check that each can run (the model's limits, the tiers' capacity) before the
     weights load; each comes with the fingerprint its result line will carry."""
+    from tierkv.capacity import check_gpu_tier, check_request_fits, resolve_capacities
     from tierkv.layout import KVLayout
-    from tierkv.llm import check_gpu_tier, check_request_fits, resolve_capacities
     from tierkv.loader import default_dtype, load_hf_config, load_tokenizer, resolve_config_path
     from tierkv.model import ModelSpec
     from tierkv.scheduler import Scheduler

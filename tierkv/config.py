@@ -170,7 +170,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_load: str = "auto"
     write_through: bool = False
-    # Tensor parallelism: ranks (one process and one GPU each; see tierkv.parallel). Tier capacities are per rank.
+    # Tensor parallelism: ranks (one process and one GPU each; see tierkv.tp). Tier capacities are per rank.
     tensor_parallel_size: int = 1
     tp_timeout_s: float = 600.0  # a rank that does not answer a collective for this long ends the run
 

@@ -120,7 +120,7 @@ class Engine:
         self.chooser = LoadOrRecompute(layout.block_nbytes, layout.block_size)
         self.prefix_stats = PrefixStats()
         self.register_blocks = True
-        self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.parallel)
+        self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.tp.driver)
         self.graphs = DecodeGraphs(self) if cuda_graphs and cuda else None  # decode steps replayed as CUDA graphs
         # Other steps (prompt chunks, streamed KV): eager attention between graphs of everything else.
         self.pieces = PiecewiseGraphs(self) if cuda_graphs and cuda else None

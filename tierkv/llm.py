@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
@@ -13,25 +10,20 @@ from dataclasses import fields
 import torch
 
 from tierkv import inputs
-from tierkv.config import EngineConfig, PageManagerConfig, resolve_blocks, resolve_device
+from tierkv.capacity import check_request_fits, tier_blocks
+from tierkv.config import EngineConfig, resolve_device
 from tierkv.engine import Engine
-from tierkv.errors import CapacityError, ConfigError, TierKVError
-from tierkv.layout import KVLayout
-from tierkv.loader import load_model
+from tierkv.errors import ConfigError, TierKVError, WorkerError
 from tierkv.outputs import RequestOutput
-from tierkv.page_manager import PageManager
-from tierkv.prefix_cache import PrefixHasher, PrefixStats, model_fingerprint
+from tierkv.prefix_cache import PrefixHasher, PrefixStats
+from tierkv.rank import setup_rank
 from tierkv.sampling import SamplingParams
 from tierkv.scheduler import Scheduler
-from tierkv.sizes import format_nbytes
-
-MIN_GPU_BLOCKS = 2  # one step's window: the blocks its new tokens are written into (a chunk may straddle two)
+from tierkv.tp.driver import Driver, RecordingPageManager, total_stats
+from tierkv.tp.group import shutdown_group
+from tierkv.tp.launcher import start as start_ranks
 
 PromptType = str | Sequence[int]
-
-
-def _ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class LLM:
@@ -56,20 +48,18 @@ class LLM:
         self._ready: list = []  # those that finished, for the next step() to return
         self._driver = tp = None
         if cfg.tensor_parallel_size > 1:
-            from tierkv import parallel
-
-            tp, device, workers = parallel.start(cfg, device)  # under torchrun, ranks other than 0 never return
-            self._driver = parallel.Driver(tp, workers, cfg.tp_timeout_s)
+            tp, device, workers = start_ranks(cfg, device)  # under torchrun, ranks other than 0 never return
+            self._driver = Driver(tp, workers, cfg.tp_timeout_s)
         try:
             self._build(cfg, device, tp)
         except BaseException as exc:
             if self._driver is not None:
                 try:
-                    if not isinstance(exc, TierKVError) or isinstance(exc, parallel.WorkerError):
+                    if not isinstance(exc, TierKVError) or isinstance(exc, WorkerError):
                         self._driver.raise_if_worker_failed(exc)  # a worker's failure, named, if that is what it was
                 finally:
                     self._driver.workers.kill()
-                    parallel.shutdown_group(self._driver.tp)
+                    shutdown_group(self._driver.tp)
             raise
 
     def _build(self, cfg: EngineConfig, device: torch.device, tp) -> None:
@@ -84,8 +74,6 @@ class LLM:
         gpu, cpu, nvme = tier_blocks(pm)
         self.max_model_len = cfg.max_model_len or spec.max_position_embeddings or 1 << 30
         if self._driver is not None:
-            from tierkv.parallel import RecordingPageManager
-
             pm = RecordingPageManager(pm, self._driver)
         self.pm = pm
         self.scheduler = Scheduler(
@@ -360,8 +348,6 @@ class LLM:
         }
         s["prefix"] = self.engine.prefix_stats.as_dict()
         if self._driver is not None:
-            from tierkv.parallel import total_stats
-
             per_rank = self._driver.gather_stats(s.copy())
             s["tensor_parallel"] = {"size": len(per_rank), "per_rank": per_rank, "total": total_stats(per_rank)}
         return s
@@ -392,125 +378,3 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def setup_rank(cfg: EngineConfig, device: torch.device, tp=None) -> tuple:
-    """Load the model (this rank's shard under tensor parallelism) and build its page manager: (loaded, pm).
-
-    Under tensor parallelism every rank runs this; the ranks agree on the tiers' sizes in blocks (the smallest any
-    rank can hold), and each rank's NVMe files live in `nvme_dir/rank-N`."""
-    loaded = load_model(cfg.model, device, _dtype(cfg.dtype), cfg.load_format, cfg.seed, tp=tp)
-    spec = loaded.spec
-    dtype = next(loaded.model.parameters()).dtype
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size)
-    nvme_dir = cfg.nvme_dir if tp is None or cfg.nvme_dir is None else os.path.join(cfg.nvme_dir, f"rank-{tp.rank}")
-    ranks = 1 if tp is None else tp.world
-    caps = resolve_capacities(dataclasses.replace(cfg, nvme_dir=nvme_dir), layout.block_nbytes, device, ranks)
-    if tp is not None:
-        from tierkv.parallel import broadcast_plan, gather_objects
-
-        every = gather_objects(tp, caps)
-        caps = broadcast_plan(tp, tuple(min(c[i] for c in every) for i in range(3)) if tp.rank == 0 else None)
-    gpu, cpu, nvme = caps
-    check_gpu_tier(gpu, layout.block_nbytes)
-    description = {"spec": dataclasses.asdict(spec), "dtype": str(dtype)}
-    if tp is not None:
-        description["tensor_parallel"] = [tp.rank, tp.world]
-    fingerprint = model_fingerprint(loaded.model, description)
-    pm = PageManager(
-        PageManagerConfig(
-            layout,
-            device=device,
-            gpu_blocks=gpu,
-            cpu_blocks=cpu,
-            nvme_dir=nvme_dir if nvme else None,
-            nvme_blocks=nvme,
-            eviction=cfg.eviction,
-            nvme_backend=cfg.nvme_backend,
-            store_tag=fingerprint,
-            # Under tensor parallelism the prefixes a previous process stored are not adopted: the ranks would
-            # have to agree on which of them every rank still holds intact (not built yet).
-            adopt_stored=cfg.enable_prefix_caching and tp is None,
-            write_through=cfg.write_through,
-        )
-    )
-    return loaded, pm
-
-
-def resolve_capacities(
-    cfg: EngineConfig, block_nbytes: int, device: torch.device, ranks: int = 1
-) -> tuple[int, int, int]:
-    """Blocks per tier (gpu, cpu, nvme): as given, or defaults from the machine (see EngineConfig). With `ranks`
-    tensor-parallel ranks on the host, the defaults that share one resource (RAM, the disk) are split between them."""
-    if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
-        gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, block_nbytes)
-    elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        activations = 2 * 2**30  # room for one step's activations and the streaming staging
-        gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // block_nbytes
-    else:
-        gpu = min(2**30, _ram_bytes() // 10) // ranks // block_nbytes
-    if cfg.cpu_blocks is not None or cfg.cpu_memory is not None:
-        cpu = resolve_blocks("cpu", cfg.cpu_blocks, cfg.cpu_memory, block_nbytes)
-    else:
-        cpu = min(64 * 2**30, _ram_bytes() // 4) // ranks // block_nbytes if device.type == "cuda" else 0
-    if cfg.nvme_blocks is not None or cfg.nvme_memory is not None:
-        nvme = resolve_blocks("nvme", cfg.nvme_blocks, cfg.nvme_memory, block_nbytes)
-    elif cfg.nvme_dir:
-        os.makedirs(cfg.nvme_dir, exist_ok=True)
-        nvme = min(256 * 2**30, shutil.disk_usage(cfg.nvme_dir).free // 2) // ranks // block_nbytes
-    else:
-        nvme = 0
-    return gpu, cpu, nvme
-
-
-def tier_blocks(pm) -> tuple[int, int, int]:
-    """The page manager's (gpu, cpu, nvme) capacities in blocks (0 for an absent tier)."""
-    gpu = pm.tiers[0].num_blocks
-    cpu = pm.tiers[1].num_blocks if 1 in pm.tiers else 0
-    return gpu, cpu, sum(t.num_blocks for t in pm.tiers.values()) - gpu - cpu
-
-
-def check_gpu_tier(gpu_blocks: int, block_nbytes: int) -> None:
-    if gpu_blocks < MIN_GPU_BLOCKS:
-        raise ConfigError(
-            f"the GPU tier holds {gpu_blocks} blocks ({format_nbytes(gpu_blocks * block_nbytes)}, {format_nbytes(block_nbytes)} "
-            f"each); it needs at least {MIN_GPU_BLOCKS} (the blocks one step writes into; older KV can be streamed from "
-            "the CPU tier); raise gpu_blocks or gpu_memory"
-        )
-
-
-def check_request_fits(
-    what: str, prompt_len: int, params: SamplingParams, scheduler: Scheduler, gpu: int, cpu: int, nvme: int
-) -> None:
-    """Raise CapacityError if a request can never run with these tiers (all of them together, or streaming)."""
-    need = scheduler.reservation(_Probe([0] * prompt_len, params))
-    total = gpu + cpu + nvme
-    if need > total:
-        raise CapacityError(
-            f"{what} ({prompt_len} tokens, max_tokens {params.max_tokens}, n {params.n}) may need {need} KV blocks but all "
-            f"tiers together hold {total} (gpu {gpu} + cpu {cpu} + nvme {nvme}); "
-            "raise the tier capacities (nvme_dir/nvme_memory is the cheapest) or shorten the request"
-        )
-    longest = scheduler.blocks_for(prompt_len + params.max_tokens)
-    if longest > gpu and longest - gpu > cpu:
-        raise CapacityError(
-            f"{what} needs {longest} blocks, more than the GPU tier's {gpu}: its older blocks are streamed from the "
-            f"CPU tier, which must hold {longest - gpu} of them but holds {cpu}; raise cpu_blocks/cpu_memory or gpu_blocks"
-        )
-
-
-class _Probe:
-    """Just enough of a Request for Scheduler.reservation."""
-
-    def __init__(self, prompt_ids, params) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params
-
-
-def _dtype(name):
-    if name is None:
-        return None
-    from tierkv.layout import parse_dtype
-
-    return parse_dtype(name)

@@ -160,7 +160,7 @@ def load_model(
 ) -> LoadedModel:
     """Build the model on `device` and fill its weights from the checkpoint, or randomly for load_format='dummy'.
 
-    With `tp` (a tierkv.parallel.TPContext) the model is this rank's shard: `spec` is the local one (its heads
+    With `tp` (a tierkv.tp.group.TPContext) the model is this rank's shard: `spec` is the local one (its heads
     and MLP width) and only this rank's slices are read. Dummy weights then differ between tensor-parallel sizes
     (each rank draws its own shard), which is fine for speed measurements, not for comparing outputs."""
     if load_format not in ("auto", "dummy"):
@@ -171,7 +171,7 @@ def load_model(
     dtype = dtype or default_dtype(hf_config, device)
     shards = None
     if tp is not None:
-        from tierkv.parallel import Shards
+        from tierkv.tp.group import Shards
 
         shards = Shards.for_rank(spec, tp)
         spec = shards.local_spec(spec)

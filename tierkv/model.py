@@ -316,7 +316,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, spec: ModelSpec, hf_config, shards=None, tp=None) -> None:
         super().__init__()
-        from tierkv.parallel import Shards
+        from tierkv.tp.group import Shards
 
         shards = shards or Shards.for_rank(spec, None)
         self.spec, self.shards, self.tp = spec, shards, tp
