@@ -310,11 +310,10 @@ class PreparedRecord:
 def prepare(spec: RunSpec) -> list[PreparedRecord]:
     """Tokenize the records and check that each can run (the model's limits, the tiers' capacity) before the
     weights load; each comes with the fingerprint its result line will carry."""
-    from tierkv.capacity import check_gpu_tier, check_request_fits, resolve_capacities
+    from tierkv.capacity import check_gpu_tier, check_request_fits, make_scheduler, resolve_capacities
     from tierkv.layout import KVLayout
     from tierkv.loader import default_dtype, load_hf_config, load_tokenizer, resolve_config_path
     from tierkv.model import ModelSpec
-    from tierkv.scheduler import Scheduler
 
     cfg = EngineConfig(model=spec.model, **spec.engine)
     path = resolve_config_path(spec.model)
@@ -332,15 +331,7 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
             check_gpu_tier(gpu, layout.block_nbytes)
         except ConfigError as exc:
             raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
-    sched = Scheduler(
-        cfg.block_size,
-        gpu,
-        gpu + cpu + nvme,
-        cfg.max_num_batched_tokens,
-        cfg.max_num_seqs,
-        cfg.slice_steps,
-        cfg.oversubscribe,
-    )
+    sched = make_scheduler(cfg, gpu, cpu, nvme)
     # What shapes a result besides its record: the weights and tokenizer (their files' signatures), how they run.
     shared = {
         "model": model_signature(path),

@@ -84,11 +84,13 @@ def check_output_path(path: str) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(
-                f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output"
-            ) from None
+            raise ConfigError(_in_use(path)) from None
         finally:
             os.close(fd)
+
+
+def _in_use(path: str) -> str:
+    return f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output"
 
 
 def _read_only(folder: str) -> bool:
@@ -159,9 +161,7 @@ class OutputFile:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = -1
-            raise ConfigError(
-                f"output {path!r} is being written by another tierkv run; wait for it to end, or choose another output"
-            ) from None
+            raise ConfigError(_in_use(path)) from None
 
     def finished(self, expected: dict) -> set:
         """Ids already answered in the file, each checked against `expected[id] = {"input": ..., "settings": ...}`.

@@ -48,6 +48,19 @@ def resolve_capacities(
     return gpu, cpu, nvme
 
 
+def make_scheduler(cfg: EngineConfig, gpu: int, cpu: int, nvme: int) -> Scheduler:
+    """The scheduler for tiers of (gpu, cpu, nvme) blocks under `cfg`'s batching options."""
+    return Scheduler(
+        cfg.block_size,
+        gpu,
+        gpu + cpu + nvme,
+        cfg.max_num_batched_tokens,
+        cfg.max_num_seqs,
+        cfg.slice_steps,
+        cfg.oversubscribe,
+    )
+
+
 def tier_blocks(pm) -> tuple[int, int, int]:
     """The page manager's (gpu, cpu, nvme) capacities in blocks (0 for an absent tier)."""
     gpu = pm.tiers[0].num_blocks

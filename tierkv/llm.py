@@ -10,7 +10,7 @@ from dataclasses import fields
 import torch
 
 from tierkv import inputs
-from tierkv.capacity import check_request_fits, tier_blocks
+from tierkv.capacity import check_request_fits, make_scheduler, tier_blocks
 from tierkv.config import EngineConfig, resolve_device
 from tierkv.engine import Engine
 from tierkv.errors import ConfigError, TierKVError, WorkerError
@@ -18,7 +18,6 @@ from tierkv.outputs import RequestOutput
 from tierkv.prefix_cache import PrefixHasher, PrefixStats
 from tierkv.rank import setup_rank
 from tierkv.sampling import SamplingParams
-from tierkv.scheduler import Scheduler
 from tierkv.tp.driver import Driver, RecordingPageManager, total_stats
 from tierkv.tp.group import shutdown_group
 from tierkv.tp.launcher import start as start_ranks
@@ -76,15 +75,7 @@ class LLM:
         if self._driver is not None:
             pm = RecordingPageManager(pm, self._driver)
         self.pm = pm
-        self.scheduler = Scheduler(
-            cfg.block_size,
-            gpu,
-            gpu + cpu + nvme,
-            cfg.max_num_batched_tokens,
-            cfg.max_num_seqs,
-            cfg.slice_steps,
-            cfg.oversubscribe,
-        )
+        self.scheduler = make_scheduler(cfg, gpu, cpu, nvme)
         hasher = PrefixHasher(self.fingerprint, cfg.block_size) if cfg.enable_prefix_caching else None
         self.engine = Engine(
             self.loaded,
@@ -231,11 +222,15 @@ class LLM:
                 self._broken = f"a step failed under tensor parallelism ({type(exc).__name__}: {exc})"
             raise
         finally:
-            for req in self.engine.take_finished():
-                if req.arrival in self._queued:
-                    self._queued.discard(req.arrival)
-                    if not req.aborted:  # an abort is reported once: by the exception of the step that caused it
-                        self._ready.append(req)
+            self._collect_finished()
+
+    def _collect_finished(self) -> None:
+        """Set aside for `step()` the queued requests the engine finished (wherever they finished)."""
+        for req in self.engine.take_finished():
+            if req.arrival in self._queued:
+                self._queued.discard(req.arrival)
+                if not req.aborted:  # an abort is reported once: by the exception of the step that caused it
+                    self._ready.append(req)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests queued by `add_requests` that have finished since the last
@@ -252,11 +247,7 @@ class LLM:
         wanted = {str(rid) for rid in ([request_ids] if isinstance(request_ids, (str, int)) else request_ids)}
         found = [r for r in self.engine.live.values() if r.request_id in wanted]
         self.engine.abort(found)
-        for req in self.engine.take_finished():
-            if req.arrival in self._queued:
-                self._queued.discard(req.arrival)
-                if not req.aborted:
-                    self._ready.append(req)
+        self._collect_finished()
         return len(found)
 
     def has_unfinished(self) -> bool:
