@@ -57,7 +57,8 @@ def model_signature(path: str) -> dict:
     }
 
 
-def _first_existing(path: str) -> str:
+def first_existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists."""
     while path and not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
@@ -72,7 +73,7 @@ def check_output_path(path: str) -> None:
         raise ConfigError(
             f"output {path!r} is a directory; give a file path, e.g. {os.path.join(path, 'results.jsonl')!r}"
         )
-    folder = _first_existing(os.path.dirname(os.path.abspath(path)))
+    folder = first_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(folder):
         raise ConfigError(f"output {path!r}: {folder!r} is a file, not a directory; choose another output path")
     target = path if os.path.exists(path) else folder

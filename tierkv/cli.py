@@ -106,14 +106,13 @@ def _bench_config(parser: argparse.ArgumentParser, path: str) -> None:
 
 def _run_bench(args) -> int:
     from tierkv import benchmark
+    from tierkv.batch_output import first_existing
 
     if args.nvme_dir is not None and os.path.exists(args.nvme_dir) and not os.path.isdir(args.nvme_dir):
         raise ConfigError(f"--nvme-dir {args.nvme_dir!r} is a file; give a directory for the NVMe tier's block files")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out!r} is a file; give a directory for results.json and the plots")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = first_existing(os.path.dirname(os.path.abspath(args.out)))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise ConfigError(f"--out {args.out!r} cannot be created under {parent!r}; give a directory you can write")
 

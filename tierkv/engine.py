@@ -291,7 +291,6 @@ class Engine:
         A step that fails (an error, an I/O failure, KeyboardInterrupt at any point) aborts the requests it was
         running, frees their blocks in every tier, puts the page manager's bookkeeping right and re-raises the
         error, which carries `aborted_request_ids`; the engine takes new work at once."""
-        self._touching = {}
         try:
             return self._step()
         except BaseException as exc:

@@ -294,7 +294,7 @@ class LLM:
         """A call that ends early stops its own unfinished requests (nobody else would collect them)."""
         if self._broken is None and not self._closed:
             self.engine.abort([r for r in requests if not r.finished])
-            self.engine.take_finished()
+            self._collect_finished()
 
     def stream(
         self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
