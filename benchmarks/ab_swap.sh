@@ -14,10 +14,10 @@ import runpy, sys
 sys.argv = ["benchmarks/engine_throughput.py"] + sys.argv[1:]
 sys.path.insert(0, "benchmarks")
 if "$mode" == "old":
-    import tierkv.mover, tierkv.page_manager
-    tierkv.page_manager.PageManager.swap_chunks = 1
-    tierkv.page_manager.PageManager.keep_host_copies = False
-    tierkv.mover.Mover.d2h_engine_block_bytes = 1 << 62
+    import tierkv.kv.mover, tierkv.kv.placement
+    tierkv.kv.placement.Placement.swap_chunks = 1
+    tierkv.kv.placement.Placement.keep_host_copies = False
+    tierkv.kv.mover.Mover.d2h_engine_block_bytes = 1 << 62
 runpy.run_path("benchmarks/engine_throughput.py", run_name="__main__")
 PY
     done

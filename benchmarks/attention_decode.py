@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from common import append_rows, require_cuda, run_meta, write_json
 
-from tierkv.kernels.paged_attention import PagedBatch, paged_attention_triton
+from tierkv.kernels.paged_attention import paged_attention_triton
+from tierkv.kernels.paged_batch import PagedBatch
 
 
 def case(batch: int, length: int, args) -> dict:

@@ -25,13 +25,10 @@ import torch.nn.functional as F
 from common import append_rows, require_cuda, run_meta, write_json
 from torch.nn.attention.bias import causal_lower_right
 
-from tierkv.kernels.paged_attention import (
-    PREFILL_CONFIG,
-    PREFILL_CONFIG_SMALL,
-    SPLIT_MAX_Q,
-    PagedBatch,
-    paged_attention_triton,
-)
+from tierkv.kernels.paged_attention import paged_attention_triton
+from tierkv.kernels.paged_batch import PagedBatch
+from tierkv.kernels.paged_decode import SPLIT_MAX_Q
+from tierkv.kernels.paged_prefill import PREFILL_CONFIG, PREFILL_CONFIG_SMALL
 
 SWEEP = [
     {"block_m": m, "block_n": n, "num_warps": w, "num_stages": s, "pack_gqa": p}

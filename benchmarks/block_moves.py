@@ -20,9 +20,10 @@ import torch
 from common import append_rows, require_cuda, run_meta, write_json
 
 from tierkv.kernels.block_copy import copy_blocks_triton, default_max_programs
+from tierkv.kv.block import CPU, GPU
+from tierkv.kv.mover import Mover
+from tierkv.kv.tiers import MemoryTier
 from tierkv.layout import KVLayout
-from tierkv.mover import Mover
-from tierkv.tiers import CPU, GPU, MemoryTier
 
 
 def timed(fn, reps: int, sync) -> float:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tierkv.tiers import GPU
+from tierkv.kv.block import GPU
 
 
 def run_meta() -> dict:
@@ -105,8 +105,8 @@ def warm_up(llm, prompts: list[list[int]]) -> None:
     warm += [p[:512] for p in prompts[2 : 2 + min(len(prompts) - 2, 32)]]
     llm.generate(warm, params, use_tqdm=False)
     llm.generate([prompts[0][:64]], params, use_tqdm=False)
-    if llm.engine.pieces is not None:
-        llm.engine.pieces.capture_all()  # every token bucket's piecewise graphs, as a server captures at start-up
+    if llm.engine.runner.pieces is not None:
+        llm.engine.runner.pieces.capture_all()  # every token bucket's piecewise graphs, as a server captures at start-up
 
 
 def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tuple[float, int, list[float]]:
@@ -128,7 +128,7 @@ def timed_generation(llm, prompts, params, all_steps: list | None = None) -> tup
             gc_time[0] += time.perf_counter() - gc_time[1]
 
     gc.callbacks.append(on_gc)
-    graphs = llm.engine.graphs
+    graphs = llm.engine.runner.graphs
     llm.add_requests(prompts, params)
     counters = llm.engine.counters
     generated0, decode_steps = counters.generated_tokens, []

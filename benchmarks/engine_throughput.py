@@ -21,7 +21,7 @@ import torch
 from common import add_workload_args, log_compiles, run_meta, timed_generation, warm_up, workload_prompts, write_json
 
 import tierkv
-from tierkv.stats import format_stats
+from tierkv.kv.stats import format_stats
 
 
 def h2d_gbps(nbytes: int = 1 << 30) -> float:

@@ -26,13 +26,13 @@ for item in $items; do
        $py - "$out" <<'PY'
 import json, os, sys
 t = json.load(open(f"{sys.argv[1]}/fp1_throughput.json"))
-line = f"item 1: {t['output_tok_per_s']:.1f} output tok/s, {t['output_tok_per_s'] / 4900:.0%} of the ~4,900 H200 roofline (ANCHORS.md)"
+line = f"item 1: {t['output_tok_per_s']:.1f} output tok/s, {t['output_tok_per_s'] / 4900:.0%} of the ~4,900 H200 roofline (estimated: BENCHMARKS.md, item 1)"
 hf = f"{sys.argv[1]}/fp1_hf_generate_batch.json"
 if os.path.exists(hf):
     h = json.load(open(hf))
     line += f"; transformers generate_batch() {h['output_tok_per_s']:.1f} tok/s in this call: {t['output_tok_per_s'] / h['output_tok_per_s']:.1f}x"
 else:
-    line += f"; {t['output_tok_per_s'] / 217.5:.1f}x ANCHORS.md's generate_batch() figure (217.5, another lease; item 1hf measures it here)"
+    line += f"; {t['output_tok_per_s'] / 217.5:.1f}x transformers' generate_batch() on the H100 (217.5 tok/s, 2026-11-22, another lease; item 1hf measures it here)"
 print(line)
 PY
        ;;

@@ -6,10 +6,10 @@ lengths; dummy bf16 weights at the real shape, greedy, every request generating 
         --out hf_generate_batch.json
 
 The model loads with transformers' default attention; generate_batch() runs its paged variant of it for the run
-(ANCHORS.md's figure came from attn_implementation="paged|sdpa").
+(the H100 figure below came from attn_implementation="paged|sdpa").
 A short generate_batch() call first pays the one-time costs (kernel selection) outside the timed run (as in
-`tierkv bench --baseline hf`, through the same function). ANCHORS.md's figure for 256 x (1024 + 128), from
-another lease: 217.5 output tok/s (150.6 s).
+`tierkv bench --baseline hf`, through the same function). On the H100 (2026-11-22, another lease), 256 x
+(1024 + 128): 217.5 output tok/s (150.6 s).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> int:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from tierkv.benchmark import timed_generate_batch
+    from tierkv.bench_baselines import timed_generate_batch
     from tierkv.loader import load_hf_config, resolve_config_path
 
     device = torch.device("cuda")

@@ -19,8 +19,8 @@ import time
 import torch
 from common import run_meta, write_json
 
+from tierkv.kv.nvme_store import NvmeStore
 from tierkv.layout import KVLayout
-from tierkv.nvme_store import NvmeStore
 
 LAYOUTS = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 

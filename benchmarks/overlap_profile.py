@@ -115,13 +115,15 @@ def main() -> int:
     log_compiles()
     for _ in range(args.start_step):
         llm.step()
-    annotate(engine, ("_launch", "run_forward", "_complete"), "tierkv")
+    annotate(engine, ("_launch", "_complete"), "tierkv")
+    annotate(engine.runner, ("run_forward",), "tierkv")
     annotate(engine.scheduler, ("admit", "schedule"), "sched")
     annotate(
         llm.pm,
-        ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free", "_promote", "_place_below"),
+        ("acquire", "release", "prefetch", "begin_step", "append_tokens", "free"),
         "pm",
     )
+    annotate(llm.pm.placement, ("promote", "place_below"), "placement")
     annotate(llm.pm.mover, ("move", "collect", "synchronize"), "mover")
     if args.host_profile:
         host_profile(llm, args.steps, args.top)

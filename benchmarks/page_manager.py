@@ -16,16 +16,21 @@ it finishes: the run fails loudly if a single byte moved wrong.
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from tierkv.config import PageManagerConfig
+from tierkv.kv.manager import PageManager
 from tierkv.layout import KVLayout
-from tierkv.page_manager import PageManager
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from kv_tools import read_tokens, write_tokens  # noqa: E402 - the tests' host-side byte access
 
 # KV shapes of real models (per token: layers x K,V x kv heads x head dim).
 LAYOUT_PRESETS: dict[str, dict] = {
@@ -141,7 +146,7 @@ def _run(cfg: BenchConfig, pm: PageManager, layout: KVLayout, rng: random.Random
             pm.add_sequence(s)
             pm.append_tokens(s, prompts[s])
             kv = _pattern(layout, s, torch.arange(prompts[s])).permute(1, 2, 0, 3, 4)
-            pm.write_tokens(s, 0, kv)
+            write_tokens(pm, s, 0, kv)
             prompt_tokens += prompts[s]
             generated[s] = 0
             running.append(s)
@@ -171,7 +176,7 @@ def _run(cfg: BenchConfig, pm: PageManager, layout: KVLayout, rng: random.Random
         for s in group:
             generated[s] += 1
             if generated[s] == cfg.gen_tokens:
-                got = pm.read_tokens(s)
+                got = read_tokens(pm, s)
                 want = _expected(layout, s, pm.num_tokens(s))
                 if not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
                     raise AssertionError(f"sequence {s}: KV read back differs from what was written")
@@ -201,7 +206,7 @@ def main() -> int:
     import json
     from dataclasses import fields
 
-    from tierkv.stats import format_stats
+    from tierkv.kv.stats import format_stats
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BenchConfig()

@@ -77,8 +77,9 @@ def main() -> int:
     sched.schedule = timed("schedule", sched.schedule)
     for name in PM_CALLS:
         setattr(pm, name, timed(f"pm.{name}", getattr(pm, name)))
-    engine._stream_plan = timed("attention metadata", engine._stream_plan)
-    model = engine.model
+    runner = engine.runner
+    runner._stream_plan = timed("attention metadata", runner._stream_plan)
+    model = runner.model
     model.forward = timed("model forward", model.forward, gpu=True)
     model.logits = timed("lm head", model.logits, gpu=True)
     engine._complete = timed("sample + update", engine._complete)

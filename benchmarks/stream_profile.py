@@ -17,7 +17,7 @@ from common import annotate, ms_and_calls_by_name, ms_by_name, require_cuda, uni
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tierkv
-import tierkv.engine
+import tierkv.runner
 from tierkv import attention
 
 
@@ -38,8 +38,8 @@ def main() -> int:
     args = ap.parse_args()
     if not require_cuda("stream_profile"):
         return 2
-    tierkv.engine.Engine.staging_buffers = args.staging_buffers
-    tierkv.engine.Engine.staging_copy_streams = args.copy_streams
+    tierkv.runner.ModelRunner.staging_buffers = args.staging_buffers
+    tierkv.runner.ModelRunner.staging_copy_streams = args.copy_streams
     llm = tierkv.LLM(
         args.model,
         load_format="dummy",

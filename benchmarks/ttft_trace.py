@@ -43,7 +43,7 @@ def main() -> int:
     torch.cuda.synchronize()
     engine = llm.engine
     annotate(engine, ("_admit", "run_forward", "_complete"), "tierkv")
-    annotate(engine.hasher, ("keys",), "tierkv")
+    annotate(engine.prefix.hasher, ("keys",), "tierkv")
     annotate(llm.pm, ("lookup", "attach", "prefetch", "acquire"), "tierkv")
     annotate(llm.pm.mover, ("move",), "tierkv")
     annotate(llm, ("_add",), "tierkv")

@@ -5,7 +5,7 @@ A pool is a tensor whose first axis indexes block slots and whose other axes are
 
 Where either pool is on a CUDA device, one Triton kernel does the whole batch, reading or writing pinned
 host memory in place through unified virtual addressing (zero-copy), so scattered blocks move at close to
-the speed of one contiguous copy instead of paying one DMA setup per block (see ANCHORS.md).
+the speed of one contiguous copy instead of paying one DMA setup per block (BENCHMARKS.md: block moves vs a contiguous copy).
 """
 
 from __future__ import annotations

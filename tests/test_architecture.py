@@ -1,8 +1,10 @@
 """The shape of the code: dependencies point one way (no import cycle among tierkv's modules, function-local
-imports included)."""
+imports included), no module holds two concerns (none is past ~500 lines), and the KV bookkeeping and the
+policies are plain Python (no torch anywhere below them)."""
 
 import ast
 import os
+import re
 from pathlib import Path
 
 import tierkv
@@ -30,7 +32,9 @@ def _runtime_imports(tree: ast.AST):
     return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(external: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    """Module -> the tierkv modules it imports. `external`, if given, collects each module's other imports (their
+    top-level names)."""
     mods = modules()
     graph = {}
     for name, path in mods.items():
@@ -45,6 +49,8 @@ def import_graph() -> dict[str, set[str]]:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 targets += [f"{base}.{a.name}" for a in node.names] + [base]
+        if external is not None:
+            external[name] = {t.partition(".")[0] for t in targets if t and not t.startswith("tierkv")}
         edges = set()
         for target in targets:
             while target and target not in mods:
@@ -88,3 +94,102 @@ def test_no_import_cycle_among_tierkv_modules():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_LINES = 500
+# The page manager's bookkeeping and the policies: which block is where, decided without touching a tensor.
+PLAIN_PYTHON = [
+    "tierkv.kv.block",
+    "tierkv.kv.slots",
+    "tierkv.kv.ledger",
+    "tierkv.kv.prefix_index",
+    "tierkv.kv.spares",
+    "tierkv.kv.transfer",
+    "tierkv.kv.step_plan",
+    "tierkv.kv.placement",
+    "tierkv.policies.lru",
+    "tierkv.policies.clock",
+    "tierkv.policies.prefetch",
+    "tierkv.policies.registry",
+]
+
+
+def test_no_module_is_past_the_size_of_one_concern():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert len(sizes) > 40
+    big = {name: n for name, n in sizes.items() if n > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines (split them by concern): {big}"
+
+
+def test_the_bookkeeping_and_the_policies_import_no_torch():
+    external: dict[str, set[str]] = {}
+    graph = import_graph(external)
+    for root in PLAIN_PYTHON:
+        seen, todo = set(), [root]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo += graph[name]
+        heavy = {name: sorted(external[name] & {"torch", "numpy", "triton"}) for name in seen}
+        heavy = {name: libs for name, libs in heavy.items() if libs}
+        assert not heavy, f"{root} reaches modules that import {heavy}"
+
+
+def test_the_torch_check_sees_a_torch_import():
+    external: dict[str, set[str]] = {}
+    import_graph(external)
+    assert "torch" in external["tierkv.kv.mover"] and "torch" not in external["tierkv.kv.placement"]
+
+
+README = PACKAGE.parent / "README.md"
+FOUNDATION = {f"tierkv.{m}" for m in ("config", "errors", "handles", "layout", "sizes", "outputs")}
+
+
+def readme_layers() -> list[set[str]]:
+    """The modules of each row of the README's architecture table, top row first."""
+    text = README.read_text()
+    section = text[text.index("## How it is built") :]
+    section = section[: section.index("\n## ", 5)]
+    mods = modules()
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names, folder = set(), ""
+        for path in re.findall(r"`([\w/]+(?:\.py|/))`", line.split("|")[1]):
+            if path.endswith("/"):  # a folder: every module in it
+                prefix = "tierkv." + path.strip("/").replace("/", ".")
+                if path in ("kernels/", "policies/"):
+                    names |= {m for m in mods if m.startswith(prefix + ".")}
+                continue
+            if "/" in path:
+                folder = path.rpartition("/")[0]
+            else:
+                path = f"{folder}/{path}"
+            names.add(path.removesuffix(".py").replace("/", "."))
+        if names:
+            rows.append(names)
+    return rows
+
+
+def test_the_readme_architecture_table_matches_the_imports():
+    graph = import_graph()
+    rows = readme_layers()
+    row_of = {}
+    for i, names in enumerate(rows):
+        for name in names:
+            assert name in graph, f"README names {name}, which is not a module"
+            row_of[name] = i
+    packages = {name for name, path in modules().items() if path.name in ("__init__.py", "__main__.py")}
+    packages |= {name for name in graph if name.endswith("__main__")}
+    missing = set(graph) - set(row_of) - FOUNDATION - packages
+    assert not missing, f"modules the README's architecture table does not place: {sorted(missing)}"
+    for name in FOUNDATION:
+        assert graph[name] <= FOUNDATION, f"{name} is beneath every row but imports {graph[name] - FOUNDATION}"
+    for name, i in row_of.items():
+        for target in graph[name] - FOUNDATION:
+            assert row_of.get(target, -1) >= i, (
+                f"{name} (README row {i + 1}) imports {target} (row {row_of.get(target, '?') if target in row_of else '?'}): "
+                "a row may import only its own row and those below it"
+            )

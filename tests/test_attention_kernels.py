@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from tierkv.kernels.kv_write import write_kv_reference, write_kv_triton
-from tierkv.kernels.paged_attention import (
-    PREFILL_CONFIG,
-    PagedBatch,
-    attention_reference,
-    merge_partials,
-    merge_partials_into,
-    merge_partials_triton,
-    paged_attention_reference,
-    paged_attention_triton,
-)
+from tierkv.kernels.paged_attention import attention_reference, paged_attention_reference, paged_attention_triton
+from tierkv.kernels.paged_batch import PagedBatch
+from tierkv.kernels.paged_prefill import PREFILL_CONFIG
+from tierkv.kernels.partial_merge import merge_partials, merge_partials_into, merge_partials_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -262,7 +256,8 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run():
         pytest.skip("needs CUDA (compiled kernels)")
     from triton.runtime.jit import JITFunction
 
-    from tierkv.kernels.paged_attention import SPLIT_MAX_Q, compile_variants
+    from tierkv.kernels.paged_attention import compile_variants
+    from tierkv.kernels.paged_decode import SPLIT_MAX_Q
 
     compile_variants(8, 2, 64, 4, torch.bfloat16, DEVICE)
     compiled = []

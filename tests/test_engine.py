@@ -3,6 +3,7 @@ NVMe tiers (float32, CPU), plus sampling, n > 1, stop conditions, streaming and 
 
 import pytest
 import torch
+from kv_tools import check_invariants
 from tiny_models import ARCHS, hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
@@ -173,7 +174,7 @@ def test_piecewise_split_of_the_forward_equals_transformers(checkpoints, arch, t
     prompts = random_prompts(6, 5, 300, hf.config.vocab_size, seed=3)
     want = [hf_greedy(hf, p, 16) for p in prompts]
     with tiered_llm(path, tmp_path / "nvme") as llm:
-        llm.engine.pieces = PiecewiseGraphs(llm.engine, capture=False)
+        llm.engine.runner.pieces = PiecewiseGraphs(llm.engine.runner, capture=False)
         outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
         stats = llm.stats()
     assert [o.outputs[0].token_ids for o in outs] == want
@@ -343,7 +344,7 @@ def test_prefetch_when_sequences_outgrow_the_gpu_moves_nothing_twice(tmp_path):
             prompts = random_prompts(16, 64, 64, 500, seed=1)
             outs = llm.generate(prompts, SamplingParams(max_tokens=160, temperature=0, ignore_eos=True), use_tqdm=False)
             stats = llm.stats()
-            llm.pm.check_invariants()
+            check_invariants(llm.pm)
         moved[prefetch] = (
             stats["links"]["cpu->gpu"]["blocks"],
             stats["tiers"]["gpu"]["prefetched"],
@@ -377,7 +378,7 @@ def test_new_requests_wait_for_room_instead_of_swapping_begun_ones(tmp_path):
             prompts = random_prompts(24, 200, 256, 500, seed=0)
             outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
             stats[over] = llm.stats()
-            llm.pm.check_invariants()
+            check_invariants(llm.pm)
         outputs[over] = [o.outputs[0].token_ids for o in outs]
     assert outputs[True] == outputs[False]
     assert stats[True]["engine"]["preemptions"] > 0 and stats[True]["links"]["gpu->cpu"]["blocks"] > 0
@@ -439,7 +440,7 @@ def test_asynchronous_scheduling_gives_what_synchronous_steps_give(checkpoints, 
             stop = text[len(text) // 2 : len(text) // 2 + 2]
             params[3] = SamplingParams(max_tokens=24, temperature=0, stop=[stop])
             outs = llm.generate(prompts, params, use_tqdm=False)
-            llm.pm.check_invariants()
+            check_invariants(llm.pm)
             assert not llm.pm.sequences and not llm.scheduler.running
             assert not llm.engine.live  # every request finished, none left holding tokens in flight
             stats[on] = llm.stats()["engine"]

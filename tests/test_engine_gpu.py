@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from kv_tools import check_invariants
 from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
@@ -98,7 +99,7 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
     is still exact (without the per-layer waits the step would read blocks not yet there). The prompt's step runs
     as piecewise graphs: each layer's wait comes before the graph piece that writes that layer's KV."""
     from tierkv.handles import LayeredHandle
-    from tierkv.mover import Mover
+    from tierkv.kv.mover import Mover
 
     monkeypatch.setattr(Mover, "layered_min_blocks", 8)
     monkeypatch.setattr(Mover, "layer_group_bytes", 1)  # one layer per group
@@ -259,7 +260,7 @@ def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypa
     at random, prefetch off so that blocks are still in flight when their step starts: the decode steps replay their
     graphs, waiting on gates layer by layer. Same tokens as eager steps and transformers. The holds are long
     (_LongHolds): with the hook's random ones, 2 of 34 H100 runs had no decode step meet blocks in flight."""
-    from tierkv.mover import Mover
+    from tierkv.kv.mover import Mover
 
     monkeypatch.setattr(Mover, "layered_min_blocks", 4)
     monkeypatch.setattr(Mover, "layer_group_bytes", 1)  # one layer per group
@@ -282,8 +283,8 @@ def test_decode_graphs_wait_layer_by_layer_for_swapped_blocks(tmp_path, monkeypa
             outs[graphs] = llm.generate(prompts, SamplingParams(max_tokens=14, temperature=0), use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
             if graphs:
-                kinds = {gated for _, _, gated in llm.engine.graphs.graphs}
-            llm.pm.check_invariants()
+                kinds = {gated for _, _, gated in llm.engine.runner.graphs.graphs}
+            check_invariants(llm.pm)
     assert stats[True]["preemptions"] > 0 and stats[True]["graph_steps_gated"] > 0, stats[True]
     assert kinds == {True, False}, f"graphs captured with wait nodes: {kinds} (both kinds expected); {stats[True]}"
     assert (
@@ -302,7 +303,7 @@ def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
     layer's KV; whether a step meets blocks in flight depends on timing: the prefix test below makes sure of one).
     Same tokens as eager steps and as transformers, log-probabilities as close as float32 allows (the GEMMs see
     padded rows)."""
-    from tierkv.mover import Mover
+    from tierkv.kv.mover import Mover
 
     if case == "swapped":
         monkeypatch.setattr(Mover, "layered_min_blocks", 4)
@@ -324,7 +325,7 @@ def test_piecewise_graph_steps_match_eager_steps(case, tmp_path, monkeypatch):
             llm.pm.mover._debug_rng = random.Random(3)
             outs[graphs] = llm.generate(prompts, params, use_tqdm=False)
             stats[graphs] = llm.stats()["engine"]
-            llm.pm.check_invariants()
+            check_invariants(llm.pm)
     assert stats[True]["piecewise_steps"] > 0 and stats[False]["piecewise_steps"] == 0
     if case == "streamed":
         assert stats[True]["streamed_steps"] > 0
@@ -355,7 +356,7 @@ def test_transfers_serialized_with_compute_give_the_same_tokens(tmp_path):
         llm.pm.mover.serialize = True
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
         stats = llm.stats()
-        llm.pm.check_invariants()
+        check_invariants(llm.pm)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]
     assert stats["engine"]["preemptions"] > 0 and stats["tiers"]["gpu"]["blocks_in"] > 0
 
@@ -385,7 +386,7 @@ def test_asynchronous_steps_on_gpu_match_synchronous_ones(gpu_blocks, tmp_path):
             llm.pm.mover._debug_rng = random.Random(4)
             outs[on] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             stats[on] = llm.stats()["engine"]
-            llm.pm.check_invariants()
+            check_invariants(llm.pm)
     assert outs[True] == outs[False]
     for i, got in enumerate(outs[True]):
         want = free[i][: 20 - i] if i != 2 else free[2][: free[2].index(free[2][3]) + 1]

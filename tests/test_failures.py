@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from kv_tools import check_invariants
 from tiny_models import make_checkpoint
 
 import tierkv
@@ -129,7 +130,7 @@ def expected_outputs(path: str, w: Workload, nvme_dir: str) -> list[list[list[in
 
 
 def check_consistent(llm) -> None:
-    llm.pm.check_invariants()
+    check_invariants(llm.pm)
     running = {s.seq_id for s in llm.scheduler.running}
     assert set(llm.pm.sequences) == running, "a page-manager sequence outlived its request"
     assert all(llm.engine.live.get(s.request.arrival) is s.request for s in llm.scheduler.running)

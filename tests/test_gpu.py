@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kv_tools import read_tokens, write_tokens
 
 from tierkv import KVLayout, PageManager, PageManagerConfig
 from tierkv.kernels.block_copy import (
@@ -11,8 +12,9 @@ from tierkv.kernels.block_copy import (
     copy_blocks_triton,
     copy_engine_available,
 )
-from tierkv.mover import Mover
-from tierkv.tiers import CPU, GPU, MemoryTier, NvmeTier
+from tierkv.kv.block import CPU, GPU
+from tierkv.kv.mover import Mover
+from tierkv.kv.tiers import MemoryTier, NvmeTier
 
 pytestmark = pytest.mark.gpu
 
@@ -93,7 +95,7 @@ def test_eviction_waits_for_a_slow_compute_stream(tmp_path):
             pm.tiers[GPU].pool[table] = value
             pm.release([seq])
             pm.evict([seq], to="cpu" if trial % 2 else "nvme")  # queued while the compute stream still spins
-            got = pm.read_tokens(seq)
+            got = read_tokens(pm, seq)
             assert torch.all(got == trial + 1), f"trial {trial}: eviction overtook the compute stream"
             pm.free(seq)
 
@@ -120,7 +122,7 @@ def test_identical_results_alone_and_in_a_crowd(tmp_path):
             )
             pm.add_sequence(i)
             pm.append_tokens(i, n)
-            pm.write_tokens(i, 0, kv)
+            write_tokens(pm, i, 0, kv)
             data[i] = kv
             if i % 3 == 0:
                 pm.prefetch([max(0, i - 7)])
@@ -130,7 +132,7 @@ def test_identical_results_alone_and_in_a_crowd(tmp_path):
             pm.acquire([s])
             pm.release([s])
         for i, kv in data.items():
-            assert torch.equal(pm.read_tokens(i), kv), f"sequence {i}"
+            assert torch.equal(read_tokens(pm, i), kv), f"sequence {i}"
 
 
 needs_copy_engine = pytest.mark.skipif(not copy_engine_available(), reason="needs CuPy (the gpu extra) for 2D copies")

@@ -12,13 +12,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from kv_tools import check_invariants
 from test_batch import PROMPTS, cli, lines_in, read_output, write_job
 from tiny_models import make_checkpoint, random_prompts
 
 import tierkv
 from tierkv import CapacityError, ConfigError, SamplingParams, StoreError
 from tierkv.batch_output import OutputFile
-from tierkv.nvme_store import RECORD_NBYTES, NvmeStore
+from tierkv.kv.nvme_store import RECORD_NBYTES, NvmeStore
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -125,7 +126,7 @@ def test_ctrl_c_inside_generate_leaves_the_engine_usable(model_dir, tmp_path, mo
     with small_llm(model_dir, tmp_path / "ref") as llm:
         want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     with small_llm(model_dir, tmp_path / "nvme") as llm:
-        real, calls = llm.engine.run_forward, []
+        real, calls = llm.engine.runner.run_forward, []
 
         def interrupted(*args, **kwargs):
             calls.append(1)
@@ -133,11 +134,11 @@ def test_ctrl_c_inside_generate_leaves_the_engine_usable(model_dir, tmp_path, mo
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(llm.engine, "run_forward", interrupted)
+        monkeypatch.setattr(llm.engine.runner, "run_forward", interrupted)
         with pytest.raises(KeyboardInterrupt) as exc:
             llm.generate(prompts, GREEDY, use_tqdm=False)
         assert exc.value.aborted_request_ids
-        llm.pm.check_invariants()
+        check_invariants(llm.pm)
         assert not llm.pm.sequences and not llm.engine.live
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == want
@@ -158,7 +159,7 @@ def test_a_disk_filled_mid_run_fails_one_call_and_the_next_works(model_dir, tmp_
         with pytest.raises(StoreError, match="blocks.bin failed: the disk is full"):
             llm.generate(prompts, GREEDY, use_tqdm=False)
         backend.write = write
-        llm.pm.check_invariants()
+        check_invariants(llm.pm)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == want
 
@@ -371,7 +372,7 @@ def test_a_full_disk_names_the_file_that_failed_and_the_store_reserves_its_files
 
 
 def test_host_memory_tiers_are_checked_together_against_the_ram(model_dir):
-    from tierkv.tiers import _available_ram
+    from tierkv.kv.tiers import _available_ram
 
     avail = _available_ram()
     half = int(avail * 0.6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tierkv import ConfigError, CorruptBlockError, KVLayout, StoreError
-from tierkv.nvme_store import HEADER_NBYTES, NvmeStore
+from tierkv.kv.nvme_store import HEADER_NBYTES, NvmeStore
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float16, block_size=4)
 
@@ -81,7 +81,7 @@ def test_layout_change_drops_the_old_blocks_with_a_warning(nvme_dir):
 def test_second_process_gets_a_clear_lock_error(nvme_dir):
     with NvmeStore(nvme_dir, LAYOUT, 2, backend="posix"):
         code = (
-            "import torch; from tierkv import KVLayout; from tierkv.nvme_store import NvmeStore\n"
+            "import torch; from tierkv import KVLayout; from tierkv.kv.nvme_store import NvmeStore\n"
             f"NvmeStore({nvme_dir!r}, KVLayout(2, 2, 8, torch.float16, 4), 2, backend='posix')"
         )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -4,8 +4,10 @@ import re
 
 import pytest
 import torch
+from kv_tools import check_invariants, read_tokens, write_tokens
 
 from tierkv import CapacityError, ConfigError, KVLayout, PageManager, PageManagerConfig
+from tierkv.kv.placement import Placement
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, block_size=4)
 
@@ -27,7 +29,7 @@ def add(pm, seq, n, seed):
     data = kv(n, seed)
     pm.add_sequence(seq)
     pm.append_tokens(seq, n)
-    pm.write_tokens(seq, 0, data)
+    write_tokens(pm, seq, 0, data)
     return data
 
 
@@ -43,13 +45,13 @@ def test_blocks_demote_down_the_tiers_and_come_back_exact(nvme_dir):
         c = add(pm, "c", 8, 3)  # pushes b to the CPU and a further down to NVMe
         assert tiers_of(pm, "a") == ["nvme", "nvme"] and tiers_of(pm, "b") == ["cpu", "cpu"]
         for seq, data in (("a", a), ("b", b), ("c", c)):
-            assert torch.equal(pm.read_tokens(seq), data)
+            assert torch.equal(read_tokens(pm, seq), data)
         before = pm.stats()["tiers"]
         table = pm.acquire(["a"])[0]  # promote a from NVMe straight to the GPU; c goes to the CPU, b to NVMe
         gpu_pool = pm.tiers[0].pool
         assert torch.equal(torch.cat([gpu_pool[s] for s in table], dim=2), a)
         pm.release(["a"])
-        pm.check_invariants()
+        check_invariants(pm)
         assert tiers_of(pm, "b") == ["nvme", "nvme"] and tiers_of(pm, "c") == ["cpu", "cpu"]
         after = pm.stats()["tiers"]
 
@@ -68,9 +70,9 @@ def test_promotion_when_every_tier_is_full_uses_the_reserve(nvme_dir):
         for seq in "abcab":
             pm.acquire([seq])
             pm.release([seq])
-            pm.check_invariants()
+            check_invariants(pm)
         for seq, d in data.items():
-            assert torch.equal(pm.read_tokens(seq), d)
+            assert torch.equal(read_tokens(pm, seq), d)
         assert tiers_of(pm, "b") == ["gpu", "gpu"]
 
 
@@ -81,16 +83,16 @@ def test_copy_on_write_shares_until_written():
         assert [x.block_id for x in pm.block_table("a")] == [x.block_id for x in pm.block_table("b")]
         pm.append_tokens("b", 1)
         extra = kv(1, 9)
-        pm.write_tokens("b", 6, extra)
+        write_tokens(pm, "b", 6, extra)
         ta, tb = pm.block_table("a"), pm.block_table("b")
         assert ta[0] is tb[0] and ta[0].ref_count == 2  # the full block stays shared
         assert ta[1] is not tb[1] and ta[1].ref_count == 1 and tb[1].ref_count == 1  # the written one was copied
-        assert pm.cow_copies == 1
-        assert torch.equal(pm.read_tokens("a"), a)
-        assert torch.equal(pm.read_tokens("b"), torch.cat([a, extra], dim=2))
+        assert pm.placement.cow_copies == 1
+        assert torch.equal(read_tokens(pm, "a"), a)
+        assert torch.equal(read_tokens(pm, "b"), torch.cat([a, extra], dim=2))
         pm.free("a")
         assert tb[0].ref_count == 1
-        pm.check_invariants()
+        check_invariants(pm)
 
 
 def test_copy_on_write_of_a_block_living_on_nvme(nvme_dir):
@@ -100,12 +102,12 @@ def test_copy_on_write_of_a_block_living_on_nvme(nvme_dir):
         pm.evict(["a"], to="nvme")
         assert tiers_of(pm, "a") == ["nvme"]
         new = kv(2, 5)
-        pm.write_tokens("b", 1, new)
+        write_tokens(pm, "b", 1, new)
         assert tiers_of(pm, "a") == ["nvme"] and tiers_of(pm, "b") == ["gpu"]
-        assert torch.equal(pm.read_tokens("a"), a)
+        assert torch.equal(read_tokens(pm, "a"), a)
         expect = a.clone()
         expect[:, :, 1:3] = new
-        assert torch.equal(pm.read_tokens("b"), expect)
+        assert torch.equal(read_tokens(pm, "b"), expect)
 
 
 def test_pinned_blocks_are_never_evicted():
@@ -117,7 +119,7 @@ def test_pinned_blocks_are_never_evicted():
         assert tiers_of(pm, "a") == ["gpu", "gpu"] and tiers_of(pm, "b") == ["cpu"]
         with pytest.raises(CapacityError, match="needs 3 KV blocks on the GPU at once"):
             pm.acquire(["b"])
-        pm.check_invariants()
+        check_invariants(pm)
         pm.release(["a"])
         pm.acquire(["b"])
         assert tiers_of(pm, "b") == ["gpu"]
@@ -132,8 +134,8 @@ def test_capacity_error_names_the_numbers_and_changes_nothing(nvme_dir):
             pm.append_tokens("a", 9)
         assert re.search(r"free: gpu \d of 2, cpu \d of 1, nvme \d of 2\)", str(err.value))
         assert pm.num_tokens("a") == 12 and pm.stats()["tiers"] == before
-        assert torch.equal(pm.read_tokens("a"), a)
-        pm.check_invariants()
+        assert torch.equal(read_tokens(pm, "a"), a)
+        check_invariants(pm)
 
 
 def test_prefetch_brings_the_next_sequence_up_without_touching_pinned_ones(nvme_dir):
@@ -152,7 +154,7 @@ def test_prefetch_brings_the_next_sequence_up_without_touching_pinned_ones(nvme_
         assert pm.stats()["tiers"]["gpu"]["prefetched"] == 2
         pm.release(["a"])
         for seq, d in (("a", a), ("b", b), ("c", c)):
-            assert torch.equal(pm.read_tokens(seq), d)
+            assert torch.equal(read_tokens(pm, seq), d)
 
 
 def test_prefetch_is_best_effort_when_the_gpu_is_pinned_full():
@@ -175,7 +177,7 @@ def test_evict_swaps_a_sequence_down_and_acquire_brings_it_back(nvme_dir):
         pm.acquire(["a"])
         assert tiers_of(pm, "a") == ["gpu"] * 3
         pm.release(["a"])
-        assert torch.equal(pm.read_tokens("a"), a)
+        assert torch.equal(read_tokens(pm, "a"), a)
         with pytest.raises(ValueError, match="not a lower tier"):
             pm.evict(["a"], to="gpu")
 
@@ -183,8 +185,8 @@ def test_evict_swaps_a_sequence_down_and_acquire_brings_it_back(nvme_dir):
 def test_a_swap_into_a_full_gpu_goes_in_chunks_that_each_wait_only_for_their_own_victims(monkeypatch):
     """Swapping 64 blocks into a GPU tier full of another sequence's: four chunks of 16 (each chunk's victims out,
     then its blocks in, into the slots they left), not one batch out and one in, and every byte exact."""
-    monkeypatch.setattr(PageManager, "swap_chunk_blocks", 8)
-    monkeypatch.setattr(PageManager, "swap_chunks", 4)  # (one by default)
+    monkeypatch.setattr(Placement, "swap_chunk_blocks", 8)
+    monkeypatch.setattr(Placement, "swap_chunks", 4)  # (one by default)
     with make(gpu=64, cpu=128) as pm:
         a = add(pm, "a", 256, 1)  # 64 blocks: fills the GPU
         b = add(pm, "b", 256, 2)  # pushes a down
@@ -198,8 +200,8 @@ def test_a_swap_into_a_full_gpu_goes_in_chunks_that_each_wait_only_for_their_own
         )
         assert torch.equal(torch.cat([pm.tiers[0].pool[s] for s in table], dim=2), a)
         pm.release(["a"])
-        pm.check_invariants()
-        assert torch.equal(pm.read_tokens("b"), b) and torch.equal(pm.read_tokens("a"), a)
+        check_invariants(pm)
+        assert torch.equal(read_tokens(pm, "b"), b) and torch.equal(read_tokens(pm, "a"), a)
 
 
 def test_a_block_swapped_in_and_out_unwritten_moves_no_bytes_out():
@@ -214,7 +216,7 @@ def test_a_block_swapped_in_and_out_unwritten_moves_no_bytes_out():
         assert pm.stats()["tiers"]["cpu"]["host_copies"] == 4
         out0 = pm.stats()["links"]["gpu->cpu"]["blocks"]
         new = kv(2, 3)
-        pm.write_tokens("a", 14, new)  # rewrites a's last block on the GPU: its copy is stale and goes
+        write_tokens(pm, "a", 14, new)  # rewrites a's last block on the GPU: its copy is stale and goes
         a[:, :, 14:16] = new
         assert pm.stats()["tiers"]["cpu"]["host_copies"] == 3
         pm.acquire(["b"])  # a goes down: three blocks onto their copies, one copied
@@ -222,8 +224,8 @@ def test_a_block_swapped_in_and_out_unwritten_moves_no_bytes_out():
         stats = pm.stats()
         assert stats["links"]["gpu->cpu"]["blocks"] - out0 == 1
         assert stats["tiers"]["cpu"]["onto_copies"] == 3 and stats["tiers"]["cpu"]["host_copies"] == 4  # b's, now
-        pm.check_invariants()
-        assert torch.equal(pm.read_tokens("a"), a) and torch.equal(pm.read_tokens("b"), b)
+        check_invariants(pm)
+        assert torch.equal(read_tokens(pm, "a"), a) and torch.equal(read_tokens(pm, "b"), b)
 
 
 def test_host_copies_give_way_when_the_cpu_tier_needs_room():
@@ -238,18 +240,18 @@ def test_host_copies_give_way_when_the_cpu_tier_needs_room():
         pm.add_sequence("c")
         pm.append_tokens("c", 24)  # 6 blocks: 4 in the open CPU slots, 2 in the slots of dropped copies
         assert pm.stats()["tiers"]["cpu"]["host_copies"] == 2
-        pm.check_invariants()
+        check_invariants(pm)
         c = kv(24, 3)
-        pm.write_tokens("c", 0, c)
-        pm.check_invariants()
-        assert torch.equal(pm.read_tokens("c"), c) and torch.equal(pm.read_tokens("a"), a)
+        write_tokens(pm, "c", 0, c)
+        check_invariants(pm)
+        assert torch.equal(read_tokens(pm, "c"), c) and torch.equal(read_tokens(pm, "a"), a)
 
 
 def test_long_write_goes_through_a_gpu_smaller_than_the_sequence(nvme_dir):
     with make(nvme_dir, gpu=2, cpu=2, nvme=8) as pm:
         a = add(pm, "a", 40, 1)  # 10 blocks through a 2-block GPU tier
-        assert torch.equal(pm.read_tokens("a"), a)
-        assert torch.equal(pm.read_tokens("a", 13, 31), a[:, :, 13:31])
+        assert torch.equal(read_tokens(pm, "a"), a)
+        assert torch.equal(read_tokens(pm, "a", 13, 31), a[:, :, 13:31])
 
 
 def test_free_returns_every_slot(nvme_dir):
@@ -259,7 +261,7 @@ def test_free_returns_every_slot(nvme_dir):
         pm.fork("a", "d")
         for s in "abcd":
             pm.free(s)
-        pm.check_invariants()
+        check_invariants(pm)
         assert pm.free_blocks() == 8 and not pm.blocks
 
 

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from kv_tools import check_invariants, read_block, read_tokens, write_tokens
 
 from tierkv import CapacityError, KVLayout, PageManager, PageManagerConfig
 
@@ -66,7 +67,7 @@ class PageManagerMachine(RuleBasedStateMachine):
         if self.pm is not None:
             for seq in list(self.shadow):
                 self.pm.free(seq)
-            self.pm.check_invariants()
+            check_invariants(self.pm)
             assert all(b.ref_count == 0 and b.key is not None for b in self.pm.blocks.values())  # only cached blocks
             assert self.pm.free_blocks() == sum(t.num_blocks for t in self.pm.tiers.values())
             self.pm.reset_prefix_cache()
@@ -102,7 +103,7 @@ class PageManagerMachine(RuleBasedStateMachine):
             return
         assert need <= free
         data = self.kv(n)
-        self.pm.write_tokens(seq, 0, data)
+        write_tokens(self.pm, seq, 0, data)
         self.shadow[seq] = data
 
     @precondition(lambda self: self.shadow)
@@ -121,7 +122,7 @@ class PageManagerMachine(RuleBasedStateMachine):
         shared_last = old_len % bs != 0 and self.pm.block_table(seq)[old_len // bs].ref_count > 1
         free = self.pm.free_blocks()
         try:
-            self.pm.write_tokens(seq, self.shadow[seq].shape[2], data)
+            write_tokens(self.pm, seq, self.shadow[seq].shape[2], data)
         except CapacityError:
             # Only a copy-on-write of the shared last block can fail, and only with every tier full.
             assert shared_last and free == 0
@@ -151,7 +152,7 @@ class PageManagerMachine(RuleBasedStateMachine):
         shared = sum(1 for b in self.pm.block_table(seq)[start // bs : -(-(start + n) // bs)] if b.ref_count > 1)
         free = self.pm.free_blocks()
         try:
-            self.pm.write_tokens(seq, start, data)
+            write_tokens(self.pm, seq, start, data)
         except CapacityError:
             assert shared > free  # copy-on-write found no free block; the invariant checks nothing changed
             return
@@ -240,11 +241,11 @@ class PageManagerMachine(RuleBasedStateMachine):
     def consistent(self):
         if self.pm is None:
             return
-        self.pm.check_invariants()
+        check_invariants(self.pm)
         for seq, data in self.shadow.items():
-            assert torch.equal(self.pm.read_tokens(seq), data), f"sequence {seq}: bytes differ"
+            assert torch.equal(read_tokens(self.pm, seq), data), f"sequence {seq}: bytes differ"
         for key, block in self.pm.index.items():
-            assert torch.equal(self.pm.read_block(block), self.content[key][0][:, :, :]), (
+            assert torch.equal(read_block(self.pm, block), self.content[key][0][:, :, :]), (
                 "a cached block's bytes changed"
             )
 

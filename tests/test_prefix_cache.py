@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 import torch
+from kv_tools import check_invariants, write_tokens
 from tiny_models import hf_greedy, make_checkpoint
 
 import tierkv
 from tierkv import SamplingParams
-from tierkv.nvme_store import HEADER_NBYTES
-from tierkv.prefix_cache import LoadOrRecompute, PrefixHasher
+from tierkv.kv.nvme_store import HEADER_NBYTES
+from tierkv.kv.prefix_cache import LoadOrRecompute, PrefixHasher
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -62,7 +63,7 @@ def test_shared_prefixes_are_reused_from_every_tier_and_stay_exact(model, tmp_pa
             check(outs, want)
             assert all(o.num_cached_tokens >= 96 for o in outs)
             assert llm.stats()["prefix"]["hit_tokens_by_tier"][tier] > before, f"no hit served from {tier}"
-        llm.pm.check_invariants()
+        check_invariants(llm.pm)
 
 
 def test_different_salts_do_not_share_and_reset_forgets(model, tmp_path):
@@ -132,7 +133,7 @@ def test_kill_9_while_storing_leaves_a_store_that_opens_cleanly(model, tmp_path)
         assert adopted > 0
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
         check(outs, want)
-        llm.pm.check_invariants()
+        check_invariants(llm.pm)
     assert not [w for w in record if "checksum" in str(w.message)], "a record vouched for a half-written block"
 
 
@@ -157,7 +158,7 @@ def test_a_block_altered_on_disk_is_detected_and_recomputed(model, tmp_path):
         out = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0]
         assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == want[0]
         assert llm.stats()["prefix"]["dropped_corrupt_tokens"] > 0
-        llm.pm.check_invariants()
+        check_invariants(llm.pm)
 
 
 def test_a_store_of_another_model_is_dropped_and_two_processes_are_refused(model, tmp_path):
@@ -185,7 +186,7 @@ def test_lookup_needs_the_tokens_to_match_not_only_the_key(tmp_path):
     with PageManager(PageManagerConfig(layout, gpu_blocks=4)) as pm:
         pm.add_sequence("a")
         pm.append_tokens("a", 8)
-        pm.write_tokens("a", 0, torch.randn(2, 2, 8, 1, 4))
+        write_tokens(pm, "a", 0, torch.randn(2, 2, 8, 1, 4))
         assert pm.register("a", 0, b"k0", (1, 2, 3, 4)) and pm.register("a", 1, b"k1", (5, 6, 7, 8))
         assert [b.key for b in pm.lookup([b"k0", b"k1"], [(1, 2, 3, 4), (5, 6, 7, 8)])] == [b"k0", b"k1"]
         assert [b.key for b in pm.lookup([b"k0", b"k1"], [(1, 2, 3, 4), (5, 6, 7, 9)])] == [b"k0"]  # a "collision"
@@ -224,7 +225,7 @@ def test_write_through_keeps_the_disk_cache_complete_even_after_kill_9(model, tm
         llm.generate({prompts!r}, tierkv.SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
         llm.pm.flush_copies()  # the last step's blocks (the engine flushes at the start of each step)
         llm.pm.synchronize()
-        only_in_memory = sum(1 for b in llm.pm.index.values() if b.tier != 2 and b.copy_slot is None)
+        only_in_memory = sum(1 for b in llm.pm.index.values() if b.tier != 2 and b.disk_copy is None)
         print(len(llm.pm.index), only_in_memory, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)

@@ -2,10 +2,11 @@
 
 from tierkv.config import EngineConfig, PageManagerConfig
 from tierkv.errors import CapacityError, ConfigError, CorruptBlockError, StoreError, TierKVError, WorkerError
+from tierkv.kv.block import Block
+from tierkv.kv.manager import PageManager
 from tierkv.layout import KVLayout
 from tierkv.llm import LLM
 from tierkv.outputs import CompletionOutput, RequestOutput
-from tierkv.page_manager import Block, PageManager
 from tierkv.sampling import SamplingParams
 
 __version__ = "0.1.0"

@@ -22,8 +22,10 @@ import torch
 
 from tierkv.kernels.block_copy import copy_block_runs, copy_blocks, copy_blocks_triton, copy_engine_runs
 from tierkv.kernels.kv_write import write_kv
-from tierkv.kernels.paged_attention import PagedBatch, merge_partials_into, paged_attention
-from tierkv.tiers import MemoryTier
+from tierkv.kernels.paged_attention import paged_attention
+from tierkv.kernels.paged_batch import PagedBatch
+from tierkv.kernels.partial_merge import merge_partials_into
+from tierkv.kv.tiers import MemoryTier
 
 
 def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:

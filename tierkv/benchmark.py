@@ -9,8 +9,8 @@ Workloads:
 Requests arrive at once (offline) unless the trace or --request-rate spreads them out.
 
 Per run: requests/s, output tokens/s, time to first token and time per output token percentiles, per-tier hit
-rates, bytes moved per link and each link's utilisation against the copy bandwidth measured at the start.
-Printed as a table, written as JSON, drawn as PNG plots of throughput and GPU hit rate against tier capacity.
+rates, bytes moved per link and each link's utilisation against the copy bandwidth measured at the start
+(tierkv.bench_baselines, with the transformers baseline); the table and PNG plots are tierkv.bench_report's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierkv.bench_baselines import link_ceiling, measure_links, run_hf
 from tierkv.errors import ConfigError
 
 
@@ -97,76 +98,6 @@ def make_workload(args, vocab: int) -> list[BenchRequest]:
     return reqs
 
 
-# -- link ceilings --------------------------------------------------------------------------------------------------
-
-
-def measure_links(device: torch.device, nvme_dir: str | None, nbytes: int = 64 * 2**20) -> dict[str, float]:
-    """Copy bandwidth of each link in GB/s, measured now with one contiguous transfer of `nbytes`."""
-    out = {}
-    host = torch.empty(nbytes, dtype=torch.uint8)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    host.random_()
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-
-    def timed(fn) -> float:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return nbytes / best / 1e9
-
-    out["cpu->gpu"] = timed(lambda: dev.copy_(host, non_blocking=True))
-    out["gpu->cpu"] = timed(lambda: host.copy_(dev, non_blocking=True))
-    if nvme_dir:
-        os.makedirs(nvme_dir, exist_ok=True)
-        path = os.path.join(nvme_dir, ".tierkv-linktest")
-        data = host.numpy()
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            buf = _aligned(nbytes)
-
-            def write():
-                os.pwritev(fd, [buf], 0)
-                os.fsync(fd)
-
-            def read():
-                os.preadv(fd, [buf], 0)
-
-            buf[:] = data[: len(buf)]
-            out["cpu->nvme"] = timed(write)
-            out["nvme->cpu"] = timed(read)
-        finally:
-            os.close(fd)
-            os.unlink(path)
-    return out
-
-
-def _aligned(nbytes: int):
-    import numpy as np
-
-    raw = np.empty(nbytes + 4096, dtype=np.uint8)
-    skip = (-raw.ctypes.data) % 4096
-    return raw[skip : skip + nbytes]
-
-
-def _link_ceiling(ceilings: dict[str, float], link: str) -> float | None:
-    src, dst = link.split("->")
-    if "nvme" in (src, dst):
-        return ceilings.get("cpu->nvme" if dst == "nvme" else "nvme->cpu")
-    return ceilings.get("cpu->gpu" if dst == "gpu" else "gpu->cpu")
-
-
 # -- runs ----------------------------------------------------------------------------------------------------------
 
 
@@ -234,7 +165,7 @@ def _run_requests(llm, reqs: list[BenchRequest]) -> tuple[list, float]:
 
 def _phases(workload: str, llm) -> list[str]:
     """shared-prefix: cold (nothing cached), then warm with the prefix cached on the GPU, in pinned RAM, on NVMe."""
-    if workload != "shared-prefix" or llm.engine.hasher is None:
+    if workload != "shared-prefix" or llm.engine.prefix is None:
         return ["run"]
     return ["cold", "warm gpu"] + [f"warm {llm.pm.tiers[k].name}" for k in llm.pm.kinds[1:]]
 
@@ -288,7 +219,7 @@ def _phase_result(outputs, wall, reqs, base, stats, ceilings) -> dict:
     result["links"] = {}
     for link, v in stats["links"].items():
         nbytes = v["bytes"] - base["links"].get(link, {}).get("bytes", 0)
-        ceiling = _link_ceiling(ceilings, link)
+        ceiling = link_ceiling(ceilings, link)
         result["links"][link] = {
             "bytes": nbytes,
             "gbps": nbytes / wall / 1e9,
@@ -305,88 +236,6 @@ def _phase_result(outputs, wall, reqs, base, stats, ceilings) -> dict:
     }
     result["engine"] = stats["engine"]
     return result
-
-
-def timed_generate_batch(model, prompts: list[list[int]], max_new: int) -> tuple[float, list[int]]:
-    """transformers' continuous batching, greedy, no end-of-sequence token (every request runs max_new tokens): a
-    short warm-up call, then one timed generate_batch() over `prompts`. Returns its wall time and the number of
-    tokens each request that came back generated."""
-    from transformers import GenerationConfig
-
-    cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    model.generate_batch(inputs=[prompts[0][:8]], generation_config=cfg, progress_bar=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
-    wall = time.perf_counter() - t0
-    return wall, [len(o.generated_tokens) for o in outs.values()]
-
-
-def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: torch.device, dtype) -> dict[str, dict]:
-    """The same requests through transformers: generate() with the dynamic and the offloaded cache (all requests in
-    one left-padded batch), and generate_batch() (its continuous batching)."""
-    import gc
-
-    from transformers import AutoModelForCausalLM
-
-    from tierkv.loader import load_hf_config, resolve_config_path
-
-    gc.collect()  # tierkv's runs are over: give their memory back before transformers takes its own
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    path = resolve_config_path(model_path)
-    if load_format == "dummy" or os.path.isfile(path):
-        with torch.device(device):  # initialise the random weights where they will run
-            model = AutoModelForCausalLM.from_config(load_hf_config(path), dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model = model.to(device).eval()
-    results = {}
-    max_new = max(r.output_len for r in reqs)
-    width = max(len(r.prompt_ids) for r in reqs)
-    ids = torch.zeros((len(reqs), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for k, r in enumerate(reqs):
-        ids[k, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[k, width - len(r.prompt_ids) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    useful = sum(r.output_len for r in reqs)
-    for name, kwargs in (
-        ("hf generate (dynamic cache)", {}),
-        ("hf generate (offloaded cache)", {"cache_implementation": "offloaded"}),
-    ):
-        if "offloaded" in name and device.type != "cuda":
-            results[name] = {"error": "transformers' offloaded cache needs CUDA"}
-            continue
-        try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=0,
-                **kwargs,
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-            results[name] = {"wall_s": wall, "output_tokens": useful, "output_tokens_per_s": useful / wall}
-        except Exception as exc:  # e.g. out of memory at this batch size: reported, not hidden
-            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    try:
-        wall, lengths = timed_generate_batch(model, [r.prompt_ids for r in reqs], max_new)
-        generated = sum(lengths)
-        results["hf generate_batch"] = {
-            "wall_s": wall,
-            "output_tokens": generated,
-            "output_tokens_per_s": generated / wall,
-        }
-    except Exception as exc:
-        results["hf generate_batch"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    return results
 
 
 # -- the command --------------------------------------------------------------------------------------------------
@@ -473,88 +322,3 @@ def main(args) -> dict:
         "runs": results,
         "baseline": baseline,
     }
-
-
-def format_table(report: dict) -> str:
-    def ms(x):
-        return "-" if x is None else f"{1e3 * x:.1f}"
-
-    lines = [
-        f"workload {report['workload']['kind']}: {report['workload']['requests']} requests, "
-        f"{report['workload']['prompt_tokens']} prompt + {report['workload']['output_tokens']} output tokens, "
-        f"{report['workload']['model']} on {report['workload']['device']}",
-        "link ceilings (GB/s, measured now): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in report["link_ceilings_gbps"].items()),
-        f"{'eviction':>8} {'bs':>3} {'gpu':>5} {'cpu':>5} {'nvme':>5} | {'req/s':>7} {'out tok/s':>9} | "
-        f"{'TTFT ms p50/p90/p99':>20} | {'TPOT ms p50/p90/p99':>20} | {'hit% gpu/cpu/nvme':>17} | link GB/s (util.)",
-    ]
-    for r in report["runs"]:
-        c = r["config"]
-        hits = "/".join("-" if t["hit_rate"] is None else f"{100 * t['hit_rate']:.0f}" for t in r["tiers"].values())
-        links = ", ".join(
-            f"{k} {v['gbps']:.2f}" + (f" ({100 * v['utilisation']:.0f}%)" if v["utilisation"] is not None else "")
-            for k, v in r["links"].items()
-            if v["bytes"]
-        )
-        ttft = "/".join(ms(r["ttft_s"][p]) for p in ("p50", "p90", "p99"))
-        tpot = "/".join(ms(r["tpot_s"][p]) for p in ("p50", "p90", "p99"))
-        lines.append(
-            f"{c['eviction']:>8} {c['block_size']:>3} {c['gpu_blocks']:>5} {c['cpu_blocks']:>5} {c['nvme_blocks']:>5} | "
-            f"{r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>9.1f} | {ttft:>20} | {tpot:>20} | {hits:>17} | {links or '-'}"
-        )
-        for name, ph in r.get("phases", {}).items():
-            pre = ph["prefix"]
-            rate = "-" if pre["hit_rate"] is None else f"{100 * pre['hit_rate']:.0f}%"
-            served = ", ".join(f"{k} {v}" for k, v in pre["hit_tokens_by_tier"].items() if v)
-            lines.append(
-                f"{'':>31} {name:>9}: TTFT p50 {ms(ph['ttft_s']['p50'])} ms, {ph['output_tokens_per_s']:.1f} out tok/s, "
-                f"prefix hit rate {rate} ({served or 'no hits'}; recomputed by choice {pre['recomputed_by_choice']})"
-            )
-    if report["baseline"]:
-        best = max(r["output_tokens_per_s"] for r in report["runs"])
-        for name, b in report["baseline"].items():
-            if "error" in b:
-                lines.append(f"baseline {name}: not run ({b['error']})")
-            else:
-                lines.append(
-                    f"baseline {name}: {b['output_tokens_per_s']:.1f} out tok/s; tierkv's best run is {best / b['output_tokens_per_s']:.2f}x"
-                )
-    return "\n".join(lines)
-
-
-def plot(report: dict, folder: str) -> list[str]:
-    """PNG plots of output tokens/s and GPU hit rate against the swept tier capacity, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = report["runs"]
-    axis = next(
-        (k for k in ("gpu_blocks", "cpu_blocks", "nvme_blocks") if len({r["config"][k] for r in runs}) > 1),
-        "gpu_blocks",
-    )
-    paths = []
-    for metric, label, fname in (
-        (lambda r: r["output_tokens_per_s"], "output tokens/s", "throughput_vs_capacity.png"),
-        (lambda r: 100 * (r["tiers"]["gpu"]["hit_rate"] or 0), "GPU tier hit rate (%)", "hitrate_vs_capacity.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        groups: dict[tuple, list] = {}
-        for r in runs:
-            c = r["config"]
-            groups.setdefault((c["eviction"], c["block_size"]), []).append((c[axis], metric(r)))
-        for (eviction, bs), pts in sorted(groups.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{eviction}, block {bs}")
-        ax.set_xlabel(f"{axis.replace('_', ' ')}")
-        ax.set_ylabel(label)
-        ax.set_title(f"{report['workload']['kind']}: {label} vs {axis.split('_')[0]} tier capacity", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(folder, fname)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths

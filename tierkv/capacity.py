@@ -10,6 +10,7 @@ import torch
 
 from tierkv.config import EngineConfig, resolve_blocks
 from tierkv.errors import CapacityError, ConfigError
+from tierkv.layout import request_blocks
 from tierkv.sampling import SamplingParams
 from tierkv.scheduler import Scheduler
 from tierkv.sizes import format_nbytes
@@ -81,7 +82,7 @@ def check_request_fits(
     what: str, prompt_len: int, params: SamplingParams, scheduler: Scheduler, gpu: int, cpu: int, nvme: int
 ) -> None:
     """Raise CapacityError if a request can never run with these tiers (all of them together, or streaming)."""
-    need = scheduler.reservation(_Probe([0] * prompt_len, params))
+    need = request_blocks(prompt_len, params.max_tokens, params.n, scheduler.block_size)
     total = gpu + cpu + nvme
     if need > total:
         raise CapacityError(
@@ -95,11 +96,3 @@ def check_request_fits(
             f"{what} needs {longest} blocks, more than the GPU tier's {gpu}: its older blocks are streamed from the "
             f"CPU tier, which must hold {longest - gpu} of them but holds {cpu}; raise cpu_blocks/cpu_memory or gpu_blocks"
         )
-
-
-class _Probe:
-    """Just enough of a Request for Scheduler.reservation."""
-
-    def __init__(self, prompt_ids, params) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params

@@ -105,7 +105,7 @@ def _bench_config(parser: argparse.ArgumentParser, path: str) -> None:
 
 
 def _run_bench(args) -> int:
-    from tierkv import benchmark
+    from tierkv import bench_report, benchmark
     from tierkv.batch_output import first_existing
 
     if args.nvme_dir is not None and os.path.exists(args.nvme_dir) and not os.path.isdir(args.nvme_dir):
@@ -120,10 +120,10 @@ def _run_bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(benchmark.format_table(report))
+    print(bench_report.format_table(report))
     written = [os.path.join(args.out, "results.json")]
     if not args.no_plots:
-        written += benchmark.plot(report, args.out)
+        written += bench_report.plot(report, args.out)
     print("wrote " + ", ".join(written))
     return 0
 
@@ -157,7 +157,7 @@ def _run_parser(sub) -> None:
 
 def _run_run(args) -> int:
     from tierkv import batch
-    from tierkv.stats import format_stats
+    from tierkv.kv.stats import format_stats
 
     demo = args.config is None
     overrides = args.overrides

@@ -1,39 +1,22 @@
-"""The engine: one step = schedule, place KV blocks, run the model over the paged cache, sample, update."""
+"""The engine: one step = schedule, place KV blocks, run the model over the paged cache (tierkv.runner), sample,
+update. Requests in, finished requests out; a failed step aborts what it touched and leaves the engine usable."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
-from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
-from tierkv.kernels.paged_attention import PagedBatch, compile_variants
+from tierkv.kv.manager import PageManager
+from tierkv.kv.prefix_cache import PrefixHasher
+from tierkv.kv.prefix_reuse import PrefixReuse
+from tierkv.kv.repair import repair
 from tierkv.loader import LoadedModel
-from tierkv.page_manager import PageManager
-from tierkv.pm_repair import repair
-from tierkv.prefix_cache import LoadOrRecompute, PrefixHasher, PrefixStats
+from tierkv.runner import EntryPlan, ModelRunner
 from tierkv.sampling import SamplingParams, make_generator, sample_row, top_logprobs
 from tierkv.scheduler import ScheduledEntry, Scheduler
 from tierkv.sequence import Request, Sequence
-from tierkv.tiers import GPU, NVME, TIER_NAMES
-
-
-@dataclass(frozen=True)
-class EntryPlan:
-    """What a step runs for one sequence: tokens [start, end), its KV window from block `first_block` on."""
-
-    seq_id: int
-    start: int
-    end: int
-    first_block: int
-    samples: bool  # its last row is sampled
-
-    @property
-    def num_tokens(self) -> int:
-        return self.end - self.start
 
 
 @dataclass
@@ -63,8 +46,8 @@ class LaunchedStep:
 
 
 class Engine:
-    staging_buffers = 2  # on CUDA: streamed chunks in flight (one being read, the others filling)
-    staging_copy_streams = 2  # buffer b fills on stream b % this: two copy engines share the link
+    """The step loop: admit requests, schedule, place their KV blocks, run the model (the runner), sample, update;
+    with prefix reuse where a hasher is given."""
 
     def __init__(
         self,
@@ -80,8 +63,6 @@ class Engine:
         async_scheduling: bool = True,
     ) -> None:
         self.loaded = loaded
-        self.model = loaded.model
-        self.spec = loaded.spec
         self.pm = pm
         self.scheduler = scheduler
         self.device = pm.device
@@ -94,42 +75,17 @@ class Engine:
         self._next_seq = 0
         self._arrivals = 0
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
-        layout = pm.layout
-        # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read).
-        cuda = self.device.type == "cuda"
-        self.staging = torch.empty(
-            (
-                self.staging_buffers if cuda else 1,
-                staging_blocks,
-                2,
-                layout.block_size,
-                layout.num_kv_heads,
-                layout.head_dim,
-            ),
-            dtype=layout.dtype,
-            device=self.device,
-        )
-        self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
-        if cuda:  # every attention kernel variant compiled now, not in the middle of a run
-            compile_variants(
-                self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device
-            )
-        self.scale = self.spec.head_dim**-0.5
-        self.hasher = hasher  # None: no prefix caching
-        self.prefix_load = prefix_load
-        self.chooser = LoadOrRecompute(layout.block_nbytes, layout.block_size)
-        self.prefix_stats = PrefixStats()
-        self.register_blocks = True
+        self.runner = ModelRunner(loaded, pm, staging_blocks, scheduler.max_num_seqs, cuda_graphs)
+        # None: no prefix caching
+        self.prefix = PrefixReuse(pm, hasher, prefix_load, prefetch) if hasher is not None else None
         self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.tp.driver)
-        self.graphs = DecodeGraphs(self) if cuda_graphs and cuda else None  # decode steps replayed as CUDA graphs
-        # Other steps (prompt chunks, streamed KV): eager attention between graphs of everything else.
-        self.pieces = PiecewiseGraphs(self) if cuda_graphs and cuda else None
         self.async_scheduling = async_scheduling
         self._inflight: LaunchedStep | None = None  # a deferred step: its tokens are read during the next step
         self._completing: LaunchedStep | None = None  # the step whose tokens the step in progress is reading
         self._synced_at = 0.0  # when the host last read a step's tokens back
         # Deferred steps' greedy tokens come back through these (one row per sequence of a step, at most).
-        rows = scheduler.max_num_seqs if scheduler is not None else 0
+        rows = scheduler.max_num_seqs
+        cuda = self.device.type == "cuda"
         self._tokens_host = (
             [torch.empty(rows, dtype=torch.long, pin_memory=True) for _ in range(3)] if cuda and rows else []
         )
@@ -200,80 +156,9 @@ class Engine:
         self._touching[req.arrival] = req
         seq = self._new_sequence(req, 0, req.prompt_ids, 0)
         self.pm.add_sequence(seq.seq_id)
-        if self.hasher is not None:
-            self._reuse_prefix(req, seq)
+        if self.prefix is not None:
+            self.prefix.start(req, seq)
         return seq
-
-    # A long prompt is looked up in two parts: the first `early_blocks` blocks, whose promotion starts at once where
-    # it is sure to be used, then the rest (hashing 2,048 blocks takes milliseconds the link can already use).
-    early_blocks = 128
-
-    def _reuse_prefix(self, req: Request, seq: Sequence) -> None:
-        """Start the sequence with the longest prefix of its prompt whose KV is stored in any tier (at least the
-        last prompt token is always computed, for its logits)."""
-        bs, pm, stats = self.block_size, self.pm, self.prefix_stats
-        prompt = req.prompt_ids
-        seq.root = self.hasher.root(req.params.cache_salt)
-        full = (len(prompt) - 1) // bs
-        head = min(full, self.early_blocks)
-        if self.prefix_load == "auto":
-            self.chooser.observe_links(pm.mover.links)  # the rates the early promotion and the choice go by
-        keys = self.hasher.keys(seq.root, prompt, head)
-        hits = pm.lookup(keys, (prompt[j * bs : (j + 1) * bs] for j in range(head)))  # sliced only up to a miss
-        tiers = [TIER_NAMES[b.tier] for b in hits]  # where each was found (before any promotion)
-        if self.prefetch_enabled:
-            self._promote_early(hits, tiers)
-        if len(hits) == head < full:
-            more = self.hasher.keys(keys[-1], prompt[head * bs :], full - head)
-            keys += more
-            found = pm.lookup(more, (prompt[j * bs : (j + 1) * bs] for j in range(head, full)))
-            hits += found
-            tiers += [TIER_NAMES[b.tier] for b in found]
-        stats.queried_tokens += full * bs
-        if self.prefix_load == "auto":
-            use = self.chooser.choose(tiers, len(prompt))
-        else:
-            use = len(hits)
-        stats.recomputed_by_choice += (len(hits) - use) * bs
-        hits = hits[:use]
-        if any(b.tier == NVME for b in hits):
-            good = pm.load_from_disk(hits, protect=set())
-            stats.dropped_corrupt += (len(hits) - good) * bs
-            hits = hits[:good]
-        for tier in tiers[: len(hits)]:
-            stats.by_tier[tier] += bs
-        pm.attach(seq.seq_id, hits)
-        seq.num_computed = len(hits) * bs
-        seq.keys = keys[: len(hits)]
-        req.num_cached_tokens = len(hits) * bs
-        stats.hit_tokens += len(hits) * bs
-        if any(b.tier != GPU for b in hits) and self.prefetch_enabled:
-            pm.prefetch([seq.seq_id])  # one batched promotion, started now, while other work runs
-
-    def _promote_early(self, hits: list, tiers: list[str]) -> None:
-        """Start promoting the leading found blocks that are in the GPU or CPU tier, where loading them is sure to
-        be chosen: with "always", or where each costs less to load than to recompute (then the choice over the whole
-        prefix, made later, keeps at least these)."""
-        lead = 0
-        while lead < len(tiers) and tiers[lead] in ("gpu", "cpu"):
-            lead += 1
-        if not lead or "cpu" not in tiers[:lead]:
-            return
-        if self.prefix_load == "auto" and self.chooser.prefill_tokens_per_s is not None:
-            if self.chooser.load_seconds("cpu") >= self.block_size / self.chooser.prefill_tokens_per_s:
-                return
-        self.pm.promote_cached(hits[:lead])
-
-    def _register_full_blocks(self, seq: Sequence) -> None:
-        """Give the sequence's newly completed blocks their content keys (chained from its root)."""
-        bs = self.block_size
-        # Blocks whose tokens are all known on the host (with asynchronous scheduling the KV can be one token ahead).
-        while len(seq.keys) < min(seq.num_computed, len(seq.token_ids)) // bs:
-            j = len(seq.keys)
-            tokens = seq.token_ids[j * bs : (j + 1) * bs]
-            key = self.hasher.key(seq.keys[-1] if seq.keys else seq.root, tokens)
-            self.pm.register(seq.seq_id, j, key, tokens)
-            seq.keys.append(key)
 
     @property
     def has_unfinished(self) -> bool:
@@ -381,9 +266,7 @@ class Engine:
         pm = self.pm
         pm.begin_step()
         for e in entries:
-            grow = e.end - pm.num_tokens(e.seq.seq_id)
-            if grow > 0:
-                pm.append_tokens(e.seq.seq_id, grow)
+            pm.grow_to(e.seq.seq_id, e.end)
         ids = [e.seq.seq_id for e in entries]
         tables = pm.acquire(
             ids,
@@ -397,7 +280,7 @@ class Engine:
             input_ids, pending = self._input_ids(entries)
             if self.tp_driver is not None:
                 self.tp_driver.send_step(plans, input_ids, tables)  # no pending tokens under TP: nothing is deferred
-            logits, streamed = self.run_forward(plans, tables, placed, input_ids, pending)
+            logits, streamed = self.runner.run_forward(plans, tables, placed, input_ids, pending)
         except Exception as exc:
             if self.tp_driver is not None:
                 self.tp_driver.raise_if_worker_failed(exc)
@@ -416,11 +299,7 @@ class Engine:
         if logits is not None and any(e.seq.request.params.greedy for e in sampled):
             greedy = logits.argmax(-1)
         deferred = (
-            bool(sampled)
-            and self.async_scheduling
-            and self.tp_driver is None
-            and self.scheduler is not None
-            and all(map(self._deferrable, sampled))
+            bool(sampled) and self.async_scheduling and self.tp_driver is None and all(map(self._deferrable, sampled))
         )
         greedy_host = landed = None
         if deferred:
@@ -463,14 +342,15 @@ class Engine:
         else:
             greedy = step.greedy.tolist() if step.greedy is not None else None  # one device-to-host copy for all rows
         now = time.perf_counter()
-        if step.prefill_tokens:
+        prefix = self.prefix
+        if prefix is not None and step.prefill_tokens:
             # The device ran this step from when it was launched or, if later, when the previous step was read back.
-            self.chooser.observe_prefill(step.prefill_tokens, now - max(step.t0, self._synced_at))
+            prefix.chooser.observe_prefill(step.prefill_tokens, now - max(step.t0, self._synced_at))
         self._synced_at = now
-        if self.hasher is not None and self.register_blocks:
+        if prefix is not None and prefix.register_blocks:
             for e in step.entries:
                 if not e.seq.finished:
-                    self._register_full_blocks(e.seq)
+                    prefix.register_full_blocks(e.seq)
         logits = step.logits.float() if step.logits is not None else None
         touched: dict[int, Request] = {}
         for i, e in enumerate(step.sampled):
@@ -505,91 +385,3 @@ class Engine:
                 self._retire(req)
             touched[req.arrival] = req
         return list(touched.values())
-
-    def run_forward(
-        self,
-        plans: list[EntryPlan],
-        tables: list[list[int]],
-        placed: dict[int, list[tuple[int, int]]],
-        input_ids: torch.Tensor,
-        pending: list[tuple[int, torch.Tensor, int]] = (),
-    ) -> tuple[torch.Tensor | None, bool]:
-        """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
-        streamed) say; returns the logits of the sampled rows (or None) and whether anything was streamed. Every
-        tensor-parallel rank runs this with the same arguments. `pending`: input tokens still on the device
-        (row, token tensor, its row), from the step before."""
-        bs, dev = self.block_size, self.device
-        n = np.fromiter((p.num_tokens for p in plans), dtype=np.int64, count=len(plans))
-        q_starts = np.zeros(len(plans) + 1, dtype=np.int64)
-        np.cumsum(n, out=q_starts[1:])
-        starts = np.fromiter((p.start for p in plans), dtype=np.int64, count=len(plans))
-        firsts = np.fromiter((p.first_block for p in plans), dtype=np.int64, count=len(plans))
-        width = max(len(t) for t in tables)
-        table = padded_tables(tables, width)
-        entry = np.repeat(np.arange(len(plans)), n)
-        positions = np.arange(q_starts[-1]) - q_starts[entry] + starts[entry]
-        slots = table[entry, positions // bs - firsts[entry]].astype(np.int64) * bs + positions % bs
-        rows = (q_starts[1:] - 1)[np.fromiter((p.samples for p in plans), dtype=bool, count=len(plans))]
-        ids_d, positions_d, slots_d, rows_d = host_to_device([input_ids.numpy(), positions, slots, rows], dev)
-        if pending:
-            at, src = host_to_device(
-                [np.array([r for r, _, _ in pending], np.int64), np.array([i for _, _, i in pending], np.int64)], dev
-            )
-            ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
-        if self.graphs is not None and self.graphs.eligible(plans, tables):
-            # Blocks still arriving: the replay waits for them layer by layer (its gates). (Running such a step as
-            # piecewise graphs instead made it slower on the H100, 2026-11-24: item 4's decode steps with blocks
-            # arriving took 22.6 ms at the median against 15.7 ms waiting whole before a replay; the host's
-            # layer-by-layer launches cost more than the overlap saved.)
-            return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), False
-        streamed = self._stream_plan(plans, placed)
-        q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(
-            [
-                q_starts.astype(np.int32),
-                starts.astype(np.int32),
-                (starts + n).astype(np.int32),
-                firsts.astype(np.int32),
-                table.ravel(),
-            ],
-            dev,
-        )
-        batch = PagedBatch(
-            q_starts=q_starts_d,
-            q_pos0=pos0_d,
-            context_lens=ctx_d,
-            first_block=first_d,
-            block_tables=table_d.view(len(plans), width),
-            max_q=int(n.max()),
-            max_context=int((starts + n).max()),
-            q_starts_host=q_starts.tolist(),
-        )
-        attend = StepAttention(
-            self.pm.tiers[GPU],
-            batch,
-            slots_d,
-            streamed,
-            self.staging,
-            self.scale,
-            self.spec.sliding_windows,
-            self.copy_streams,
-            self.pm.mover.debug_delay,
-        )
-        attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
-        if self.pieces is not None and self.pieces.eligible(len(input_ids)):
-            hidden = self.pieces.run(ids_d, positions_d, slots_d, attend)
-        else:
-            hidden = self.model(ids_d, positions_d, attend)
-        logits = self.model.logits(hidden[rows_d]) if len(rows) else None
-        return logits, bool(streamed)
-
-    def _stream_plan(self, plans: list[EntryPlan], placed: dict[int, list[tuple[int, int]]]) -> list[StreamedEntry]:
-        out = []
-        row = 0
-        for i, p in enumerate(plans):
-            if p.first_block:
-                tiers = [self.pm.tiers[kind] for kind, _ in placed[p.seq_id]]
-                out.append(
-                    StreamedEntry(i, (row, row + p.num_tokens), p.start, tiers, [slot for _, slot in placed[p.seq_id]])
-                )
-            row += p.num_tokens
-        return out

@@ -33,8 +33,7 @@ import torch
 from tierkv.attention import StepAttention, host_to_device, padded_tables
 from tierkv.handles import all_of
 from tierkv.kernels.kv_write import write_kv
-from tierkv.kernels.paged_attention import PagedBatch
-from tierkv.tiers import GPU
+from tierkv.kernels.paged_batch import PagedBatch
 
 
 def _bucket(n: int, buckets: list[int]) -> int | None:
@@ -94,7 +93,7 @@ class LayerGates:
 
 
 class DecodeGraphs:
-    """The captured decode graphs of one engine."""
+    """The captured decode graphs of one model runner."""
 
     # Graphs wait on LayerGates (one event-wait node per layer) for blocks still arriving; False: such steps wait for
     # the transfers whole before a replay, and the graphs hold no wait nodes (an A/B switch for benchmarks).
@@ -104,14 +103,14 @@ class DecodeGraphs:
     # per-step launch overhead is small beside the attention itself and the split-K scratch would be large.
     max_context = 32768
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.max_batch = engine.scheduler.max_num_seqs if engine.scheduler is not None else 256
+    def __init__(self, runner, max_batch: int) -> None:
+        self.runner = runner
+        self.max_batch = max_batch
         self.batch_buckets = sorted(
             {b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < self.max_batch}
             | {self.max_batch}
         )
-        bs = engine.block_size
+        bs = runner.block_size
         widths, w = [], 16
         while w * bs < self.max_context:
             widths.append(w)
@@ -123,8 +122,8 @@ class DecodeGraphs:
         self.logits_out: torch.Tensor | None = None  # one output buffer shared by every graph (max batch x vocab)
         self.replays = 0
         self.captures = 0
-        layers = len(engine.model.model.layers)
-        self.gates = LayerGates(layers, engine.device) if self.layer_gates and external_events_supported() else None
+        layers = runner.spec.num_layers
+        self.gates = LayerGates(layers, runner.device) if self.layer_gates and external_events_supported() else None
 
     def eligible(self, plans, tables) -> bool:
         return (
@@ -145,7 +144,7 @@ class DecodeGraphs:
         if gated:
             self.gates.arm(arriving)
         elif arriving:
-            all_of(arriving).wait_on(torch.cuda.current_stream(self.engine.device))
+            all_of(arriving).wait_on(torch.cuda.current_stream(self.runner.device))
         B, W = self._pick(n, max(len(t) for t in tables), gated)
         pad = B - n
         first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
@@ -188,8 +187,8 @@ class DecodeGraphs:
         g.tables.copy_(host_to_device([host_tab.reshape(-1)], g.tables.device)[0].view(g.tables.shape))
 
     def _forward(self, g: _Graph, batch: PagedBatch, gated: bool) -> torch.Tensor:
-        e = self.engine
-        attend = StepAttention(e.pm.tiers[GPU], batch, g.slots, [], None, e.scale, e.spec.sliding_windows)
+        e = self.runner
+        attend = StepAttention(e.gpu_tier, batch, g.slots, [], None, e.scale, e.spec.sliding_windows)
         attend.gates = self.gates.events if gated else None
         hidden = e.model(g.ids, g.positions, attend)
         out = self.logits_out[: g.ids.shape[0]]
@@ -201,10 +200,10 @@ class DecodeGraphs:
     ) -> _Graph:
         """Capture the graph for (B, W) with this step's inputs in its buffers (the warm-up runs and the capture
         write this step's K/V, the same bytes the replay then writes again)."""
-        dev = self.engine.device
+        dev = self.runner.device
         if self.logits_out is None:
             self.logits_out = torch.empty(
-                (self.max_batch, self.engine.spec.vocab_size), dtype=torch.float32, device=dev
+                (self.max_batch, self.runner.spec.vocab_size), dtype=torch.float32, device=dev
             )
         static = torch.zeros(B, dtype=torch.int64, device=dev)
         g = _Graph(
@@ -225,7 +224,7 @@ class DecodeGraphs:
             first_block=torch.zeros(B, dtype=torch.int32, device=dev),
             block_tables=g.tables,
             max_q=1,
-            max_context=W * self.engine.block_size,
+            max_context=W * self.runner.block_size,
             q_starts_host=list(range(B + 1)),
         )
         g.batch = batch  # tensors made outside the capture that the graph reads must outlive it
@@ -281,8 +280,8 @@ class PiecewiseGraphs:
     take longer than launching them).
     """
 
-    def __init__(self, engine, max_tokens: int = 2048, capture: bool = True) -> None:
-        self.engine = engine
+    def __init__(self, runner, max_tokens: int = 2048, capture: bool = True) -> None:
+        self.runner = runner
         self.capture = capture  # False: the pieces run eagerly, uncaptured (on CPU: the tests of the split itself)
         self.buckets = [
             b for b in (16, *range(32, 257, 32), *range(320, 1025, 64), *range(1152, 2049, 128)) if b < max_tokens
@@ -292,14 +291,14 @@ class PiecewiseGraphs:
         self.pool = None
         self.replays = 0
         self.captures = 0
-        spec, dev, top = engine.spec, engine.device, self.buckets[-1]
+        spec, dev, top = runner.spec, runner.device, self.buckets[-1]
         self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self._positions = torch.zeros(top, dtype=torch.int64, device=dev)
         self._slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
         self._qkv = torch.zeros(
-            (top, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim), dtype=engine.pm.layout.dtype, device=dev
+            (top, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim), dtype=runner.dtype, device=dev
         )
-        self._attn = torch.zeros((top, spec.num_heads, spec.head_dim), dtype=engine.pm.layout.dtype, device=dev)
+        self._attn = torch.zeros((top, spec.num_heads, spec.head_dim), dtype=runner.dtype, device=dev)
         self._filled = 0  # rows of _slots that may hold a slot from an earlier step (>= 0)
 
     def eligible(self, num_tokens: int) -> bool:
@@ -313,7 +312,7 @@ class PiecewiseGraphs:
 
     def _q(self, n: int) -> torch.Tensor:
         """The first n rows' queries (n, Hq, D): the leading columns of the q/k/v buffer the pieces write."""
-        spec = self.engine.spec
+        spec = self.runner.spec
         return self._qkv[:n, : spec.num_heads * spec.head_dim].view(n, spec.num_heads, spec.head_dim)
 
     @torch.inference_mode()
@@ -336,7 +335,7 @@ class PiecewiseGraphs:
         self._filled = n
         q = self._q(n)
         attn = self._attn[:n]
-        count = len(self.engine.model.model.layers) + 1
+        count = self.runner.spec.num_layers + 1
         state: dict = {}
         for i in range(count):
             if i < count - 1:
@@ -352,7 +351,7 @@ class PiecewiseGraphs:
 
     def _piece(self, i: int, n: int, state: dict) -> None:
         """Piece i over the first n rows of the static buffers; `state` carries x, residual, cos, sin between pieces."""
-        model = self.engine.model
+        model = self.runner.model
         layers = model.model.layers
         if i == 0:
             state["x"], state["cos"], state["sin"] = model.embed(self._ids[:n], self._positions[:n])
@@ -363,7 +362,7 @@ class PiecewiseGraphs:
             _, k, v, state["residual"] = layers[i].pre_attention(
                 state["x"], state["residual"], state["cos"], state["sin"], self._qkv[:n]
             )
-            write_kv(k, v, *self.engine.pm.tiers[GPU].layer_views(i), self._slots[:n])
+            write_kv(k, v, *self.runner.gpu_tier.layer_views(i), self._slots[:n])
         else:
             state["hidden"] = model.finish(state["x"], state["residual"])
 
@@ -371,8 +370,8 @@ class PiecewiseGraphs:
     def _capture(self, n: int) -> _Pieces:
         """Capture bucket n's pieces (after one uncaptured pass on a side stream, which compiles and tunes), over
         slots all -1: neither pass writes KV."""
-        dev = self.engine.device
-        count = len(self.engine.model.model.layers) + 1
+        dev = self.runner.device
+        count = self.runner.spec.num_layers + 1
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         self._slots[: self._filled].fill_(-1)  # the warm-up and the captures run on these: no KV written

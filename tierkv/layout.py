@@ -30,6 +30,19 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens: the one place this is computed."""
+    return -(-num_tokens // block_size)
+
+
+def request_blocks(prompt_len: int, max_tokens: int, n: int, block_size: int) -> int:
+    """Blocks a request may need at most: each of its `n` samples grows to prompt + max_tokens tokens, and they
+    share the prompt's full blocks."""
+    full = blocks_for(prompt_len + max_tokens, block_size)
+    shared = prompt_len // block_size
+    return full + (n - 1) * (full - shared)
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """One block holds `block_size` tokens of keys and values for every layer.
@@ -79,7 +92,7 @@ class KVLayout:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` tokens."""
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def describe(self) -> dict:
         """JSON-able description; two layouts with equal descriptions store identical bytes per block."""

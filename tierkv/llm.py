@@ -14,8 +14,8 @@ from tierkv.capacity import check_request_fits, make_scheduler, tier_blocks
 from tierkv.config import EngineConfig, resolve_device
 from tierkv.engine import Engine
 from tierkv.errors import ConfigError, TierKVError, WorkerError
+from tierkv.kv.prefix_cache import PrefixHasher, PrefixStats
 from tierkv.outputs import RequestOutput
-from tierkv.prefix_cache import PrefixHasher, PrefixStats
 from tierkv.rank import setup_rank
 from tierkv.sampling import SamplingParams
 from tierkv.tp.driver import Driver, RecordingPageManager, total_stats
@@ -118,12 +118,12 @@ class LLM:
                 pm.synchronize()
             pm.free("__probe__")
         engine = self.engine
-        engine.register_blocks = False
+        engine.prefix.register_blocks = False
         try:
             gpu, cpu = pm.tiers[0].num_blocks, pm.tiers[1].num_blocks if 1 in pm.tiers else 0
             fits = min(gpu + cpu, pm.free_blocks() // 2) * bs - 1  # a probe that needs no more than the tiers give
             length = min(
-                max(4 * bs, 2 * engine.chooser.MIN_OBSERVED_TOKENS),
+                max(4 * bs, 2 * engine.prefix.chooser.MIN_OBSERVED_TOKENS),
                 self.max_model_len - 1,
                 fits,
                 self.config.max_num_batched_tokens,
@@ -133,10 +133,10 @@ class LLM:
                 for _ in range(2):
                     self.generate([probe], SamplingParams(max_tokens=1, cache_salt="__calibration__"), use_tqdm=False)
         finally:
-            engine.register_blocks = True
-            engine.prefix_stats = PrefixStats()
+            engine.prefix.register_blocks = True
+            engine.prefix.stats = PrefixStats()
             engine.counters = type(engine.counters)()
-            engine.chooser.observe_links(pm.mover.links)  # keep the measured bandwidths, not the traffic
+            engine.prefix.chooser.observe_links(pm.mover.links)  # keep the measured bandwidths, not the traffic
             self.pm.reset_counters()
 
     def reset_prefix_cache(self) -> int:
@@ -316,6 +316,7 @@ class LLM:
         """The page manager's per-tier stats plus the scheduler's and engine's figures."""
         c = self.engine.counters
         s = self.pm.stats()
+        graphs, pieces = self.engine.runner.graphs, self.engine.runner.pieces
         s["engine"] = {
             "steps": c.steps,
             "prompt_tokens": c.prompt_tokens,
@@ -325,19 +326,17 @@ class LLM:
             "preemptions": self.scheduler.preemptions,
             "streamed_steps": c.streamed_steps,
             "deferred_steps": c.deferred_steps,
-            "graph_steps": self.engine.graphs.replays if self.engine.graphs is not None else 0,
-            "graphs_captured": self.engine.graphs.captures if self.engine.graphs is not None else 0,
+            "graph_steps": graphs.replays if graphs is not None else 0,
+            "graphs_captured": graphs.captures if graphs is not None else 0,
             # graph steps that waited layer by layer for blocks still arriving (swapped in, prefetched late)
-            "graph_steps_gated": self.engine.graphs.gates.armed
-            if self.engine.graphs is not None and self.engine.graphs.gates
-            else 0,
+            "graph_steps_gated": graphs.gates.armed if graphs is not None and graphs.gates else 0,
             # steps run as piecewise graphs (eager attention between graphs of the rest), and their buckets captured
-            "piecewise_steps": self.engine.pieces.replays if self.engine.pieces is not None else 0,
-            "piecewise_captured": self.engine.pieces.captures if self.engine.pieces is not None else 0,
+            "piecewise_steps": pieces.replays if pieces is not None else 0,
+            "piecewise_captured": pieces.captures if pieces is not None else 0,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
         }
-        s["prefix"] = self.engine.prefix_stats.as_dict()
+        s["prefix"] = (self.engine.prefix.stats if self.engine.prefix is not None else PrefixStats()).as_dict()
         if self._driver is not None:
             per_rank = self._driver.gather_stats(s.copy())
             s["tensor_parallel"] = {"size": len(per_rank), "per_rank": per_rank, "total": total_stats(per_rank)}
@@ -355,7 +354,7 @@ class LLM:
             for seq in list(self.scheduler.running):
                 self.pm.free(seq.seq_id)
             self.scheduler.running.clear()
-            if self.engine.hasher is not None and self._driver is None:
+            if self.engine.prefix is not None and self._driver is None:
                 self.pm.persist_keyed()
         finally:
             try:

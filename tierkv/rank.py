@@ -10,10 +10,10 @@ import torch
 
 from tierkv.capacity import check_gpu_tier, resolve_capacities
 from tierkv.config import EngineConfig, PageManagerConfig
+from tierkv.kv.manager import PageManager
+from tierkv.kv.prefix_cache import model_fingerprint
 from tierkv.layout import KVLayout, parse_dtype
 from tierkv.loader import load_model
-from tierkv.page_manager import PageManager
-from tierkv.prefix_cache import model_fingerprint
 from tierkv.tp.group import broadcast_plan, gather_objects
 
 

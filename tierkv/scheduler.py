@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from tierkv.layout import blocks_for, request_blocks
 from tierkv.sequence import Request, Sequence
 
 
@@ -72,7 +73,7 @@ class Scheduler:
         self._rotated = False  # after the last scheduled step, some of its sequences give way
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def soon(self, seq: Sequence) -> int:
         """GPU blocks a sequence needs over the next `slice_steps` steps: its prompt and that many more tokens (at
@@ -86,10 +87,8 @@ class Scheduler:
 
     def reservation(self, request: Request) -> int:
         """Blocks a request may need at most: its n samples share the prompt's full blocks."""
-        p = len(request.prompt_ids)
-        full = self.blocks_for(p + request.params.max_tokens)
-        shared = p // self.block_size
-        return full + (request.params.n - 1) * (full - shared)
+        p = request.params
+        return request_blocks(len(request.prompt_ids), p.max_tokens, p.n, self.block_size)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

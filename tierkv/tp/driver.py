@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tierkv.errors import TierKVError, WorkerError
-from tierkv.page_manager import Block
+from tierkv.kv.block import Block
 from tierkv.tp.group import TPContext, broadcast_plan, gather_objects, shutdown_group
 
 
@@ -73,6 +73,7 @@ REPLAYED = frozenset(
     {
         "add_sequence",
         "append_tokens",
+        "grow_to",
         "fork",
         "free",
         "flush_copies",
@@ -91,7 +92,6 @@ REPLAYED = frozenset(
         "evict",
         "synchronize",
         "reset_counters",
-        "write_tokens",
     }
 )
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tierkv.engine import Engine, EntryPlan
 from tierkv.errors import TierKVError
 from tierkv.rank import setup_rank
+from tierkv.runner import EntryPlan, ModelRunner
 from tierkv.tp.driver import BlockIds, tables_digest
 from tierkv.tp.group import TPContext, broadcast_plan, gather_objects
 
@@ -15,8 +15,8 @@ class Follower:
     """A rank other than 0: replays rank 0's page-manager calls on its own page manager and runs each step's
     forward pass over its own KV heads."""
 
-    def __init__(self, engine, tp: TPContext) -> None:
-        self.engine, self.pm, self.tp = engine, engine.pm, tp
+    def __init__(self, runner: ModelRunner, tp: TPContext) -> None:
+        self.runner, self.pm, self.tp = runner, runner.pm, tp
         self.tables: list[list[int]] = []
         self.placed: dict = {}
 
@@ -51,7 +51,7 @@ class Follower:
                             f"rank {self.tp.rank}: block tables differ from rank 0's (a tierkv bug); stopping"
                         )
                     plans = [EntryPlan(*p) for p in msg["plans"]]
-                    self.engine.run_forward(plans, self.tables, self.placed, msg["input_ids"])
+                    self.runner.run_forward(plans, self.tables, self.placed, msg["input_ids"])
                     self.placed = {}
                 elif kind == "stats":
                     gather_objects(self.tp, self.pm.stats())
@@ -64,5 +64,4 @@ class Follower:
 def serve_rank(cfg, device: torch.device, tp: TPContext) -> None:
     """Build this rank's model shard and tiers, then follow rank 0 until it closes."""
     loaded, pm = setup_rank(cfg, device, tp)
-    engine = Engine(loaded, pm, None, cfg.staging_blocks, cfg.seed, prefetch=False)
-    Follower(engine, tp).serve()
+    Follower(ModelRunner(loaded, pm, cfg.staging_blocks), tp).serve()

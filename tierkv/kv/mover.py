@@ -35,7 +35,8 @@ from tierkv.kernels.block_copy import (
     copy_engine_available,
     copy_engine_runs,
 )
-from tierkv.tiers import MemoryTier, NvmeTier, Tier
+from tierkv.kv.tiers import MemoryTier, NvmeTier, Tier
+from tierkv.kv.transfer import Transfer
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Mover:
         self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False
     ) -> None:
         self.tiers = list(tiers)
+        self._by_kind = {t.kind: t for t in self.tiers}
         # A benchmark baseline, not a mode to run in: every GPU<->host transfer starts only after all the compute
         # queued before it, and compute waits for it whole, so that nothing overlaps. A run with it set, against the
         # same run without, measures how much of the transfer time the overlap hides (benchmarks/fast_path.sh item 4).
@@ -101,6 +103,23 @@ class Mover:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         return EventHandle(ev)
+
+    def order_compute_after(self, handle: Handle) -> None:
+        """Make the compute stream wait for `handle` (a no-op off CUDA, where every transfer is synchronous)."""
+        if self.cuda:
+            handle.wait_on(torch.cuda.current_stream(self.device))
+
+    def run(self, transfer: Transfer) -> Handle:
+        """Start `transfer` (tiers named by kind); the handle completes when its bytes have landed."""
+        return self.move(
+            self._by_kind[transfer.src],
+            transfer.src_slots,
+            self._by_kind[transfer.dst],
+            transfer.dst_slots,
+            transfer.after,
+            transfer.keys,
+            transfer.token_ids,
+        )
 
     def move(
         self,

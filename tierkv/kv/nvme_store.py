@@ -13,7 +13,7 @@ Files in `nvme_dir`:
   key is only used if the stored tokens match too.
 - `LOCK`: held with flock while a process uses the directory; a second process gets a clear error.
 
-Backends: kvikio (CuFile pread/pwrite through its thread pool) where CUDA and kvikio work, else plain
+Backends (tierkv.kv.nvme_io): kvikio (CuFile pread/pwrite through its thread pool) where CUDA and kvikio work, else plain
 positional file I/O with O_DIRECT where buffers and offsets allow. The choice is made at open and reported.
 """
 
@@ -35,12 +35,12 @@ import torch
 import xxhash
 
 from tierkv.errors import ConfigError, CorruptBlockError, StoreError
+from tierkv.kv.nvme_io import ALIGN, KvikioBackend, PosixBackend, kvikio_unusable_reason
 from tierkv.layout import KVLayout
 from tierkv.sizes import format_nbytes
 
 FORMAT_VERSION = 2  # 2: checksums cover key and tokens too
 HEADER_NBYTES = 4096
-ALIGN = 4096
 RECORD = struct.Struct("<4sHHQQII32s")  # magic, version, flags, checksum, generation, num_tokens, reserved, key
 RECORD_NBYTES = 64
 MAGIC = b"TKVS"
@@ -84,96 +84,6 @@ def _token_bytes(token_ids) -> bytes:
 def _host_bytes(t: torch.Tensor):
     """A writable numpy uint8 view of a contiguous CPU tensor (shares memory)."""
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-class _PosixBackend:
-    """os.preadv/os.pwritev; O_DIRECT for runs whose buffer, offset and length are 4 KiB-aligned."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR)
-        self.direct_fd = -1
-        if hasattr(os, "O_DIRECT"):
-            try:
-                self.direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-            except OSError:
-                self.direct_fd = -1  # e.g. tmpfs refuses O_DIRECT
-        self.name = "posix+O_DIRECT" if self.direct_fd >= 0 else "posix"
-
-    def _fd_for(self, buf, offset: int) -> int:
-        addr = buf.ctypes.data
-        if self.direct_fd >= 0 and addr % ALIGN == 0 and offset % ALIGN == 0 and buf.nbytes % ALIGN == 0:
-            return self.direct_fd
-        return self.fd
-
-    def read(self, runs: Sequence[tuple[int, object]]) -> None:
-        for offset, buf in runs:
-            fd = self._fd_for(buf, offset)
-            view = memoryview(buf).cast("B")
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise StoreError(f"NVMe tier: short read at offset {offset + done}: the block file is truncated")
-                done += n
-
-    def write(self, runs: Sequence[tuple[int, object]]) -> None:
-        for offset, buf in runs:
-            fd = self._fd_for(buf, offset)
-            view = memoryview(buf).cast("B")
-            done = 0
-            while done < len(view):
-                done += os.pwritev(fd, [view[done:]], offset + done)
-
-    def close(self) -> None:
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.direct_fd = -1
-
-
-class _KvikioBackend:
-    """kvikio.CuFile: every run of a batch is submitted at once to kvikio's thread pool, then awaited."""
-
-    def __init__(self, path: str) -> None:
-        import kvikio
-        import kvikio.defaults
-
-        if "KVIKIO_NTHREADS" not in os.environ and kvikio.defaults.get("num_threads") < 8:
-            # kvikio's pool starts with one thread; NVMe needs several requests in flight to reach its bandwidth.
-            kvikio.defaults.set("num_threads", min(16, os.cpu_count() or 8))
-        self._file = kvikio.CuFile(path, "r+")
-        compat = kvikio.defaults.is_compat_mode_preferred()
-        threads = kvikio.defaults.get("num_threads")
-        mode = "compat mode: POSIX I/O" if compat else "GPUDirect Storage"
-        self.name = f"kvikio ({mode}, {threads} threads)"
-
-    def read(self, runs: Sequence[tuple[int, object]]) -> None:
-        futures = [(self._file.pread(buf, buf.nbytes, offset), buf.nbytes, offset) for offset, buf in runs]
-        for fut, nbytes, offset in futures:
-            got = fut.get()
-            if got != nbytes:
-                raise StoreError(f"NVMe tier: kvikio read {got} of {nbytes} bytes at offset {offset}")
-
-    def write(self, runs: Sequence[tuple[int, object]]) -> None:
-        futures = [(self._file.pwrite(buf, buf.nbytes, offset), buf.nbytes, offset) for offset, buf in runs]
-        for fut, nbytes, offset in futures:
-            got = fut.get()
-            if got != nbytes:
-                raise StoreError(f"NVMe tier: kvikio wrote {got} of {nbytes} bytes at offset {offset}")
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _kvikio_unusable_reason() -> str | None:
-    """None where kvikio can be used here, else why not (kvikio needs the CUDA driver even in compat mode)."""
-    if not torch.cuda.is_available():
-        return "no CUDA device (kvikio needs the CUDA driver)"
-    try:
-        import kvikio  # noqa: F401
-    except Exception as exc:  # ImportError, or a CUDA library load failure
-        return f"kvikio is not importable ({type(exc).__name__}: {exc}); install tierkv[gpu]"
-    return None
 
 
 class NvmeStore:
@@ -334,17 +244,17 @@ class NvmeStore:
         return records
 
     def _choose_backend(self, backend: str):
-        reason = _kvikio_unusable_reason() if backend in ("auto", "kvikio") else "posix asked for"
+        reason = kvikio_unusable_reason() if backend in ("auto", "kvikio") else "posix asked for"
         if backend == "kvikio" and reason is not None:
             raise ConfigError(f"nvme_backend 'kvikio' cannot be used: {reason}; use nvme_backend='auto' or 'posix'")
         if reason is None:
             try:
-                return _KvikioBackend(self._data_path), "kvikio usable"
+                return KvikioBackend(self._data_path), "kvikio usable"
             except Exception as exc:
                 if backend == "kvikio":
                     raise ConfigError(f"nvme_backend 'kvikio' failed to open {self._data_path}: {exc}") from None
                 reason = f"kvikio failed to open the block file ({exc})"
-        return _PosixBackend(self._data_path), reason
+        return PosixBackend(self._data_path), reason
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from tierkv.kv.block import CPU, TIER_NAMES
+from tierkv.kv.tiers import NvmeTier
 from tierkv.sizes import format_nbytes
-from tierkv.tiers import CPU, TIER_NAMES, NvmeTier
 
 if TYPE_CHECKING:
-    from tierkv.page_manager import PageManager
+    from tierkv.kv.manager import PageManager
 
 
 @dataclass
@@ -24,6 +25,19 @@ class TierCounters:
     blocks_out: int = 0  # blocks whose bytes were copied out of this tier
     prefetched: int = 0  # blocks brought here by prefetch (GPU tier)
     onto_copies: int = 0  # of evictions_in: blocks demoted onto the copy kept since their promotion (no bytes moved)
+
+
+def count_lookups(counters: dict[int, TierCounters], kinds: list[int], found: dict[int, int]) -> None:
+    """Hits and misses of lookups that found `found[tier]` blocks in each tier: a hit where the block was, a miss in
+    every faster tier."""
+    total = sum(found.values())
+    deeper = total - found.get(kinds[0], 0)
+    counters[kinds[0]].hits += found.get(kinds[0], 0)
+    counters[kinds[0]].misses += deeper
+    for k in kinds[1:]:
+        deeper -= found.get(k, 0)
+        counters[k].hits += found.get(k, 0)
+        counters[k].misses += deeper
 
 
 def build_stats(pm: PageManager) -> dict:
@@ -72,9 +86,10 @@ def build_stats(pm: PageManager) -> dict:
         "step": pm.step,
         "live_blocks": len(pm.blocks),
         "sequences": len(pm.sequences),
-        "peak_live_blocks": pm.peak_live_blocks,
-        "forks": pm.forks,
-        "cow_copies": pm.cow_copies,
+        "peak_live_blocks": pm.ledger.peak_live_blocks,
+        "forks": pm.ledger.forks,
+        "cow_copies": pm.placement.cow_copies,
+        "dropped_cached_blocks": pm.placement.dropped_cached,  # cached blocks that found no room in any tier
         "tiers": tiers,
         "links": links,
     }

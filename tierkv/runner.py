@@ -1,0 +1,169 @@
+"""The model runner: one step's forward pass over the paged KV cache, on whatever device holds the model.
+
+It owns what the forward pass needs besides the page manager's decisions: the staging buffers and copy streams
+through which KV below the GPU window is streamed, the attention scale, and the decode and piecewise CUDA graphs.
+Under tensor parallelism every rank runs it with the same arguments (the followers need nothing else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
+from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
+from tierkv.kernels.paged_attention import compile_variants
+from tierkv.kernels.paged_batch import PagedBatch
+from tierkv.kv.block import GPU
+from tierkv.kv.manager import PageManager
+from tierkv.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class EntryPlan:
+    """What a step runs for one sequence: tokens [start, end), its KV window from block `first_block` on."""
+
+    seq_id: int
+    start: int
+    end: int
+    first_block: int
+    samples: bool  # its last row is sampled
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+class ModelRunner:
+    """Runs the model over one step's tokens with KV in `pm`'s tiers. `max_batch`: the most sequences a step holds
+    (the decode graphs' largest batch); `cuda_graphs`: replay decode steps and the layers between attentions as
+    CUDA graphs (CUDA only)."""
+
+    staging_buffers = 2  # on CUDA: streamed chunks in flight (one being read, the others filling)
+    staging_copy_streams = 2  # buffer b fills on stream b % this: two copy engines share the link
+
+    def __init__(
+        self, loaded: LoadedModel, pm: PageManager, staging_blocks: int, max_batch: int = 256, cuda_graphs: bool = False
+    ) -> None:
+        self.model = loaded.model
+        self.spec = loaded.spec
+        self.pm = pm
+        self.device = pm.device
+        layout = pm.layout
+        self.block_size = layout.block_size
+        self.dtype = layout.dtype
+        self.gpu_tier = pm.tiers[GPU]
+        cuda = self.device.type == "cuda"
+        # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read).
+        self.staging = torch.empty(
+            (
+                self.staging_buffers if cuda else 1,
+                staging_blocks,
+                2,
+                layout.block_size,
+                layout.num_kv_heads,
+                layout.head_dim,
+            ),
+            dtype=layout.dtype,
+            device=self.device,
+        )
+        self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
+        if cuda:  # every attention kernel variant compiled now, not in the middle of a run
+            compile_variants(
+                self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device
+            )
+        self.scale = self.spec.head_dim**-0.5
+        graphs = cuda_graphs and cuda
+        self.graphs = DecodeGraphs(self, max_batch) if graphs else None  # decode steps replayed as CUDA graphs
+        # Other steps (prompt chunks, streamed KV): eager attention between graphs of everything else.
+        self.pieces = PiecewiseGraphs(self) if graphs else None
+
+    def run_forward(
+        self,
+        plans: list[EntryPlan],
+        tables: list[list[int]],
+        placed: dict[int, list[tuple[int, int]]],
+        input_ids: torch.Tensor,
+        pending: list[tuple[int, torch.Tensor, int]] = (),
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
+        streamed) say; returns the logits of the sampled rows (or None) and whether anything was streamed. Every
+        tensor-parallel rank runs this with the same arguments. `pending`: input tokens still on the device
+        (row, token tensor, its row), from the step before."""
+        bs, dev = self.block_size, self.device
+        n = np.fromiter((p.num_tokens for p in plans), dtype=np.int64, count=len(plans))
+        q_starts = np.zeros(len(plans) + 1, dtype=np.int64)
+        np.cumsum(n, out=q_starts[1:])
+        starts = np.fromiter((p.start for p in plans), dtype=np.int64, count=len(plans))
+        firsts = np.fromiter((p.first_block for p in plans), dtype=np.int64, count=len(plans))
+        width = max(len(t) for t in tables)
+        table = padded_tables(tables, width)
+        entry = np.repeat(np.arange(len(plans)), n)
+        positions = np.arange(q_starts[-1]) - q_starts[entry] + starts[entry]
+        slots = table[entry, positions // bs - firsts[entry]].astype(np.int64) * bs + positions % bs
+        rows = (q_starts[1:] - 1)[np.fromiter((p.samples for p in plans), dtype=bool, count=len(plans))]
+        ids_d, positions_d, slots_d, rows_d = host_to_device([input_ids.numpy(), positions, slots, rows], dev)
+        if pending:
+            at, src = host_to_device(
+                [np.array([r for r, _, _ in pending], np.int64), np.array([i for _, _, i in pending], np.int64)], dev
+            )
+            ids_d[at] = pending[0][1][src]  # every pending token comes from the one step in flight
+        if self.graphs is not None and self.graphs.eligible(plans, tables):
+            # Blocks still arriving: the replay waits for them layer by layer (its gates). (Running such a step as
+            # piecewise graphs instead made it slower on the H100, 2026-11-24: item 4's decode steps with blocks
+            # arriving took 22.6 ms at the median against 15.7 ms waiting whole before a replay; the host's
+            # layer-by-layer launches cost more than the overlap saved.)
+            return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), False
+        streamed = self._stream_plan(plans, placed)
+        q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(
+            [
+                q_starts.astype(np.int32),
+                starts.astype(np.int32),
+                (starts + n).astype(np.int32),
+                firsts.astype(np.int32),
+                table.ravel(),
+            ],
+            dev,
+        )
+        batch = PagedBatch(
+            q_starts=q_starts_d,
+            q_pos0=pos0_d,
+            context_lens=ctx_d,
+            first_block=first_d,
+            block_tables=table_d.view(len(plans), width),
+            max_q=int(n.max()),
+            max_context=int((starts + n).max()),
+            q_starts_host=q_starts.tolist(),
+        )
+        attend = StepAttention(
+            self.gpu_tier,
+            batch,
+            slots_d,
+            streamed,
+            self.staging,
+            self.scale,
+            self.spec.sliding_windows,
+            self.copy_streams,
+            self.pm.mover.debug_delay,
+        )
+        attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
+        if self.pieces is not None and self.pieces.eligible(len(input_ids)):
+            hidden = self.pieces.run(ids_d, positions_d, slots_d, attend)
+        else:
+            hidden = self.model(ids_d, positions_d, attend)
+        logits = self.model.logits(hidden[rows_d]) if len(rows) else None
+        return logits, bool(streamed)
+
+    def _stream_plan(self, plans: list[EntryPlan], placed: dict[int, list[tuple[int, int]]]) -> list[StreamedEntry]:
+        out = []
+        row = 0
+        for i, p in enumerate(plans):
+            if p.first_block:
+                tiers = [self.pm.tiers[kind] for kind, _ in placed[p.seq_id]]
+                out.append(
+                    StreamedEntry(i, (row, row + p.num_tokens), p.start, tiers, [slot for _, slot in placed[p.seq_id]])
+                )
+            row += p.num_tokens
+        return out
