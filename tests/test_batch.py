@@ -220,3 +220,19 @@ def test_validation_errors_name_the_key_and_the_fix(model_dir, tmp_path, change,
         batch.prepare(spec)
     assert message in str(err.value), str(err.value)
     assert not os.path.exists(tmp_path / "job" / "out")  # nothing ran, nothing was written
+
+
+def test_the_demos_set_paths_mean_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    got = batch.paths_from_here(
+        ["input=mine.jsonl", "engine.nvme_dir=../disk", "output=/abs/o.jsonl", "engine.eviction=clock", "model=./ckpt"]
+        + ["model=smollm2-135m-instruct"]
+    )
+    assert got == [
+        f"input={tmp_path}/mine.jsonl",
+        f"engine.nvme_dir={tmp_path.parent}/disk",
+        "output=/abs/o.jsonl",
+        "engine.eviction=clock",
+        f"model={tmp_path}/ckpt",
+        "model=smollm2-135m-instruct",
+    ]

@@ -130,6 +130,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+PATH_KEYS = ("input", "output", "engine.nvme_dir", "engine.tokenizer")
+
+
+def paths_from_here(overrides: list[str]) -> list[str]:
+    """The overrides with their relative paths made absolute against the current directory (for the demo, whose
+    YAML lies inside the installed package: a path the user types means here, not there)."""
+    out = []
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        value = raw.strip()
+        is_path = key.strip() in PATH_KEYS or (key.strip() == "model" and (os.sep in value or value.startswith(".")))
+        if eq and is_path and value and not os.path.isabs(value):
+            item = f"{key}={os.path.abspath(value)}"
+        out.append(item)
+    return out
+
+
 def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     """Parse and check a run config (no model is loaded); raises ConfigError naming the key and the fix."""
     if not os.path.isfile(path):

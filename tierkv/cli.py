@@ -164,8 +164,9 @@ def _run_run(args) -> int:
     if demo:
         # The demo's config is package data (inside site-packages once installed): its results and block files go
         # to out/ in the current directory instead of beside the YAML.
+        # Paths the user gives with --set mean the current directory too.
         out = os.path.abspath("out")
-        overrides = [f"output={out}/demo.jsonl", f"engine.nvme_dir={out}/demo-nvme", *overrides]
+        overrides = [f"output={out}/demo.jsonl", f"engine.nvme_dir={out}/demo-nvme", *batch.paths_from_here(overrides)]
     spec = batch.load_spec(args.config or batch.DEMO_CONFIG, overrides)
     fresh = args.fresh or demo
     if args.check:
