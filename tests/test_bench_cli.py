@@ -26,6 +26,8 @@ def test_bench_sweep_writes_table_json_and_plots(tmp_path, capsys):
             "clock",
             "--cpu-blocks",
             "8",
+            "--repeats",
+            "2",
             "--out",
             str(out),
         ]
@@ -34,13 +36,18 @@ def test_bench_sweep_writes_table_json_and_plots(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "TTFT ms p50/p90/p99" in table and "link ceilings (GB/s, measured now)" in table
     report = json.loads((out / "results.json").read_text())
-    assert len(report["runs"]) == 4
+    assert len(report["runs"]) == 4 and report["repeats"] == 2
     for run in report["runs"]:
         assert run["requests"] == 6 and run["output_tokens"] == 48
         assert run["ttft_s"]["p50"] > 0 and run["tpot_s"]["p99"] >= run["tpot_s"]["p50"]
         assert set(run["tiers"]) == {"gpu", "cpu", "nvme"}
+        assert len(run["runs"]) == 2 and run["spread"][0] <= run["output_tokens_per_s"] <= run["spread"][1]
+        assert f"{run['output_tokens_per_s']:.1f} [{run['spread'][0]:.1f}-{run['spread'][1]:.1f}]" in table
     small = [r for r in report["runs"] if r["config"]["gpu_blocks"] == 4]
-    assert all(r["links"]["gpu->cpu"]["bytes"] > 0 for r in small)  # the small GPU tier had to spill
+    for r in small:  # the small GPU tier had to spill: the link was busy, and its rate is over that busy time
+        link = r["links"]["gpu->cpu"]
+        assert link["bytes"] > 0 and 0 < link["busy_share"] < 1 and link["gbps_while_busy"] > 0
+        assert link["gbps_while_busy"] == pytest.approx(link["bytes"] / link["busy_s"] / 1e9)
     for name in ("throughput_vs_capacity.png", "hitrate_vs_capacity.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -98,6 +105,8 @@ def test_trace_replay_and_hf_baseline(tmp_path, capsys):
                 "8",
                 "--baseline",
                 "hf",
+                "--repeats",
+                "1",
                 "--out",
                 str(out),
                 "--no-plots",
@@ -110,7 +119,8 @@ def test_trace_replay_and_hf_baseline(tmp_path, capsys):
     base = report["baseline"]
     assert base["hf generate (dynamic cache)"]["output_tokens_per_s"] > 0
     assert base["hf generate_batch"]["output_tokens_per_s"] > 0
-    assert "tierkv's best run is" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "best" not in table and "each tierkv run's median against its median: lru/16/gpu 8/cpu 16/nvme 256" in table
 
 
 def test_bench_config_file_and_flags_win(tmp_path):

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tierkv.bench_report import with_spread
+
 if TYPE_CHECKING:
     from tierkv.benchmark import BenchRequest
 
@@ -99,9 +101,12 @@ def timed_generate_batch(model, prompts: list[list[int]], max_new: int) -> tuple
     return wall, [len(o.generated_tokens) for o in outs.values()]
 
 
-def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: torch.device, dtype) -> dict[str, dict]:
-    """The same requests through transformers: generate() with the dynamic and the offloaded cache (all requests in
-    one left-padded batch), and generate_batch() (its continuous batching)."""
+def run_hf(
+    model_path: str, load_format: str, reqs: list[BenchRequest], device: torch.device, dtype, repeats: int = 1
+) -> dict[str, dict]:
+    """The same requests through transformers, each method `repeats` times (the median run, with the spread):
+    generate() with the dynamic and the offloaded cache (all requests in one left-padded batch), and
+    generate_batch() (its continuous batching)."""
     import gc
 
     from transformers import AutoModelForCausalLM
@@ -136,32 +141,34 @@ def run_hf(model_path: str, load_format: str, reqs: list[BenchRequest], device: 
             results[name] = {"error": "transformers' offloaded cache needs CUDA"}
             continue
         try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=0,
-                **kwargs,
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-            results[name] = {"wall_s": wall, "output_tokens": useful, "output_tokens_per_s": useful / wall}
+            runs = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new,
+                    min_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=0,
+                    **kwargs,
+                )
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+                runs.append({"wall_s": wall, "output_tokens": useful, "output_tokens_per_s": useful / wall})
+            results[name] = with_spread(runs)
         except Exception as exc:  # e.g. out of memory at this batch size: reported, not hidden
             results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     try:
-        wall, lengths = timed_generate_batch(model, [r.prompt_ids for r in reqs], max_new)
-        generated = sum(lengths)
-        results["hf generate_batch"] = {
-            "wall_s": wall,
-            "output_tokens": generated,
-            "output_tokens_per_s": generated / wall,
-        }
+        runs = []
+        for _ in range(repeats):
+            wall, lengths = timed_generate_batch(model, [r.prompt_ids for r in reqs], max_new)
+            generated = sum(lengths)
+            runs.append({"wall_s": wall, "output_tokens": generated, "output_tokens_per_s": generated / wall})
+        results["hf generate_batch"] = with_spread(runs)
     except Exception as exc:
         results["hf generate_batch"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return results

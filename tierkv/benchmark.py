@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tierkv.bench_baselines import link_ceiling, measure_links, run_hf
+from tierkv.bench_report import with_spread
 from tierkv.errors import ConfigError
 
 
@@ -171,7 +172,12 @@ def _phases(workload: str, llm) -> list[str]:
 
 
 def run_tierkv(
-    model: str, engine: dict, reqs: list[BenchRequest], ceilings: dict[str, float], workload: str = "synthetic"
+    model: str,
+    engine: dict,
+    reqs: list[BenchRequest],
+    ceilings: dict[str, float],
+    workload: str = "synthetic",
+    repeats: int = 1,
 ) -> dict:
     from tierkv.llm import LLM
     from tierkv.sampling import SamplingParams
@@ -187,14 +193,16 @@ def run_tierkv(
         )
         llm.pm.synchronize()
         for phase in _phases(workload, llm):
-            if phase in ("run", "cold"):
-                llm.reset_prefix_cache()
-            elif phase != "warm gpu":
-                llm.pm.demote_cached(phase.split()[1])
-            base = llm.stats()
-            outputs, wall = _run_requests(llm, reqs)
-            stats = llm.stats()
-            phases[phase] = _phase_result(outputs, wall, reqs, base, stats, ceilings)
+            runs = []
+            for _ in range(repeats):  # each from the same starting state of the prefix cache
+                if phase in ("run", "cold"):
+                    llm.reset_prefix_cache()
+                elif phase != "warm gpu":
+                    llm.pm.demote_cached(phase.split()[1])
+                base = llm.stats()
+                outputs, wall = _run_requests(llm, reqs)
+                runs.append(_phase_result(outputs, wall, reqs, base, llm.stats(), ceilings))
+            phases[phase] = with_spread(runs)
     finally:
         llm.close()
     result = dict(phases["run"] if "run" in phases else phases["cold"])
@@ -218,12 +226,17 @@ def _phase_result(outputs, wall, reqs, base, stats, ceilings) -> dict:
         }
     result["links"] = {}
     for link, v in stats["links"].items():
-        nbytes = v["bytes"] - base["links"].get(link, {}).get("bytes", 0)
+        before = base["links"].get(link, {})
+        nbytes = v["bytes"] - before.get("bytes", 0)
+        busy = v["seconds"] - before.get("seconds", 0.0)  # time the link was copying (timed per batch)
         ceiling = link_ceiling(ceilings, link)
+        gbps = nbytes / busy / 1e9 if busy > 0 else None
         result["links"][link] = {
             "bytes": nbytes,
-            "gbps": nbytes / wall / 1e9,
-            "utilisation": nbytes / wall / 1e9 / ceiling if ceiling else None,
+            "busy_s": busy,
+            "busy_share": busy / wall,  # of the run's wall time
+            "gbps_while_busy": gbps,
+            "of_ceiling": gbps / ceiling if gbps and ceiling else None,  # the copy rate against the measured one
         }
     p, q = stats["prefix"], base["prefix"]
     queried = p["queried_tokens"] - q["queried_tokens"]
@@ -295,7 +308,7 @@ def main(args) -> dict:
         results = []
         for engine in sweep(args):
             label = engine.pop("_config")
-            r = run_tierkv(args.model, engine, reqs, ceilings, args.workload)
+            r = run_tierkv(args.model, engine, reqs, ceilings, args.workload, args.repeats)
             r["config"] = label
             results.append(r)
         baseline = None
@@ -305,7 +318,7 @@ def main(args) -> dict:
                 if args.dtype
                 else (torch.bfloat16 if device.type == "cuda" else torch.float32)
             )
-            baseline = run_hf(args.model, args.load_format, reqs, device, dtype)
+            baseline = run_hf(args.model, args.load_format, reqs, device, dtype, args.repeats)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -318,6 +331,7 @@ def main(args) -> dict:
             "model": args.model,
             "device": str(device),
         },
+        "repeats": args.repeats,
         "link_ceilings_gbps": ceilings,
         "runs": results,
         "baseline": baseline,

@@ -65,6 +65,12 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--nvme-dir", help="where NVMe tier files go (default: a temporary directory)")
     p.add_argument("--max-num-batched-tokens", type=POSITIVE, default=256)
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument(
+        "--repeats",
+        type=POSITIVE,
+        default=3,
+        help="runs of each config and baseline; the median and min-max are reported",
+    )
     p.add_argument("--baseline", choices=["none", "hf"], default="none", help="hf: transformers on the same requests")
     p.add_argument("--out", default="bench-out", help="folder for results.json and the plots (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true")

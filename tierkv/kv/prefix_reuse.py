@@ -12,16 +12,16 @@ class PrefixReuse:
     """The engine's use of `pm`'s prefix index. `load`: "auto" (load or recompute, from the measured link and
     prefill speeds) or "always"; `prefetch`: start bringing found blocks to the GPU as soon as they are found."""
 
+    # A long prompt is looked up in two parts: the first `early_blocks` blocks, whose promotion starts at once where
+    # it is sure to be used, then the rest (hashing 2,048 blocks takes milliseconds the link can already use).
+    early_blocks = 128
+
     def __init__(self, pm: PageManager, hasher: PrefixHasher, load: str = "auto", prefetch: bool = True) -> None:
         self.pm, self.hasher, self.load, self.prefetch = pm, hasher, load, prefetch
         self.block_size = pm.layout.block_size
         self.chooser = LoadOrRecompute(pm.layout.block_nbytes, self.block_size)
         self.stats = PrefixStats()
         self.register_blocks = True  # False while calibrating: the throwaway prompts leave no keys
-
-    # A long prompt is looked up in two parts: the first `early_blocks` blocks, whose promotion starts at once where
-    # it is sure to be used, then the rest (hashing 2,048 blocks takes milliseconds the link can already use).
-    early_blocks = 128
 
     def start(self, req, seq) -> None:
         """Start the sequence with the longest prefix of its prompt whose KV is stored in any tier (at least the
