@@ -8,8 +8,8 @@ import os
 
 def with_spread(runs: list[dict], key: str = "output_tokens_per_s") -> dict:
     """One result for repeated runs of the same thing: the median run by `key` (the lower middle one of an even
-    count) whole, with every run's headline
-    figures and the min-max of `key` (so a reader sees the run-to-run spread, not one lucky run)."""
+    count) whole, with every run's headline figures and the min-max of `key` (so a reader sees the run-to-run
+    spread, not one lucky run)."""
     ordered = sorted(runs, key=lambda r: r[key])
     result = dict(ordered[(len(ordered) - 1) // 2])
     result["runs"] = [{k: r[k] for k in ("wall_s", key) if k in r} for r in runs]
