@@ -2,7 +2,7 @@
 # A/B in one call: the outgrowing workload of fast_path.sh item 4 (prefetch on) with the swap as built (host copies
 # kept from promotion, large blocks down through the copy engines) and without them (both directions on the SMs,
 # every block copied down), interleaved. (When this was measured, 2026-11-24, the swap as built also went in four
-# chunks; it goes in one since decode graphs wait for arriving blocks layer by layer: PageManager.swap_chunks.)
+# chunks; it goes in one since decode graphs wait for arriving blocks layer by layer: Placement.swap_chunks.)
 set -uo pipefail
 out="${OUT:-/tmp/out}"
 py="${PYTHON:-python3}"

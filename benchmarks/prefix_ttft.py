@@ -76,7 +76,7 @@ def main() -> int:
     ]
 
     def measure(name: str, tiers: list[str], load: str, repeats: int) -> None:
-        llm.engine.prefix_load = load
+        llm.engine.prefix.load = load
         rows[name] = []
         for _ in range(repeats):
             for tier in tiers:
@@ -87,7 +87,7 @@ def main() -> int:
     measure("hit in pinned RAM", ["cpu"], "always", args.repeats)
     measure("hit on NVMe, loaded", ["cpu", "nvme"], "always", max(1, args.repeats // 2))
     measure("hit on NVMe, load-or-recompute", ["cpu", "nvme"], "auto", max(1, args.repeats // 2))
-    llm.engine.prefix_load = "auto"
+    llm.engine.prefix.load = "auto"
     summary = {}
     for name, runs in rows.items():
         times = sorted(t for t, _ in runs)

@@ -68,7 +68,8 @@ def main() -> int:
         return real_kernel(*a, **k)
 
     attention.copy_block_runs, attention.copy_blocks_triton = runs, kernel
-    annotate(engine, ("_launch", "run_forward", "_complete"), "tierkv")
+    annotate(engine, ("_launch", "_complete"), "tierkv")
+    annotate(engine.runner, ("run_forward",), "tierkv")
     annotate(llm.pm, ("acquire", "pin_in_place", "release", "prefetch", "begin_step"), "pm")
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -42,7 +42,8 @@ def main() -> int:
     llm.pm.demote_cached("cpu")
     torch.cuda.synchronize()
     engine = llm.engine
-    annotate(engine, ("_admit", "run_forward", "_complete"), "tierkv")
+    annotate(engine, ("_admit", "_complete"), "tierkv")
+    annotate(engine.runner, ("run_forward",), "tierkv")
     annotate(engine.prefix.hasher, ("keys",), "tierkv")
     annotate(llm.pm, ("lookup", "attach", "prefetch", "acquire"), "tierkv")
     annotate(llm.pm.mover, ("move",), "tierkv")

@@ -146,8 +146,9 @@ README = PACKAGE.parent / "README.md"
 FOUNDATION = {f"tierkv.{m}" for m in ("config", "errors", "handles", "layout", "sizes", "outputs")}
 
 
-def readme_layers() -> list[set[str]]:
-    """The modules of each row of the README's architecture table, top row first."""
+def readme_layers(columns: list[str] | None = None) -> list[set[str]]:
+    """The modules of each row of the README's architecture table, top row first; `columns`, if given, collects
+    each of those rows' last column (the tierkv modules it says the row imports)."""
     text = README.read_text()
     section = text[text.index("## How it is built") :]
     section = section[: section.index("\n## ", 5)]
@@ -170,12 +171,29 @@ def readme_layers() -> list[set[str]]:
             names.add(path.removesuffix(".py").replace("/", "."))
         if names:
             rows.append(names)
+            if columns is not None:
+                columns.append(line.rstrip(" |").rpartition(" | ")[2])
     return rows
+
+
+def imports_of_row(graph: dict[str, set[str]], names: set[str]) -> str:
+    """What the README's last column should say for a row: the tierkv modules it imports (kernels/ and policies/ as
+    one name each), beside its own and those beneath every row."""
+    out = set()
+    for target in set().union(*(graph[n] for n in names)) - FOUNDATION - names:
+        target = target.removeprefix("tierkv.")
+        out.add(target.partition(".")[0] if target.startswith(("kernels.", "policies.")) else target)
+    return ", ".join(sorted(out)) or "-"
 
 
 def test_the_readme_architecture_table_matches_the_imports():
     graph = import_graph()
-    rows = readme_layers()
+    columns: list[str] = []
+    rows = readme_layers(columns)
+    for names, said in zip(rows, columns):
+        assert said == imports_of_row(graph, names), (
+            f"README row {sorted(names)} says it imports {said!r}; the code imports {imports_of_row(graph, names)!r}"
+        )
     row_of = {}
     for i, names in enumerate(rows):
         for name in names:

@@ -66,7 +66,6 @@ class Engine:
         self.pm = pm
         self.scheduler = scheduler
         self.device = pm.device
-        self.block_size = pm.layout.block_size
         self.prefetch_enabled = prefetch
         self.counters = EngineCounters()
         self.live: dict[int, Request] = {}  # unfinished requests by arrival number
@@ -266,7 +265,8 @@ class Engine:
         pm = self.pm
         pm.begin_step()
         for e in entries:
-            pm.grow_to(e.seq.seq_id, e.end)
+            if e.end > pm.num_tokens(e.seq.seq_id):  # (under tensor parallelism each call is sent to every rank)
+                pm.grow_to(e.seq.seq_id, e.end)
         ids = [e.seq.seq_id for e in entries]
         tables = pm.acquire(
             ids,

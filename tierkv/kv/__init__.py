@@ -1,10 +1,13 @@
 """The KV side: which block lives in which tier, and the moves between tiers.
 
-Bookkeeping (no torch): `block` (a block, a sequence's table), `ledger` (every block and table: reference counts,
-pins, residence order per tier), `prefix_index` (content key -> block), `spares` (host and write-through copies),
-`slots` (free slots per tier), `transfer` (a move as data), `step_plan` (checking what a step asks for), `placement`
-(make room, demote, promote, copy-on-write: decisions that it hands out as transfers). `manager` joins them behind
-the `PageManager` API. Storage and I/O (torch): `tiers` (the block pools), `nvme_store` and `nvme_io` (the NVMe
-tier's files), `mover` (runs transfers on streams and an I/O thread). `repair` puts the bookkeeping right after a
-failed step; `prefix_reuse` finds a request's cached prefix; `stats` reports what happened.
+Records and bookkeeping, plain Python (no torch): `block` (a block, a spare copy, a block table, the tier kinds),
+`slots` (a tier's free slots), `transfer` (a move as data), `ledger` (every block and table: reference counts, pins,
+residence order per tier), `prefix_index` (content key -> block), `spares` (host and write-through copies),
+`step_plan` (what one acquire asks for), `placement` (make room, demote, promote, copy-on-write, write-through: the
+decisions, each byte move handed to the mover as a `Transfer`; loads from disk are waited for there, to check their
+checksums). `manager` joins them behind the `PageManager` API. Storage (torch): `tiers` (the block pools),
+`nvme_store` and `nvme_io` (the NVMe tier's files and I/O backends), `mover` (runs transfers on side streams and an
+I/O thread), `storage` (opens the tiers and the mover from a config). Around the manager: `repair` (the bookkeeping
+put right after a failed step), `prefix_cache` (content keys, the load-or-recompute choice), `prefix_reuse` (a
+request's cached prefix found and attached), `stats` (what happened, per tier and link).
 """

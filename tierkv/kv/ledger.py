@@ -33,12 +33,12 @@ class BlockLedger:
 
     # -- blocks --------------------------------------------------------------------------------------------
     def new_block(self, kind: int, slot: int, ready: Handle = DONE, **fields) -> Block:
-        """A block living in (kind, slot), held once unless `ref_count=0` (a cached block) is given."""
+        """A block living in (kind, slot), held once unless `ref_count=0` with a `key` (a cached block) is given."""
         block = Block(self._next_block_id, kind, slot, ready=ready, **fields)
         self._next_block_id += 1
         self.blocks[block.block_id] = block
         self.policies[kind].insert(block.block_id)
-        if block.ref_count == 0:
+        if block.ref_count == 0 and block.key is not None:
             self.cached[kind] += 1
         return block
 
@@ -57,6 +57,17 @@ class BlockLedger:
         if block.ref_count == 0:
             self.cached[block.tier] -= 1
         block.ref_count += 1
+
+    def let_go(self, block: Block) -> bool:
+        """One sequence fewer holds the block. A keyed block no sequence holds stays as a cached block; True if the
+        block is left with no holder and no key (the caller drops it)."""
+        block.ref_count -= 1
+        if block.ref_count:
+            return False
+        if block.key is not None:
+            self.cached[block.tier] += 1  # stays where it is, for the next request with this prefix
+            return False
+        return True
 
     def land(self, block: Block, kind: int, slot: int) -> None:
         """The block (out of its policy) now lives at (kind, slot)."""

@@ -63,7 +63,6 @@ class PageManager:
         )
         self.prefetch_policy = prefetch_policy or NextScheduledPrefetch()
         self._layer_waits: list = []  # see acquire(layered=True)
-        self._streams_host = False  # some pinned-in-place block of the outstanding acquires is in a host tier
         self._closed = False
         if NVME in self.tiers and config.adopt_stored:
             self._adopt_stored()
@@ -74,8 +73,7 @@ class PageManager:
         entries = tier.store.keyed_entries()[: tier.num_blocks]
         tier.slots.claim({slot for slot, _, _ in entries})
         for slot, key, tokens in entries:
-            block = self.ledger.new_block(NVME, slot, ref_count=0, has_data=True)
-            self.index.add(block, key, tokens)
+            self.index.adopt(self.ledger.new_block(NVME, slot, ref_count=0, has_data=True, key=key, token_ids=tokens))
 
     # -- views of the parts' state -------------------------------------------------------------------------
     @property
@@ -112,9 +110,6 @@ class PageManager:
     def resident(self, kind: int) -> int:
         """Blocks living in tier `kind` now."""
         return self.ledger.resident(kind)
-
-    def open_slots(self, kind: int) -> int:
-        return self.placement.open_slots(kind)
 
     def free_blocks(self, kind: int | None = None) -> int:
         """Blocks that can still be created in tier `kind` (or in all tiers), cached blocks and spares included."""
@@ -172,12 +167,8 @@ class PageManager:
             self.ledger.unpin(pinned)
         marker = self.mover.compute_marker()  # the last step may still read these blocks on the device
         for block in seq.blocks:
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.key is not None:
-                    self.ledger.cached[block.tier] += 1  # stays where it is, for the next request with this prefix
-                else:
-                    self.placement.drop(block, marker)
+            if self.ledger.let_go(block):
+                self.placement.drop(block, marker)
 
     # -- the prefix cache ----------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes], token_blocks: Sequence[Sequence[int]]) -> list[Block]:
@@ -215,7 +206,7 @@ class PageManager:
         block = self.ledger.seq(seq_id).blocks[index]
         if not self.index.add(block, key, token_ids):
             return False
-        if self.config.write_through and NVME in self.tiers and block.tier != NVME:
+        if self.placement.write_through and NVME in self.tiers and block.tier != NVME:
             self.spares.queue_write_through(block)
         return True
 
@@ -351,6 +342,12 @@ class PageManager:
                 self.mover.order_compute_after(all_of([*waits, *written]))
         return [[b.slot for b in seq.blocks[first:stop]] for seq, (first, stop) in zip(seqs, spans)]
 
+    def reset_step_state(self) -> None:
+        """Forget what the outstanding acquires left (after a failed step, once every transfer has finished)."""
+        self._layer_waits = []
+        self.placement.host_reads_pending = False
+        self.placement.host_read_marker = DONE
+
     def take_layer_waits(self) -> list:
         """The layer-group transfers the last `acquire(layered=True)` left for the caller to wait on, per layer."""
         waits, self._layer_waits = self._layer_waits, []
@@ -388,7 +385,8 @@ class PageManager:
         placed = [(b.tier, b.slot) for b in blocks]
         if self.mover.cuda:
             self.mover.order_compute_after(all_of(b.ready for b in blocks))
-            self._streams_host |= len(blocks) > tiers.count(GPU)
+            if len(blocks) > tiers.count(GPU):
+                self.placement.note_host_reads()
         return placed
 
     def release(self, seq_ids: Sequence[Hashable]) -> None:
@@ -398,11 +396,7 @@ class PageManager:
             if not seq.pinned:
                 raise RuntimeError(f"release({seq_id!r}) without a matching acquire")
             self.ledger.unpin(seq.pinned.pop())
-        if self._streams_host:
-            # The step's attention read host-tier blocks on the device: nothing may write their slots from the
-            # host (NVMe reads into the CPU tier) before those reads are done. One marker covers every such read.
-            self._streams_host = False
-            self.placement.host_read_marker = self.mover.compute_marker()
+        self.placement.end_host_reads()
 
     def prefetch(
         self,

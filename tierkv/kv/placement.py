@@ -59,8 +59,21 @@ class Placement:
         self.kinds = ledger.kinds
         self.cow_copies = 0
         self.dropped_cached = 0
-        # After the device's last reads of host-tier blocks (streamed attention): host writes into CPU slots wait.
+        # Attention that streams host-tier blocks reads them on the device: host writes into those CPU slots (reads
+        # from NVMe) must wait for it. The step's reads are noted as they are planned; at its release one marker
+        # for all of them is taken (cheaper than one per block).
+        self.host_reads_pending = False
         self.host_read_marker: Handle = DONE
+
+    def note_host_reads(self) -> None:
+        """The step in progress reads host-tier blocks on the device (streamed attention)."""
+        self.host_reads_pending = True
+
+    def end_host_reads(self) -> None:
+        """The step's work is queued: host writes into CPU slots from now on wait for its device reads."""
+        if self.host_reads_pending:
+            self.host_reads_pending = False
+            self.host_read_marker = self.compute_marker()
 
     # -- room ----------------------------------------------------------------------------------------------
     def open_slots(self, kind: int) -> int:
@@ -279,7 +292,7 @@ class Placement:
             new = self.ledger.new_block(GPU, slot, ready=busy, has_data=old.has_data)
             seqs[i].blocks[j] = new
             self.ledger.note_peak()
-            old.ref_count -= 1
+            self.ledger.let_go(old)  # (still held by the sequences that keep it: copy-on-write copies shared ones)
             if old.has_data:
                 by_tier.setdefault(old.tier, []).append((old, new))
         for kind, pairs in by_tier.items():
@@ -436,4 +449,4 @@ class Placement:
         """The block is about to be written: its bytes will no longer be what its key says."""
         if block.key is not None:
             self.spares.drop_disk(block)
-            self.index.unkey(block)
+            self.index.forget_key(block)

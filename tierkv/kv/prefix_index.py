@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from tierkv.kv.block import Block
 
@@ -38,13 +38,18 @@ class PrefixIndex:
         if block.key is not None:
             self._blocks.pop(block.key, None)
 
-    def unkey(self, block: Block) -> None:
-        """The block stops being a prefix block (it is about to be written)."""
+    def adopt(self, block: Block) -> None:
+        """Index a block that already carries its key (found in the NVMe store at start-up)."""
+        self._blocks[block.key] = block
+
+    def forget_key(self, block: Block) -> None:
+        """The block stops being a prefix block: its key and tokens go (its spare copies are the caller's)."""
         if block.key is not None:
             self._blocks.pop(block.key, None)
             block.key = block.token_ids = None
 
     def replace(self, blocks: dict[bytes, Block]) -> None:
+        """The whole index at once (rebuilt after a failed step)."""
         self._blocks = dict(blocks)
 
     def clear(self) -> None:
@@ -59,11 +64,5 @@ class PrefixIndex:
     def values(self):
         return self._blocks.values()
 
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._blocks
-
     def __len__(self) -> int:
         return len(self._blocks)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._blocks)

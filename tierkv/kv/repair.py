@@ -87,9 +87,7 @@ def repair(pm, drop: Iterable[Hashable]) -> set[Hashable]:
         block.ref_count = refs.get(bid, 0)
         block.pins = 0
     ledger.pinned_blocks = 0
-    pm._layer_waits = []
-    pm._streams_host = False
-    pm.placement.host_read_marker = DONE
+    pm.reset_step_state()
 
     # The prefix index: one block per key, the one it named where that block is still right. A key without its
     # tokens (cut off inside register) or on a block never written vouches for nothing.
