@@ -5,6 +5,7 @@ import pytest
 import torch
 from kv_tools import check_invariants
 from tiny_models import ARCHS, hf_greedy, make_checkpoint, random_prompts
+from transformers import AutoTokenizer
 
 import tierkv
 from tierkv import CapacityError, ConfigError, SamplingParams
@@ -92,14 +93,18 @@ def test_logprobs_are_the_models_distribution(checkpoints, tmp_path):
             0
         ].outputs[0]
     assert len(out.logprobs) == 6
+    tokenizer = AutoTokenizer.from_pretrained(path)
     for step, (lp, logits) in enumerate(zip(out.logprobs, ref.logits)):
         want = torch.log_softmax(logits[0].float(), -1)
         token = out.token_ids[step]
         assert len(lp) >= 3 and token in lp
         for t, v in lp.items():
-            assert abs(v - float(want[t])) < 1e-4
+            assert abs(v.logprob - float(want[t])) < 1e-4
+            assert v.rank == int((want > want[t]).sum()) + 1  # as vLLM ranks: 1 for the most likely
+            assert v.decoded_token == tokenizer.decode([t])
+        assert lp[token].rank == 1  # greedy
         assert set(torch.topk(want, 3).indices.tolist()) <= set(lp)
-    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for lp, t in zip(out.logprobs, out.token_ids)))
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)))
 
 
 def test_seeded_sampling_is_reproducible_alone_or_in_a_crowd(checkpoints, tmp_path):

@@ -57,8 +57,9 @@ def test_greedy_and_seeds():
 
 def test_top_logprobs():
     lp = top_logprobs(LOGITS, 2, 2)
-    assert set(lp) == {2, 1, 3}
-    assert lp[1] == pytest.approx(math.log(0.4), abs=1e-6)
+    assert list(lp) == [2, 1, 3]  # the chosen token first, then the two most likely
+    assert lp[1].logprob == pytest.approx(math.log(0.4), abs=1e-6) and lp[1].rank == 1 and lp[3].rank == 2
+    assert lp[2].logprob == pytest.approx(math.log(0.1), abs=1e-6) and lp[2].rank == 4  # 0.4, 0.3, 0.15 above it
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from tierkv.kv.block import Block
 from tierkv.kv.manager import PageManager
 from tierkv.layout import KVLayout
 from tierkv.llm import LLM
-from tierkv.outputs import CompletionOutput, RequestOutput
+from tierkv.outputs import CompletionOutput, Logprob, RequestOutput
 from tierkv.sampling import SamplingParams
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",
+    "Logprob",
     "EngineConfig",
     "KVLayout",
     "PageManager",

@@ -261,17 +261,8 @@ def read_records(path: str) -> list[Record]:
                 raise ConfigError(f'{where}: give exactly one of "prompt" (text) or "messages" (a chat)')
             if has_prompt and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
                 raise ConfigError(f'{where}: "prompt" must be a non-empty string')
-            if has_messages and (
-                not isinstance(obj["messages"], list)
-                or not obj["messages"]
-                or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in obj["messages"]
-                )
-            ):
-                raise ConfigError(
-                    f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects'
-                )
+            if has_messages:
+                inputs.check_messages(obj["messages"], f'{where}: "messages"')
             overrides = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
             record_where = f"{where} (id {rid!r})"
             check_section(record_where, overrides, SamplingParams)
@@ -310,7 +301,7 @@ def result_line(prepared: PreparedRecord, output) -> dict:
 
 
 def _jsonable_logprobs(logprobs):
-    return None if logprobs is None else [{str(k): v for k, v in step.items()} for step in logprobs]
+    return None if logprobs is None else [{str(k): v.logprob for k, v in step.items()} for step in logprobs]
 
 
 # -- running ------------------------------------------------------------------------------------------------------
@@ -367,13 +358,7 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
                 f"model {spec.model!r} has no tokenizer for text prompts; set engine.tokenizer to a tokenizer folder"
             )
         if r.messages is not None:
-            if not tokenizer.chat_template:
-                raise ConfigError(
-                    f'{where}: "messages" needs a chat template, and this model\'s tokenizer has none; use "prompt"'
-                )
-            ids = list(
-                tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            )
+            ids = inputs.chat_token_ids(tokenizer, r.messages, f'{where}: "messages"')
         else:
             ids = tokenizer(r.prompt).input_ids
         if not ids:

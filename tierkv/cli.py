@@ -216,6 +216,42 @@ def _run_run(args) -> int:
     return 0
 
 
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (completions, chat, streaming, metrics) over the tiered engine",
+        description="Serve MODEL over OpenAI's HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/metrics. Engine options as in tierkv.LLM(...) or a run YAML's engine: mapping.",
+    )
+    p.add_argument("model", help="a checkpoint folder, a packaged model's name, or a model config (dummy weights)")
+    p.add_argument("--config", help="a YAML file of engine options (its engine: mapping, or the whole file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an engine option")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=POSITIVE, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer <key> on /v1 routes")
+    p.add_argument("--served-model-name", help="the model name clients use (default: MODEL)")
+    p.add_argument("--max-waiting", type=POSITIVE, default=1024, help="requests waiting beyond this get 503")
+    p.add_argument("--drain-timeout", type=RATE, default=30.0, help="seconds running requests get to finish on SIGTERM")
+    return p
+
+
+def _run_serve(args) -> int:
+    from tierkv.serve.server import engine_options, serve
+
+    options = engine_options(args.config, args.overrides)
+    serve(
+        args.model,
+        options,
+        args.host,
+        args.port,
+        args.api_key,
+        args.served_model_name,
+        args.max_waiting,
+        args.drain_timeout,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from tierkv import __version__
 
@@ -224,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     bench = _bench_parser(sub)
+    _serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -233,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                 _bench_config(bench, args.config)
                 args = parser.parse_args(argv)
             return _run_bench(args)
+        if args.command == "serve":
+            return _run_serve(args)
     except TierKVError as exc:
         print(f"tierkv: error: {exc}", file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ def _is_token_sequence(value) -> bool:
 
 
 def prompt_list(prompts) -> list:
-    """The prompts of one call as a list: a single prompt (a string or one prompt's token ids) becomes a list of one."""
-    if isinstance(prompts, str) or _is_token_sequence(prompts):
+    """The prompts of one call as a list: a single prompt (a string, one prompt's token ids, or a dict as vLLM's
+    `{"prompt": text}` / `{"prompt_token_ids": ids}`) becomes a list of one."""
+    if isinstance(prompts, (str, dict)) or _is_token_sequence(prompts):
         return [prompts]
     if isinstance(prompts, (list, tuple)) or (isinstance(prompts, (np.ndarray, torch.Tensor)) and prompts.ndim == 2):
         return list(prompts)  # a 2-D array or tensor: one prompt per row
@@ -37,6 +38,51 @@ def prompt_list(prompts) -> list:
         else type(prompts).__name__
     )
     raise ConfigError(f"prompts: got {what}; {_TOKEN_HELP}, or a list of such prompts")
+
+
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
+def unwrap_prompt(prompt, where: str):
+    """A dict prompt (vLLM's TextPrompt / TokensPrompt) as the text or token ids it holds; other prompts as given."""
+    if not isinstance(prompt, dict):
+        return prompt
+    given = [k for k in PROMPT_KEYS if k in prompt]
+    unknown = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
+    if len(given) != 1 or unknown:
+        raise ConfigError(
+            f"{where}: a dict prompt holds exactly one of 'prompt' (text) or 'prompt_token_ids' (token ids)"
+            + (f"; unknown keys {unknown}" if unknown else f"; got keys {sorted(map(str, prompt))}")
+        )
+    value = prompt[given[0]]
+    if given[0] == "prompt" and not isinstance(value, str):
+        raise ConfigError(f"{where}: 'prompt' must be text; token ids go in 'prompt_token_ids'")
+    return value
+
+
+def check_messages(messages, where: str) -> None:
+    """A chat: a non-empty list of {"role": ..., "content": ...} with string values."""
+    if (
+        not isinstance(messages, (list, tuple))
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        raise ConfigError(f'{where}: a chat must be a non-empty list of {{"role": ..., "content": ...}} objects')
+
+
+def chat_token_ids(tokenizer, messages, where: str, add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a chat through the tokenizer's chat template (the template adds any special tokens)."""
+    check_messages(messages, where)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{where}: a chat needs a chat template, and this model's tokenizer has none; give text")
+    return list(
+        tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+        )
+    )
 
 
 def token_ids(prompt, where: str, vocab_size: int) -> list[int]:

@@ -163,6 +163,7 @@ class LLM:
         vocab = self.loaded.spec.vocab_size
         prepared = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
+            prompt = inputs.unwrap_prompt(prompt, f"prompt {i}")
             if isinstance(prompt, str):
                 if tok is None:
                     raise ConfigError(
@@ -211,6 +212,16 @@ class LLM:
         self._queued.update(r.arrival for r in added)
         return [r.request_id for r in added]
 
+    def submit(self, prompts, sampling_params=None, request_ids: list[str] | None = None) -> list[str]:
+        """Queue prompts whose progress `step_outputs()` reports, every step (a server's way in; `step()` does not
+        return them). Checked as add_requests checks; returns their ids."""
+        return [r.request_id for r in self._add(prompts, sampling_params, request_ids)]
+
+    def step_outputs(self) -> list[RequestOutput]:
+        """Run one engine step; the output so far (cumulative, as in vLLM) of every request that got new tokens or
+        finished in it, whichever way it was queued."""
+        return [req.output() for req in self._step()]
+
     def _step(self) -> list:
         """One engine step; afterwards (also after a failed one) the queued requests that finished are set aside
         for `step()`, wherever they finished (a `generate()` call runs steps too)."""
@@ -249,6 +260,8 @@ class LLM:
         self.engine.abort(found)
         self._collect_finished()
         return len(found)
+
+    abort_request = abort  # vLLM's name for it
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished or bool(self._ready)
@@ -289,6 +302,29 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [r.output() for r in requests]
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Like generate, for chats: `messages` is one conversation (a list of {"role", "content"} dicts) or a list of
+        them, each turned into tokens by the model's chat template (which adds any special tokens itself)."""
+        self._usable()
+        convs = (
+            [messages]
+            if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict)
+            else messages
+        )
+        if not isinstance(convs, (list, tuple)) or not convs:
+            raise ConfigError("chat: give one conversation (a list of {'role', 'content'} dicts) or a list of them")
+        tok = self.loaded.tokenizer
+        ids = [
+            inputs.chat_token_ids(tok, conv, f"conversation {i}", add_generation_prompt) for i, conv in enumerate(convs)
+        ]
+        return self.generate(ids, sampling_params, use_tqdm=use_tqdm)
 
     def _abort_own(self, requests) -> None:
         """A call that ends early stops its own unfinished requests (nobody else would collect them)."""

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability, as vLLM gives it: `rank` 1 is the most likely token; `decoded_token` its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
 class CompletionOutput:
     """One sample of a request."""
@@ -16,7 +25,7 @@ class CompletionOutput:
         None  # "stop" (EOS, stop token or stop string), "length", "abort", or None while running
     )
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    logprobs: list[dict[int, float]] | None = None  # per generated token, when SamplingParams.logprobs is set
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token, when SamplingParams.logprobs is set
     cumulative_logprob: float | None = None
 
     @property

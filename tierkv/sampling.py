@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.errors import ConfigError
+from tierkv.outputs import Logprob
 
 
 @dataclass
@@ -125,12 +126,14 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(torch.argmax(probs / noise))
 
 
-def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, float]:
-    """log-probabilities of `token` and of the k most likely tokens, from the raw distribution."""
+def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
+    """Log-probabilities, with their ranks, of `token` and of the k most likely tokens, from the raw distribution
+    (the chosen token first; its rank counts the tokens strictly more likely, plus one)."""
     lp = torch.log_softmax(logits, dim=-1)
-    out = {token: float(lp[token])}
+    chosen = lp[token]
+    out = {token: Logprob(float(chosen), int((lp > chosen).sum()) + 1)}
     if k:
         values, ids = torch.topk(lp, k)
-        for v, i in zip(values.tolist(), ids.tolist()):
-            out.setdefault(i, v)
+        for rank, (v, i) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            out.setdefault(i, Logprob(v, rank))
     return out

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from tierkv.outputs import CompletionOutput, RequestOutput
+from tierkv.outputs import CompletionOutput, Logprob, RequestOutput
 from tierkv.sampling import SamplingParams
 
 
@@ -62,7 +62,7 @@ class Sequence:
     text_cut: str | None = None  # the text up to (or through) the stop string that ended it
     tokenizer: object = None  # set by the first append that has one; the text is decoded when asked for
     _decoded: tuple[int, str] | None = field(default=None, repr=False)  # (output tokens decoded, their text)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -114,7 +114,7 @@ class Sequence:
     def prefilling(self) -> bool:
         return self.num_computed < self.num_prompt
 
-    def append(self, token: int, logprobs: dict[int, float] | None, eos_ids: tuple[int, ...], tokenizer) -> None:
+    def append(self, token: int, logprobs: dict[int, Logprob] | None, eos_ids: tuple[int, ...], tokenizer) -> None:
         """Add a sampled token, then decide whether the sequence is done."""
         now = time.perf_counter()
         if self.first_token_time is None:
@@ -122,8 +122,10 @@ class Sequence:
         self.token_ids.append(token)
         p = self.params
         if logprobs is not None:
+            if tokenizer is not None:
+                logprobs = {t: replace(lp, decoded_token=tokenizer.decode([t])) for t, lp in logprobs.items()}
             self.logprobs.append(logprobs)
-            self.cumulative_logprob += logprobs[token]
+            self.cumulative_logprob += logprobs[token].logprob
         if p.stop_token_ids and token in p.stop_token_ids:
             self.finish_reason, self.stop_reason = "stop", token
         elif not p.ignore_eos and token in eos_ids:

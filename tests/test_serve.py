@@ -1,0 +1,286 @@
+"""`tierkv serve` end to end on the CPU: the official openai client against a live server on a tiny model, streams
+that equal the whole answers, concurrent clients that disconnect, and every error in OpenAI's shape."""
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+from tiny_models import make_checkpoint
+from transformers import AutoTokenizer
+
+import tierkv
+from tierkv import SamplingParams
+from tierkv.serve.app import build_app
+from tierkv.serve.engine_loop import EngineLoop
+
+TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+NAME = "tiny"
+
+
+def engine_options(nvme):
+    # Tiers small enough that the KV of a few requests moves through all three.
+    return dict(device="cpu", block_size=4, gpu_blocks=6, cpu_blocks=40, nvme_dir=str(nvme), nvme_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    make_checkpoint(path, "llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    import uvicorn
+
+    llm = tierkv.LLM(model_path, **engine_options(tmp_path_factory.mktemp("nvme")))
+    engine = EngineLoop(llm, max_waiting=512)
+    app = build_app(engine, NAME, api_key="secret", max_body_bytes=64 << 10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield SimpleServer(f"http://127.0.0.1:{port}", engine)
+    srv.should_exit = True
+    thread.join(timeout=30)
+    engine.close(0)
+
+
+class SimpleServer:
+    def __init__(self, url, engine):
+        self.url, self.engine = url, engine
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
+
+    def held_sequences(self) -> int:
+        return self.engine.call(lambda llm: len(llm.pm.sequences)).result(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, tmp_path_factory):
+    """The same model run alone through LLM.generate: what every client must get."""
+    llm = tierkv.LLM(model_path, **engine_options(tmp_path_factory.mktemp("ref")))
+    yield llm
+    llm.close()
+
+
+def greedy(n=8, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, **kw)
+
+
+def test_completions_chat_and_models(server, reference):
+    c = server.client
+    assert [m.id for m in c.models.list().data] == [NAME]
+    prompt = "The tiers of a KV cache are"
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    want = reference.generate([prompt], greedy(), use_tqdm=False)[0]
+    assert r.choices[0].text == want.outputs[0].text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == len(want.prompt_token_ids)
+    chat = [{"role": "user", "content": "what is paging?"}]
+    r = c.chat.completions.create(model=NAME, messages=chat, max_completion_tokens=6, temperature=0)
+    want = reference.chat(chat, greedy(6), use_tqdm=False)[0]
+    assert r.choices[0].message.content == want.outputs[0].text and r.choices[0].message.role == "assistant"
+
+
+def test_streams_equal_the_whole_answers(server):
+    c = server.client
+    for stop in (None, ["e"]):
+        whole = c.completions.create(model=NAME, prompt="Once upon", max_tokens=12, temperature=0, stop=stop)
+        chunks = list(
+            c.completions.create(
+                model=NAME,
+                prompt="Once upon",
+                max_tokens=12,
+                temperature=0,
+                stop=stop,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        assert text == whole.choices[0].text
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert reasons == [whole.choices[0].finish_reason]
+    whole = c.completions.create(model=NAME, prompt="Once upon", max_tokens=8, temperature=0, logprobs=1)
+    parts = c.completions.create(model=NAME, prompt="Once upon", max_tokens=8, temperature=0, logprobs=1, stream=True)
+    streamed = [
+        v for ch in parts if ch.choices and ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs
+    ]
+    assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    chat = [{"role": "user", "content": "tell me about blocks"}]
+    whole = c.chat.completions.create(model=NAME, messages=chat, max_tokens=10, temperature=0)
+    parts = c.chat.completions.create(model=NAME, messages=chat, max_tokens=10, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in parts) == whole.choices[0].message.content
+
+
+def test_n_seed_stop_and_logprobs(server, reference):
+    c = server.client
+    r = c.completions.create(model=NAME, prompt="abc", max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    again = c.completions.create(model=NAME, prompt="abc", max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert [ch.text for ch in r.choices] == [ch.text for ch in again.choices]  # seeded: the same samples
+    r = c.completions.create(model=NAME, prompt="abc", max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    want = reference.generate(["abc"], greedy(6, logprobs=2), use_tqdm=False)[0].outputs[0]
+    assert lp.token_logprobs == pytest.approx([s[t].logprob for s, t in zip(want.logprobs, want.token_ids)], abs=1e-5)
+    r = c.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(
+        len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content
+    )
+
+
+def test_usage_counts_a_reused_prefix(server):
+    c = server.client
+    prompt = "a shared system prompt " * 3
+    first = c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    second = c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 4
+
+
+def test_errors_have_openais_shape_and_the_server_goes_on(server):
+    url, c = server.url, server.client
+    auth = {"Authorization": "Bearer secret"}
+    cases = [
+        ({"model": NAME, "prompt": "x", "temperature": -1}, auth, 400, "temperature"),
+        ({"model": NAME, "prompt": "x", "max_tokens": 10**6}, auth, 400, "max_model_len"),
+        ({"model": "gpt-9", "prompt": "x"}, auth, 404, "does not exist"),
+        ({"model": NAME, "prompt": "x"}, {"Authorization": "Bearer wrong"}, 401, "API key"),
+        ({"model": NAME, "prompt": "x" * (70 << 10)}, auth, 413, "limit"),
+        ({"model": NAME, "prompt": "x", "frequency_penalty": 0.5}, auth, 400, "not supported yet"),
+        ({"model": NAME}, auth, 400, "prompt"),
+    ]
+    for body, headers, status, words in cases:
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert words in err["message"] and set(err) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-9", prompt="x")
+    assert c.completions.create(model=NAME, prompt="still here", max_tokens=2).choices[0].text is not None
+    assert httpx.get(f"{url}/health").status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("tierkv_tier_used_blocks", "tierkv_link_bytes_total", "tierkv_time_to_first_token_seconds_bucket"):
+        assert name in metrics
+
+
+def test_concurrent_streams_with_disconnects_get_their_own_answers(server, reference):
+    rng = random.Random(0)
+    prompts = [
+        " ".join(rng.choice(["paged", "tier", "block", "cache", "swap"]) for _ in range(rng.randint(3, 12)))
+        for _ in range(200)
+    ]
+    leave = set(rng.sample(range(len(prompts)), len(prompts) // 3))
+    want = [o.outputs[0].text for o in reference.generate(prompts, greedy(10), use_tqdm=False)]
+
+    async def client(i, http):
+        body = {"model": NAME, "prompt": prompts[i], "max_tokens": 10, "temperature": 0, "stream": True}
+        text, seen = "", 0
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                text += json.loads(line[6:])["choices"][0]["text"]
+                seen += 1
+                if i in leave and seen >= 1 + i % 3:
+                    return None  # leaves mid-stream: the connection closes
+        return text
+
+    async def main():
+        headers = {"Authorization": "Bearer secret"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as http:
+            return await asyncio.gather(*(client(i, http) for i in range(len(prompts))))
+
+    got = asyncio.run(main())
+    for i, text in enumerate(got):
+        if i not in leave:
+            assert text == want[i], i
+    for _ in range(100):  # the aborts reach the engine's thread
+        if server.held_sequences() == 0:
+            break
+        time.sleep(0.05)
+    assert server.held_sequences() == 0
+    links = server.engine.call(lambda llm: llm.stats()["links"]).result(timeout=30)
+    assert links["gpu->cpu"]["bytes"] and links["cpu->nvme"]["bytes"]  # the KV went through all three tiers
+
+
+def test_a_full_queue_is_refused_with_503(model_path, tmp_path):
+    from tierkv.serve.app import _status_of
+    from tierkv.serve.engine_loop import QueueFull
+
+    engine = EngineLoop(tierkv.LLM(model_path, device="cpu", gpu_blocks=8, cpu_blocks=8), max_waiting=0)
+
+    async def ask():
+        async for _ in engine.generate("r1", "hello", greedy()):
+            pass
+
+    try:
+        with pytest.raises(QueueFull, match="requests are waiting already"):
+            asyncio.run(ask())
+        assert _status_of(QueueFull("x")).status == 503
+    finally:
+        engine.close(0)
+
+
+def test_the_command_serves_and_drains_on_sigterm(model_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = ["device=cpu", "block_size=4", "gpu_blocks=8", "cpu_blocks=32", f"nvme_dir={tmp_path}", "nvme_blocks=64"]
+    cmd = [sys.executable, "-m", "tierkv", "serve", model_path, "--port", str(port), "--served-model-name", "t"]
+    proc = subprocess.Popen(
+        cmd + [a for o in options for a in ("--set", o)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = iter(
+            client.completions.create(model="t", prompt="drain me", max_tokens=30, temperature=0, stream=True)
+        )
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)  # the running request finishes; then the engine closes
+        chunks += list(stream)
+        reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert reasons == ["length"]
+        # uvicorn re-raises the signal once it has shut down (the engine closed by then, in the app's shutdown)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM), proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "slots.idx").exists()  # the NVMe tier was opened and closed by the server
