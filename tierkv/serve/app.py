@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tierkv.errors import CapacityError, ConfigError, TierKVError
+from tierkv.inputs import chat_token_ids
 from tierkv.serve.engine_loop import EngineLoop, QueueFull
 from tierkv.serve.metrics import Metrics
 from tierkv.serve.protocol import (
@@ -276,11 +277,10 @@ def build_app(
         top = body.top_logprobs or 0
         params = body.sampling(body.max_new(), top if body.logprobs else None)
         conversation = [m.as_dict() for m in body.messages]
-        tokenizer = engine.llm.loaded.tokenizer
-        from tierkv.inputs import chat_token_ids
-
+        # On the engine's thread, between two steps: a fast tokenizer used from two threads at once can fail.
+        templated = engine.call(lambda llm: chat_token_ids(llm.loaded.tokenizer, conversation, "messages"))
         try:
-            ids = chat_token_ids(tokenizer, conversation, "messages")
+            ids = await asyncio.wrap_future(templated)
         except ConfigError as exc:
             raise OpenAIError(400, str(exc), param="messages") from None
         streams, firsts = await start([{"prompt_token_ids": ids}], params, "chatcmpl")
