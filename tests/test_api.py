@@ -1,16 +1,12 @@
 """The Python API's vLLM-shaped entry points: dict prompts, chat through the model's template, abort_request."""
 
 import pytest
-from tiny_models import make_checkpoint
+from tiny_models import make_chat_checkpoint, make_checkpoint
 from transformers import AutoTokenizer
 
 import tierkv
 from tierkv import ConfigError, SamplingParams
 
-TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is a KV cache?"}]
 
@@ -18,10 +14,7 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat")
-    make_checkpoint(path, "llama")
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
+    make_chat_checkpoint(path)
     return str(path)
 
 

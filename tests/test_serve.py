@@ -11,18 +11,13 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
-from tiny_models import make_checkpoint
-from transformers import AutoTokenizer
+from tiny_models import make_chat_checkpoint
 
 import tierkv
 from tierkv import SamplingParams
 from tierkv.serve.app import build_app
 from tierkv.serve.engine_loop import EngineLoop
 
-TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 NAME = "tiny"
 
 
@@ -34,10 +29,7 @@ def engine_options(nvme):
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("served")
-    make_checkpoint(path, "llama")
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
+    make_chat_checkpoint(path)
     return str(path)
 
 

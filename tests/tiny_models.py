@@ -62,6 +62,23 @@ def make_checkpoint(path, arch: str, seed: int = 0, **overrides):
     return model
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def make_chat_checkpoint(path, arch: str = "llama"):
+    """make_checkpoint, with a small chat template in the tokenizer (for chat routes and LLM.chat)."""
+    from transformers import AutoTokenizer
+
+    model = make_checkpoint(path, arch)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return model
+
+
 def random_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()

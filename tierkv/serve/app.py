@@ -210,6 +210,17 @@ def build_app(
                 with contextlib.suppress(BaseException):
                     await s.aclose()
 
+    async def respond(body, request: Request, streams, firsts, params, chunk, whole):
+        """The stream (server-sent events built by `chunk`) or, once every request has finished, `whole(outputs)`;
+        a client gone before then gets nothing (499)."""
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream_choices(streams, firsts, params, chunk, include), media_type="text/event-stream"
+            )
+        outs = await finish_all(request, streams, firsts)
+        return whole(outs) if outs else Response(status_code=499)
+
     @app.get("/health")
     async def health():
         return Response(status_code=200)
@@ -244,32 +255,23 @@ def build_app(
                 lp = {key: v[tokens_from:] for key, v in lp.items()}
             return base | {"choices": [{"index": index, "text": delta, "logprobs": lp, "finish_reason": reason}]}
 
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                stream_choices(streams, firsts, params, chunk, include), media_type="text/event-stream"
-            )
-        outs = await finish_all(request, streams, firsts)
-        if not outs:
-            return Response(status_code=499)
-        choices = [
-            {
-                "index": p * params.n + c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(c),
-                "finish_reason": c.finish_reason,
+        def whole(outs) -> dict:
+            choices = [
+                {
+                    "index": p * params.n + c.index,
+                    "text": c.text,
+                    "logprobs": completion_logprobs(c),
+                    "finish_reason": c.finish_reason,
+                }
+                for p, out in enumerate(outs)
+                for c in out.outputs
+            ]
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name} | {
+                "choices": choices,
+                "usage": usage(outs),
             }
-            for p, out in enumerate(outs)
-            for c in out.outputs
-        ]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(outs),
-        }
+
+        return await respond(body, request, streams, firsts, params, chunk, whole)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -296,30 +298,21 @@ def build_app(
                 lp = {"content": chat_logprobs(c, top)["content"][tokens_from:]}
             return base | {"choices": [{"index": index, "delta": message, "logprobs": lp, "finish_reason": reason}]}
 
-        if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                stream_choices(streams, firsts, params, chunk, include), media_type="text/event-stream"
-            )
-        outs = await finish_all(request, streams, firsts)
-        if not outs:
-            return Response(status_code=499)
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c, top),
-                "finish_reason": c.finish_reason,
+        def whole(outs) -> dict:
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c, top),
+                    "finish_reason": c.finish_reason,
+                }
+                for c in outs[0].outputs
+            ]
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name} | {
+                "choices": choices,
+                "usage": usage(outs),
             }
-            for c in outs[0].outputs
-        ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(outs),
-        }
+
+        return await respond(body, request, streams, firsts, params, chunk, whole)
 
     return app
