@@ -14,6 +14,15 @@ from tierkv.llm import LLM
 from tierkv.outputs import RequestOutput
 
 
+def _deliver(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue, item) -> bool:
+    """Hand `item` to `sink` on its event loop; False if that loop has closed."""
+    try:
+        loop.call_soon_threadsafe(sink.put_nowait, item)
+    except RuntimeError:  # "Event loop is closed"
+        return False
+    return True
+
+
 class QueueFull(TierKVError):
     """More requests wait than the server takes (`max_waiting`)."""
 
@@ -88,9 +97,9 @@ class EngineLoop:
     # -- the engine's thread -------------------------------------------------------------------------------------
     def _send(self, request_id: str, item, last: bool = False) -> None:
         target = self._sinks.pop(request_id, None) if last else self._sinks.get(request_id)
-        if target is not None:
-            loop, sink = target
-            loop.call_soon_threadsafe(sink.put_nowait, item)
+        if target is not None and not _deliver(*target, item):
+            self._sinks.pop(request_id, None)  # its event loop is gone: nobody waits for it any more
+            self.llm.abort([request_id])
 
     def _take_inbox(self, deadline: list) -> None:
         while True:
@@ -102,18 +111,16 @@ class EngineLoop:
             if kind == "add":
                 _, rid, prompt, params, loop, sink = msg
                 if self._stopping:
-                    loop.call_soon_threadsafe(sink.put_nowait, QueueFull("the server is shutting down"))
+                    _deliver(loop, sink, QueueFull("the server is shutting down"))
                     continue
                 waiting = len(self.llm.scheduler.waiting)
                 if waiting >= self.max_waiting:
-                    loop.call_soon_threadsafe(
-                        sink.put_nowait, QueueFull(f"{waiting} requests are waiting already; retry later")
-                    )
+                    _deliver(loop, sink, QueueFull(f"{waiting} requests are waiting already; retry later"))
                     continue
                 try:
                     self.llm.submit([prompt], params, [rid])
                 except Exception as exc:  # noqa: BLE001 - a bad request: its own error, the engine goes on
-                    loop.call_soon_threadsafe(sink.put_nowait, exc)
+                    _deliver(loop, sink, exc)
                     continue
                 self._sinks[rid] = (loop, sink)
             elif kind == "abort":
