@@ -129,6 +129,10 @@ def test_n_seed_stop_and_logprobs(server, reference):
     assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
     again = c.completions.create(model=NAME, prompt="abc", max_tokens=6, temperature=1.0, seed=3, n=3)
     assert [ch.text for ch in r.choices] == [ch.text for ch in again.choices]  # seeded: the same samples
+    pen = dict(presence_penalty=0.8, frequency_penalty=0.4, extra_body={"repetition_penalty": 1.3, "min_tokens": 3})
+    r = c.completions.create(model=NAME, prompt="abc", max_tokens=6, temperature=0, **pen)
+    params = greedy(6, presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.3, min_tokens=3)
+    assert r.choices[0].text == reference.generate(["abc"], params, use_tqdm=False)[0].outputs[0].text
     r = c.completions.create(model=NAME, prompt="abc", max_tokens=6, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
     want = reference.generate(["abc"], greedy(6, logprobs=2), use_tqdm=False)[0].outputs[0]
@@ -165,7 +169,7 @@ def test_errors_have_openais_shape_and_the_server_goes_on(server):
         ({"model": "gpt-9", "prompt": "x"}, auth, 404, "does not exist"),
         ({"model": NAME, "prompt": "x"}, {"Authorization": "Bearer wrong"}, 401, "API key"),
         ({"model": NAME, "prompt": "x" * (70 << 10)}, auth, 413, "limit"),
-        ({"model": NAME, "prompt": "x", "frequency_penalty": 0.5}, auth, 400, "not supported yet"),
+        ({"model": NAME, "prompt": "x", "presence_penalty": 5}, auth, 400, "presence_penalty"),
         ({"model": NAME}, auth, 400, "prompt"),
     ]
     for body, headers, status, words in cases:

@@ -37,6 +37,15 @@ from tierkv.sampling import SamplingParams
 
 TOP_KEYS = ("model", "engine", "sampling", "input", "output")
 RECORD_KEYS = ("id", "prompt", "messages")
+# Sampling fields added after outputs began to carry fingerprints: part of a fingerprint only when set, so that an
+# output written before they existed still resumes.
+LATER_SAMPLING_FIELDS = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+    "logit_bias": None,
+}
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")  # package data
 
 
@@ -369,7 +378,11 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
                 check_request_fits(where, len(ids), params, sched, gpu, cpu, nvme)
             except TierKVError as exc:
                 raise ConfigError(f"engine (capacity): {exc}") from None
-        sampling = {k: v for k, v in dataclasses.asdict(params).items() if k != "stop_list"}
+        sampling = {
+            k: v
+            for k, v in dataclasses.asdict(params).items()
+            if k != "stop_list" and not (k in LATER_SAMPLING_FIELDS and v == LATER_SAMPLING_FIELDS[k])
+        }
         prepared.append(
             PreparedRecord(
                 r, ids, params, {"input": r.fingerprint, "settings": digest({**shared, "sampling": sampling})}

@@ -14,7 +14,7 @@ from tierkv.kv.prefix_reuse import PrefixReuse
 from tierkv.kv.repair import repair
 from tierkv.loader import LoadedModel
 from tierkv.runner import EntryPlan, ModelRunner
-from tierkv.sampling import SamplingParams, make_generator, sample_row, top_logprobs
+from tierkv.sampling import SamplingParams, adjust_logits, make_generator, sample_row, top_logprobs
 from tierkv.scheduler import ScheduledEntry, Scheduler
 from tierkv.sequence import Request, Sequence
 
@@ -43,6 +43,11 @@ class LaunchedStep:
     streamed: bool
     greedy_host: torch.Tensor | None = None  # deferred on CUDA: the greedy tokens' pinned host copy, queued at launch
     landed: torch.cuda.Event | None = None  # recorded after that copy
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """The next token is the argmax of the raw logits (computed for the whole step at once, on the device)."""
+    return p.greedy and not p.adjusts_logits
 
 
 class Engine:
@@ -258,7 +263,12 @@ class Engine:
     def _deferrable(self, e: ScheduledEntry) -> bool:
         """Its next token can stay on the device until the next step: greedy, no log-probs, no samples to fork."""
         p = e.seq.request.params
-        return p.greedy and p.logprobs is None and (p.n == 1 or len(e.seq.request.sequences) == p.n)
+        return (
+            p.greedy
+            and not p.adjusts_logits
+            and p.logprobs is None
+            and (p.n == 1 or len(e.seq.request.sequences) == p.n)
+        )
 
     def _launch(self, entries: list[ScheduledEntry], t0: float) -> LaunchedStep:
         """Place the step's blocks and queue its forward pass (and greedy sampling) on the device."""
@@ -296,7 +306,7 @@ class Engine:
             e.seq.started = True
         self.counters.prompt_tokens += prefill_tokens
         greedy = None
-        if logits is not None and any(e.seq.request.params.greedy for e in sampled):
+        if logits is not None and any(_plain_greedy(e.seq.request.params) for e in sampled):
             greedy = logits.argmax(-1)
         deferred = (
             bool(sampled) and self.async_scheduling and self.tp_driver is None and all(map(self._deferrable, sampled))
@@ -370,10 +380,14 @@ class Engine:
                     self.scheduler.add_running(child, after=targets[-1])
                     targets.append(child)
             for s in targets:
-                if req.params.greedy:
+                p = req.params
+                if _plain_greedy(p):
                     token = greedy[i]
                 else:
-                    token = sample_row(logits[i], req.params, s.generator)
+                    row = logits[i]
+                    if p.adjusts_logits:
+                        row = adjust_logits(row, p, req.prompt_ids, s.output_ids, self.loaded.eos_token_ids)
+                    token = sample_row(row, p, s.generator)
                 lp = top_logprobs(logits[i], token, req.params.logprobs) if req.params.logprobs is not None else None
                 s.append(token, lp, self.loaded.eos_token_ids, self.loaded.tokenizer)
                 self.counters.generated_tokens += 1

@@ -20,8 +20,15 @@ class SamplingParams:
     (copy-on-write). `stop` strings end the text before them (unless include_stop_str_in_output);
     `stop_token_ids` and the model's EOS end the output after that token (EOS unless ignore_eos).
     `logprobs=k` returns, per generated token, the log-probabilities of the chosen token and the k most likely
-    (from the model's distribution before temperature and filters). Requests with different `cache_salt`s never
-    reuse each other's cached prefixes.
+    (from the model's distribution before penalties, temperature and filters). Requests with different
+    `cache_salt`s never reuse each other's cached prefixes.
+
+    Adjustments of the logits before temperature, as OpenAI, transformers and vLLM define them: `logit_bias`
+    ({token id: bias in [-100, 100]}) is added; `repetition_penalty` (> 0, 1 = off) divides the positive logits and
+    multiplies the negative ones of every token in the prompt or the output so far (transformers' rule);
+    `frequency_penalty` and `presence_penalty` (in [-2, 2]) subtract count * frequency + presence for every token
+    the output holds already (OpenAI's rule); `min_tokens` keeps EOS and `stop_token_ids` out until that many
+    tokens are out.
     """
 
     max_tokens: int = 16
@@ -38,6 +45,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +93,39 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, getattr(self, name), "must be true or false")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, getattr(self, name), "must be in [-2, 2] (0 = off)")
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (1 = off)")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"must be at most max_tokens ({self.max_tokens})")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", self.logit_bias, "must be a mapping of token id to a bias in [-100, 100]")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                try:
+                    token = int(token)  # JSON keys are strings
+                except (TypeError, ValueError):
+                    raise bad("logit_bias", self.logit_bias, f"key {token!r} is not a token id") from None
+                if token < 0 or not number(value) or not -100 <= value <= 100:
+                    raise bad("logit_bias", self.logit_bias, f"token {token}: the bias must be in [-100, 100]")
+                bias[token] = float(value)
+            self.logit_bias = bias
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties, a bias or min_tokens change the logits before a token is picked (even a greedy one)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.min_tokens
+            or self.logit_bias
+        )
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +141,28 @@ def make_generator(
     g = torch.Generator(device=device)
     g.manual_seed((params.seed * 1_000_003 + sample_index) % (2**63))
     return g
+
+
+def adjust_logits(
+    logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int], eos_ids: tuple[int, ...]
+) -> torch.Tensor:
+    """One row (V,) float32 after logit_bias, repetition, frequency and presence penalties, and min_tokens."""
+    x = logits.clone()
+    vocab = x.shape[-1]
+    if params.logit_bias:
+        ids = [t for t in params.logit_bias if t < vocab]
+        x[ids] += torch.tensor([params.logit_bias[t] for t in ids], dtype=x.dtype, device=x.device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=x.device)
+        picked = x[seen]
+        x[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=x.device), minlength=vocab)[:vocab]
+        x -= counts.to(x.dtype) * params.frequency_penalty + (counts > 0).to(x.dtype) * params.presence_penalty
+    if len(output) < params.min_tokens:
+        stops = [t for t in (*eos_ids, *(params.stop_token_ids or ())) if t < vocab]
+        x[stops] = float("-inf")
+    return x
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

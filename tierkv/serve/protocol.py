@@ -51,7 +51,10 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool | None = None
@@ -61,13 +64,28 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool | None = None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise OpenAIError(400, f"{name} is not supported yet; leave it at 0", param=name)
-        kwargs = {"n": self.n, "stop": self.stop, "seed": self.seed, "logprobs": logprobs}
+        kwargs = {
+            "n": self.n,
+            "stop": self.stop,
+            "seed": self.seed,
+            "logprobs": logprobs,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias,
+        }
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
-        for name in ("temperature", "top_p", "top_k", "min_p", "ignore_eos", "cache_salt", "stop_token_ids"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "ignore_eos",
+            "cache_salt",
+            "stop_token_ids",
+            "repetition_penalty",
+            "min_tokens",
+        ):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
