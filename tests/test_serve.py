@@ -186,6 +186,35 @@ def test_errors_have_openais_shape_and_the_server_goes_on(server):
         assert name in metrics
 
 
+def test_a_step_that_fails_mid_stream_ends_it_with_an_error_event(server):
+    def fail_third_step(llm):  # the server is idle otherwise: the steps are this request's
+        real, calls = llm.step_outputs, []
+
+        def step_outputs():
+            calls.append(1)
+            if len(calls) < 3:
+                return real()
+            llm.step_outputs = real  # once
+            ids = [r.request_id for r in llm.engine.live.values()]
+            llm.abort(ids)
+            exc = RuntimeError("injected step failure")
+            exc.aborted_request_ids = ids
+            raise exc
+
+        llm.step_outputs = step_outputs
+
+    server.engine.call(fail_third_step).result(timeout=30)
+    body = {"model": NAME, "prompt": "fail in the middle", "max_tokens": 30, "temperature": 0, "stream": True}
+    headers = {"Authorization": "Bearer secret"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 3 and events[-1] == "[DONE]"  # some text first, then the error
+    error = json.loads(events[-2])["error"]
+    assert "injected step failure" in error["message"] and error["type"] == "server_error"
+    assert server.held_sequences() == 0
+    assert server.client.completions.create(model=NAME, prompt="after", max_tokens=2).choices  # it goes on
+
+
 def test_concurrent_streams_with_disconnects_get_their_own_answers(server, reference):
     rng = random.Random(0)
     prompts = [

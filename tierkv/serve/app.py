@@ -196,10 +196,15 @@ def build_app(
                 for chunk in chunks(p, out):
                     yield chunk
             live = [k for k, f in enumerate(firsts) if not f.finished]
-            async for i, out in _merged([streams[k] for k in live]):
-                latest[live[i]] = out
-                for chunk in chunks(live[i], out):
-                    yield chunk
+            try:
+                async for i, out in _merged([streams[k] for k in live]):
+                    latest[live[i]] = out
+                    for chunk in chunks(live[i], out):
+                        yield chunk
+            except Exception as exc:  # noqa: BLE001 - the headers are sent: the error goes as an event, as vLLM's
+                yield sse(_status_of(exc).body())
+                yield b"data: [DONE]\n\n"
+                return
             for out in latest:
                 metrics.observe(out)
             if include_usage:
