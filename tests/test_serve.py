@@ -177,6 +177,15 @@ def test_errors_have_openais_shape_and_the_server_goes_on(server):
         assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
         assert words in err["message"] and set(err) == {"message", "type", "param", "code"}
+
+    def chunked():  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(80):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = httpx.post(f"{url}/v1/completions", content=chunked(), headers=auth | {"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="gpt-9", prompt="x")
     assert c.completions.create(model=NAME, prompt="still here", max_tokens=2).choices[0].text is not None

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierkv.errors import CapacityError, ConfigError, TierKVError
 from tierkv.inputs import chat_token_ids
@@ -74,6 +75,35 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, obje
                 await it.aclose()
 
 
+class BodyLimit:
+    """ASGI middleware: a request body is counted as it arrives (a chunked one has no Content-Length to check
+    first) and refused past `limit` bytes, as an HTTPException(413) that the app answers in OpenAI's shape.
+    (FastAPI's own max_body_size answers in plain text, which OpenAI clients cannot read.)"""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope.get("headers", [])).get(b"content-length")
+        if size is not None and size.isdigit() and int(size) > self.limit:
+            body = OpenAIError(413, f"the request body is {int(size)} bytes; the limit is {self.limit}").body()
+            return await JSONResponse(body, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, f"the request body is over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def build_app(
     engine: EngineLoop,
     model_name: str,
@@ -90,6 +120,7 @@ def build_app(
             await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(title="tierkv", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     metrics = Metrics(lambda: engine.call(lambda llm: llm.stats()).result(timeout=30))
 
     def error(exc: OpenAIError) -> JSONResponse:
@@ -98,6 +129,13 @@ def build_app(
     @app.exception_handler(OpenAIError)
     async def _openai_error(_, exc: OpenAIError):
         return error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        message = (
+            f"the request body is over the limit of {max_body_bytes} bytes" if exc.status_code == 413 else exc.detail
+        )
+        return error(OpenAIError(exc.status_code, str(message)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
@@ -110,9 +148,6 @@ def build_app(
         if request.url.path.startswith("/v1/"):
             if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
                 return error(OpenAIError(401, "a missing or wrong API key: send Authorization: Bearer <key>"))
-            size = request.headers.get("content-length")
-            if size is not None and int(size) > max_body_bytes:
-                return error(OpenAIError(413, f"the request body is {size} bytes; the limit is {max_body_bytes}"))
         return await call_next(request)
 
     def check_model(name: str | None) -> None:
