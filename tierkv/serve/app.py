@@ -174,10 +174,11 @@ def build_app(
     async def finish_all(request: Request, streams, firsts) -> list:
         """Every request to its end; a client that disconnects meanwhile aborts them all."""
         outs = list(firsts)
+        live = [k for k, f in enumerate(firsts) if not f.finished]
 
         async def run():
-            async for i, out in _merged([s for s, f in zip(streams, firsts) if not f.finished]):
-                outs[[k for k, f in enumerate(firsts) if not f.finished][i]] = out
+            async for i, out in _merged([streams[k] for k in live]):
+                outs[live[i]] = out
 
         task = asyncio.create_task(run())
         while not task.done():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
@@ -136,8 +137,6 @@ class EngineLoop:
                 deadline.append(threading.TIMEOUT_MAX if msg[1] is None else msg[1])
 
     def _run(self) -> None:
-        import time
-
         deadline: list = []
         stop_at = None
         try:

@@ -85,10 +85,9 @@ class _Sampling(BaseModel):
             "stop_token_ids",
             "repetition_penalty",
             "min_tokens",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
         ):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         try:
@@ -156,12 +155,12 @@ def _decoded(lp) -> str:
     return lp.decoded_token if lp.decoded_token is not None else ""
 
 
-def completion_logprobs(completion, offset: int = 0) -> dict | None:
+def completion_logprobs(completion) -> dict | None:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
     if completion.logprobs is None:
         return None
     tokens, values, tops, offsets = [], [], [], []
-    pos = offset
+    pos = 0
     for token, step in zip(completion.token_ids, completion.logprobs):
         chosen = step[token]
         tokens.append(_decoded(chosen))
