@@ -1,4 +1,6 @@
-"""Paged prefill attention (tierkv's Triton kernel) against SDPA over contiguous KV, on the same data.
+"""Paged prefill attention (tierkv's Triton kernel) against SDPA over contiguous KV, on the same data; for whole
+prompts (no cached keys) also the kernel tierkv's engine runs for them, torch's varlen flash attention over the
+step's own keys (kernels/prompt_attention.py).
 
 bf16, 32 query / 8 KV heads, head_dim 128, block_size 16, blocks scattered at random over the pool (the worst
 case for a paged kernel). A case is ENTRIESxLENGTH: ENTRIES prompts of LENGTH tokens, each prefilled in one
@@ -29,6 +31,7 @@ from tierkv.kernels.paged_attention import paged_attention_triton
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.paged_decode import SPLIT_MAX_Q
 from tierkv.kernels.paged_prefill import PREFILL_CONFIG, PREFILL_CONFIG_SMALL
+from tierkv.kernels.prompt_attention import PromptRows, flash_supported, prompt_attention_flash
 
 SWEEP = [
     {"block_m": m, "block_n": n, "num_warps": w, "num_stages": s, "pack_gqa": p}
@@ -129,6 +132,20 @@ def case(entries: int, length: int, cached: int, args, failed: dict) -> dict:
     flops = 4 * pairs * args.heads * args.head_dim
     t_sdpa = do_bench(sdpa, warmup=25, rep=100, return_mode="median") / 1e3
     t_paged = do_bench(paged, warmup=25, rep=100, return_mode="median") / 1e3
+    t_prompt = prompt_err = None
+    if not cached and flash_supported(data["qp"], args.kv_heads):
+        # Whole prompts, as the engine attends them: the step's own keys, rows back to back (B * L, H, D).
+        kp, vp = (x.permute(0, 2, 1, 3).reshape(entries * length, args.kv_heads, args.head_dim) for x in (k, v))
+        bounds = [i * length for i in range(entries + 1)]
+        rows = PromptRows(0, torch.tensor(bounds, dtype=torch.int32, device=kp.device), bounds, length)
+
+        def prompt():
+            return prompt_attention_flash(data["qp"], kp, vp, rows, scale)
+
+        prompt_err = rel_error(prompt())
+        if prompt_err > MAX_REL_ERROR:
+            raise AssertionError(f"prompt attention {case_name(entries, length, 0)}: relative error {prompt_err:.2e}")
+        t_prompt = do_bench(prompt, warmup=25, rep=100, return_mode="median") / 1e3
     sweep = []
     if args.sweep:
         for cfg in SWEEP:
@@ -163,6 +180,10 @@ def case(entries: int, length: int, cached: int, args, failed: dict) -> dict:
         "sdpa_tflops": flops / t_sdpa / 1e12,
         "paged_tflops": flops / t_paged / 1e12,
         "ratio": t_sdpa / t_paged,
+        "prompt_ms": t_prompt * 1e3 if t_prompt else None,
+        "prompt_tflops": flops / t_prompt / 1e12 if t_prompt else None,
+        "prompt_rel_error": prompt_err,
+        "prompt_vs_paged": t_paged / t_prompt if t_prompt else None,
     }
 
 
@@ -239,6 +260,12 @@ def main() -> int:
         print(
             f"{case_name(entries, length, cached)}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TFLOP/s)  paged {r['paged_ms']:.3f} ms "
             f"({r['paged_tflops']:.0f} TFLOP/s)  paged/SDPA speed {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}"
+            + (
+                f"  whole prompts (varlen flash) {r['prompt_ms']:.3f} ms ({r['prompt_tflops']:.0f} TFLOP/s, "
+                f"{r['prompt_vs_paged']:.2f}x paged)"
+                if r["prompt_ms"]
+                else ""
+            )
         )
     if args.sweep and all(r["sweep"] for r in rows):
         print_best_overall(rows)

@@ -49,6 +49,15 @@ def test_decodes_go_first_and_a_long_prompt_is_chunked():
         complete(entries)
 
 
+def test_whole_prompts_come_last():
+    """Decodes, then prompts' later chunks, then prompts from their first token (the runner attends that trailing
+    run of whole prompts apart, over their own keys), each kind in running order."""
+    s = scheduler(tokens=200)
+    new_a, later, new_b, decoding = make(30, 0, 0), make(100, 32, 1), make(20, 0, 2), make(20, 20, 3, generated=1)
+    s.running.extend([new_a, later, new_b, decoding])
+    assert [(e.seq.seq_id, e.start) for e in s.schedule()] == [(3, 20), (1, 32), (0, 0), (2, 0)]
+
+
 def test_sequences_that_do_not_fit_the_gpu_wait_and_take_turns():
     s = scheduler(gpu_blocks=4, slice_steps=2)
     seqs = [make(30, 30, i, generated=1) for i in range(4)]  # 2 blocks each after the next token

@@ -25,6 +25,7 @@ from tierkv.kernels.kv_write import write_kv
 from tierkv.kernels.paged_attention import paged_attention
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.partial_merge import merge_partials_into
+from tierkv.kernels.prompt_attention import PromptRows, prompt_attention
 from tierkv.kv.tiers import MemoryTier
 
 
@@ -82,9 +83,11 @@ class StepAttention:
         sliding_windows: tuple[int, ...],
         copy_streams: list[torch.cuda.Stream] | None = None,
         delay=None,
+        prompts: PromptRows | None = None,
     ) -> None:
         self.gpu = gpu
-        self.batch = batch
+        self.batch = batch  # the entries of rows [0, prompts.row0), or of every row when `prompts` is None
+        self.prompts = prompts  # the step's last entries, whole prompts: attended over their own new keys
         self.slot_mapping = slot_mapping
         self.streamed = streamed
         self.staging = staging  # (buffers, staging_blocks, 2, block_size, Hkv, D) on the compute device
@@ -164,7 +167,7 @@ class StepAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.wait(layer)
         write_kv(k, v, *self.caches(layer), self.slot_mapping)
-        return self.attend(layer, q)
+        return self.attend(layer, q, new_kv=(k, v))
 
     def wait(self, layer: int) -> None:
         """Order the current stream after this layer's share of the blocks still arriving: before the layer's KV is
@@ -180,11 +183,30 @@ class StepAttention:
         """The GPU tier's (keys, values) of one layer, each (slots, block_size, Hkv, D), strided."""
         return self.gpu.layer_views(layer)
 
-    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        out: torch.Tensor | None = None,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Attention of q over the layer's cache, whose new keys and values are already written (after wait()).
-        `out`: where the output goes (T, Hq, D), else a new tensor."""
+        `out`: where the output goes (T, Hq, D), else a new tensor; `new_kv`: this step's keys and values (T, Hkv, D),
+        which the whole prompts among the entries attend over (required when there are any)."""
         k_cache, v_cache = self.caches(layer)
         window = self.windows[layer]
+        if self.prompts is not None:
+            out = torch.empty_like(q) if out is None else out
+            r0 = self.prompts.row0
+            k, v = new_kv
+            prompt_attention(q[r0:], k[r0:], v[r0:], self.prompts, self.scale, window, out=out[r0:])
+            if r0:
+                self._attend_paged(layer, q[:r0], k_cache, v_cache, window, out[:r0])
+            return out
+        return self._attend_paged(layer, q, k_cache, v_cache, window, out)
+
+    def _attend_paged(self, layer, q, k_cache, v_cache, window, out):
+        """The paged kernels over `self.batch`'s rows, then the streamed chunks merged in."""
         if not self.streamed:
             return paged_attention(q, k_cache, v_cache, self.batch, self.scale, window, out=out)
         out, lse = paged_attention(q, k_cache, v_cache, self.batch, self.scale, window, need_lse=True, out=out)

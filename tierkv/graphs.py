@@ -315,6 +315,14 @@ class PiecewiseGraphs:
         spec = self.runner.spec
         return self._qkv[:n, : spec.num_heads * spec.head_dim].view(n, spec.num_heads, spec.head_dim)
 
+    def _kv(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n rows' keys and values (n, Hkv, D) each, rotary applied: the q/k/v buffer's other columns."""
+        spec = self.runner.spec
+        q_cols, kv_cols = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        k = self._qkv[:n, q_cols : q_cols + kv_cols].view(n, spec.num_kv_heads, spec.head_dim)
+        v = self._qkv[:n, q_cols + kv_cols :].view(n, spec.num_kv_heads, spec.head_dim)
+        return k, v
+
     @torch.inference_mode()
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: StepAttention
@@ -345,7 +353,7 @@ class PiecewiseGraphs:
             else:
                 self._piece(i, B, state)
             if i < count - 1:
-                attend.attend(i, q, out=attn)
+                attend.attend(i, q, out=attn, new_kv=self._kv(n))
         self.replays += 1
         return (p.hidden if p is not None else state["hidden"])[:n]
 

@@ -16,6 +16,7 @@ from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padde
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.kernels.paged_batch import PagedBatch
+from tierkv.kernels.prompt_attention import PromptRows
 from tierkv.kv.block import GPU
 from tierkv.kv.manager import PageManager
 from tierkv.loader import LoadedModel
@@ -43,6 +44,7 @@ class ModelRunner:
 
     staging_buffers = 2  # on CUDA: streamed chunks in flight (one being read, the others filling)
     staging_copy_streams = 2  # buffer b fills on stream b % this: two copy engines share the link
+    prompts_apart = True  # whole prompts attend over their own keys (kernels/prompt_attention); False: A/B runs
 
     def __init__(
         self, loaded: LoadedModel, pm: PageManager, staging_blocks: int, max_batch: int = 256, cuda_graphs: bool = False
@@ -117,26 +119,39 @@ class ModelRunner:
             # layer-by-layer launches cost more than the overlap saved.)
             return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), False
         streamed = self._stream_plan(plans, placed)
-        q_starts_d, pos0_d, ctx_d, first_d, table_d = host_to_device(
+        # The step's last entries that are whole prompts (every key they attend to is written in this step) attend
+        # apart, over the step's own keys (kernels/prompt_attention); the paged kernels take the entries before them.
+        split = len(plans)
+        while self.prompts_apart and split and plans[split - 1].start == 0 and plans[split - 1].first_block == 0:
+            split -= 1
+        paged_width = max((len(t) for t in tables[:split]), default=1)
+        prompt_bounds = q_starts[split:] - q_starts[split]
+        q_starts_d, pos0_d, ctx_d, first_d, table_d, bounds_d = host_to_device(
             [
-                q_starts.astype(np.int32),
-                starts.astype(np.int32),
-                (starts + n).astype(np.int32),
-                firsts.astype(np.int32),
-                table.ravel(),
+                q_starts[: split + 1].astype(np.int32),
+                starts[:split].astype(np.int32),
+                (starts + n)[:split].astype(np.int32),
+                firsts[:split].astype(np.int32),
+                np.ascontiguousarray(table[:split, :paged_width]).ravel(),
+                prompt_bounds.astype(np.int32),
             ],
             dev,
         )
-        batch = PagedBatch(
-            q_starts=q_starts_d,
-            q_pos0=pos0_d,
-            context_lens=ctx_d,
-            first_block=first_d,
-            block_tables=table_d.view(len(plans), width),
-            max_q=int(n.max()),
-            max_context=int((starts + n).max()),
-            q_starts_host=q_starts.tolist(),
-        )
+        batch = None
+        if split:
+            batch = PagedBatch(
+                q_starts=q_starts_d,
+                q_pos0=pos0_d,
+                context_lens=ctx_d,
+                first_block=first_d,
+                block_tables=table_d.view(split, paged_width),
+                max_q=int(n[:split].max()),
+                max_context=int((starts + n)[:split].max()),
+                q_starts_host=q_starts[: split + 1].tolist(),
+            )
+        prompts = None
+        if split < len(plans):
+            prompts = PromptRows(int(q_starts[split]), bounds_d, prompt_bounds.tolist(), int(n[split:].max()))
         attend = StepAttention(
             self.gpu_tier,
             batch,
@@ -147,6 +162,7 @@ class ModelRunner:
             self.spec.sliding_windows,
             self.copy_streams,
             self.pm.mover.debug_delay,
+            prompts,
         )
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
         if self.pieces is not None and self.pieces.eligible(len(input_ids)):

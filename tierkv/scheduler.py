@@ -129,7 +129,8 @@ class Scheduler:
         Membership follows the running order (which time slicing rotates): a sequence joins if the GPU tier
         still has room for its blocks after one more token; the first sequence alone may be too long for the
         GPU tier, and then streams. Within the step, decodes take one token each first, then prefills share
-        what is left of the token budget, each chunk as long as the GPU room allows.
+        what is left of the token budget, each chunk as long as the GPU room allows; whole prompts (from token 0)
+        come last.
         """
         group, streaming, skipped, blocks_left = self._members(self.running)
         tokens = self.max_num_batched_tokens
@@ -159,6 +160,8 @@ class Scheduler:
             entries.append(ScheduledEntry(seq, start, n, first))
             tokens -= n
             prefilled = True
+        # Whole prompts last (stable): the runner attends the step's trailing run of them in one call of their own.
+        entries.sort(key=lambda e: e.start == 0 and e.first_block == 0)
         # Waiting for token budget is a reason to rotate only when the decodes took all of it (no prefill moved):
         # while some prefill moves each step, the others' turn comes without swapping anyone out.
         self._time_slice(entries, skipped or (starved and not prefilled))

@@ -1,0 +1,138 @@
+"""Causal attention of whole prompts over their own keys: the rows of a step's entries that start at position 0,
+so that every key they attend to is written in this same step and is still at hand, contiguous, as the step's
+k and v. No page table is needed for them.
+
+On CUDA this is one call of torch's variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`)
+over all of them. Prompt prefill is where a serving engine spends most of its attention time, and there that
+kernel is faster than tierkv's own paged prefill kernel, which reads keys through the page table (BENCHMARKS.md,
+"Prompt attention", has the ratio). Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the
+paged kernels.
+
+`prompt_attention_reference` (SDPA, one prompt at a time) is what runs on CPU, and where torch lacks the varlen
+function (older than 2.11) or the dtype or head size is not one flash attention takes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PromptRows:
+    """Whole prompts in a step: rows [row0, row0 + cu_seq[-1]) of the step, prompt i owning rows
+    row0 + cu_seq[i] .. row0 + cu_seq[i + 1] at positions 0, 1, ...
+
+    cu_seq: (P + 1,) int32 on the step's device; cu_seq_host: the same as a host list; max_len: the longest."""
+
+    row0: int
+    cu_seq: torch.Tensor
+    cu_seq_host: list[int]
+    max_len: int
+
+
+@cache
+def _varlen():
+    """torch's varlen flash attention with the window argument (torch >= 2.11), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - torch < 2.10
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" not in params:
+        return None  # torch 2.10 takes only is_causal: no sliding windows
+    return varlen_attn, "enable_gqa" in params
+
+
+def flash_supported(q: torch.Tensor, num_kv_heads: int) -> bool:
+    """Whether the varlen flash kernel takes this step's queries (CUDA, half precision, head size a multiple of 8 up
+    to 256, whole head groups)."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and q.shape[1] % num_kv_heads == 0
+        and _varlen() is not None
+    )
+
+
+def _window(sliding_window: int) -> tuple[int, int]:
+    # tierkv's window W lets a query at p see keys p - W + 1 .. p: flash attention's (left, right) = (W - 1, 0).
+    return (sliding_window - 1, 0) if sliding_window else (-1, 0)
+
+
+def prompt_attention_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompts: PromptRows,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q (R, Hq, D), k and v (R, Hkv, D): the prompts' rows only (R = cu_seq[-1]). Returns (R, Hq, D), written into
+    `out` when given."""
+    varlen_attn, takes_gqa = _varlen()
+    extra = {"enable_gqa": True} if takes_gqa and q.shape[1] != k.shape[1] else {}
+    res = varlen_attn(
+        q,
+        k,
+        v,
+        prompts.cu_seq,
+        prompts.cu_seq,
+        prompts.max_len,
+        prompts.max_len,
+        scale=scale,
+        window_size=_window(sliding_window),
+        **extra,
+    )
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
+def prompt_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompts: PromptRows,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch, one prompt at a time (SDPA, causal, windowed by a mask)."""
+    out = torch.empty_like(q) if out is None else out
+    group = q.shape[1] // k.shape[1]
+    bounds = prompts.cu_seq_host
+    for r0, r1 in zip(bounds, bounds[1:]):
+        qh = q[r0:r1].transpose(0, 1)[None]
+        kh = k[r0:r1].transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        vh = v[r0:r1].transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        if sliding_window:
+            pos = torch.arange(r1 - r0, device=q.device)
+            allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - sliding_window)
+            res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)
+        else:
+            res = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        out[r0:r1] = res[0].transpose(0, 1)
+    return out
+
+
+def prompt_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompts: PromptRows,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each prompt over its own keys: flash attention where it applies, else the reference."""
+    impl = prompt_attention_flash if flash_supported(q, k.shape[1]) else prompt_attention_reference
+    return impl(q, k, v, prompts, scale, sliding_window, out)
