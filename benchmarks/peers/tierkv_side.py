@@ -1,0 +1,98 @@
+"""tierkv's side of the comparison with vLLM: run workloads (benchmarks/peers/workloads.py), one engine each.
+
+    python benchmarks/peers/tierkv_side.py fits spill --out-dir /tmp/vs
+
+Writes tierkv_<workload>.json (per pass or turn: seconds, tokens, output tok/s; the engine's stats) per workload.
+`--no-prompts-apart`: whole prompts go through the paged prefill kernel too (the A/B of kernels/prompt_attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/, for common
+
+import workloads  # noqa: E402
+from common import run_meta, warm_up  # noqa: E402
+
+import tierkv  # noqa: E402
+from tierkv.runner import ModelRunner  # noqa: E402
+
+
+def open_engine(w: workloads.Workload, model: str) -> tierkv.LLM:
+    opts = dict(
+        load_format="dummy",
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        max_model_len=w.max_model_len,
+        enable_prefix_caching=w.prefix_caching,
+        **w.tierkv_extra,
+    )
+    if w.gpu_kv_gib:
+        opts["gpu_memory"] = f"{w.gpu_kv_gib}GiB"
+    if w.cpu_gib:
+        opts["cpu_memory"] = f"{w.cpu_gib}GiB"
+    return tierkv.LLM(model, **opts)
+
+
+def run_one(w: workloads.Workload, model: str = "llama-3.1-8b") -> dict:
+    t0 = time.perf_counter()
+    llm = open_engine(w, model)
+    init_s = time.perf_counter() - t0
+    warm_up(llm, workloads.warmup_prompts(w))
+    llm.pm.reset_counters()
+    params = {}
+
+    def generate(sent, max_tokens):
+        sp = params.setdefault(max_tokens, tierkv.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        return [o.outputs[0].token_ids for o in llm.generate(sent, sp, use_tqdm=False)]
+
+    records = workloads.run(w, generate)
+    stats = llm.stats()
+    llm.close()
+    engine = stats["engine"]
+    return {
+        "engine": "tierkv",
+        "workload": w.name,
+        "what": w.what,
+        "init_s": round(init_s, 1),
+        "prompts_apart": ModelRunner.prompts_apart,
+        "passes": records,
+        "total": workloads.summary(records),
+        "counters": {
+            "preemptions": engine["preemptions"],
+            "prefix": stats.get("prefix"),
+            "links": {k: v for k, v in stats["links"].items() if v["bytes"]},
+        },
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workloads", nargs="+", choices=sorted(workloads.WORKLOADS))
+    ap.add_argument("--out-dir", default=".")
+    ap.add_argument("--no-prompts-apart", action="store_true")
+    args = ap.parse_args()
+    ModelRunner.prompts_apart = not args.no_prompts_apart
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name in args.workloads:
+        result = {"meta": run_meta(), **run_one(workloads.WORKLOADS[name])}
+        suffix = "" if ModelRunner.prompts_apart else "_paged"
+        with open(os.path.join(args.out_dir, f"tierkv_{name}{suffix}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        t = result["total"]
+        print(
+            f"tierkv {name}{suffix}: {t['elapsed_s']:.2f} s, {t['output_tok_per_s']:.1f} output tok/s ("
+            + ", ".join(f"{r['label']} {r['elapsed_s']:.2f} s" for r in result["passes"])
+            + f"; {result['counters']['preemptions']} preemptions)",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
