@@ -5,6 +5,7 @@
 #   bash benchmarks/vs_vllm.sh chunk N            copy .peers/cN (carried) to /tmp/vch; after c4, install vLLM
 #   bash benchmarks/vs_vllm.sh tierkv W...        tierkv's side (installs tierkv first; carry .whl)
 #   bash benchmarks/vs_vllm.sh tierkv-paged W...  the same with whole prompts through the paged prefill kernel
+#   (tierkv options after the workloads pass through: --max-num-batched-tokens N)
 #   bash benchmarks/vs_vllm.sh vllm W...          vLLM's side: workloads that share an engine in one call
 # vLLM comes as ../shared/peers/README.md says: `bash ../shared/peers/prepare.sh .peers` once on the CPU machine,
 # then the four chunk stages in back-to-back calls (`run` with carry [".peers/cN"]); an engine starts in ~90 s.

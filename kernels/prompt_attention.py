@@ -2,14 +2,16 @@
 so that every key they attend to is written in this same step and is still at hand, contiguous, as the step's
 k and v. No page table is needed for them.
 
-On CUDA this is one call of torch's variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`)
-over all of them. Prompt prefill is where a serving engine spends most of its attention time, and there that
-kernel is faster than tierkv's own paged prefill kernel, which reads keys through the page table (BENCHMARKS.md,
-"Prompt attention", has the ratio). Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the
-paged kernels.
+Prompt prefill is where a serving engine spends most of its attention time. On CUDA, in half precision, each run of
+consecutive prompts of one length is one call of SDPA over strided views of the step's q, k and v (torch picks
+cuDNN's fused attention on Hopper): on an H200 it took 0.16 ms against 0.33 ms for tierkv's paged prefill kernel at
+8 x 1024 tokens, and 1.01 against 1.64 ms at 1 x 8192 (2026-12-04, `benchmarks/attention_prefill.py`). torch's
+variable-length flash attention (FA2), which takes all prompts in one call whatever their lengths, was no faster
+than the paged kernel there (0.33 ms, 1.72 ms): it serves sliding windows, which cuDNN's kernel does not take.
+Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the paged kernels.
 
-`prompt_attention_reference` (SDPA, one prompt at a time) is what runs on CPU, and where torch lacks the varlen
-function (older than 2.11) or the dtype or head size is not one flash attention takes.
+`prompt_attention_reference` (SDPA, one prompt at a time) is what runs on CPU, in float32, and for sliding windows
+where torch lacks the varlen function's window argument (torch < 2.11).
 """
 
 from __future__ import annotations
@@ -124,6 +126,42 @@ def prompt_attention_reference(
     return out
 
 
+def prompt_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, prompts, length) for each run of consecutive prompts of one length."""
+    runs: list[tuple[int, int, int]] = []
+    for r0, r1 in zip(bounds, bounds[1:]):
+        if runs and runs[-1][2] == r1 - r0:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, r1 - r0)
+        else:
+            runs.append((r0, 1, r1 - r0))
+    return runs
+
+
+def prompt_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompts: PromptRows,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """No sliding window: one batched, causal SDPA call per run of equal-length prompts, over (prompts, heads,
+    length, head_dim) views of the rows (no copy in; one copy of the output into `out`)."""
+    out = torch.empty_like(q) if out is None else out
+    gqa = q.shape[1] != k.shape[1]
+    for r0, count, length in prompt_runs(prompts.cu_seq_host):
+        r1 = r0 + count * length
+
+        def heads_first(x: torch.Tensor) -> torch.Tensor:
+            return x[r0:r1].view(count, length, x.shape[1], x.shape[2]).transpose(1, 2)
+
+        res = F.scaled_dot_product_attention(
+            heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale, enable_gqa=gqa
+        )
+        out[r0:r1].view(count, length, q.shape[1], q.shape[2]).copy_(res.transpose(1, 2))
+    return out
+
+
 def prompt_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,6 +171,11 @@ def prompt_attention(
     sliding_window: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each prompt over its own keys: flash attention where it applies, else the reference."""
-    impl = prompt_attention_flash if flash_supported(q, k.shape[1]) else prompt_attention_reference
-    return impl(q, k, v, prompts, scale, sliding_window, out)
+    """Causal attention of each prompt over its own keys: on CUDA in half precision batched SDPA (varlen flash
+    attention for a sliding window), else the reference."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if not sliding_window:
+            return prompt_attention_sdpa(q, k, v, prompts, scale, out)
+        if flash_supported(q, k.shape[1]):
+            return prompt_attention_flash(q, k, v, prompts, scale, sliding_window, out)
+    return prompt_attention_reference(q, k, v, prompts, scale, sliding_window, out)

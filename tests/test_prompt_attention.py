@@ -13,8 +13,11 @@ from tierkv.kernels.paged_attention import attention_reference
 from tierkv.kernels.prompt_attention import (
     PromptRows,
     flash_supported,
+    prompt_attention,
     prompt_attention_flash,
     prompt_attention_reference,
+    prompt_attention_sdpa,
+    prompt_runs,
 )
 from tierkv.runner import ModelRunner
 
@@ -56,6 +59,17 @@ def test_reference_equals_dense_attention_per_prompt(window):
     again = prompt_attention_reference(q, k2, v, rows, 0.3, window)
     assert torch.equal(again[:1], got[:1]) and torch.equal(again[8:], got[8:])
     assert not torch.equal(again[1:8], got[1:8])
+
+
+def test_batched_sdpa_over_runs_of_equal_lengths_equals_the_reference():
+    """Runs of consecutive equal-length prompts go through SDPA together, as strided views of the rows."""
+    lengths = [3, 3, 3, 5, 5, 1, 3, 16]
+    assert prompt_runs([0, 3, 6, 9, 14, 19, 20, 23, 39]) == [(0, 3, 3), (9, 2, 5), (19, 1, 1), (20, 1, 3), (23, 1, 16)]
+    q, k, v, rows = make_prompts(lengths, num_heads=4, num_kv_heads=2, head_dim=8, seed=3)
+    want = prompt_attention_reference(q, k, v, rows, 0.4)
+    out = torch.full_like(q, float("nan"))
+    assert prompt_attention_sdpa(q, k, v, rows, 0.4, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_flash_is_not_taken_where_it_cannot_run():
@@ -111,12 +125,15 @@ def test_engine_attends_whole_prompts_apart_exactly(arch, window, tmp_path, monk
     [
         ([1, 17, 300, 1024], (32, 8, 128), 0),  # Llama-3.1-8B's heads
         ([1024] * 8, (32, 8, 128), 0),
-        ([5, 700, 64], (4, 2, 64), 48),  # a sliding window
+        ([5, 700, 64, 64, 64], (4, 2, 64), 48),  # a sliding window
         ([8192], (32, 8, 128), 0),
+        ([33, 33, 7, 7, 7, 1], (8, 8, 64), 0),  # no GQA
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_flash_equals_reference_on_gpu(lengths, heads, window, dtype):
+def test_cuda_paths_equal_the_reference(lengths, heads, window, dtype):
+    """What the engine runs on CUDA (batched SDPA; varlen flash for a sliding window), and varlen flash for every
+    case, against the reference in float32."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (runs on the device machine)")
     num_heads, num_kv_heads, head_dim = heads
@@ -124,7 +141,8 @@ def test_flash_equals_reference_on_gpu(lengths, heads, window, dtype):
     assert flash_supported(q, num_kv_heads)
     scale = head_dim**-0.5
     want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, scale, window)
-    out = torch.full_like(q, float("nan"))
-    got = prompt_attention_flash(q, k, v, rows, scale, window, out=out)
-    assert got is out
-    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
+    for impl in (prompt_attention, prompt_attention_flash):
+        out = torch.full_like(q, float("nan"))
+        got = impl(q, k, v, rows, scale, window, out=out)
+        assert got is out
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2, msg=lambda m: f"{impl.__name__}: {m}")

@@ -58,8 +58,24 @@ def test_whole_prompts_come_last():
     assert [(e.seq.seq_id, e.start) for e in s.schedule()] == [(3, 20), (1, 32), (0, 0), (2, 0)]
 
 
-def test_sequences_that_do_not_fit_the_gpu_wait_and_take_turns():
+def test_begun_sequences_that_outgrow_the_gpu_run_on_in_order_and_the_newest_wait():
+    """Default scheduling: no turns. The first in running order keep the GPU; the one left out is preempted once
+    (swapped down) and waits, however many steps, until a finish frees room."""
     s = scheduler(gpu_blocks=4, slice_steps=2)
+    seqs = [make(30, 30, i, generated=1, max_tokens=4) for i in range(3)]  # 2 blocks each after the next token
+    s.running.extend(seqs)
+    s._last_group = {0, 1, 2}  # all three ran in the last step (before they grew past a block boundary)
+    groups = [[e.seq.seq_id for e in s.schedule()] for _ in range(3)]
+    assert groups == [[0, 1], [0, 1], [0, 1]] and s.preemptions == 1
+    seqs[0].finish_reason = "length"  # (the engine's finish)
+    s.finish(seqs[0])
+    assert [e.seq.seq_id for e in s.schedule()] == [1, 2] and s.preemptions == 1
+    upcoming, staying = s.prefetch_targets()
+    assert [q.seq_id for q in staying] == [1, 2] and not upcoming
+
+
+def test_oversubscribed_sequences_that_do_not_fit_the_gpu_take_turns():
+    s = scheduler(gpu_blocks=4, slice_steps=2, oversubscribe=True)
     seqs = [make(30, 30, i, generated=1) for i in range(4)]  # 2 blocks each after the next token
     s.running.extend(seqs)
     groups = []
@@ -75,7 +91,7 @@ def test_turns_are_staggered_to_about_group_over_slice_steps_a_step():
     """A group of 3 with slice_steps 4: 3/4 of a turn a step, so 3 steps in 4 let one sequence go; every sequence
     keeps the GPU 4 steps a turn (bar the first ones, which start together), everyone gets turns in order, and a
     group of one (a long sequence) gives way every slice_steps steps."""
-    s = scheduler(gpu_blocks=6, slice_steps=4)
+    s = scheduler(gpu_blocks=6, slice_steps=4, oversubscribe=True)
     s.running.extend(make(30, 30, i, generated=1) for i in range(5))  # 2 blocks each: 3 fit
     groups = [[e.seq.seq_id for e in s.schedule()] for _ in range(12)]
     assert groups[:7] == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 0], [3, 4, 0], [4, 0, 1]]
@@ -93,13 +109,13 @@ def test_turns_are_staggered_to_about_group_over_slice_steps_a_step():
         # Every turn lasts slice_steps steps, except the first ones (0 to 2 start together and leave one by one)
         # and one still going at the end.
         assert all(len(t) == 4 for t in turns if t[0] > 0 and t[-1] < 11), (k, turns)
-    one = scheduler(gpu_blocks=2, slice_steps=3)
+    one = scheduler(gpu_blocks=2, slice_steps=3, oversubscribe=True)
     one.running.extend(make(30, 30, i, generated=1) for i in range(2))  # one fits at a time
     assert [[e.seq.seq_id for e in one.schedule()] for _ in range(7)] == [[0], [0], [0], [1], [1], [1], [0]]
 
 
 def test_prefetch_hints_name_the_next_group_and_keep_the_one_still_running():
-    s = scheduler(gpu_blocks=4, slice_steps=3)
+    s = scheduler(gpu_blocks=4, slice_steps=3, oversubscribe=True)
     seqs = [make(30, 30, i, generated=1) for i in range(4)]
     s.running.extend(seqs)
     hints = []

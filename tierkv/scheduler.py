@@ -11,11 +11,14 @@
   push begun work off the GPU (that would swap KV out and back for no gain in throughput). With `oversubscribe`,
   new sequences start whenever the tiers together hold them, and everyone takes turns (better time to first
   token for later requests, at the cost of swapping).
-- When the begun sequences do not all fit on the GPU (they grew, or with `oversubscribe`), they take turns: each
-  keeps the GPU for about `slice_steps` steps, then gives way to the next in line (preemption by swapping: the
-  page manager demotes its blocks; the next one's are prefetched a step ahead). The turns are staggered: a group
-  of G sequences lets about G / slice_steps of them go each step (those that have run longest), not all G at
-  once every slice_steps steps. The bytes swapped are the same, but spread evenly over the steps, each step's
+- When the begun sequences outgrow the GPU tier under the default scheduling, those earliest in the running order
+  run on and the newest wait, their KV swapped down, until others finish (each waiting sequence crosses the link
+  once each way, however long it waits).
+- With `oversubscribe` (or beside a sequence that streams), when the begun sequences do not all fit, they take
+  turns: each keeps the GPU for about `slice_steps` steps, then gives way to the next in line (preemption by
+  swapping: the page manager demotes its blocks; the next one's are prefetched a step ahead). The turns are
+  staggered: a group of G sequences lets about G / slice_steps of them go each step (those that have run
+  longest), not all G at once every slice_steps steps. The bytes swapped are the same, but spread evenly over the steps, each step's
   share crosses the link while steps compute (layer by layer) instead of the whole GPU tier at once between
   two steps, with nothing to compute meanwhile. (On the H100, 2026-11-24: see BENCHMARKS.md, item 4.)
 """
@@ -162,9 +165,15 @@ class Scheduler:
             prefilled = True
         # Whole prompts last (stable): the runner attends the step's trailing run of them in one call of their own.
         entries.sort(key=lambda e: e.start == 0 and e.first_block == 0)
+        # Sequences left out for want of GPU room take turns only where turns are the point: with `oversubscribe`,
+        # or beside a sequence that streams (it runs alone). Otherwise the begun sequences that grew past the tier
+        # run to completion in running order while the newest wait, swapped down, for room to free: turns of
+        # `slice_steps` steps would swap each one out and in again every few tokens (64 x (1024 + 1024) on an 8 GiB
+        # tier moved 1.5 TB over the link with turns, for 65,536 tokens; BENCHMARKS.md, "Against vLLM").
         # Waiting for token budget is a reason to rotate only when the decodes took all of it (no prefill moved):
         # while some prefill moves each step, the others' turn comes without swapping anyone out.
-        self._time_slice(entries, skipped or (starved and not prefilled))
+        turns = skipped and (self.oversubscribe or streaming is not None)
+        self._time_slice(entries, turns or (starved and not prefilled), waiting_for_room=skipped)
         return entries
 
     def _members(self, order) -> tuple[list[Sequence], Sequence | None, bool, int]:
@@ -200,16 +209,23 @@ class Scheduler:
                 skipped = True
         return group, streaming, skipped, blocks_left
 
-    def _time_slice(self, entries: list[ScheduledEntry], skipped: bool) -> None:
-        """While not everything fits on the GPU, let the sequences that have held it longest give way, about
-        len(group) / slice_steps of them a step (each keeps it for about slice_steps steps): to the back of the
-        running order."""
+    def _time_slice(self, entries: list[ScheduledEntry], rotate: bool, waiting_for_room: bool) -> None:
+        """While not everything fits on the GPU and `rotate`, let the sequences that have held it longest give way,
+        about len(group) / slice_steps of them a step (each keeps it for about slice_steps steps): to the back of the
+        running order. Without `rotate`, the sequences that ran in the last step and are left out of this one give
+        their GPU room up (preempted, swapped down) until room frees."""
         group = {e.seq.seq_id for e in entries}
-        self._last_group = group
-        if not skipped:
+        if not rotate:
+            self.preemptions += sum(
+                1
+                for s in self.running
+                if s.seq_id in self._last_group and s.seq_id not in group and not (s.finished or s.awaiting_last)
+            )
+            self._last_group = group
             self._credit = 0
-            self._rotated = False
+            self._rotated = waiting_for_room  # the next group may differ as room frees: prefetch looks ahead
             return
+        self._last_group = group
         self._credit += len(group)
         turns = self._credit // self.slice_steps
         self._credit -= turns * self.slice_steps

@@ -22,6 +22,8 @@ def load(folder: str) -> dict[tuple[str, str], dict]:
             r = json.load(f)
         if "engine" in r and "workload" in r:
             variant = "" if r.get("prompts_apart", True) else " (paged prefill)"
+            if r.get("max_batched_tokens", 16384) != 16384:
+                variant += f" ({r['max_batched_tokens']} tokens a step)"
             out[(r["engine"] + variant, r["workload"])] = r
     return out
 

@@ -3,7 +3,8 @@
     python benchmarks/peers/tierkv_side.py fits spill --out-dir /tmp/vs
 
 Writes tierkv_<workload>.json (per pass or turn: seconds, tokens, output tok/s; the engine's stats) per workload.
-`--no-prompts-apart`: whole prompts go through the paged prefill kernel too (the A/B of kernels/prompt_attention).
+`--no-prompts-apart`: whole prompts go through the paged prefill kernel too (the A/B of kernels/prompt_attention);
+`--max-num-batched-tokens N`: another step budget than vLLM's side gets (an A/B of tierkv alone).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import tierkv  # noqa: E402
 from tierkv.runner import ModelRunner  # noqa: E402
 
 
-def open_engine(w: workloads.Workload, model: str) -> tierkv.LLM:
+def open_engine(w: workloads.Workload, model: str, max_batched_tokens: int) -> tierkv.LLM:
     opts = dict(
         load_format="dummy",
-        max_num_batched_tokens=8192,
-        max_num_seqs=256,
+        max_num_batched_tokens=max_batched_tokens,
+        max_num_seqs=workloads.MAX_SEQS,
         max_model_len=w.max_model_len,
         enable_prefix_caching=w.prefix_caching,
         **w.tierkv_extra,
@@ -39,9 +40,11 @@ def open_engine(w: workloads.Workload, model: str) -> tierkv.LLM:
     return tierkv.LLM(model, **opts)
 
 
-def run_one(w: workloads.Workload, model: str = "llama-3.1-8b") -> dict:
+def run_one(
+    w: workloads.Workload, model: str = "llama-3.1-8b", max_batched_tokens: int = workloads.MAX_BATCHED_TOKENS
+) -> dict:
     t0 = time.perf_counter()
-    llm = open_engine(w, model)
+    llm = open_engine(w, model, max_batched_tokens)
     init_s = time.perf_counter() - t0
     warm_up(llm, workloads.warmup_prompts(w))
     llm.pm.reset_counters()
@@ -61,6 +64,7 @@ def run_one(w: workloads.Workload, model: str = "llama-3.1-8b") -> dict:
         "what": w.what,
         "init_s": round(init_s, 1),
         "prompts_apart": ModelRunner.prompts_apart,
+        "max_batched_tokens": max_batched_tokens,
         "passes": records,
         "total": workloads.summary(records),
         "counters": {
@@ -76,12 +80,23 @@ def main() -> int:
     ap.add_argument("workloads", nargs="+", choices=sorted(workloads.WORKLOADS))
     ap.add_argument("--out-dir", default=".")
     ap.add_argument("--no-prompts-apart", action="store_true")
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=workloads.MAX_BATCHED_TOKENS,
+        help="tierkv's step budget (A/B runs; vLLM's side keeps workloads.MAX_BATCHED_TOKENS)",
+    )
     args = ap.parse_args()
     ModelRunner.prompts_apart = not args.no_prompts_apart
     os.makedirs(args.out_dir, exist_ok=True)
     for name in args.workloads:
-        result = {"meta": run_meta(), **run_one(workloads.WORKLOADS[name])}
-        suffix = "" if ModelRunner.prompts_apart else "_paged"
+        result = {
+            "meta": run_meta(),
+            **run_one(workloads.WORKLOADS[name], max_batched_tokens=args.max_num_batched_tokens),
+        }
+        suffix = ("" if ModelRunner.prompts_apart else "_paged") + (
+            "" if args.max_num_batched_tokens == workloads.MAX_BATCHED_TOKENS else f"_{args.max_num_batched_tokens}"
+        )
         with open(os.path.join(args.out_dir, f"tierkv_{name}{suffix}.json"), "w") as f:
             json.dump(result, f, indent=1)
         t = result["total"]

@@ -9,7 +9,7 @@ Workloads that need the same engine settings share one engine (a start takes ~90
 group them in one call. Each engine gets the workload's GPU KV size (kv_cache_memory_bytes) where it fixes one, and
 vLLM's native CPU offloading (kv_offloading_size, backend "native") of the workload's CPU size where the workload
 gives vLLM a CPU tier; everything else is vLLM 0.26.0's defaults (FlashAttention 3, chunked prefill, prefix
-caching, CUDA graphs FULL_AND_PIECEWISE), with max_num_batched_tokens 16,384 and max_num_seqs 256. vLLM never lets
+caching, CUDA graphs FULL_AND_PIECEWISE) and the step budget both engines get (workloads.MAX_*). vLLM never lets
 a running sequence's KV exceed its GPU cache: it admits fewer requests, or preempts and recomputes.
 """
 
@@ -48,8 +48,8 @@ def open_engine(w: workloads.Workload, model: str):
         load_format="dummy",
         dtype="bfloat16",
         max_model_len=w.max_model_len,
-        max_num_seqs=256,
-        max_num_batched_tokens=16384,
+        max_num_seqs=workloads.MAX_SEQS,
+        max_num_batched_tokens=workloads.MAX_BATCHED_TOKENS,
         gpu_memory_utilization=0.90,
         enable_prefix_caching=True,
         skip_tokenizer_init=True,

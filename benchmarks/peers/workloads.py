@@ -4,7 +4,8 @@ Python and numpy, so that either engine's side imports it and nothing else of th
 Llama-3.1-8B shape, dummy bf16 weights, random prompt token ids (the same ids for both engines: one numpy
 generator per workload, seeded), greedy, every request generating exactly its output length (ignore EOS). Each
 engine runs with its own defaults except where a workload fixes a size (the GPU KV cache, the CPU tier), and warms
-up first on other random ids (never a prefix of the timed prompts, which would be a cache hit).
+up first on other random ids (never a prefix of the timed prompts, which would be a cache hit). Both get the same
+step budget (MAX_BATCHED_TOKENS, MAX_SEQS).
 
 An engine side supplies `generate(prompts, max_tokens) -> list of output token-id lists`; `run` times the
 workload's passes through it.
@@ -18,6 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 TOKEN_RANGE = (1000, 128000)  # clear of Llama-3's special ids
+# Both engines: at most this many tokens in one step (vLLM's chunked-prefill budget, tierkv's
+# max_num_batched_tokens) and this many sequences.
+MAX_BATCHED_TOKENS = 16384
+MAX_SEQS = 256
 
 
 @dataclass(frozen=True)
