@@ -27,7 +27,11 @@ case "$stage" in
         bash benchmarks/device_run.sh none > /dev/null 2>&1 || { echo "tierkv install failed"; exit 1; }
         export PYTHONPATH=/tmp/site
         extra=""; [ "$stage" = tierkv-paged ] && extra="--no-prompts-apart"
-        python3 benchmarks/peers/tierkv_side.py "$@" --out-dir "$vs" $extra 2>&1 | grep -E "^tierkv|Error|error" ;;
+        # One process per workload: an engine that sized its GPU tier by the free memory leaves none to the next.
+        opts=(); names=(); for a in "$@"; do case "$a" in --*|[0-9]*) opts+=("$a") ;; *) names+=("$a") ;; esac; done
+        for w in "${names[@]}"; do
+            python3 benchmarks/peers/tierkv_side.py "$w" "${opts[@]}" --out-dir "$vs" $extra 2>&1 | grep -E "^tierkv|Error|error"
+        done ;;
     vllm)
         [ -d /tmp/vsite/vllm ] || { echo "vLLM is not installed here: run the four chunk stages first"; exit 1; }
         PYTHONPATH=/tmp/vsite python3 benchmarks/peers/vllm_side.py "$@" --model /tmp/vch/c4/llama31_8b_dummy \
