@@ -151,6 +151,40 @@ def test_n_seed_stop_and_logprobs(server, reference):
     )
 
 
+def test_echo_and_prompt_logprobs(server, reference):
+    """`echo` puts the prompt (and, with logprobs, its tokens' entries: null for the first) before the completion,
+    streamed or not; vLLM's `prompt_logprobs` extra field returns them in vLLM's shape. Both equal LLM.generate's
+    prompt_logprobs."""
+    c = server.client
+    prompt = "the cat sat"
+    want = reference.generate([prompt], greedy(4, logprobs=1, prompt_logprobs=1), use_tqdm=False)[0]
+    ids, comp = want.prompt_token_ids, want.outputs[0]
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    ch = r.choices[0]
+    assert ch.text == prompt + comp.text
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ids) + 4 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [s[t].logprob for s, t in zip(want.prompt_logprobs[1:], ids[1:])]
+    expected += [s[t].logprob for s, t in zip(comp.logprobs, comp.token_ids)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ids)] == len(prompt)
+    chunks = list(
+        c.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1, stream=True)
+    )
+    assert "".join(k.choices[0].text for k in chunks if k.choices) == ch.text
+    streamed = [t for k in chunks if k.choices and k.choices[0].logprobs for t in k.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(expected, abs=1e-5)
+    plain = c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+    extra = c.completions.create(
+        model=NAME, prompt=prompt, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 0}
+    ).choices[0]
+    got = extra.model_dump()["prompt_logprobs"]
+    assert got[0] is None and [list(s) for s in got[1:]] == [[str(t)] for t in ids[1:]]
+    assert [s[str(t)]["logprob"] for s, t in zip(got[1:], ids[1:])] == pytest.approx(expected[: len(ids) - 1], abs=1e-5)
+    assert extra.text == reference.generate([prompt], greedy(2), use_tqdm=False)[0].outputs[0].text  # no echo
+
+
 def test_usage_counts_a_reused_prefix(server):
     c = server.client
     prompt = "a shared system prompt " * 3

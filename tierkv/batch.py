@@ -45,6 +45,7 @@ LATER_SAMPLING_FIELDS = {
     "repetition_penalty": 1.0,
     "min_tokens": 0,
     "logit_bias": None,
+    "prompt_logprobs": None,
 }
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")  # package data
 

@@ -43,6 +43,15 @@ class LaunchedStep:
     streamed: bool
     greedy_host: torch.Tensor | None = None  # deferred on CUDA: the greedy tokens' pinned host copy, queued at launch
     landed: torch.cuda.Event | None = None  # recorded after that copy
+    prompt_logits: torch.Tensor | None = None  # rows of prompts whose log-probabilities were asked, in entry order
+    prompt_rows: list[tuple[ScheduledEntry, int]] = ()  # (entry, its rows in prompt_logits)
+
+
+def _prompt_logit_rows(e: ScheduledEntry) -> int:
+    """How many of the entry's first rows give prompt log-probabilities: those before the prompt's last token."""
+    if e.seq.params.prompt_logprobs is None or e.seq.sample_index:
+        return 0
+    return max(0, min(e.end, e.seq.num_prompt - 1) - e.start)
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -285,12 +294,15 @@ class Engine:
             layered=self.device.type == "cuda",
         )
         try:
-            plans = [EntryPlan(e.seq.seq_id, e.start, e.end, e.first_block, e.samples) for e in entries]
+            # A prompt's log-probabilities: the logits of its rows before its last token (row p predicts token p + 1).
+            prompt_rows = [(e, _prompt_logit_rows(e)) for e in entries]
+            plans = [EntryPlan(e.seq.seq_id, e.start, e.end, e.first_block, e.samples, rows) for e, rows in prompt_rows]
+            prompt_rows = [(e, rows) for e, rows in prompt_rows if rows]
             placed = {p.seq_id: pm.pin_in_place(p.seq_id, p.first_block) for p in plans if p.first_block}
             input_ids, pending = self._input_ids(entries)
             if self.tp_driver is not None:
                 self.tp_driver.send_step(plans, input_ids, tables)  # no pending tokens under TP: nothing is deferred
-            logits, streamed = self.runner.run_forward(plans, tables, placed, input_ids, pending)
+            logits, prompt_logits, streamed = self.runner.run_forward(plans, tables, placed, input_ids, pending)
         except Exception as exc:
             if self.tp_driver is not None:
                 self.tp_driver.raise_if_worker_failed(exc)
@@ -325,8 +337,33 @@ class Engine:
                 landed = torch.cuda.Event()
                 landed.record()
         return LaunchedStep(
-            entries, sampled, logits, greedy, t0, prefill_tokens, deferred, streamed, greedy_host, landed
+            entries,
+            sampled,
+            logits,
+            greedy,
+            t0,
+            prefill_tokens,
+            deferred,
+            streamed,
+            greedy_host,
+            landed,
+            prompt_logits,
+            prompt_rows,
         )
+
+    def _add_prompt_logprobs(self, step: LaunchedStep, touched: dict[int, Request]) -> None:
+        rows = step.prompt_logits.float()
+        at = 0
+        for e, count in step.prompt_rows:
+            req = e.seq.request
+            if not req.finished:
+                tokens = req.prompt_ids[e.start + 1 : e.start + 1 + count]
+                k = req.params.prompt_logprobs
+                req.add_prompt_logprobs(
+                    [top_logprobs(rows[at + j], t, k) for j, t in enumerate(tokens)], self.loaded.tokenizer
+                )
+                touched[req.arrival] = req
+            at += count
 
     @staticmethod
     def _input_ids(entries: list[ScheduledEntry]) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, int]]]:
@@ -363,6 +400,8 @@ class Engine:
                     prefix.register_full_blocks(e.seq)
         logits = step.logits.float() if step.logits is not None else None
         touched: dict[int, Request] = {}
+        if step.prompt_rows:
+            self._add_prompt_logprobs(step, touched)
         for i, e in enumerate(step.sampled):
             seq = e.seq
             if seq.finished:

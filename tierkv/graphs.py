@@ -128,7 +128,7 @@ class DecodeGraphs:
     def eligible(self, plans, tables) -> bool:
         return (
             len(plans) <= self.max_batch
-            and all(p.num_tokens == 1 and p.first_block == 0 and p.samples for p in plans)
+            and all(p.num_tokens == 1 and p.first_block == 0 and p.samples and not p.logit_rows for p in plans)
             and max(len(t) for t in tables) <= self.width_buckets[-1]
         )
 

@@ -127,10 +127,10 @@ def check_request(where: str, prompt_len: int, params: SamplingParams, vocab_siz
             f"{where}: {prompt_len} tokens + max_tokens {params.max_tokens} = {total} exceeds max_model_len {max_model_len}; "
             "shorten the prompt, lower max_tokens, or raise max_model_len (at most the model's context length)"
         )
-    if params.logprobs is not None and params.logprobs > vocab_size:
-        raise ConfigError(
-            f"{where}: logprobs={params.logprobs} is more than the model's vocabulary of {vocab_size} tokens"
-        )
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and k > vocab_size:
+            raise ConfigError(f"{where}: {name}={k} is more than the model's vocabulary of {vocab_size} tokens")
 
 
 def sampling_list(sampling_params, count: int) -> list[SamplingParams]:

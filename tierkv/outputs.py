@@ -43,5 +43,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # per prompt token when SamplingParams.prompt_logprobs is set: None for the first, then as `logprobs` gives them
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # time.perf_counter() seconds: when the request was added, its first token, its last sample finished
     metrics: dict = field(default_factory=dict)

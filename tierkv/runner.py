@@ -31,6 +31,7 @@ class EntryPlan:
     end: int
     first_block: int
     samples: bool  # its last row is sampled
+    logit_rows: int = 0  # its first rows whose logits are returned too (a prompt's log-probabilities)
 
     @property
     def num_tokens(self) -> int:
@@ -89,9 +90,10 @@ class ModelRunner:
         placed: dict[int, list[tuple[int, int]]],
         input_ids: torch.Tensor,
         pending: list[tuple[int, torch.Tensor, int]] = (),
-    ) -> tuple[torch.Tensor | None, bool]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
         """The model over one step's tokens, with KV where `tables` (GPU window) and `placed` (older blocks,
-        streamed) say; returns the logits of the sampled rows (or None) and whether anything was streamed. Every
+        streamed) say; returns the logits of the sampled rows (or None), those of the entries' `logit_rows` in
+        entry order (or None), and whether anything was streamed. Every
         tensor-parallel rank runs this with the same arguments. `pending`: input tokens still on the device
         (row, token tensor, its row), from the step before."""
         bs, dev = self.block_size, self.device
@@ -117,7 +119,7 @@ class ModelRunner:
             # piecewise graphs instead made it slower on the H100, 2026-11-24: item 4's decode steps with blocks
             # arriving took 22.6 ms at the median against 15.7 ms waiting whole before a replay; the host's
             # layer-by-layer launches cost more than the overlap saved.)
-            return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), False
+            return self.graphs.run(plans, tables, ids_d, positions, slots, self.pm.take_layer_waits()), None, False
         streamed = self._stream_plan(plans, placed)
         # The step's last entries that are whole prompts (every key they attend to is written in this step) attend
         # apart, over the step's own keys (kernels/prompt_attention); the paged kernels take the entries before them.
@@ -170,7 +172,11 @@ class ModelRunner:
         else:
             hidden = self.model(ids_d, positions_d, attend)
         logits = self.model.logits(hidden[rows_d]) if len(rows) else None
-        return logits, bool(streamed)
+        prompt_logits = None
+        if any(p.logit_rows for p in plans):
+            wanted = np.concatenate([np.arange(q_starts[i], q_starts[i] + p.logit_rows) for i, p in enumerate(plans)])
+            prompt_logits = self.model.logits(hidden[host_to_device([wanted], dev)[0]])
+        return logits, prompt_logits, bool(streamed)
 
     def _stream_plan(self, plans: list[EntryPlan], placed: dict[int, list[tuple[int, int]]]) -> list[StreamedEntry]:
         out = []

@@ -20,7 +20,9 @@ class SamplingParams:
     (copy-on-write). `stop` strings end the text before them (unless include_stop_str_in_output);
     `stop_token_ids` and the model's EOS end the output after that token (EOS unless ignore_eos).
     `logprobs=k` returns, per generated token, the log-probabilities of the chosen token and the k most likely
-    (from the model's distribution before penalties, temperature and filters). Requests with different
+    (from the model's distribution before penalties, temperature and filters); `prompt_logprobs=k` likewise per
+    prompt token, each given the tokens before it (None for the first; such a request reuses no cached prefix,
+    since every prompt position's logits are needed). Requests with different
     `cache_salt`s never reuse each other's cached prefixes.
 
     Adjustments of the logits before temperature, as OpenAI, transformers and vLLM define them: `logit_bias`
@@ -50,6 +52,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,12 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or self.logprobs < 0
         ):
             raise bad("logprobs", self.logprobs, "must be None or an integer >= 0")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int)
+            or isinstance(self.prompt_logprobs, bool)
+            or self.prompt_logprobs < 0
+        ):
+            raise bad("prompt_logprobs", self.prompt_logprobs, "must be None or an integer >= 0")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             raise bad("stop", self.stop, "must be a non-empty string or a list of them")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -23,10 +23,21 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     num_cached_tokens: int = 0  # prompt tokens whose stored KV was reused
     aborted: bool = False  # stopped before it finished (by the caller, or by a step that failed): its KV is freed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as its prompt is computed, if asked
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first token has nothing before it
 
     @property
     def finished(self) -> bool:
         return self.aborted or (len(self.sequences) == self.params.n and all(s.finished for s in self.sequences))
+
+    def add_prompt_logprobs(self, rows: list[dict[int, Logprob]], tokenizer) -> None:
+        """The log-probabilities of the next prompt tokens (each given the ones before it), in order."""
+        if tokenizer is not None:
+            rows = [{t: replace(lp, decoded_token=tokenizer.decode([t])) for t, lp in r.items()} for r in rows]
+        self.prompt_logprobs.extend(rows)
 
     def output(self) -> RequestOutput:
         seqs = sorted(self.sequences, key=lambda s: s.sample_index)
@@ -43,6 +54,7 @@ class Request:
             [s.completion() for s in seqs],
             self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             metrics=metrics,
         )
 

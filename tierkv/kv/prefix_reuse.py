@@ -29,6 +29,8 @@ class PrefixReuse:
         bs, pm, stats = self.block_size, self.pm, self.stats
         prompt = req.prompt_ids
         seq.root = self.hasher.root(req.params.cache_salt)
+        if req.params.prompt_logprobs is not None:
+            return  # the logits of every prompt position are wanted: computed, not reused (its blocks are still keyed)
         full = (len(prompt) - 1) // bs
         head = min(full, self.early_blocks)
         if self.load == "auto":

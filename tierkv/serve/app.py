@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +25,12 @@ from tierkv.serve.protocol import (
     OpenAIError,
     chat_logprobs,
     completion_logprobs,
+    echo_of,
+    joined,
     now,
     stable_text,
     usage,
+    vllm_prompt_logprobs,
 )
 
 
@@ -280,33 +284,49 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        if body.echo:
-            raise OpenAIError(400, "echo is not supported; the response holds only the completion", param="echo")
         params = body.sampling(body.max_tokens, body.logprobs)
+        if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
+            params = replace(params, prompt_logprobs=body.logprobs)  # echoed tokens come with their log-probs
         prompts = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in body.prompts()]
         streams, firsts = await start(prompts, params, "cmpl")
         rid, created = f"cmpl-{firsts[0].request_id}", now()
+        echoes = None
+        if body.echo:  # decoded on the engine's thread (see chat below)
+            with_lp = body.logprobs is not None
+            echoes = await asyncio.wrap_future(
+                engine.call(lambda llm: [echo_of(o, llm.loaded.tokenizer, with_lp) for o in firsts])
+            )
+        extra_prompt_logprobs = body.prompt_logprobs is not None
 
         def chunk(index, delta, reason, first, c, tokens_from):
             base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
             if index is None:
                 return base
+            echo = echoes[index // params.n] if echoes is not None and first else None
             lp = completion_logprobs(c) if c is not None and c.logprobs is not None else None
             if lp is not None:  # the entries of the tokens not sent before
                 lp = {key: v[tokens_from:] for key, v in lp.items()}
+                if echo is not None:
+                    lp["text_offset"] = [o + len(echo.text) for o in lp["text_offset"]]
+            if echo is not None:
+                delta, lp = echo.text + delta, joined(echo.logprobs, lp)
             return base | {"choices": [{"index": index, "text": delta, "logprobs": lp, "finish_reason": reason}]}
 
         def whole(outs) -> dict:
-            choices = [
-                {
-                    "index": p * params.n + c.index,
-                    "text": c.text,
-                    "logprobs": completion_logprobs(c),
-                    "finish_reason": c.finish_reason,
-                }
-                for p, out in enumerate(outs)
-                for c in out.outputs
-            ]
+            choices = []
+            for p, out in enumerate(outs):
+                echo = echoes[p] if echoes is not None else None
+                for c in out.outputs:
+                    prefix = echo.text if echo is not None else ""
+                    choice = {
+                        "index": p * params.n + c.index,
+                        "text": prefix + c.text,
+                        "logprobs": joined(echo and echo.logprobs, completion_logprobs(c, len(prefix))),
+                        "finish_reason": c.finish_reason,
+                    }
+                    if extra_prompt_logprobs:
+                        choice["prompt_logprobs"] = vllm_prompt_logprobs(out)
+                    choices.append(choice)
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name} | {
                 "choices": choices,
                 "usage": usage(outs),
@@ -347,6 +367,7 @@ def build_app(
                     "logprobs": chat_logprobs(c, top),
                     "finish_reason": c.finish_reason,
                 }
+                | ({"prompt_logprobs": vllm_prompt_logprobs(outs[0])} if body.prompt_logprobs is not None else {})
                 for c in outs[0].outputs
             ]
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name} | {

@@ -4,6 +4,7 @@ outputs into OpenAI's responses and stream chunks, and OpenAI's error shape."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +63,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None  # vLLM's extra field: each choice gets "prompt_logprobs" in vLLM's shape
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kwargs = {
@@ -87,6 +89,7 @@ class _Sampling(BaseModel):
             "min_tokens",
             "include_stop_str_in_output",
             "skip_special_tokens",
+            "prompt_logprobs",
         ):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
@@ -155,13 +158,17 @@ def _decoded(lp) -> str:
     return lp.decoded_token if lp.decoded_token is not None else ""
 
 
-def completion_logprobs(completion) -> dict | None:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(completion, start: int = 0) -> dict | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset (from `start`: the length
+    of the echoed prompt, if any)."""
     if completion.logprobs is None:
         return None
+    return _legacy(zip(completion.token_ids, completion.logprobs), start)
+
+
+def _legacy(steps, pos: int) -> dict:
     tokens, values, tops, offsets = [], [], [], []
-    pos = 0
-    for token, step in zip(completion.token_ids, completion.logprobs):
+    for token, step in steps:
         chosen = step[token]
         tokens.append(_decoded(chosen))
         values.append(chosen.logprob)
@@ -169,6 +176,48 @@ def completion_logprobs(completion) -> dict | None:
         offsets.append(pos)
         pos += len(_decoded(chosen))
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+@dataclass
+class Echo:
+    """What `echo` puts before a prompt's completions: its text and, with logprobs, its tokens' entries in the
+    legacy shape (the first token's log-probability is null: nothing comes before it)."""
+
+    text: str
+    logprobs: dict | None
+
+
+def echo_of(out: RequestOutput, tokenizer, with_logprobs: bool) -> Echo:
+    """(On the engine's thread: it decodes.)"""
+    ids = out.prompt_token_ids
+    text = out.prompt if out.prompt is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
+    if not with_logprobs:
+        return Echo(text, None)
+    first = tokenizer.decode(ids[:1]) if tokenizer is not None else ""
+    rest = _legacy(zip(ids[1:], out.prompt_logprobs[1:]), len(first))
+    return Echo(
+        text,
+        {
+            "tokens": [first, *rest["tokens"]],
+            "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]],
+            "text_offset": [0, *rest["text_offset"]],
+        },
+    )
+
+
+def joined(echo: dict | None, completion: dict | None) -> dict | None:
+    if echo is None or completion is None:
+        return echo or completion
+    return {key: echo[key] + completion[key] for key in echo}
+
+
+def vllm_prompt_logprobs(out: RequestOutput) -> list | None:
+    """vLLM's "prompt_logprobs": per prompt token, null for the first, then {token id: {logprob, rank,
+    decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if step is None else {str(t): asdict(lp) for t, lp in step.items()} for step in out.prompt_logprobs]
 
 
 def chat_logprobs(completion, top: int) -> dict | None:
