@@ -163,6 +163,19 @@ def test_half_written_last_line_is_cut_off_and_redone(model_dir, tmp_path):
     assert {r["id"]: r for r in read_output(out)} == {r["id"]: r for r in good}
 
 
+def test_record_priorities_run_under_the_priority_policy(model_dir, tmp_path):
+    """Records with priorities: greedy results equal the same records run first come, first served."""
+    records = [{"id": f"r{i}", "prompt": p, "priority": (i * 7) % 3} for i, p in enumerate(PROMPTS)]
+    plain = [{k: v for k, v in r.items() if k != "priority"} for r in records]
+    ranked = write_job(tmp_path / "ranked", model_dir, records, engine={"scheduling_policy": "priority"})
+    fcfs = write_job(tmp_path / "fcfs", model_dir, plain)
+    for job in (ranked, fcfs):
+        batch.run(batch.load_spec(job), progress=False)
+    got = {r["id"]: r["outputs"] for r in read_output(tmp_path / "ranked" / "out" / "results.jsonl")}
+    want = {r["id"]: r["outputs"] for r in read_output(tmp_path / "fcfs" / "out" / "results.jsonl")}
+    assert got == want and len(got) == len(PROMPTS)
+
+
 def test_check_and_overrides(model_dir, tmp_path):
     job = write_job(tmp_path / "job", model_dir)
     code, out, err = cli(job, "--check")
@@ -180,6 +193,8 @@ def test_check_and_overrides(model_dir, tmp_path):
         (dict(engine={"gpu_blokcs": 4}), None, "engine.gpu_blokcs: unknown key (did you mean 'gpu_blocks'?)"),
         (dict(engine={"gpu_blocks": "four"}), None, "engine.gpu_blocks: expected int | None, got 'four'"),
         (dict(sampling={"temperature": "hot"}), None, "sampling.temperature: expected float, got 'hot'"),
+        ({}, [{"id": 1, "prompt": "a", "priority": 2}], 'start it with scheduling_policy="priority"'),
+        ({}, [{"id": 1, "prompt": "a", "priority": "high"}], '"priority" must be an integer'),
         (dict(sampling={"max_tokens": 0}), None, "sampling: SamplingParams.max_tokens=0"),
         (
             dict(sampling={"temperature": float("nan")}),
@@ -193,11 +208,6 @@ def test_check_and_overrides(model_dir, tmp_path):
             dict(engine={"cpu_blocks": 0, "nvme_blocks": 2}, sampling={"max_tokens": 200}),
             None,
             "may need 13 KV blocks but all tiers together hold 6",
-        ),
-        (
-            dict(engine={"cpu_blocks": 2}, sampling={"max_tokens": 200}),
-            None,
-            "streamed from the CPU tier, which must hold 9 of them but holds 2",
         ),
         ({}, [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}], "in.jsonl:2: duplicate id 1 (first on line 1)"),
         ({}, [{"prompt": "a"}], 'in.jsonl:1: missing "id"'),

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 import tierkv
 from tierkv import CapacityError, ConfigError, SamplingParams
+from tierkv.kv.block import NVME
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,48 @@ def test_one_sequence_longer_than_the_gpu_tier_streams_exactly(checkpoints, tmp_
         out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
         assert llm.stats()["engine"]["streamed_steps"] > 20
     assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 24)
+
+
+def test_a_sequence_over_all_three_tiers_streams_from_nvme_exactly(checkpoints, tmp_path):
+    """KV that only GPU + CPU + NVMe together hold: the older blocks on NVMe are read one layer at a time into the
+    staging area each step (chunks mixing CPU and NVMe blocks too), never promoted to the CPU tier."""
+    path, hf = checkpoints["llama"]
+    prompt = random_prompts(1, 290, 290, hf.config.vocab_size, seed=4)[0]
+    small = dict(gpu_blocks=3, cpu_blocks=4, staging_blocks=5, max_num_batched_tokens=64)
+    with tiered_llm(path, tmp_path / "nvme", **small) as llm:
+        out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
+        stats = llm.stats()
+        check_invariants(llm.pm)
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 24)
+    streamed = stats["links"]["nvme->gpu"]
+    assert stats["engine"]["streamed_steps"] > 20 and streamed["bytes"] > 20 * 10 * llm.layout.block_nbytes
+    assert stats["tiers"]["cpu"]["capacity_blocks"] == 4
+
+
+def test_a_block_damaged_on_disk_fails_the_step_that_streams_it(checkpoints, tmp_path):
+    """Blocks streamed from NVMe are checked against their checksums as their last layer arrives: a damaged one
+    stops the step with CorruptBlockError naming the file, instead of feeding attention wrong bytes."""
+    path, hf = checkpoints["llama"]
+    prompt = random_prompts(1, 290, 290, hf.config.vocab_size, seed=4)[0]
+    small = dict(gpu_blocks=3, cpu_blocks=4, staging_blocks=5, max_num_batched_tokens=64)
+    with tiered_llm(path, tmp_path / "nvme", **small) as llm:
+        llm.add_requests([prompt], SamplingParams(max_tokens=24, temperature=0), request_ids=["long"])
+        store = llm.pm.tiers[NVME].store
+
+        def on_disk():
+            ids = list(llm.pm.ledger.sequences)
+            return [b for b in llm.pm.ledger.seq(ids[0]).blocks if b.tier == NVME] if ids else []
+
+        while not on_disk():
+            llm.step()
+        victim = on_disk()[0]
+        with open(store._data_path, "r+b") as f:
+            f.seek(store._offset(victim.slot) + 100)
+            f.write(b"\xff" * 8)
+        store.read = None  # no whole block comes back from NVMe in this run: the layer reads must catch it
+        with pytest.raises(tierkv.CorruptBlockError, match="do not match their checksums"):
+            for _ in range(50):
+                llm.step()
 
 
 def test_sliding_window_model_matches(tmp_path):

@@ -205,6 +205,7 @@ def test_errors_have_openais_shape_and_the_server_goes_on(server):
         ({"model": NAME, "prompt": "x" * (70 << 10)}, auth, 413, "limit"),
         ({"model": NAME, "prompt": "x", "presence_penalty": 5}, auth, 400, "presence_penalty"),
         ({"model": NAME}, auth, 400, "prompt"),
+        ({"model": NAME, "prompt": "x", "priority": 3}, auth, 400, 'scheduling_policy="priority"'),
     ]
     for body, headers, status, words in cases:
         r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)

@@ -15,6 +15,7 @@ Events order each buffer's copy before its attention and that attention before t
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,8 @@ from tierkv.kernels.paged_attention import paged_attention
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.partial_merge import merge_partials_into
 from tierkv.kernels.prompt_attention import PromptRows, prompt_attention
-from tierkv.kv.tiers import MemoryTier
+from tierkv.kv.nvme_store import LayerChecks
+from tierkv.kv.tiers import MemoryTier, NvmeTier
 
 
 def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
@@ -65,8 +67,28 @@ class StreamedEntry:
     entry: int
     rows: tuple[int, int]  # its query rows in the step
     q_pos0: int
-    tiers: list[MemoryTier]  # per logical block
+    tiers: list[MemoryTier | NvmeTier]  # per logical block
     slots: list[int]  # per logical block
+
+
+class DiskBounce:
+    """Pinned (on CUDA) host buffers that blocks streamed from NVMe pass through, one layer at a time: buffer b
+    serves staging buffer b, and is read into again only after its last copy to the device has completed."""
+
+    def __init__(self, buffers: int, blocks: int, layer_shape: tuple, dtype: torch.dtype, pin: bool) -> None:
+        self.buffers = [torch.empty((blocks, *layer_shape), dtype=dtype, pin_memory=pin) for _ in range(buffers)]
+        self._copied: list = [None] * buffers
+
+    def take(self, b: int, n: int) -> torch.Tensor:
+        if self._copied[b] is not None:
+            self._copied[b].synchronize()
+            self._copied[b] = None
+        return self.buffers[b][:n]
+
+    def copied(self, b: int, stream) -> None:
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        self._copied[b] = ev
 
 
 class StepAttention:
@@ -84,6 +106,7 @@ class StepAttention:
         copy_streams: list[torch.cuda.Stream] | None = None,
         delay=None,
         prompts: PromptRows | None = None,
+        disk: tuple[DiskBounce, object] | None = None,
     ) -> None:
         self.gpu = gpu
         self.batch = batch  # the entries of rows [0, prompts.row0), or of every row when `prompts` is None
@@ -95,6 +118,8 @@ class StepAttention:
         self.windows = sliding_windows
         self.copy_streams = copy_streams if streamed and copy_streams else None
         self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
+        self._disk = disk  # (bounce buffers, the NVMe -> GPU link's stats record) where blocks may be on NVMe
+        self._checks = LayerChecks()  # checksums of the blocks read from NVMe this step, layer by layer
         self._stream_index = [self._plan(s) for s in streamed]
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before writing or reading it
         self.gates: list | None = (
@@ -144,6 +169,9 @@ class StepAttention:
                     entry[2].append(j)
             moves = []
             for tier, src, dst in groups.values():
+                if isinstance(tier, NvmeTier):  # read layer by layer into a bounce buffer (host slot and row lists)
+                    moves.append((tier, None, (src, dst)))
+                    continue
                 runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
                 as_index = (
                     None
@@ -229,7 +257,10 @@ class StepAttention:
         buf = self.staging[b]
         if self.copy_streams is None:
             for tier, _, (src, dst) in moves:
-                copy_blocks(tier.pool[:, layer], buf, src, dst)
+                if isinstance(tier, NvmeTier):
+                    self._read_disk(tier, layer, src, dst, buf, b, None)
+                else:
+                    copy_blocks(tier.pool[:, layer], buf, src, dst)
             return buf
         compute = torch.cuda.current_stream(buf.device)
         stream = self.copy_streams[b % len(self.copy_streams)]
@@ -238,7 +269,9 @@ class StepAttention:
             if self._delay is not None:
                 self._delay(stream)
             for tier, runs, index in moves:
-                if runs:
+                if isinstance(tier, NvmeTier):
+                    self._read_disk(tier, layer, *index, buf, b, stream)
+                elif runs:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
                     copy_blocks_triton(
@@ -247,3 +280,24 @@ class StepAttention:
             self._filled[b].record(stream)
         compute.wait_event(self._filled[b])
         return buf
+
+    def _read_disk(self, tier: NvmeTier, layer: int, slots: list[int], rows: list[int], buf, b: int, stream) -> None:
+        """One layer of blocks on NVMe into staging rows `rows` of `buf`, through bounce buffer b (checksums checked
+        as each block's last layer arrives). On CUDA the host reads, then the copy stream copies."""
+        bounce, link_of = self._disk
+        link = link_of()
+        t0 = time.perf_counter()
+        host = bounce.take(b, len(slots))
+        tier.store.read_layer(slots, layer, host, self._checks)
+        link.seconds += time.perf_counter() - t0
+        link.nbytes += host.numel() * host.element_size()
+        link.batches += 1
+        link.blocks += len(slots) if layer == 0 else 0  # each block counted once per step
+        r0 = rows[0]
+        if rows == list(range(r0, r0 + len(rows))):
+            buf[r0 : r0 + len(rows)].copy_(host, non_blocking=stream is not None)
+        else:
+            index = torch.tensor(rows, device=buf.device)
+            buf.index_copy_(0, index, host.to(buf.device, non_blocking=stream is not None))
+        if stream is not None:
+            bounce.copied(b, stream)

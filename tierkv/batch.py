@@ -5,7 +5,7 @@ The YAML maps onto tierkv's own dataclasses key for key:
     model: smollm2-135m-instruct     # a checkpoint folder, a packaged model's name, or a config (engine.load_format: dummy)
     engine: {...}                    # tierkv.LLM options: the fields of tierkv.EngineConfig
     sampling: {...}                  # defaults for every record: the fields of tierkv.SamplingParams
-    input: prompts.jsonl             # one JSON object per line: "id", and "prompt" (text) or "messages" (chat)
+    input: prompts.jsonl             # one JSON object per line: "id", "prompt" (text) or "messages" (chat), "priority"
     output: out/results.jsonl        # one JSON object per finished record, appended and flushed as it finishes
 
 Relative paths are relative to the YAML file. Each input record may override sampling fields. Everything is
@@ -36,7 +36,7 @@ from tierkv.errors import ConfigError, TierKVError
 from tierkv.sampling import SamplingParams
 
 TOP_KEYS = ("model", "engine", "sampling", "input", "output")
-RECORD_KEYS = ("id", "prompt", "messages")
+RECORD_KEYS = ("id", "prompt", "messages", "priority")
 # Sampling fields added after outputs began to carry fingerprints: part of a fingerprint only when set, so that an
 # output written before they existed still resumes.
 LATER_SAMPLING_FIELDS = {
@@ -58,6 +58,7 @@ class Record:
     messages: list | None
     sampling: dict
     fingerprint: str = ""  # digest of the input line's object: a result answers this record, not another
+    priority: int = 0  # under engine.scheduling_policy "priority": lower runs first
 
 
 @dataclass
@@ -276,7 +277,10 @@ def read_records(path: str) -> list[Record]:
             overrides = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
             record_where = f"{where} (id {rid!r})"
             check_section(record_where, overrides, SamplingParams)
-            records.append(Record(rid, n, obj.get("prompt"), obj.get("messages"), overrides, digest(obj)))
+            priority = obj.get("priority", 0)
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise ConfigError(f'{where}: "priority" must be an integer (lower runs first), got {priority!r}')
+            records.append(Record(rid, n, obj.get("prompt"), obj.get("messages"), overrides, digest(obj), priority))
     if not records:
         raise ConfigError(f"input {path}: no records")
     return records
@@ -350,6 +354,10 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
         except ConfigError as exc:
             raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
     sched = make_scheduler(cfg, gpu, cpu, nvme)
+    try:
+        inputs.priorities([r.priority for r in spec.records], len(spec.records), cfg.scheduling_policy)
+    except ConfigError as exc:
+        raise ConfigError(f"input {spec.input}: {exc} (engine.scheduling_policy)") from None
     # What shapes a result besides its record: the weights and tokenizer (their files' signatures), how they run.
     shared = {
         "model": model_signature(path),
@@ -431,7 +439,10 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
             out.discard()
         by_rid = {str(p.record.id): p for p in todo}
         llm.add_requests(
-            [p.token_ids for p in todo], [p.params for p in todo], request_ids=[str(p.record.id) for p in todo]
+            [p.token_ids for p in todo],
+            [p.params for p in todo],
+            request_ids=[str(p.record.id) for p in todo],
+            priority=[p.record.priority for p in todo],
         )
         if progress:
             from tqdm import tqdm

@@ -59,6 +59,7 @@ def make_scheduler(cfg: EngineConfig, gpu: int, cpu: int, nvme: int) -> Schedule
         cfg.max_num_seqs,
         cfg.slice_steps,
         cfg.oversubscribe,
+        cfg.scheduling_policy == "priority",
     )
 
 
@@ -81,7 +82,8 @@ def check_gpu_tier(gpu_blocks: int, block_nbytes: int) -> None:
 def check_request_fits(
     what: str, prompt_len: int, params: SamplingParams, scheduler: Scheduler, gpu: int, cpu: int, nvme: int
 ) -> None:
-    """Raise CapacityError if a request can never run with these tiers (all of them together, or streaming)."""
+    """Raise CapacityError if a request can never run with these tiers: all of them together (a sequence longer
+    than the GPU tier streams its older blocks from the CPU and NVMe tiers)."""
     need = request_blocks(prompt_len, params.max_tokens, params.n, scheduler.block_size)
     total = gpu + cpu + nvme
     if need > total:
@@ -89,10 +91,4 @@ def check_request_fits(
             f"{what} ({prompt_len} tokens, max_tokens {params.max_tokens}, n {params.n}) may need {need} KV blocks but all "
             f"tiers together hold {total} (gpu {gpu} + cpu {cpu} + nvme {nvme}); "
             "raise the tier capacities (nvme_dir/nvme_memory is the cheapest) or shorten the request"
-        )
-    longest = scheduler.blocks_for(prompt_len + params.max_tokens)
-    if longest > gpu and longest - gpu > cpu:
-        raise CapacityError(
-            f"{what} needs {longest} blocks, more than the GPU tier's {gpu}: its older blocks are streamed from the "
-            f"CPU tier, which must hold {longest - gpu} of them but holds {cpu}; raise cpu_blocks/cpu_memory or gpu_blocks"
         )

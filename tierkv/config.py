@@ -163,6 +163,9 @@ class EngineConfig:
     # Start new sequences even where the ones already begun would then not fit on the GPU together (all take
     # turns, swapping KV through the lower tiers): earlier first tokens for later requests, lower throughput.
     oversubscribe: bool = False
+    # "fcfs": requests start in arrival order; "priority": by each request's priority (lower first, as vLLM), and
+    # running sequences of lower priority give their GPU room to higher ones, swapped down (never recomputed).
+    scheduling_policy: str = "fcfs"
     prefetch: bool = True
     cuda_graphs: bool = True
     async_scheduling: bool = True  # plan step n+1 while the device runs step n (steps whose samples are all greedy)
@@ -185,6 +188,8 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format {self.load_format!r} is not one of 'auto', 'dummy'")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy {self.scheduling_policy!r} is not one of 'fcfs', 'priority'")
         if self.eviction not in EVICTION_NAMES:
             raise ConfigError(f"eviction {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
         for name in (

@@ -106,9 +106,15 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        index: int,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
     ) -> Request:
-        req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals)
+        req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals, priority=priority)
         self._arrivals += 1
         self.live[req.arrival] = req
         self.scheduler.add(req)

@@ -165,3 +165,19 @@ def request_ids(ids: Sequence | None, count: int, live: set[str]) -> None:
                 f"request id {key!r} is already in use by a request that has not finished; choose another id"
             )
         seen.add(key)
+
+
+def priorities(priority, count: int, policy: str) -> list[int]:
+    """One priority per prompt (0 each when None); any other than 0 needs scheduling_policy="priority"."""
+    if priority is None:
+        return [0] * count
+    if not isinstance(priority, (list, tuple)) or len(priority) != count:
+        raise ConfigError(f"priority: give one integer per prompt ({count}), got {priority!r}")
+    if any(not isinstance(p, int) or isinstance(p, bool) for p in priority):
+        raise ConfigError(f"priority: every entry must be an integer (lower runs first), got {priority!r}")
+    if policy != "priority" and any(priority):
+        raise ConfigError(
+            "priority: requests have priorities but the engine schedules first come, first served; "
+            'start it with scheduling_policy="priority"'
+        )
+    return list(priority)

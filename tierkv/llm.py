@@ -186,10 +186,11 @@ class LLM:
         for i, (_, ids, p) in enumerate(prepared):
             check_request_fits(f"prompt {i}", len(ids), p, self.scheduler, gpu, cpu, nvme)
 
-    def _add(self, prompts, sampling_params, request_ids=None) -> list:
+    def _add(self, prompts, sampling_params, request_ids=None, priority=None) -> list:
         self._usable()
         prepared = self._prepare(prompts, sampling_params)
         inputs.request_ids(request_ids, len(prepared), {r.request_id for r in self.engine.live.values()})
+        priorities = inputs.priorities(priority, len(prepared), self.config.scheduling_policy)
         base = self.engine._arrivals
         ids = (
             [str(rid) for rid in request_ids]
@@ -199,23 +200,28 @@ class LLM:
         added = []
         try:
             for i, (rid, (text, tokens, p)) in enumerate(zip(ids, prepared)):
-                added.append(self.engine.add_request(rid, i, text, tokens, p))
+                added.append(self.engine.add_request(rid, i, text, tokens, p, priorities[i]))
         except BaseException:
             self.engine.abort(added)  # all of the call or none of it
             raise
         return added
 
-    def add_requests(self, prompts, sampling_params=None, request_ids: list[str] | None = None) -> list[str]:
+    def add_requests(
+        self, prompts, sampling_params=None, request_ids: list[str] | None = None, priority: list[int] | None = None
+    ) -> list[str]:
         """Queue prompts for `step()`. Every prompt is checked first: a bad one queues nothing. Returns request ids
-        (`request_ids` if given: unique, and not those of requests still running)."""
-        added = self._add(prompts, sampling_params, request_ids)
+        (`request_ids` if given: unique, and not those of requests still running). `priority`: one int per prompt
+        (lower runs first) under scheduling_policy="priority"."""
+        added = self._add(prompts, sampling_params, request_ids, priority)
         self._queued.update(r.arrival for r in added)
         return [r.request_id for r in added]
 
-    def submit(self, prompts, sampling_params=None, request_ids: list[str] | None = None) -> list[str]:
+    def submit(
+        self, prompts, sampling_params=None, request_ids: list[str] | None = None, priority: list[int] | None = None
+    ) -> list[str]:
         """Queue prompts whose progress `step_outputs()` reports, every step (a server's way in; `step()` does not
         return them). Checked as add_requests checks; returns their ids."""
-        return [r.request_id for r in self._add(prompts, sampling_params, request_ids)]
+        return [r.request_id for r in self._add(prompts, sampling_params, request_ids, priority)]
 
     def step_outputs(self) -> list[RequestOutput]:
         """Run one engine step; the output so far (cumulative, as in vLLM) of every request that got new tokens or
@@ -271,13 +277,18 @@ class LLM:
         return {self.pm.tiers[k].name: self.pm.resident(k) for k in self.pm.kinds}
 
     def generate(
-        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order.
+        `priority`: one int per prompt, lower first (scheduling_policy="priority" only).
 
         If anything interrupts it (an error, Ctrl-C), the call's unfinished requests are aborted, their blocks
         freed, and the error raised; the LLM stays usable."""
-        requests = self._add(prompts, sampling_params)
+        requests = self._add(prompts, sampling_params, priority=priority)
         bar = None
         try:
             if use_tqdm:
@@ -333,11 +344,14 @@ class LLM:
             self._collect_finished()
 
     def stream(
-        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        priority: list[int] | None = None,
     ) -> Iterator[RequestOutput]:
         """Like generate, but yields a RequestOutput (cumulative, as in vLLM) each time a request gets new tokens.
         Leaving the loop early (break, an error) aborts the call's unfinished requests and frees their blocks."""
-        requests = self._add(prompts, sampling_params)
+        requests = self._add(prompts, sampling_params, priority=priority)
         mine = {r.arrival for r in requests}
         try:
             while not all(r.finished for r in requests):

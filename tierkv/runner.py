@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
+from tierkv.attention import DiskBounce, StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.prompt_attention import PromptRows
-from tierkv.kv.block import GPU
+from tierkv.kv.block import GPU, NVME
 from tierkv.kv.manager import PageManager
 from tierkv.loader import LoadedModel
 
@@ -73,6 +73,13 @@ class ModelRunner:
             device=self.device,
         )
         self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
+        # Streamed blocks left on NVMe pass through host buffers one layer at a time (one per staging buffer).
+        self.disk = None
+        if NVME in pm.tiers:
+            layer_shape = (2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+            bounce = DiskBounce(self.staging.shape[0], staging_blocks, layer_shape, layout.dtype, pin=cuda)
+            nvme, gpu = pm.tiers[NVME], self.gpu_tier
+            self.disk = (bounce, lambda: pm.mover.link_stats(nvme, gpu))  # (its record is replaced by a counter reset)
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run
             compile_variants(
                 self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device
@@ -165,6 +172,7 @@ class ModelRunner:
             self.copy_streams,
             self.pm.mover.debug_delay,
             prompts,
+            self.disk,
         )
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
         if self.pieces is not None and self.pieces.eligible(len(input_ids)):

@@ -14,6 +14,9 @@
 - When the begun sequences outgrow the GPU tier under the default scheduling, those earliest in the running order
   run on and the newest wait, their KV swapped down, until others finish (each waiting sequence crosses the link
   once each way, however long it waits).
+- Under the `priority` policy the order is by request priority first (lower runs first, as in vLLM): a new
+  sequence needs room only beside the begun ones ahead of it, and begun ones of lower priority that no longer fit
+  are left out, their KV swapped down (never recomputed), until room frees.
 - With `oversubscribe` (or beside a sequence that streams), when the begun sequences do not all fit, they take
   turns: each keeps the GPU for about `slice_steps` steps, then gives way to the next in line (preemption by
   swapping: the page manager demotes its blocks; the next one's are prefetched a step ahead). The turns are
@@ -59,9 +62,11 @@ class Scheduler:
         max_num_seqs: int,
         slice_steps: int,
         oversubscribe: bool = False,
+        priority: bool = False,
     ) -> None:
         self.block_size = block_size
         self.oversubscribe = oversubscribe
+        self.priority = priority  # order by request priority (lower first), then arrival / running order
         self.gpu_blocks = gpu_blocks
         self.total_blocks = total_blocks
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -100,14 +105,14 @@ class Scheduler:
         """Move waiting requests (first come, first served) into running while their reservations fit."""
         admitted = []
         while self.waiting:
-            req = self.waiting[0]
+            req = min(self.waiting, key=lambda r: (r.priority, r.arrival)) if self.priority else self.waiting[0]
             need = self.reservation(req)
             seqs_after = len(self.running) + req.params.n
             if sum(self.reserved.values()) + need > self.total_blocks or (
                 self.running and seqs_after > self.max_num_seqs
             ):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.reserved[req.arrival] = need
             self.running.append(make_sequence(req))
             admitted.append(req)
@@ -135,7 +140,7 @@ class Scheduler:
         what is left of the token budget, each chunk as long as the GPU room allows; whole prompts (from token 0)
         come last.
         """
-        group, streaming, skipped, blocks_left = self._members(self.running)
+        group, streaming, skipped, blocks_left = self._members(self._order())
         tokens = self.max_num_batched_tokens
         entries: list[ScheduledEntry] = []
         starved = prefilled = False
@@ -176,6 +181,13 @@ class Scheduler:
         self._time_slice(entries, turns or (starved and not prefilled), waiting_for_room=skipped)
         return entries
 
+    def _order(self) -> list[Sequence]:
+        """The running order, by priority first under the priority policy (stable: turns still rotate within one
+        priority)."""
+        if not self.priority:
+            return self.running
+        return sorted(self.running, key=lambda s: s.request.priority)
+
     def _members(self, order) -> tuple[list[Sequence], Sequence | None, bool, int]:
         """Which sequences run in a step, taken in `order` (the running order): (the group, the one among them
         that streams or None, whether any runnable sequence was left out, GPU blocks left free). No side effects,
@@ -184,11 +196,16 @@ class Scheduler:
         group: list[Sequence] = []
         streaming: Sequence | None = None
         skipped = holding = False
-        # What the begun sequences will want of the GPU tier soon; a new one starts only in room beyond it.
-        committed = 0 if self.oversubscribe else sum(self.soon(s) for s in order if s.started and not s.finished)
+        # What the begun sequences will want of the GPU tier soon; a new one starts only in room beyond it. Under the
+        # priority policy only the begun ones ahead of it in the order count: the lower ones give their room up.
+        committed = 0
+        if not (self.oversubscribe or self.priority):
+            committed = sum(self.soon(s) for s in order if s.started and not s.finished)
         for seq in order:
             if seq.awaiting_last:
                 continue  # done once the step in flight lands: neither scheduled nor a reason to rotate
+            if self.priority and seq.started and not seq.finished and not self.oversubscribe:
+                committed += self.soon(seq)
             if not seq.started and not self.oversubscribe:
                 want = self.soon(seq)
                 if holding or (committed + want > self.gpu_blocks and (committed or group)):
@@ -246,7 +263,7 @@ class Scheduler:
         last = self._last_group
         if not self._rotated:
             return [], [s for s in self.running if s.seq_id in last and not s.finished]
-        nxt = self._members(self.running)[0]  # the next step's group, as far as the running order now tells
+        nxt = self._members(self._order())[0]  # the next step's group, as far as the running order now tells
         return (
             [s for s in nxt if s.seq_id not in last and not s.finished],
             [s for s in nxt if s.seq_id in last and not s.finished],

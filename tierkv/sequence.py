@@ -24,6 +24,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens whose stored KV was reused
     aborted: bool = False  # stopped before it finished (by the caller, or by a step that failed): its KV is freed
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as its prompt is computed, if asked
+    priority: int = 0  # under the "priority" scheduling policy: lower runs first
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 from tierkv.config import PageManagerConfig
-from tierkv.errors import CapacityError
 from tierkv.handles import DONE, LayeredHandle, all_of
 from tierkv.kv.block import CPU, GPU, NVME, TIER_NAMES, Block, SequenceTable, lower_tier
 from tierkv.kv.ledger import BlockLedger
@@ -355,37 +354,24 @@ class PageManager:
 
     def pin_in_place(self, seq_id: Hashable, stop_block: int) -> list[tuple[int, int]]:
         """Pin the sequence's blocks [0, stop_block) where they are, for attention that streams them; returns each
-        block's (tier, slot). Blocks on NVMe are first promoted to the CPU tier (streaming reads memory, not disk).
-        Needs an outstanding `acquire` of the sequence; its `release` unpins these too."""
+        block's (tier, slot). Blocks on NVMe stay there: the attention reads them one layer at a time (their
+        pending writes are waited for here). Needs an outstanding `acquire` of the sequence; its `release` unpins
+        these too."""
         seq = self.ledger.seq(seq_id)
         if not seq.pinned:
             raise RuntimeError(f"pin_in_place({seq_id!r}) needs an outstanding acquire of the sequence")
         blocks = seq.blocks[:stop_block]
         tiers = [b.tier for b in blocks]
         count_lookups(self.counters, self.kinds, {k: tiers.count(k) for k in self.kinds})
-        on_disk = [b for b in blocks if b.tier == NVME] if NVME in self.tiers else []
-        if on_disk:
-            if CPU not in self.tiers:
-                raise CapacityError(
-                    f"sequence {seq_id!r} is longer than the GPU tier and {len(on_disk)} of its blocks are on NVMe: "
-                    "streaming them needs a CPU tier; set cpu_blocks or cpu_memory"
-                )
-            protect = {b.block_id for b in blocks}
-            room = self.placement.make_room(CPU, len(on_disk), protect, allow_reserved=True)
-            if room < len(on_disk):
-                raise CapacityError(
-                    f"sequence {seq_id!r}: streaming needs {len(on_disk)} of its blocks moved from NVMe to the CPU tier, "
-                    f"but only {room} CPU slots can be freed (the tiers below are full); raise cpu_blocks or nvme_blocks"
-                )
-            for block in on_disk:
-                self.policies[NVME].remove(block.block_id)
-            self.placement.move(on_disk, CPU)
+        for b in blocks:
+            if b.tier == NVME:
+                b.ready.wait()  # written through the worker thread: on disk before it is read from there
         self.ledger.pin(blocks)
         seq.pinned[-1].extend(blocks)
         placed = [(b.tier, b.slot) for b in blocks]
         if self.mover.cuda:
-            self.mover.order_compute_after(all_of(b.ready for b in blocks))
-            if len(blocks) > tiers.count(GPU):
+            self.mover.order_compute_after(all_of(b.ready for b in blocks if b.tier != NVME))
+            if any(t == CPU for t in tiers):
                 self.placement.note_host_reads()
         return placed
 

@@ -191,6 +191,10 @@ class Mover:
             self._staging.close()
             self._staging = None
 
+    def link_stats(self, src: Tier, dst: Tier) -> LinkStats:
+        """The traffic record of one link, for transfers made outside `move` (attention reading NVMe blocks)."""
+        return self._link(src, dst)
+
     # -- internals ---------------------------------------------------------------------------------------
     def _link(self, src: Tier, dst: Tier) -> LinkStats:
         key = (src.name, dst.name)

@@ -54,14 +54,23 @@ def _round_up(n: int, align: int) -> int:
 def block_checksum(data, key: bytes = b"", tokens: bytes = b"") -> int:
     """64-bit checksum (xxh3) of a block's content key, its token ids (int32 bytes) and its bytes; `data` is a
     buffer or a contiguous CPU tensor. Unkeyed blocks (swap) have neither key nor tokens."""
-    if isinstance(data, torch.Tensor):
-        data = data.reshape(-1).view(torch.uint8).numpy()
+    h = _checksum_start(key, tokens)
+    h.update(_as_bytes(data))
+    return h.intdigest()
+
+
+def _checksum_start(key: bytes, tokens: bytes):
+    """The checksum's state before the block's bytes: fed the bytes in order (whole, or layer by layer), its
+    digest is block_checksum's."""
     h = xxhash.xxh3_64()
     h.update(struct.pack("<II", len(key), len(tokens)))
     h.update(key)
     h.update(tokens)
-    h.update(data)
-    return h.intdigest()
+    return h
+
+
+def _as_bytes(data):
+    return data.reshape(-1).view(torch.uint8).numpy() if isinstance(data, torch.Tensor) else data
 
 
 @dataclass(frozen=True)
@@ -402,11 +411,32 @@ class NvmeStore:
 
     def _checksum_of(self, slot: int, block: torch.Tensor) -> int:
         """The checksum of `block` (just read from `slot`) with the key and tokens the store holds for that slot."""
+        h = self._checksum_state(slot)
+        h.update(_host_bytes(block))
+        return h.intdigest()
+
+    def _checksum_state(self, slot: int):
         rec = self._records[slot]
         if not any(rec.key):
-            return block_checksum(_host_bytes(block))
+            return _checksum_start(b"", b"")
         tokens = os.pread(self._tok_fd, self._tok_nbytes, slot * self._tok_nbytes)[: 4 * rec.num_tokens]
-        return block_checksum(_host_bytes(block), rec.key, tokens)
+        return _checksum_start(rec.key, tokens)
+
+    def read_layer(self, slots: Sequence[int], layer: int, out: torch.Tensor, check: LayerChecks | None = None) -> None:
+        """Layer `layer` of the blocks in `slots` into out[i] (a contiguous host tensor (len(slots), 2, block_size,
+        num_kv_heads, head_dim)): what attention over blocks left on disk reads, one layer at a time. `check`
+        verifies each block's checksum once its last layer has been read (the layers must come in order)."""
+        self._check_slots(slots)
+        nbytes = self.layout.block_nbytes // self.layout.num_layers
+        runs = [(self._offset(s) + layer * nbytes, _host_bytes(out[i])) for i, s in enumerate(slots)]
+        try:
+            self._backend.read(runs)
+        except OSError as exc:
+            raise StoreError(
+                f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk"
+            ) from None
+        if check is not None:
+            check.update(self, slots, layer, out)
 
     def record(self, slot: int) -> SlotRecord | None:
         """What the index says slot `slot` holds (None: nothing written since the store was created)."""
@@ -432,3 +462,31 @@ class NvmeStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+class LayerChecks:
+    """Checksums of blocks read layer by layer (`NvmeStore.read_layer`): each block's state is fed its layers in
+    order and compared with the store's record after the last one, so that a block damaged on disk fails the step
+    that reads it instead of feeding its bytes to attention unnoticed in later steps."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, object] = {}
+
+    def update(self, store: NvmeStore, slots: Sequence[int], layer: int, out: torch.Tensor) -> None:
+        last = layer == store.layout.num_layers - 1
+        bad = []
+        for i, s in enumerate(slots):
+            if layer == 0:
+                self._states[s] = store._checksum_state(s)
+            h = self._states[s]
+            h.update(_host_bytes(out[i]))
+            if last:
+                del self._states[s]
+                if h.intdigest() != store.record(s).checksum:
+                    bad.append(s)
+        if bad:
+            raise CorruptBlockError(
+                f"NVMe tier: {len(bad)} block(s) in {store._data_path} (slots {bad[:8]}) do not match their "
+                "checksums: the file was changed or damaged on disk",
+                slots=bad,
+            )

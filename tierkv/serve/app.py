@@ -158,13 +158,13 @@ def build_app(
         if name is not None and name != model_name:
             raise OpenAIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model")
 
-    async def start(prompts, params, kind: str) -> tuple[list[AsyncIterator], list]:
+    async def start(prompts, params, kind: str, priority: int = 0) -> tuple[list[AsyncIterator], list]:
         """One engine request per prompt; each first output awaited, so that a bad request fails before a byte of
         the response is sent (and the ones already started are aborted)."""
         streams, firsts = [], []
         try:
             for prompt in prompts:
-                it = engine.generate(engine.new_id(kind), prompt, params).__aiter__()
+                it = engine.generate(engine.new_id(kind), prompt, params, priority).__aiter__()
                 streams.append(it)
                 firsts.append(await it.__anext__())
         except BaseException as exc:
@@ -288,7 +288,7 @@ def build_app(
         if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
             params = replace(params, prompt_logprobs=body.logprobs)  # echoed tokens come with their log-probs
         prompts = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in body.prompts()]
-        streams, firsts = await start(prompts, params, "cmpl")
+        streams, firsts = await start(prompts, params, "cmpl", body.priority)
         rid, created = f"cmpl-{firsts[0].request_id}", now()
         echoes = None
         if body.echo:  # decoded on the engine's thread (see chat below)
@@ -346,7 +346,7 @@ def build_app(
             ids = await asyncio.wrap_future(templated)
         except ConfigError as exc:
             raise OpenAIError(400, str(exc), param="messages") from None
-        streams, firsts = await start([{"prompt_token_ids": ids}], params, "chatcmpl")
+        streams, firsts = await start([{"prompt_token_ids": ids}], params, "chatcmpl", body.priority)
         rid, created = f"chatcmpl-{firsts[0].request_id}", now()
 
         def chunk(index, delta, reason, first, c, tokens_from):

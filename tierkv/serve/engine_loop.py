@@ -52,14 +52,15 @@ class EngineLoop:
             self._next_id += 1
             return f"{prefix}-{self._next_id}"
 
-    async def generate(self, request_id: str, prompt, params) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt, params, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """The request's outputs as it runs (cumulative), the last one finished. Errors in the request (a bad value,
-        no room in any tier, a full queue) are raised at the first iteration, before any output."""
+        no room in any tier, a full queue) are raised at the first iteration, before any output. `priority`: lower
+        runs first, under the engine's "priority" scheduling policy."""
         if self._stopping:
             raise QueueFull("the server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(("add", request_id, prompt, params, loop, sink))
+        self._inbox.put(("add", request_id, prompt, params, priority, loop, sink))
         self._wake.set()
         finished = False
         try:
@@ -110,7 +111,7 @@ class EngineLoop:
                 return
             kind = msg[0]
             if kind == "add":
-                _, rid, prompt, params, loop, sink = msg
+                _, rid, prompt, params, priority, loop, sink = msg
                 if self._stopping:
                     _deliver(loop, sink, QueueFull("the server is shutting down"))
                     continue
@@ -119,7 +120,7 @@ class EngineLoop:
                     _deliver(loop, sink, QueueFull(f"{waiting} requests are waiting already; retry later"))
                     continue
                 try:
-                    self.llm.submit([prompt], params, [rid])
+                    self.llm.submit([prompt], params, [rid], priority=[priority])
                 except Exception as exc:  # noqa: BLE001 - a bad request: its own error, the engine goes on
                     _deliver(loop, sink, exc)
                     continue

@@ -64,6 +64,7 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = None  # vLLM's extra field: each choice gets "prompt_logprobs" in vLLM's shape
+    priority: int = 0  # vLLM's extra field: lower runs first (a server started with scheduling_policy=priority)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kwargs = {
