@@ -113,10 +113,13 @@ def test_engine_attends_whole_prompts_apart_exactly(arch, window, tmp_path, monk
             outs[apart] = llm.generate(prompts, params, use_tqdm=False)
         assert (spy.calls > before) == apart
     assert spy.mixed > 0  # some steps had decodes or later chunks before their whole prompts
+    # On CPU both runs attend whole prompts with the same SDPA reference: equal to the bit. On CUDA in float32 the
+    # paged run takes the Triton kernel: equal to float32 rounding.
+    tol = 1e-4 if torch.cuda.is_available() else 0.0
     for a, b, p, sp in zip(outs[True], outs[False], prompts, params):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids == hf_greedy(hf, p, sp.max_tokens)
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert {t: v.logprob for t, v in la.items()} == {t: v.logprob for t, v in lb.items()}
+            assert la.keys() == lb.keys() and all(abs(la[t].logprob - lb[t].logprob) <= tol for t in la)
 
 
 @pytest.mark.gpu
