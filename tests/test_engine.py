@@ -108,6 +108,10 @@ def test_a_block_damaged_on_disk_fails_the_step_that_streams_it(checkpoints, tmp
         with pytest.raises(tierkv.CorruptBlockError, match="do not match their checksums"):
             for _ in range(50):
                 llm.step()
+        # The step's request was aborted; the engine (and its NVMe reader, stopped mid-step) goes on.
+        short = random_prompts(1, 20, 20, hf.config.vocab_size, seed=5)[0]
+        out = llm.generate([short], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == hf_greedy(hf, short, 4)
 
 
 def test_sliding_window_model_matches(tmp_path):

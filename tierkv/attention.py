@@ -15,19 +15,18 @@ Events order each buffer's copy before its attention and that attention before t
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from tierkv.disk_stream import DiskStream
 from tierkv.kernels.block_copy import copy_block_runs, copy_blocks, copy_blocks_triton, copy_engine_runs
 from tierkv.kernels.kv_write import write_kv
 from tierkv.kernels.paged_attention import paged_attention
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.partial_merge import merge_partials_into
 from tierkv.kernels.prompt_attention import PromptRows, prompt_attention
-from tierkv.kv.nvme_store import LayerChecks
 from tierkv.kv.tiers import MemoryTier, NvmeTier
 
 
@@ -71,26 +70,6 @@ class StreamedEntry:
     slots: list[int]  # per logical block
 
 
-class DiskBounce:
-    """Pinned (on CUDA) host buffers that blocks streamed from NVMe pass through, one layer at a time: buffer b
-    serves staging buffer b, and is read into again only after its last copy to the device has completed."""
-
-    def __init__(self, buffers: int, blocks: int, layer_shape: tuple, dtype: torch.dtype, pin: bool) -> None:
-        self.buffers = [torch.empty((blocks, *layer_shape), dtype=dtype, pin_memory=pin) for _ in range(buffers)]
-        self._copied: list = [None] * buffers
-
-    def take(self, b: int, n: int) -> torch.Tensor:
-        if self._copied[b] is not None:
-            self._copied[b].synchronize()
-            self._copied[b] = None
-        return self.buffers[b][:n]
-
-    def copied(self, b: int, stream) -> None:
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        self._copied[b] = ev
-
-
 class StepAttention:
     """The attention callable the model calls once per layer during a step."""
 
@@ -106,7 +85,7 @@ class StepAttention:
         copy_streams: list[torch.cuda.Stream] | None = None,
         delay=None,
         prompts: PromptRows | None = None,
-        disk: tuple[DiskBounce, object] | None = None,
+        disk: tuple[DiskStream, object] | None = None,
     ) -> None:
         self.gpu = gpu
         self.batch = batch  # the entries of rows [0, prompts.row0), or of every row when `prompts` is None
@@ -118,9 +97,13 @@ class StepAttention:
         self.windows = sliding_windows
         self.copy_streams = copy_streams if streamed and copy_streams else None
         self._delay = delay  # debug hook: holds the copy stream a random while before each copy (race tests)
-        self._disk = disk  # (bounce buffers, the NVMe -> GPU link's stats record) where blocks may be on NVMe
-        self._checks = LayerChecks()  # checksums of the blocks read from NVMe this step, layer by layer
+        self._disk = disk  # (the runner's NVMe reader, the NVMe -> GPU link's stats record) where there is NVMe
         self._stream_index = [self._plan(s) for s in streamed]
+        if disk is not None:
+            # Every layer's slice of the blocks left on NVMe, in the order attend() takes them: read ahead.
+            layers = gpu.pool.shape[1]
+            nvme = [(t, idx[0]) for plan in self._stream_index for moves, _ in plan for t, _, idx in moves]
+            disk[0].start([(t, slots, i) for i in range(layers) for t, slots in nvme if isinstance(t, NvmeTier)])
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before writing or reading it
         self.gates: list | None = (
             None  # a decode graph's per-layer external events (graphs.LayerGates), waited on likewise
@@ -258,7 +241,7 @@ class StepAttention:
         if self.copy_streams is None:
             for tier, _, (src, dst) in moves:
                 if isinstance(tier, NvmeTier):
-                    self._read_disk(tier, layer, src, dst, buf, b, None)
+                    self._read_disk(dst, buf, None)
                 else:
                     copy_blocks(tier.pool[:, layer], buf, src, dst)
             return buf
@@ -270,7 +253,7 @@ class StepAttention:
                 self._delay(stream)
             for tier, runs, index in moves:
                 if isinstance(tier, NvmeTier):
-                    self._read_disk(tier, layer, *index, buf, b, stream)
+                    self._read_disk(index[1], buf, stream)
                 elif runs:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
@@ -281,15 +264,13 @@ class StepAttention:
         compute.wait_event(self._filled[b])
         return buf
 
-    def _read_disk(self, tier: NvmeTier, layer: int, slots: list[int], rows: list[int], buf, b: int, stream) -> None:
-        """One layer of blocks on NVMe into staging rows `rows` of `buf`, through bounce buffer b (checksums checked
-        as each block's last layer arrives). On CUDA the host reads, then the copy stream copies."""
-        bounce, link_of = self._disk
+    def _read_disk(self, rows: list[int], buf, stream) -> None:
+        """The next layer slice of blocks on NVMe (read ahead by the runner's DiskStream) into staging rows `rows`
+        of `buf`; on CUDA copied on the copy stream `stream`."""
+        reader, link_of = self._disk
+        (_, slots, layer), host, seconds = reader.take()
         link = link_of()
-        t0 = time.perf_counter()
-        host = bounce.take(b, len(slots))
-        tier.store.read_layer(slots, layer, host, self._checks)
-        link.seconds += time.perf_counter() - t0
+        link.seconds += seconds
         link.nbytes += host.numel() * host.element_size()
         link.batches += 1
         link.blocks += len(slots) if layer == 0 else 0  # each block counted once per step
@@ -299,5 +280,4 @@ class StepAttention:
         else:
             index = torch.tensor(rows, device=buf.device)
             buf.index_copy_(0, index, host.to(buf.device, non_blocking=stream is not None))
-        if stream is not None:
-            bounce.copied(b, stream)
+        reader.taken(stream)

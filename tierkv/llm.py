@@ -401,6 +401,7 @@ class LLM:
         gc.unfreeze()  # what init froze (this engine's objects among them) can be collected again
         try:
             self.engine.drop_inflight()
+            self.engine.runner.close()
             for seq in list(self.scheduler.running):
                 self.pm.free(seq.seq_id)
             self.scheduler.running.clear()

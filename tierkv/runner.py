@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.attention import DiskBounce, StepAttention, StreamedEntry, host_to_device, padded_tables
+from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
+from tierkv.disk_stream import DiskStream
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.kernels.paged_batch import PagedBatch
@@ -73,13 +74,13 @@ class ModelRunner:
             device=self.device,
         )
         self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
-        # Streamed blocks left on NVMe pass through host buffers one layer at a time (one per staging buffer).
+        # Streamed blocks left on NVMe are read one layer at a time, ahead of the attention, into host buffers.
         self.disk = None
         if NVME in pm.tiers:
             layer_shape = (2, layout.block_size, layout.num_kv_heads, layout.head_dim)
-            bounce = DiskBounce(self.staging.shape[0], staging_blocks, layer_shape, layout.dtype, pin=cuda)
+            reader = DiskStream(staging_blocks, layer_shape, layout.dtype, pin=cuda)
             nvme, gpu = pm.tiers[NVME], self.gpu_tier
-            self.disk = (bounce, lambda: pm.mover.link_stats(nvme, gpu))  # (its record is replaced by a counter reset)
+            self.disk = (reader, lambda: pm.mover.link_stats(nvme, gpu))  # (its record is replaced by a counter reset)
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run
             compile_variants(
                 self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device
@@ -89,6 +90,11 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_batch) if graphs else None  # decode steps replayed as CUDA graphs
         # Other steps (prompt chunks, streamed KV): eager attention between graphs of everything else.
         self.pieces = PiecewiseGraphs(self) if graphs else None
+
+    def close(self) -> None:
+        """Stop the NVMe reader thread (after its reads in flight)."""
+        if self.disk is not None:
+            self.disk[0].close()
 
     def run_forward(
         self,
