@@ -1,5 +1,6 @@
 """tierkv: a tiered KV-cache runtime. KV blocks live in GPU memory, pinned CPU memory or NVMe files."""
 
+from tierkv.beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from tierkv.config import EngineConfig, PageManagerConfig
 from tierkv.errors import CapacityError, ConfigError, CorruptBlockError, StoreError, TierKVError, WorkerError
 from tierkv.kv.block import Block
@@ -14,6 +15,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM",
     "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

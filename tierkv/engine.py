@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierkv.beam import BeamSearch, BeamSearchParams
 from tierkv.kv.manager import PageManager
 from tierkv.kv.prefix_cache import PrefixHasher
 from tierkv.kv.prefix_reuse import PrefixReuse
@@ -113,8 +114,11 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        beam: BeamSearchParams | None = None,
     ) -> Request:
         req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals, priority=priority)
+        if beam is not None:  # `params` holds what the scheduler reserves for: beam_width samples of max_tokens
+            req.beam = BeamSearch(beam, len(prompt_ids), self.loaded.eos_token_ids)
         self._arrivals += 1
         self.live[req.arrival] = req
         self.scheduler.add(req)
@@ -174,6 +178,8 @@ class Engine:
     def _admit(self, req: Request) -> Sequence:
         self._touching[req.arrival] = req
         seq = self._new_sequence(req, 0, req.prompt_ids, 0)
+        if req.beam is not None:
+            req.beam_seqs = [seq] * req.beam.k  # the search's first step starts from k copies of the prompt
         self.pm.add_sequence(seq.seq_id)
         if self.prefix is not None:
             self.prefix.start(req, seq)
@@ -279,7 +285,8 @@ class Engine:
         """Its next token can stay on the device until the next step: greedy, no log-probs, no samples to fork."""
         p = e.seq.request.params
         return (
-            p.greedy
+            e.seq.request.beam is None
+            and p.greedy
             and not p.adjusts_logits
             and p.logprobs is None
             and (p.n == 1 or len(e.seq.request.sequences) == p.n)
@@ -357,6 +364,41 @@ class Engine:
             prompt_rows,
         )
 
+    def _beam_step(self, req: Request) -> None:
+        """One step of a beam search: the search picks the next beams; a beam picked more than once forks (sharing
+        its blocks), a beam not picked is freed at once, and each picked one takes its new token."""
+        old = req.beam_seqs
+        rows = torch.stack([req.beam_rows[s.seq_id] for s in old])
+        req.beam_rows.clear()
+        picks = req.beam.step(torch.log_softmax(rows, dim=-1))
+        kept: set[int] = set()
+        new = []
+        for parent_index, token in [] if req.beam.done else picks:
+            parent = old[parent_index]
+            if parent.seq_id in kept:  # forked before any of this step's tokens is appended
+                child = self._new_sequence(req, len(req.sequences), parent.token_ids, parent.num_computed)
+                child.root, child.keys, child.started = parent.root, list(parent.keys), True
+                self.pm.fork(parent.seq_id, child.seq_id)
+                self.scheduler.add_running(child, after=parent)
+            else:
+                kept.add(parent.seq_id)
+                child = parent
+            new.append((child, token))
+        now = time.perf_counter()
+        for child, token in new:
+            child.token_ids.append(token)
+            child.beam_waiting = False
+            child.first_token_time = child.first_token_time or now
+            self.counters.generated_tokens += 1
+        for s in {s.seq_id: s for s in old}.values():
+            if s.seq_id not in kept:
+                s.finish_reason, s.finish_time, s.beam_waiting = "pruned", now, False
+                self.scheduler.finish(s)
+                self.pm.free(s.seq_id)
+        req.beam_seqs = [child for child, _ in new]
+        if req.beam.done:
+            self._retire(req)
+
     def _add_prompt_logprobs(self, step: LaunchedStep, touched: dict[int, Request]) -> None:
         rows = step.prompt_logits.float()
         at = 0
@@ -415,6 +457,13 @@ class Engine:
             if step.deferred:
                 seq.pending.pop(0)
             req = seq.request
+            touched[req.arrival] = req
+            if req.beam is not None:  # the search decides once every running beam's logits are in
+                req.beam_rows[seq.seq_id] = logits[i]
+                seq.beam_waiting = True
+                if all(s.seq_id in req.beam_rows for s in req.beam_seqs):
+                    self._beam_step(req)
+                continue
             targets = [seq]
             if req.params.n > 1 and len(req.sequences) == 1:
                 # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
@@ -442,5 +491,4 @@ class Engine:
                     self.pm.free(s.seq_id)
             if req.finished:
                 self._retire(req)
-            touched[req.arrival] = req
         return list(touched.values())

@@ -10,6 +10,7 @@ from dataclasses import fields
 import torch
 
 from tierkv import inputs
+from tierkv.beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from tierkv.capacity import check_request_fits, make_scheduler, tier_blocks
 from tierkv.config import EngineConfig, resolve_device
 from tierkv.engine import Engine
@@ -186,7 +187,7 @@ class LLM:
         for i, (_, ids, p) in enumerate(prepared):
             check_request_fits(f"prompt {i}", len(ids), p, self.scheduler, gpu, cpu, nvme)
 
-    def _add(self, prompts, sampling_params, request_ids=None, priority=None) -> list:
+    def _add(self, prompts, sampling_params, request_ids=None, priority=None, beam=None) -> list:
         self._usable()
         prepared = self._prepare(prompts, sampling_params)
         inputs.request_ids(request_ids, len(prepared), {r.request_id for r in self.engine.live.values()})
@@ -200,7 +201,7 @@ class LLM:
         added = []
         try:
             for i, (rid, (text, tokens, p)) in enumerate(zip(ids, prepared)):
-                added.append(self.engine.add_request(rid, i, text, tokens, p, priorities[i]))
+                added.append(self.engine.add_request(rid, i, text, tokens, p, priorities[i], beam))
         except BaseException:
             self.engine.abort(added)  # all of the call or none of it
             raise
@@ -313,6 +314,50 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [r.output() for r in requests]
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search over each prompt (strings or token-id lists), as transformers' generate(num_beams=k) decides
+        it, inside the engine: the beams share KV blocks (copy-on-write) through every tier, beside any other
+        requests. One BeamSearchOutput per prompt: its beam_width beams, best first."""
+        if not isinstance(params, BeamSearchParams):
+            raise ConfigError(f"beam_search: params must be a tierkv.BeamSearchParams, got {type(params).__name__}")
+        if params.beam_width == 1:  # transformers' num_beams=1 is greedy decoding: the same here
+            return self._greedy_as_beams(prompts, params)
+        # What the scheduler reserves for: beam_width samples of max_tokens each (they share the prompt's blocks).
+        sampling = SamplingParams(n=params.beam_width, max_tokens=params.max_tokens, temperature=0, ignore_eos=True)
+        requests = self._add(prompts, sampling, beam=params)
+        try:
+            while not all(r.finished for r in requests):
+                self._step()
+        except BaseException:
+            self._abort_own(requests)
+            raise
+        tok = self.loaded.tokenizer
+        outs = []
+        for req in requests:
+            beams = [
+                BeamSearchSequence(
+                    req.prompt_ids + tokens,
+                    tok.decode(tokens, skip_special_tokens=True) if tok is not None else "",
+                    cum,
+                    score,
+                    reason,
+                )
+                for tokens, cum, score, reason in req.beam.results()
+            ]
+            outs.append(BeamSearchOutput(beams))
+        return outs
+
+    def _greedy_as_beams(self, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
+        greedy = SamplingParams(max_tokens=params.max_tokens, temperature=0, ignore_eos=params.ignore_eos, logprobs=0)
+        outs = []
+        for out in self.generate(prompts, greedy, use_tqdm=False):
+            c = out.outputs[0]
+            score = c.cumulative_logprob / (len(c.token_ids) ** params.length_penalty)
+            reason = "stop" if c.finish_reason == "stop" else "length"
+            beam = BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.text, c.cumulative_logprob, score, reason)
+            outs.append(BeamSearchOutput([beam]))
+        return outs
 
     def chat(
         self,

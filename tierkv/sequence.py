@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from tierkv.beam import BeamSearch
 from tierkv.outputs import CompletionOutput, Logprob, RequestOutput
 from tierkv.sampling import SamplingParams
 
@@ -25,6 +26,9 @@ class Request:
     aborted: bool = False  # stopped before it finished (by the caller, or by a step that failed): its KV is freed
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as its prompt is computed, if asked
     priority: int = 0  # under the "priority" scheduling policy: lower runs first
+    beam: BeamSearch | None = None  # a beam search request: its search; its running beams; their logits this step
+    beam_seqs: list[Sequence] = field(default_factory=list)
+    beam_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -32,6 +36,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.aborted or self.beam.done
         return self.aborted or (len(self.sequences) == self.params.n and all(s.finished for s in self.sequences))
 
     def add_prompt_logprobs(self, rows: list[dict[int, Logprob]], tokenizer) -> None:
@@ -70,6 +76,7 @@ class Sequence:
     generator: torch.Generator
     num_computed: int = 0  # tokens whose KV is in the cache
     started: bool = False  # it has been in a step (a prefix hit alone does not start it)
+    beam_waiting: bool = False  # a beam whose logits are in: it waits for the search's step
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text_cut: str | None = None  # the text up to (or through) the stop string that ended it
@@ -116,8 +123,9 @@ class Sequence:
 
     @property
     def awaiting_last(self) -> bool:
-        """Its last token (max_tokens reached) is sampled but not yet known on the host: nothing more to run."""
-        return bool(self.pending) and self.num_tokens - self.num_prompt >= self.params.max_tokens
+        """Nothing to run now: its last token (max_tokens reached) is sampled but not yet known on the host, or (a
+        beam) its logits wait for its sibling beams' before the search picks the next tokens."""
+        return self.beam_waiting or (bool(self.pending) and self.num_tokens - self.num_prompt >= self.params.max_tokens)
 
     @property
     def output_ids(self) -> list[int]:
