@@ -12,7 +12,7 @@ import yaml
 from tiny_models import make_checkpoint
 
 import tierkv
-from tierkv import ConfigError, batch
+from tierkv import BeamSearchParams, ConfigError, batch
 
 PROMPTS = [
     "Once upon a time",
@@ -176,6 +176,30 @@ def test_record_priorities_run_under_the_priority_policy(model_dir, tmp_path):
     assert got == want and len(got) == len(PROMPTS)
 
 
+def test_beam_search_records(model_dir, tmp_path):
+    """sampling.beam_width makes a record a beam search: its result line holds the beams, best first, as
+    LLM.beam_search gives them."""
+    records = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(PROMPTS[:3])]
+    records[1]["beam_width"] = 3  # a record's own width
+    job = write_job(tmp_path / "job", model_dir, records, sampling={"beam_width": 2, "max_tokens": 6})
+    text = yaml.safe_load(open(job))
+    del text["sampling"]["temperature"]  # beam search takes no temperature
+    open(job, "w").write(yaml.safe_dump(text))
+    spec = batch.load_spec(job)
+    batch.run(spec, progress=False)
+    got = {r["id"]: r for r in read_output(tmp_path / "job" / "out" / "results.jsonl")}
+    with tierkv.LLM(model_dir, **spec.engine) as llm:
+        for r in records:
+            width = r.get("beam_width", 2)
+            want = llm.beam_search([r["prompt"]], BeamSearchParams(beam_width=width, max_tokens=6, ignore_eos=True))
+            beams = want[0].sequences
+            outs, n = got[r["id"]]["outputs"], got[r["id"]]["prompt_tokens"]
+            assert [o["token_ids"] for o in outs] == [b.tokens[n:] for b in beams]
+            assert len(outs) == width and [o["cumulative_logprob"] for o in outs] == pytest.approx(
+                [b.cum_logprob for b in beams]
+            )
+
+
 def test_check_and_overrides(model_dir, tmp_path):
     job = write_job(tmp_path / "job", model_dir)
     code, out, err = cli(job, "--check")
@@ -195,6 +219,8 @@ def test_check_and_overrides(model_dir, tmp_path):
         (dict(sampling={"temperature": "hot"}), None, "sampling.temperature: expected float, got 'hot'"),
         ({}, [{"id": 1, "prompt": "a", "priority": 2}], 'start it with scheduling_policy="priority"'),
         ({}, [{"id": 1, "prompt": "a", "priority": "high"}], '"priority" must be an integer'),
+        (dict(sampling={"length_penalty": 2.0}), None, "length_penalty apply to beam search only: set beam_width"),
+        (dict(sampling={"beam_width": 2}), None, "beam search (beam_width) takes max_tokens, ignore_eos"),
         (dict(sampling={"max_tokens": 0}), None, "sampling: SamplingParams.max_tokens=0"),
         (
             dict(sampling={"temperature": float("nan")}),

@@ -185,6 +185,36 @@ def test_echo_and_prompt_logprobs(server, reference):
     assert extra.text == reference.generate([prompt], greedy(2), use_tqdm=False)[0].outputs[0].text  # no echo
 
 
+def test_beam_search_over_http(server, reference):
+    """vLLM's use_beam_search: the best n beams of width best_of (or n), as LLM.beam_search gives them, streamed or
+    not; best_of without it is refused."""
+    c = server.client
+    want = reference.beam_search(["the cat"], tierkv.BeamSearchParams(beam_width=3, max_tokens=5))[0].sequences
+    extra = {"use_beam_search": True, "best_of": 3}
+    r = c.completions.create(model=NAME, prompt="the cat", max_tokens=5, n=2, extra_body=extra)
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == [b.text for b in want[:2]]
+    chunks = list(c.completions.create(model=NAME, prompt="the cat", max_tokens=5, n=2, extra_body=extra, stream=True))
+    texts = {}
+    for k in chunks:
+        for ch in k.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(2)] == [b.text for b in want[:2]]
+    chat = c.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        n=2,
+        extra_body={"use_beam_search": True},
+    )
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+    bad = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": NAME, "prompt": "x", "best_of": 3},
+        headers={"Authorization": "Bearer secret"},
+    )
+    assert bad.status_code == 400 and "use_beam_search" in bad.json()["error"]["message"]
+
+
 def test_usage_counts_a_reused_prefix(server):
     c = server.client
     prompt = "a shared system prompt " * 3

@@ -4,7 +4,8 @@ The YAML maps onto tierkv's own dataclasses key for key:
 
     model: smollm2-135m-instruct     # a checkpoint folder, a packaged model's name, or a config (engine.load_format: dummy)
     engine: {...}                    # tierkv.LLM options: the fields of tierkv.EngineConfig
-    sampling: {...}                  # defaults for every record: the fields of tierkv.SamplingParams
+    sampling: {...}                  # defaults for every record: the fields of tierkv.SamplingParams (or, with
+                                     # beam_width, of tierkv.BeamSearchParams: a beam search per record)
     input: prompts.jsonl             # one JSON object per line: "id", "prompt" (text) or "messages" (chat), "priority"
     output: out/results.jsonl        # one JSON object per finished record, appended and flushed as it finishes
 
@@ -18,12 +19,9 @@ records share a batch, so the output is the same as an uninterrupted run's.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +29,8 @@ import yaml
 
 from tierkv import inputs
 from tierkv.batch_output import OutputFile, check_output_path, digest, model_signature, peek_finished
+from tierkv.batch_sections import check_section, sampling_params, suggest
+from tierkv.beam import BeamSearchParams
 from tierkv.config import EngineConfig, resolve_device
 from tierkv.errors import ConfigError, TierKVError
 from tierkv.sampling import SamplingParams
@@ -73,56 +73,6 @@ class RunSpec:
 
 
 # -- reading and checking the YAML -------------------------------------------------------------------------------
-
-
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_ok(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is typing.Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint) or (typing.Any,)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True  # a hint we do not check (e.g. torch.dtype): the dataclass validates it
-
-
-def _hint_name(hint) -> str:
-    text = str(hint).replace("typing.", "").replace("NoneType", "None")
-    return text.removeprefix("<class '").removesuffix("'>")
-
-
-def check_section(where: str, data, cls, exclude=()) -> dict:
-    """Keys and value types of one mapping against the fields of dataclass `cls`; returns it as a dict."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key{_suggest(key, known)}; known keys: {', '.join(known)}")
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(
-                f"{where}.{key}: expected {_hint_name(hints[key])}, got {value!r} ({type(value).__name__})"
-            )
-    return dict(data)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -175,7 +125,7 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     for key in data:
         if key not in TOP_KEYS:
             raise ConfigError(
-                f"{key}: unknown top-level key{_suggest(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}"
+                f"{key}: unknown top-level key{suggest(key, TOP_KEYS)}; known keys: {', '.join(TOP_KEYS)}"
             )
     for key in ("model", "input", "output"):
         if key not in data:
@@ -194,7 +144,7 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
         engine["nvme_dir"] = local(engine["nvme_dir"])
     if engine.get("tokenizer"):
         engine["tokenizer"] = local(engine["tokenizer"])
-    sampling = check_section("sampling", data.get("sampling"), SamplingParams)
+    sampling = check_section("sampling", data.get("sampling"), SamplingParams, also=BeamSearchParams)
     model = data["model"]
     if os.sep in model or model.startswith(".") or os.path.exists(local(model)):
         model = local(model)
@@ -203,10 +153,7 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
         EngineConfig(model=spec.model, **engine)
     except ConfigError as exc:
         raise ConfigError(f"engine: {exc}") from None
-    try:
-        SamplingParams(**sampling)
-    except ConfigError as exc:
-        raise ConfigError(f"sampling: {exc}") from None
+    sampling_params(sampling, "sampling")
     if not os.path.isfile(spec.input):
         raise ConfigError(f"input: file {spec.input!r} does not exist")
     check_paths_apart(spec)
@@ -276,7 +223,7 @@ def read_records(path: str) -> list[Record]:
                 inputs.check_messages(obj["messages"], f'{where}: "messages"')
             overrides = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
             record_where = f"{where} (id {rid!r})"
-            check_section(record_where, overrides, SamplingParams)
+            check_section(record_where, overrides, SamplingParams, also=BeamSearchParams)
             priority = obj.get("priority", 0)
             if not isinstance(priority, int) or isinstance(priority, bool):
                 raise ConfigError(f'{where}: "priority" must be an integer (lower runs first), got {priority!r}')
@@ -300,6 +247,7 @@ def result_line(prepared: PreparedRecord, output) -> dict:
                 "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason,
                 "logprobs": _jsonable_logprobs(o.logprobs),
+                "cumulative_logprob": o.cumulative_logprob if isinstance(prepared.params, BeamSearchParams) else None,
             }.items()
             if v is not None or k == "stop_reason"
         }
@@ -325,7 +273,7 @@ def _jsonable_logprobs(logprobs):
 class PreparedRecord:
     record: Record
     token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     fingerprint: dict  # {"input": digest of the input record, "settings": digest of what shapes its result}
 
 
@@ -370,7 +318,8 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
     prepared = []
     for r in spec.records:
         where = f"input line {r.line} (id {r.id!r})"
-        params = SamplingParams(**{**spec.sampling, **r.sampling})
+        params = sampling_params({**spec.sampling, **r.sampling}, where)
+        beam, params = (params, params.reservation()) if isinstance(params, BeamSearchParams) else (None, params)
         if tokenizer is None:
             raise ConfigError(
                 f"model {spec.model!r} has no tokenizer for text prompts; set engine.tokenizer to a tokenizer folder"
@@ -392,9 +341,14 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
             for k, v in dataclasses.asdict(params).items()
             if k != "stop_list" and not (k in LATER_SAMPLING_FIELDS and v == LATER_SAMPLING_FIELDS[k])
         }
+        if beam is not None:  # (only then: results written before beam search existed keep their fingerprints)
+            sampling["beam"] = dataclasses.asdict(beam)
         prepared.append(
             PreparedRecord(
-                r, ids, params, {"input": r.fingerprint, "settings": digest({**shared, "sampling": sampling})}
+                r,
+                ids,
+                beam or params,
+                {"input": r.fingerprint, "settings": digest({**shared, "sampling": sampling})},
             )
         )
     return prepared

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.errors import ConfigError
+from tierkv.sampling import SamplingParams
 
 _MASKED = -1.0e9  # transformers' "impossible" score, added in float32 (it absorbs the log-probability it is added to)
 
@@ -48,6 +49,10 @@ class BeamSearchParams:
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be true or false")
 
+    def reservation(self) -> SamplingParams:
+        """What the scheduler plans a beam request by: beam_width samples of max_tokens each, sharing the prompt."""
+        return SamplingParams(n=self.beam_width, max_tokens=self.max_tokens, temperature=0, ignore_eos=True)
+
 
 @dataclass
 class BeamSearchSequence:
@@ -74,8 +79,9 @@ class BeamSearch:
     beams' next-token log-probabilities (k rows, in that order) and returns, for the next running beams in order,
     (index of the running beam it continues, its new token)."""
 
-    def __init__(self, params: BeamSearchParams, prompt_len: int, eos_ids: tuple[int, ...]) -> None:
+    def __init__(self, params: BeamSearchParams, prompt_len: int, eos_ids: tuple[int, ...], tokenizer=None) -> None:
         k = params.beam_width
+        self.tokenizer = tokenizer  # (for the results' text)
         self.params, self.k, self.prompt_len = params, k, prompt_len
         self.eos = () if params.ignore_eos else tuple(eos_ids)
         self.max_len = prompt_len + params.max_tokens
@@ -145,10 +151,11 @@ class BeamSearch:
         )
         self.improvable = self.improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
 
-    def results(self) -> list[tuple[list[int], float, float, str]]:
-        """The finished beams, best first: (generated tokens, cum log-prob, score, finish reason)."""
+    def results(self) -> list[tuple[list[int], float, float, str, str]]:
+        """The finished beams, best first: (generated tokens, cum log-prob, score, finish reason, text)."""
         out = []
         for (tokens, cum), score in zip(self.finished, self.finished_scores[0].tolist()):
             reason = "stop" if tokens and tokens[-1] in self.eos else "length"
-            out.append((tokens, cum, score, reason))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+            out.append((tokens, cum, score, reason, text))
         return out

@@ -118,7 +118,7 @@ class Engine:
     ) -> Request:
         req = Request(request_id, index, prompt, list(prompt_ids), params, self._arrivals, priority=priority)
         if beam is not None:  # `params` holds what the scheduler reserves for: beam_width samples of max_tokens
-            req.beam = BeamSearch(beam, len(prompt_ids), self.loaded.eos_token_ids)
+            req.beam = BeamSearch(beam, len(prompt_ids), self.loaded.eos_token_ids, self.loaded.tokenizer)
         self._arrivals += 1
         self.live[req.arrival] = req
         self.scheduler.add(req)

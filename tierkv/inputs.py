@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from tierkv.beam import BeamSearchParams
 from tierkv.errors import ConfigError
 from tierkv.sampling import SamplingParams
 
@@ -133,8 +134,8 @@ def check_request(where: str, prompt_len: int, params: SamplingParams, vocab_siz
             raise ConfigError(f"{where}: {name}={k} is more than the model's vocabulary of {vocab_size} tokens")
 
 
-def sampling_list(sampling_params, count: int) -> list[SamplingParams]:
-    """One SamplingParams per prompt: the same one for all, or a list of exactly `count`."""
+def sampling_list(sampling_params, count: int) -> list[SamplingParams | BeamSearchParams]:
+    """One SamplingParams (or BeamSearchParams: a beam search) per prompt: the same for all, or exactly `count`."""
     if isinstance(sampling_params, (list, tuple)):
         if len(sampling_params) != count:
             raise ConfigError(f"{len(sampling_params)} SamplingParams for {count} prompts; give one, or one per prompt")
@@ -142,7 +143,7 @@ def sampling_list(sampling_params, count: int) -> list[SamplingParams]:
     else:
         params = [sampling_params if sampling_params is not None else SamplingParams()] * count
     for i, p in enumerate(params):
-        if not isinstance(p, SamplingParams):
+        if not isinstance(p, (SamplingParams, BeamSearchParams)):
             raise ConfigError(f"sampling params {i}: got {type(p).__name__}; give tierkv.SamplingParams(...)")
     return params
 

@@ -156,8 +156,9 @@ class LLM:
         if self._broken is not None:
             raise TierKVError(f"this LLM cannot run more steps: {self._broken}; close it and create a new one")
 
-    def _prepare(self, prompts, sampling_params) -> list[tuple[str | None, list[int], SamplingParams]]:
-        """Tokenize and check every prompt before anything runs, so a bad one fails the call, not the run."""
+    def _prepare(self, prompts, sampling_params) -> list[tuple[str | None, list[int], SamplingParams, object]]:
+        """Tokenize and check every prompt before anything runs, so a bad one fails the call, not the run. Each
+        entry: (text, token ids, the SamplingParams it is scheduled by, its BeamSearchParams or None)."""
         prompts = inputs.prompt_list(prompts)
         params = inputs.sampling_list(sampling_params, len(prompts))
         tok = self.loaded.tokenizer
@@ -177,17 +178,19 @@ class LLM:
             else:
                 ids = inputs.token_ids(prompt, f"prompt {i}", vocab)
                 text = None
+            beam = p if isinstance(p, BeamSearchParams) else None
+            p = beam.reservation() if beam is not None else p
             inputs.check_request(f"prompt {i}", len(ids), p, vocab, self.max_model_len)
-            prepared.append((text, ids, p))
+            prepared.append((text, ids, p, beam))
         self._check_capacity(prepared)
         return prepared
 
     def _check_capacity(self, prepared) -> None:
         gpu, cpu, nvme = tier_blocks(self.pm)
-        for i, (_, ids, p) in enumerate(prepared):
+        for i, (_, ids, p, _) in enumerate(prepared):
             check_request_fits(f"prompt {i}", len(ids), p, self.scheduler, gpu, cpu, nvme)
 
-    def _add(self, prompts, sampling_params, request_ids=None, priority=None, beam=None) -> list:
+    def _add(self, prompts, sampling_params, request_ids=None, priority=None) -> list:
         self._usable()
         prepared = self._prepare(prompts, sampling_params)
         inputs.request_ids(request_ids, len(prepared), {r.request_id for r in self.engine.live.values()})
@@ -200,7 +203,7 @@ class LLM:
         )
         added = []
         try:
-            for i, (rid, (text, tokens, p)) in enumerate(zip(ids, prepared)):
+            for i, (rid, (text, tokens, p, beam)) in enumerate(zip(ids, prepared)):
                 added.append(self.engine.add_request(rid, i, text, tokens, p, priorities[i], beam))
         except BaseException:
             self.engine.abort(added)  # all of the call or none of it
@@ -323,30 +326,22 @@ class LLM:
             raise ConfigError(f"beam_search: params must be a tierkv.BeamSearchParams, got {type(params).__name__}")
         if params.beam_width == 1:  # transformers' num_beams=1 is greedy decoding: the same here
             return self._greedy_as_beams(prompts, params)
-        # What the scheduler reserves for: beam_width samples of max_tokens each (they share the prompt's blocks).
-        sampling = SamplingParams(n=params.beam_width, max_tokens=params.max_tokens, temperature=0, ignore_eos=True)
-        requests = self._add(prompts, sampling, beam=params)
+        requests = self._add(prompts, params)
         try:
             while not all(r.finished for r in requests):
                 self._step()
         except BaseException:
             self._abort_own(requests)
             raise
-        tok = self.loaded.tokenizer
-        outs = []
-        for req in requests:
-            beams = [
-                BeamSearchSequence(
-                    req.prompt_ids + tokens,
-                    tok.decode(tokens, skip_special_tokens=True) if tok is not None else "",
-                    cum,
-                    score,
-                    reason,
-                )
-                for tokens, cum, score, reason in req.beam.results()
-            ]
-            outs.append(BeamSearchOutput(beams))
-        return outs
+        return [
+            BeamSearchOutput(
+                [
+                    BeamSearchSequence(req.prompt_ids + tokens, text, cum, score, reason)
+                    for tokens, cum, score, reason, text in req.beam.results()
+                ]
+            )
+            for req in requests
+        ]
 
     def _greedy_as_beams(self, prompts, params: BeamSearchParams) -> list[BeamSearchOutput]:
         greedy = SamplingParams(max_tokens=params.max_tokens, temperature=0, ignore_eos=params.ignore_eos, logprobs=0)

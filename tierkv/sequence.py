@@ -54,11 +54,19 @@ class Request:
             "first_token_time": min(firsts) if firsts else None,
             "finished_time": max(s.finish_time for s in seqs) if self.finished else None,
         }
+        if self.beam is not None:  # its beams, best first, once the search is over
+            results = self.beam.results() if self.beam.done else []
+            completions = [
+                CompletionOutput(r, text, tokens, reason, cumulative_logprob=cum)
+                for r, (tokens, cum, _, reason, text) in enumerate(results)
+            ]
+        else:
+            completions = [s.completion() for s in seqs]
         return RequestOutput(
             self.request_id,
             self.prompt,
             list(self.prompt_ids),
-            [s.completion() for s in seqs],
+            completions,
             self.finished,
             num_cached_tokens=self.num_cached_tokens,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,

@@ -213,7 +213,7 @@ def build_app(
         started: set[int] = set()
 
         def chunks(p: int, out):
-            for c in out.outputs:
+            for c in out.outputs[:n]:  # (a beam search has beam_width outputs: the best n are answered)
                 index = p * n + c.index
                 if index in ended:
                     continue
@@ -288,7 +288,8 @@ def build_app(
         if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
             params = replace(params, prompt_logprobs=body.logprobs)  # echoed tokens come with their log-probs
         prompts = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in body.prompts()]
-        streams, firsts = await start(prompts, params, "cmpl", body.priority)
+        beam = body.beam(body.max_tokens)  # (`params` still shapes the response: n choices per prompt)
+        streams, firsts = await start(prompts, beam or params, "cmpl", body.priority)
         rid, created = f"cmpl-{firsts[0].request_id}", now()
         echoes = None
         if body.echo:  # decoded on the engine's thread (see chat below)
@@ -316,7 +317,7 @@ def build_app(
             choices = []
             for p, out in enumerate(outs):
                 echo = echoes[p] if echoes is not None else None
-                for c in out.outputs:
+                for c in out.outputs[: params.n]:
                     prefix = echo.text if echo is not None else ""
                     choice = {
                         "index": p * params.n + c.index,
@@ -346,7 +347,8 @@ def build_app(
             ids = await asyncio.wrap_future(templated)
         except ConfigError as exc:
             raise OpenAIError(400, str(exc), param="messages") from None
-        streams, firsts = await start([{"prompt_token_ids": ids}], params, "chatcmpl", body.priority)
+        beam = body.beam(body.max_new())
+        streams, firsts = await start([{"prompt_token_ids": ids}], beam or params, "chatcmpl", body.priority)
         rid, created = f"chatcmpl-{firsts[0].request_id}", now()
 
         def chunk(index, delta, reason, first, c, tokens_from):
@@ -368,7 +370,7 @@ def build_app(
                     "finish_reason": c.finish_reason,
                 }
                 | ({"prompt_logprobs": vllm_prompt_logprobs(outs[0])} if body.prompt_logprobs is not None else {})
-                for c in outs[0].outputs
+                for c in outs[0].outputs[: params.n]
             ]
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name} | {
                 "choices": choices,

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tierkv.beam import BeamSearchParams
 from tierkv.errors import ConfigError
 from tierkv.outputs import RequestOutput
 from tierkv.sampling import SamplingParams
@@ -65,6 +66,30 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = None  # vLLM's extra field: each choice gets "prompt_logprobs" in vLLM's shape
     priority: int = 0  # vLLM's extra field: lower runs first (a server started with scheduling_policy=priority)
+    use_beam_search: bool = False  # vLLM's extra fields: beam search of width best_of (or n), the best n returned
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+    def beam(self, max_tokens: int | None) -> BeamSearchParams | None:
+        """The beam search the request asks for (use_beam_search), or None."""
+        if not self.use_beam_search:
+            if self.best_of is not None and self.best_of != self.n:
+                raise OpenAIError(400, "best_of other than n needs use_beam_search: true", param="best_of")
+            return None
+        width = self.best_of if self.best_of is not None else self.n
+        if width < self.n:
+            raise OpenAIError(400, f"best_of {width} is less than n {self.n}: no more beams than the width", "best_of")
+        try:
+            return BeamSearchParams(
+                width,
+                max_tokens if max_tokens is not None else 16,
+                self.length_penalty,
+                self.early_stopping,
+                bool(self.ignore_eos),
+            )
+        except ConfigError as exc:
+            raise OpenAIError(400, str(exc)) from None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kwargs = {
