@@ -368,7 +368,7 @@ class Engine:
         """One step of a beam search: the search picks the next beams; a beam picked more than once forks (sharing
         its blocks), a beam not picked is freed at once, and each picked one takes its new token."""
         old = req.beam_seqs
-        rows = torch.stack([req.beam_rows[s.seq_id] for s in old])
+        rows = torch.stack([req.beam_rows[s.seq_id] for s in old]).cpu()  # the search runs on the host, in float32
         req.beam_rows.clear()
         picks = req.beam.step(torch.log_softmax(rows, dim=-1))
         kept: set[int] = set()
