@@ -213,6 +213,13 @@ def test_beam_search_over_http(server, reference):
         headers={"Authorization": "Bearer secret"},
     )
     assert bad.status_code == 400 and "use_beam_search" in bad.json()["error"]["message"]
+    bad = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": NAME, "prompt": "x", "use_beam_search": True, "echo": True, "logprobs": 1},
+        headers={"Authorization": "Bearer secret"},
+    )
+    assert bad.status_code == 400 and "no log-probabilities" in bad.json()["error"]["message"]
+    assert c.completions.create(model=NAME, prompt="still here", max_tokens=2).choices[0].text is not None
 
 
 def test_usage_counts_a_reused_prefix(server):

@@ -288,7 +288,7 @@ def build_app(
         if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
             params = replace(params, prompt_logprobs=body.logprobs)  # echoed tokens come with their log-probs
         prompts = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in body.prompts()]
-        beam = body.beam(body.max_tokens)  # (`params` still shapes the response: n choices per prompt)
+        beam = body.beam(body.max_tokens, body.logprobs is not None)  # (`params` shapes the answer: n per prompt)
         streams, firsts = await start(prompts, beam or params, "cmpl", body.priority)
         rid, created = f"cmpl-{firsts[0].request_id}", now()
         echoes = None
@@ -347,7 +347,7 @@ def build_app(
             ids = await asyncio.wrap_future(templated)
         except ConfigError as exc:
             raise OpenAIError(400, str(exc), param="messages") from None
-        beam = body.beam(body.max_new())
+        beam = body.beam(body.max_new(), body.logprobs)
         streams, firsts = await start([{"prompt_token_ids": ids}], beam or params, "chatcmpl", body.priority)
         rid, created = f"chatcmpl-{firsts[0].request_id}", now()
 

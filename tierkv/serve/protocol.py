@@ -71,8 +71,11 @@ class _Sampling(BaseModel):
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
 
-    def beam(self, max_tokens: int | None) -> BeamSearchParams | None:
-        """The beam search the request asks for (use_beam_search), or None."""
+    def beam(self, max_tokens: int | None, logprobs: bool) -> BeamSearchParams | None:
+        """The beam search the request asks for (use_beam_search), or None. `logprobs`: the request asks for them
+        (beams come without)."""
+        if self.use_beam_search and (logprobs or self.prompt_logprobs is not None):
+            raise OpenAIError(400, "use_beam_search returns no log-probabilities: leave logprobs out", "logprobs")
         if not self.use_beam_search:
             if self.best_of is not None and self.best_of != self.n:
                 raise OpenAIError(400, "best_of other than n needs use_beam_search: true", param="best_of")
