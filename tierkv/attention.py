@@ -152,8 +152,10 @@ class StepAttention:
                     entry[2].append(j)
             moves = []
             for tier, src, dst in groups.values():
-                if isinstance(tier, NvmeTier):  # read layer by layer into a bounce buffer (host slot and row lists)
-                    moves.append((tier, None, (src, dst)))
+                if isinstance(tier, NvmeTier):  # (its slots, for the reader; where its rows go: from dst[0] or at dst)
+                    contiguous = dst == list(range(dst[0], dst[0] + len(dst)))
+                    rows = None if contiguous else host_to_device([np.asarray(dst, np.int64)], device)[0]
+                    moves.append((tier, None, (src, dst[0], rows)))
                     continue
                 runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
                 as_index = (
@@ -239,11 +241,11 @@ class StepAttention:
         self._chunks += 1
         buf = self.staging[b]
         if self.copy_streams is None:
-            for tier, _, (src, dst) in moves:
+            for tier, _, index in moves:
                 if isinstance(tier, NvmeTier):
-                    self._read_disk(dst, buf, None)
+                    self._read_disk(*index[1:], buf, None)
                 else:
-                    copy_blocks(tier.pool[:, layer], buf, src, dst)
+                    copy_blocks(tier.pool[:, layer], buf, *index)
             return buf
         compute = torch.cuda.current_stream(buf.device)
         stream = self.copy_streams[b % len(self.copy_streams)]
@@ -253,7 +255,7 @@ class StepAttention:
                 self._delay(stream)
             for tier, runs, index in moves:
                 if isinstance(tier, NvmeTier):
-                    self._read_disk(index[1], buf, stream)
+                    self._read_disk(*index[1:], buf, stream)
                 elif runs:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
@@ -264,9 +266,10 @@ class StepAttention:
         compute.wait_event(self._filled[b])
         return buf
 
-    def _read_disk(self, rows: list[int], buf, stream) -> None:
-        """The next layer slice of blocks on NVMe (read ahead by the runner's DiskStream) into staging rows `rows`
-        of `buf`; on CUDA copied on the copy stream `stream`."""
+    def _read_disk(self, first_row: int, rows: torch.Tensor | None, buf, stream) -> None:
+        """The next layer slice of blocks on NVMe (read ahead by the runner's DiskStream) into the staging rows of
+        `buf` from `first_row` on, or into rows `rows` (a device index) where they are not consecutive; on CUDA
+        copied on the copy stream `stream`."""
         reader, link_of = self._disk
         (_, slots, layer), host, seconds = reader.take()
         link = link_of()
@@ -274,10 +277,8 @@ class StepAttention:
         link.nbytes += host.numel() * host.element_size()
         link.batches += 1
         link.blocks += len(slots) if layer == 0 else 0  # each block counted once per step
-        r0 = rows[0]
-        if rows == list(range(r0, r0 + len(rows))):
-            buf[r0 : r0 + len(rows)].copy_(host, non_blocking=stream is not None)
+        if rows is None:
+            buf[first_row : first_row + len(slots)].copy_(host, non_blocking=stream is not None)
         else:
-            index = torch.tensor(rows, device=buf.device)
-            buf.index_copy_(0, index, host.to(buf.device, non_blocking=stream is not None))
+            buf.index_copy_(0, rows, host.to(buf.device, non_blocking=stream is not None))
         reader.taken(stream)

@@ -341,7 +341,7 @@ class PiecewiseGraphs:
         if filled > n:
             self._slots[n:filled].fill_(-1)
         self._filled = n
-        q = self._q(n)
+        q, kv = self._q(n), self._kv(n)
         attn = self._attn[:n]
         count = self.runner.spec.num_layers + 1
         state: dict = {}
@@ -353,7 +353,7 @@ class PiecewiseGraphs:
             else:
                 self._piece(i, B, state)
             if i < count - 1:
-                attend.attend(i, q, out=attn, new_kv=self._kv(n))
+                attend.attend(i, q, out=attn, new_kv=kv)
         self.replays += 1
         return (p.hidden if p is not None else state["hidden"])[:n]
 

@@ -55,7 +55,7 @@ def block_checksum(data, key: bytes = b"", tokens: bytes = b"") -> int:
     """64-bit checksum (xxh3) of a block's content key, its token ids (int32 bytes) and its bytes; `data` is a
     buffer or a contiguous CPU tensor. Unkeyed blocks (swap) have neither key nor tokens."""
     h = _checksum_start(key, tokens)
-    h.update(_as_bytes(data))
+    h.update(_host_bytes(data) if isinstance(data, torch.Tensor) else data)
     return h.intdigest()
 
 
@@ -67,10 +67,6 @@ def _checksum_start(key: bytes, tokens: bytes):
     h.update(key)
     h.update(tokens)
     return h
-
-
-def _as_bytes(data):
-    return data.reshape(-1).view(torch.uint8).numpy() if isinstance(data, torch.Tensor) else data
 
 
 @dataclass(frozen=True)
