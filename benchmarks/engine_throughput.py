@@ -13,6 +13,7 @@ every step) over the host-to-device copy bandwidth measured at the start of the 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ def main() -> int:
     ap.add_argument("--cpu-memory")
     ap.add_argument("--nvme-dir")
     ap.add_argument("--nvme-memory")
+    ap.add_argument("--nvme-backend", help="auto, kvikio or posix (default: tierkv's)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int)
@@ -82,7 +84,7 @@ def main() -> int:
     for name in ("max_model_len", "block_size", "staging_blocks", "slice_steps"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
-    for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory"):
+    for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory", "nvme_backend"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     t0 = time.perf_counter()
@@ -107,6 +109,15 @@ def main() -> int:
     # sequences take turns on the GPU instead, bytes cross at group changes, not every step: report the link time.
     streams = stats["engine"]["streamed_steps"] > 0
     bound = max(0, kv_bytes - gpu_bytes) / (link * 1e9) if link and streams else None
+    # Beyond the GPU and CPU tiers together, the oldest blocks stay on NVMe and are read every step: the disk's
+    # sequential O_DIRECT read rate, measured here after the run on the same directory, sets a bound of its own.
+    nvme_bytes = max(0, kv_bytes - gpu_bytes - stats["tiers"].get("cpu", {}).get("capacity_bytes", 0))
+    nvme_read = nvme_bound = None
+    if bound and args.nvme_dir and nvme_bytes:
+        from nvme_io import raw_direct
+
+        nvme_read = raw_direct(os.path.join(args.nvme_dir, "read-rate.bin"), min(nvme_bytes, 4 << 30))[1]
+        nvme_bound = nvme_bytes / (nvme_read * 1e9)
     print(
         f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
         f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
@@ -120,6 +131,12 @@ def main() -> int:
             line += (
                 f"; KV {kv_bytes / 2**30:.1f} GiB, GPU tier {gpu_bytes / 2**30:.1f} GiB: {(kv_bytes - gpu_bytes) / 2**30:.1f} GiB "
                 f"cross the link per step, PCIe bound {bound * 1e3:.1f} ms at {link:.1f} GB/s: step = {step / bound:.2f}x the bound"
+            )
+        if nvme_bound:
+            line += (
+                f"; {nvme_bytes / 2**30:.1f} GiB of it read from NVMe per step, NVMe bound {nvme_bound * 1e3:.1f} ms at "
+                f"{nvme_read:.2f} GB/s (sequential O_DIRECT reads, this run): step = {step / max(bound, nvme_bound):.2f}x "
+                "the larger bound"
             )
         print(line)
     moved = {k: v for k, v in stats["links"].items() if v["bytes"]}
@@ -141,6 +158,9 @@ def main() -> int:
         h2d_gbps=link,
         kv_bytes=kv_bytes,
         pcie_bound_s=bound,
+        nvme_bytes_per_step=nvme_bytes if nvme_bound else None,
+        nvme_read_gbps=nvme_read,
+        nvme_bound_s=nvme_bound,
         prefetch=not args.no_prefetch,
         oversubscribe=args.oversubscribe,
         serial_transfers=args.serial_transfers,

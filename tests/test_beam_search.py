@@ -126,6 +126,39 @@ def test_beams_share_blocks_and_mix_with_greedy_and_sampled_requests(models, tmp
     assert max(saved) > 0.3  # the beams (and the sampled pairs) share their prompts' and common prefixes' blocks
 
 
+def test_the_unshared_baseline_gives_the_same_beams_from_private_copies(models, tmp_path, monkeypatch):
+    """With sharing off (the baseline benchmarks/beam_sharing.py measures against), each forked beam or sample owns
+    copies of all its blocks: the same outputs, no block held by two sequences, more copies made."""
+    path, hf = models["llama"]
+    prompts = random_prompts(3, 20, 40, hf.config.vocab_size, seed=3)
+    beam, sampled = BeamSearchParams(beam_width=4, max_tokens=10), SamplingParams(max_tokens=10, seed=5, n=3)
+
+    def run(nvme):
+        shared_most = 0
+        with engine(path, nvme, gpu_blocks=64, cpu_blocks=64) as llm:
+            real_step = llm.engine.step
+
+            def step():
+                nonlocal shared_most
+                out = real_step()
+                held = Counter(b.block_id for i in llm.pm.ledger.sequences for b in llm.pm.ledger.seq(i).blocks)
+                shared_most = max([shared_most, *held.values()])
+                return out
+
+            llm.engine.step = step
+            beams = [[b.tokens for b in o.sequences] for o in llm.beam_search(prompts, beam)]
+            samples = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, sampled, use_tqdm=False)]
+            check_invariants(llm.pm)
+            return beams, samples, shared_most, llm.stats()["cow_copies"]
+
+    shared = run(tmp_path / "shared")
+    monkeypatch.setattr(tierkv.scheduler.Scheduler, "share_blocks", False)
+    unshared = run(tmp_path / "unshared")
+    assert unshared[:2] == shared[:2]
+    assert shared[2] > 1 and unshared[2] == 1  # blocks were shared, and then never
+    assert unshared[3] > shared[3]
+
+
 def test_beam_search_params_are_checked(models):
     for bad in (dict(beam_width=0), dict(beam_width=2, max_tokens=0), dict(beam_width=2, early_stopping="soon")):
         with pytest.raises(ConfigError, match="BeamSearchParams"):

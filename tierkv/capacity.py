@@ -84,7 +84,7 @@ def check_request_fits(
 ) -> None:
     """Raise CapacityError if a request can never run with these tiers: all of them together (a sequence longer
     than the GPU tier streams its older blocks from the CPU and NVMe tiers)."""
-    need = request_blocks(prompt_len, params.max_tokens, params.n, scheduler.block_size)
+    need = request_blocks(prompt_len, params.max_tokens, params.n, scheduler.block_size, scheduler.share_blocks)
     total = gpu + cpu + nvme
     if need > total:
         raise CapacityError(

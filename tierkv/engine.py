@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierkv import beam_steps
 from tierkv.beam import BeamSearch, BeamSearchParams
 from tierkv.kv.manager import PageManager
 from tierkv.kv.prefix_cache import PrefixHasher
@@ -129,7 +130,8 @@ class Engine:
         done, self.finished_log = self.finished_log, []
         return done
 
-    def _retire(self, req: Request) -> None:
+    def retire(self, req: Request) -> None:
+        """The request is over: it leaves the live set for the caller to take."""
         if self.live.pop(req.arrival, None) is not None:
             self.finished_log.append(req)
 
@@ -159,7 +161,7 @@ class Engine:
                 if seq in running:
                     running.remove(seq)
             self.scheduler.reserved.pop(req.arrival, None)
-            self._retire(req)
+            self.retire(req)
 
     def _new_sequence(self, req: Request, sample_index: int, token_ids: list[int], num_computed: int) -> Sequence:
         seq = Sequence(
@@ -174,6 +176,18 @@ class Engine:
         self._next_seq += 1
         req.sequences.append(seq)
         return seq
+
+    def fork(self, parent: Sequence, after: Sequence | None = None) -> Sequence:
+        """A new sample of the parent's request continuing from its tokens and sharing its blocks (copy-on-write),
+        running next after `after` (default: the parent)."""
+        req = parent.request
+        child = self._new_sequence(req, len(req.sequences), parent.token_ids, parent.num_computed)
+        child.root, child.keys, child.started = parent.root, list(parent.keys), True
+        self.pm.fork(parent.seq_id, child.seq_id)
+        if not self.scheduler.share_blocks:  # (the A/B baseline of benchmarks/beam_sharing.py)
+            self.pm.unshare(child.seq_id)
+        self.scheduler.add_running(child, after=after or parent)
+        return child
 
     def _admit(self, req: Request) -> Sequence:
         self._touching[req.arrival] = req
@@ -364,41 +378,6 @@ class Engine:
             prompt_rows,
         )
 
-    def _beam_step(self, req: Request) -> None:
-        """One step of a beam search: the search picks the next beams; a beam picked more than once forks (sharing
-        its blocks), a beam not picked is freed at once, and each picked one takes its new token."""
-        old = req.beam_seqs
-        rows = torch.stack([req.beam_rows[s.seq_id] for s in old]).cpu()  # the search runs on the host, in float32
-        req.beam_rows.clear()
-        picks = req.beam.step(torch.log_softmax(rows, dim=-1))
-        kept: set[int] = set()
-        new = []
-        for parent_index, token in [] if req.beam.done else picks:
-            parent = old[parent_index]
-            if parent.seq_id in kept:  # forked before any of this step's tokens is appended
-                child = self._new_sequence(req, len(req.sequences), parent.token_ids, parent.num_computed)
-                child.root, child.keys, child.started = parent.root, list(parent.keys), True
-                self.pm.fork(parent.seq_id, child.seq_id)
-                self.scheduler.add_running(child, after=parent)
-            else:
-                kept.add(parent.seq_id)
-                child = parent
-            new.append((child, token))
-        now = time.perf_counter()
-        for child, token in new:
-            child.token_ids.append(token)
-            child.beam_waiting = False
-            child.first_token_time = child.first_token_time or now
-            self.counters.generated_tokens += 1
-        for s in {s.seq_id: s for s in old}.values():
-            if s.seq_id not in kept:
-                s.finish_reason, s.finish_time, s.beam_waiting = "pruned", now, False
-                self.scheduler.finish(s)
-                self.pm.free(s.seq_id)
-        req.beam_seqs = [child for child, _ in new]
-        if req.beam.done:
-            self._retire(req)
-
     def _add_prompt_logprobs(self, step: LaunchedStep, touched: dict[int, Request]) -> None:
         rows = step.prompt_logits.float()
         at = 0
@@ -447,6 +426,11 @@ class Engine:
                 if not e.seq.finished:
                     prefix.register_full_blocks(e.seq)
         logits = step.logits.float() if step.logits is not None else None
+        beams = [i for i, e in enumerate(step.sampled) if e.seq.request.beam is not None and not e.seq.finished]
+        if beams:  # their candidates, cut down on the device for the whole step at once
+            width = max(step.sampled[i].seq.request.beam.keep for i in beams)
+            beam_values, beam_ids = beam_steps.beam_candidates(logits, beams, width)
+            beam_at = {i: r for r, i in enumerate(beams)}
         touched: dict[int, Request] = {}
         if step.prompt_rows:
             self._add_prompt_logprobs(step, touched)
@@ -458,21 +442,18 @@ class Engine:
                 seq.pending.pop(0)
             req = seq.request
             touched[req.arrival] = req
-            if req.beam is not None:  # the search decides once every running beam's logits are in
-                req.beam_rows[seq.seq_id] = logits[i]
+            if req.beam is not None:  # the search decides once every running beam's candidates are in
+                r = beam_at[i]
+                req.beam_rows[seq.seq_id] = (beam_values[r], beam_ids[r])
                 seq.beam_waiting = True
                 if all(s.seq_id in req.beam_rows for s in req.beam_seqs):
-                    self._beam_step(req)
+                    beam_steps.advance(self, req)
                 continue
             targets = [seq]
             if req.params.n > 1 and len(req.sequences) == 1:
                 # The prompt is done: the other samples fork from it, sharing its blocks (copy-on-write).
-                for k in range(1, req.params.n):
-                    child = self._new_sequence(req, k, seq.token_ids, seq.num_computed)
-                    child.root, child.keys, child.started = seq.root, list(seq.keys), True
-                    self.pm.fork(seq.seq_id, child.seq_id)
-                    self.scheduler.add_running(child, after=targets[-1])
-                    targets.append(child)
+                for _ in range(1, req.params.n):
+                    targets.append(self.fork(seq, after=targets[-1]))
             for s in targets:
                 p = req.params
                 if _plain_greedy(p):
@@ -490,5 +471,5 @@ class Engine:
                     self.scheduler.finish(s)
                     self.pm.free(s.seq_id)
             if req.finished:
-                self._retire(req)
+                self.retire(req)
         return list(touched.values())

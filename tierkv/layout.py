@@ -35,11 +35,11 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def request_blocks(prompt_len: int, max_tokens: int, n: int, block_size: int) -> int:
+def request_blocks(prompt_len: int, max_tokens: int, n: int, block_size: int, share: bool = True) -> int:
     """Blocks a request may need at most: each of its `n` samples grows to prompt + max_tokens tokens, and they
-    share the prompt's full blocks."""
+    share the prompt's full blocks (unless `share` is off: each owns copies)."""
     full = blocks_for(prompt_len + max_tokens, block_size)
-    shared = prompt_len // block_size
+    shared = prompt_len // block_size if share else 0
     return full + (n - 1) * (full - shared)
 
 

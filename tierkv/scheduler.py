@@ -53,6 +53,10 @@ class ScheduledEntry:
 
 
 class Scheduler:
+    # Samples and beams of a request share their common blocks. Off only as the baseline that sharing is measured
+    # against (benchmarks/beam_sharing.py): each forked sequence then owns copies of all of its blocks.
+    share_blocks = True
+
     def __init__(
         self,
         block_size: int,
@@ -90,13 +94,13 @@ class Scheduler:
         ahead = min(p.max_tokens - (seq.num_tokens - seq.num_prompt), self.slice_steps)  # num_tokens counts the prompt
         need = self.blocks_for(seq.num_tokens + max(0, ahead))
         if not seq.started and p.n > 1:
-            need += (p.n - 1) * (self.blocks_for(ahead) + 1)
+            need += (p.n - 1) * (self.blocks_for(ahead) + 1 if self.share_blocks else need)
         return need
 
     def reservation(self, request: Request) -> int:
         """Blocks a request may need at most: its n samples share the prompt's full blocks."""
         p = request.params
-        return request_blocks(len(request.prompt_ids), p.max_tokens, p.n, self.block_size)
+        return request_blocks(len(request.prompt_ids), p.max_tokens, p.n, self.block_size, self.share_blocks)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

@@ -28,7 +28,7 @@ class Request:
     priority: int = 0  # under the "priority" scheduling policy: lower runs first
     beam: BeamSearch | None = None  # a beam search request: its search; its running beams; their logits this step
     beam_seqs: list[Sequence] = field(default_factory=list)
-    beam_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    beam_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (top log-probs, ids)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:

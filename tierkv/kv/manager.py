@@ -157,6 +157,15 @@ class PageManager:
         """New sequence `child_id` sharing every block of `parent_id` (copy-on-write)."""
         self.ledger.fork(parent_id, child_id)
 
+    def unshare(self, seq_id: Hashable) -> None:
+        """Give `seq_id` private GPU copies of every block it shares (as if it never shared them): the baseline
+        that memory sharing is measured against."""
+        seq = self.ledger.seq(seq_id)
+        plan = [(0, j, b) for j, b in enumerate(seq.blocks) if b.ref_count > 1]
+        self.placement.check_room(len(plan), "private copies of shared blocks")
+        if plan:
+            self.placement.copy_on_write([seq], plan, {b.block_id for b in seq.blocks})
+
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence; blocks no other sequence holds return to their tier's free slots."""
         seq = self.ledger.sequences.pop(seq_id, None)

@@ -75,6 +75,7 @@ REPLAYED = frozenset(
         "append_tokens",
         "grow_to",
         "fork",
+        "unshare",
         "free",
         "flush_copies",
         "attach",
