@@ -140,11 +140,13 @@ def test_prefix_hit_promoted_in_layer_groups_is_exact(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("min_run", [1, 10**9])
-def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch, min_run):
+@pytest.mark.parametrize("nvme", [False, True])
+def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch, min_run, nvme):
     """Sequences longer than the GPU tier stream their older KV through two staging buffers filled on a copy
     stream (copy engines, or the kernel); with that stream held back by random sleeps before each copy, the output
     is still exact (a missing event between a buffer's copy and its attention, or its attention and its next
-    copy, would show as wrong tokens)."""
+    copy, would show as wrong tokens). With `nvme`, the CPU tier is small and the oldest blocks stream from disk
+    (the reader thread's pinned buffers), chunks mixing both tiers."""
     from tierkv import attention
     from tierkv.kernels import block_copy
 
@@ -162,15 +164,18 @@ def test_streaming_on_the_copy_stream_is_exact_with_delays(tmp_path, monkeypatch
         device="cuda",
         dtype="float32",
         gpu_blocks=12,
-        cpu_blocks=200,
+        cpu_blocks=24 if nvme else 200,
         staging_blocks=5,
         max_num_batched_tokens=64,
+        **(dict(nvme_dir=str(tmp_path / "nvme"), nvme_blocks=400) if nvme else {}),
     ) as llm:
         llm.pm.mover._debug_rng = random.Random(2)
         outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
         stats = llm.stats()
     assert [o.outputs[0].token_ids for o in outs] == want
     assert stats["engine"]["streamed_steps"] > 0
+    if nvme:
+        assert stats["links"]["nvme->gpu"]["bytes"] > 0  # some of it streamed from disk
     assert (len(calls) > 0) == (min_run == 1)
 
 

@@ -102,8 +102,14 @@ class StepAttention:
         if disk is not None:
             # Every layer's slice of the blocks left on NVMe, in the order attend() takes them: read ahead.
             layers = gpu.pool.shape[1]
-            nvme = [(t, idx[0]) for plan in self._stream_index for moves, _ in plan for t, _, idx in moves]
-            disk[0].start([(t, slots, i) for i in range(layers) for t, slots in nvme if isinstance(t, NvmeTier)])
+            nvme = [
+                (t, idx[0])
+                for plan in self._stream_index
+                for moves, _ in plan
+                for t, _, idx in moves
+                if isinstance(t, NvmeTier)  # (a host tier's move may have no index: copy-engine runs instead)
+            ]
+            disk[0].start([(t, slots, i) for i in range(layers) for t, slots in nvme])
         self.layer_waits: list = []  # LayeredHandles of blocks still arriving: wait per layer, before writing or reading it
         self.gates: list | None = (
             None  # a decode graph's per-layer external events (graphs.LayerGates), waited on likewise

@@ -35,9 +35,18 @@ def advance(engine: Engine, req: Request) -> None:
     ids = torch.stack([req.beam_rows[s.seq_id][1] for s in old])
     req.beam_rows.clear()
     picks = req.beam.step(values, ids)
+    if req.beam.done:  # the search is over: every running beam is let go
+        picks = []
+    now = time.perf_counter()
+    picked = {old[p].seq_id for p, _ in picks}
+    for s in {s.seq_id: s for s in old}.values():  # the pruned first: their blocks are free for the forks' copies
+        if s.seq_id not in picked:
+            s.finish_reason, s.finish_time, s.beam_waiting = "pruned", now, False
+            engine.scheduler.finish(s)
+            engine.pm.free(s.seq_id)
     kept: set[int] = set()
     new = []
-    for parent_index, token in [] if req.beam.done else picks:
+    for parent_index, token in picks:
         parent = old[parent_index]
         if parent.seq_id in kept:  # forked before any of this step's tokens is appended
             child = engine.fork(parent)
@@ -45,17 +54,11 @@ def advance(engine: Engine, req: Request) -> None:
             kept.add(parent.seq_id)
             child = parent
         new.append((child, token))
-    now = time.perf_counter()
     for child, token in new:
         child.token_ids.append(token)
         child.beam_waiting = False
         child.first_token_time = child.first_token_time or now
         engine.counters.generated_tokens += 1
-    for s in {s.seq_id: s for s in old}.values():
-        if s.seq_id not in kept:
-            s.finish_reason, s.finish_time, s.beam_waiting = "pruned", now, False
-            engine.scheduler.finish(s)
-            engine.pm.free(s.seq_id)
     req.beam_seqs = [child for child, _ in new]
     if req.beam.done:
         engine.retire(req)
