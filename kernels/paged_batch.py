@@ -44,6 +44,14 @@ class PagedBatch:
     )  # prefill tiles per (tile height, first entry), on device: see paged_prefill._prefill_tiles
     _short: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)  # paged_decode._leading_short
 
+    def __post_init__(self) -> None:
+        # The host sizes pick kernels and grids on the GPU only (the reference ignores them): checked here, so that a
+        # wrong one fails on the CPU too.
+        if not (isinstance(self.max_q, int) and isinstance(self.max_context, int)):
+            raise TypeError(
+                f"PagedBatch: max_q and max_context must be host ints, got {self.max_q!r}, {self.max_context!r}"
+            )
+
     @property
     def num_entries(self) -> int:
         return self.q_pos0.shape[0]

@@ -12,5 +12,5 @@ plat="$plat --platform manylinux2014_x86_64"
 mkdir -p .whl
 python3 -m pip download -q --no-deps $plat -d .whl $(pins kvikio-cu13 libkvikio-cu13 rapids-logger \
     fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection typing-extensions \
-    uvicorn h11 click anyio sniffio idna prometheus-client httpx2 httpcore2 certifi)
+    uvicorn h11 click anyio sniffio idna prometheus-client httpx2 httpcore2 truststore certifi)
 du -sh .whl

@@ -160,8 +160,8 @@ class StepAttention:
             for tier, src, dst in groups.values():
                 if isinstance(tier, NvmeTier):  # (its slots, for the reader; where its rows go: from dst[0] or at dst)
                     contiguous = dst == list(range(dst[0], dst[0] + len(dst)))
-                    rows = None if contiguous else host_to_device([np.asarray(dst, np.int64)], device)[0]
-                    moves.append((tier, None, (src, dst[0], rows)))
+                    at = None if contiguous else host_to_device([np.asarray(dst, np.int64)], device)[0]
+                    moves.append((tier, None, (src, dst[0], at)))
                     continue
                 runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
                 as_index = (
