@@ -10,7 +10,8 @@ plat="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 for p in 17 24 27; do plat="$plat --platform manylinux_2_${p}_x86_64"; done
 plat="$plat --platform manylinux2014_x86_64"
 mkdir -p .whl
-python3 -m pip download -q --no-deps $plat -d .whl $(pins kvikio-cu13 libkvikio-cu13 rapids-logger \
-    fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection typing-extensions \
-    uvicorn h11 click anyio sniffio idna prometheus-client httpx2 httpcore2 truststore certifi)
+# kvikio alone (its CUDA libraries are on the image); the web stack with its whole dependency closure, so that a new
+# dependency of one of them (fastapi's opentelemetry-api, httpx2's truststore) comes along, at the pinned versions.
+python3 -m pip download -q --no-deps $plat -d .whl $(pins kvikio-cu13 libkvikio-cu13 rapids-logger)
+python3 -m pip download -q -c constraints.txt $plat -d .whl fastapi uvicorn prometheus-client httpx2
 du -sh .whl
