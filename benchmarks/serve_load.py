@@ -7,8 +7,8 @@ output tokens per second over the rate's wall time, time to first token (first s
 token ((last chunk - first chunk) / (tokens - 1)) and end-to-end latency, p50 and p99.
 
     python benchmarks/serve_load.py --model llama-3.1-8b --rates 2 4 8 16 --num-requests 200 --out load.json --plot load.png
-    python benchmarks/serve_load.py --model llama-3.1-8b --chat --conversations 48 --turns 4 --rates 4 \\
-        --set gpu_memory=8GiB --compare cpu_memory=0GiB cpu_memory=40GiB --out chat.json
+    python benchmarks/serve_load.py --model llama-3.1-8b --chat --conversations 64 --turns 4 --rates 4 --think-time 4 \\
+        --set gpu_memory=6GiB --compare cpu_memory=0GiB cpu_memory=40GiB --out chat.json
 
 `--set KEY=VALUE` (repeatable) passes engine options to every server; `--compare A B ...` runs one server per
 option (the chat comparison: each server's TTFT per turn).
@@ -152,6 +152,7 @@ async def chat_run(url: str, args, rate: float, vocab: int) -> dict:
 
     async def conversation(client, c: int) -> None:
         history: list[int] = []
+        thinking = random.Random(args.seed * 1_000 + c)
         for t in range(args.turns):
             prompt = history + new[t][c]
             rec = await stream_one(client, url, prompt, args.output_len)
@@ -160,6 +161,8 @@ async def chat_run(url: str, args, rate: float, vocab: int) -> dict:
             # (random, seeded per conversation and turn), which keeps the prefix up to the reply shared.
             reply = random_prompts(1, args.output_len, vocab, seed=10_000 * (t + 1) + c)[0]
             history = prompt + reply
+            if args.think_time and t + 1 < args.turns:  # the user reads the reply: others' turns run meanwhile
+                await asyncio.sleep(thinking.expovariate(1.0 / args.think_time))
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
@@ -222,6 +225,9 @@ def main() -> int:
     ap.add_argument("--chat", action="store_true", help="multi-turn conversations instead of single requests")
     ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument(
+        "--think-time", type=float, default=0.0, help="mean seconds between a reply and the next turn (exponential)"
+    )
     ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--compare", nargs="+", default=[""], metavar="KEY=VALUE", help="one server per option")
     ap.add_argument("--seed", type=int, default=0)
