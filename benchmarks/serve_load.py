@@ -84,7 +84,7 @@ async def stream_one(client, url: str, prompt: list[int], max_tokens: int) -> di
     }
     sent = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = cached = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -100,7 +100,8 @@ async def stream_one(client, url: str, prompt: list[int], max_tokens: int) -> di
                 last = now
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"sent": sent, "first": first, "last": last, "tokens": tokens}
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return {"sent": sent, "first": first, "last": last, "tokens": tokens, "prompt": len(prompt), "cached": cached}
 
 
 def summarize(records: list[dict], wall: float) -> dict:
@@ -116,6 +117,8 @@ def summarize(records: list[dict], wall: float) -> dict:
         **{f"ttft_p{q}_ms": round(percentile(ttft, q) * 1e3, 1) for q in (50, 99)},
         **{f"tpot_p{q}_ms": round(percentile(tpot, q) * 1e3, 2) for q in (50, 99) if tpot},
         **{f"e2e_p{q}_s": round(percentile(e2e, q), 3) for q in (50, 99)},
+        # prompt tokens whose KV was reused (prefix cache, any tier) over all prompt tokens
+        "cached_share": round(sum(r["cached"] for r in records) / max(1, sum(r["prompt"] for r in records)), 3),
     }
 
 
@@ -254,7 +257,11 @@ def main() -> int:
                 line = ", ".join(f"{k} {v}" for k, v in summary.items())
                 print(f"{config or 'server'} at {rate:g} req/s: {line}", flush=True)
                 for t, turn in enumerate(extra.get("turns", []), start=1):
-                    print(f"  turn {t}: TTFT p50 {turn['ttft_p50_ms']} ms, p99 {turn['ttft_p99_ms']} ms", flush=True)
+                    print(
+                        f"  turn {t}: TTFT p50 {turn['ttft_p50_ms']} ms, p99 {turn['ttft_p99_ms']} ms, prompt tokens "
+                        f"cached {turn['cached_share']:.0%}",
+                        flush=True,
+                    )
         finally:
             server.stop()
     if args.out:
