@@ -118,3 +118,32 @@ def test_auto_backend_reports_its_choice(nvme_dir):
         else:
             assert store.backend_name.startswith("posix")
             assert "no CUDA device" in store.backend_reason
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_posix_backend_spreads_runs_over_threads_and_reports_a_short_read(tmp_path, threads):
+    """Runs read and written on several threads land where each asks; a run past
+    the end of the file raises StoreError, once every other run has ended."""
+    import numpy as np
+
+    from tierkv.kv.nvme_io import ALIGN, PosixBackend
+
+    path = tmp_path / "blocks"
+    data = np.random.default_rng(0).integers(0, 255, 16 * ALIGN, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    backend = PosixBackend(str(path), threads=threads)
+    try:
+        offsets = [5 * ALIGN, 0, 9 * ALIGN, 2 * ALIGN, 100, 7 * ALIGN + 3]
+        bufs = [np.empty(ALIGN, np.uint8) for _ in offsets]
+        backend.read([(o, b) for o, b in zip(offsets, bufs)])
+        for o, b in zip(offsets, bufs):
+            assert np.array_equal(b, data[o : o + ALIGN])
+        with pytest.raises(StoreError, match="short read"):
+            backend.read([(o, np.empty(ALIGN, np.uint8)) for o in (0, ALIGN, 16 * ALIGN, 3 * ALIGN)])
+        writes = [(o, np.full(ALIGN, i, np.uint8)) for i, o in enumerate((ALIGN, 4 * ALIGN, 11 * ALIGN))]
+        backend.write(writes)
+        back = np.frombuffer(path.read_bytes(), np.uint8)
+        for o, b in writes:
+            assert np.array_equal(back[o : o + ALIGN], b)
+    finally:
+        backend.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -17,9 +18,12 @@ ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and lengths
 
 
 class PosixBackend:
-    """os.preadv/os.pwritev; O_DIRECT for runs whose buffer, offset and length are 4 KiB-aligned."""
+    """os.preadv/os.pwritev; O_DIRECT for runs whose buffer, offset and length are 4 KiB-aligned. A batch's runs are
+    spread over `threads` threads (the calls release the GIL): a disk reaches its bandwidth only with several
+    requests in flight, and O_DIRECT leaves no read-ahead to fill the gaps (one at a time, 256 KiB layer slices
+    were read at 2.33x the disk's sequential bound on the H200's virtio disk, 2026-12-04)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, threads: int = 8) -> None:
         self.fd = os.open(path, os.O_RDWR)
         self.direct_fd = -1
         if hasattr(os, "O_DIRECT"):
@@ -28,6 +32,8 @@ class PosixBackend:
             except OSError:
                 self.direct_fd = -1  # e.g. tmpfs refuses O_DIRECT
         self.name = "posix+O_DIRECT" if self.direct_fd >= 0 else "posix"
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tierkv-nvme-io") if threads > 1 else None
 
     def _fd_for(self, buf, offset: int) -> int:
         addr = buf.ctypes.data
@@ -36,6 +42,24 @@ class PosixBackend:
         return self.fd
 
     def read(self, runs: Sequence[tuple[int, object]]) -> None:
+        self._spread(self._read_runs, runs)
+
+    def write(self, runs: Sequence[tuple[int, object]]) -> None:
+        self._spread(self._write_runs, runs)
+
+    def _spread(self, do, runs: Sequence[tuple[int, object]]) -> None:
+        """`do` over the runs, in up to `threads` interleaved shares at once; returns when every share has ended
+        (none still writes into a caller's buffer), raising the first error."""
+        if self._pool is None or len(runs) < 2:
+            do(runs)
+            return
+        shares = [runs[i :: self.threads] for i in range(min(self.threads, len(runs)))]
+        futures = [self._pool.submit(do, share) for share in shares]
+        wait(futures)
+        for f in futures:
+            f.result()
+
+    def _read_runs(self, runs: Sequence[tuple[int, object]]) -> None:
         for offset, buf in runs:
             fd = self._fd_for(buf, offset)
             view = memoryview(buf).cast("B")
@@ -46,7 +70,7 @@ class PosixBackend:
                     raise StoreError(f"NVMe tier: short read at offset {offset + done}: the block file is truncated")
                 done += n
 
-    def write(self, runs: Sequence[tuple[int, object]]) -> None:
+    def _write_runs(self, runs: Sequence[tuple[int, object]]) -> None:
         for offset, buf in runs:
             fd = self._fd_for(buf, offset)
             view = memoryview(buf).cast("B")
@@ -55,6 +79,9 @@ class PosixBackend:
                 done += os.pwritev(fd, [view[done:]], offset + done)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for fd in (self.fd, self.direct_fd):
             if fd >= 0:
                 os.close(fd)
