@@ -105,7 +105,7 @@ def main() -> int:
     print(f"sharing: {ratio:.2f}x the beam tokens/s of private copies; best beams equal in {same:.0%} of requests")
     llm.close()
     if args.out:
-        meta = {**run_meta(), **vars(args)}
+        meta = {**vars(args), **run_meta()}
         write_json(args.out, meta, cases=cases, ratio=ratio, same_best_beams=same)
     return 0
 

@@ -127,7 +127,7 @@ def main() -> int:
         f"their greedy outputs equal in {same:.0%} of requests"
     )
     if args.out:
-        write_json(args.out, {**run_meta(), **vars(args)}, results=results, ttft_ratios=ratios, same_high_outputs=same)
+        write_json(args.out, {**vars(args), **run_meta()}, results=results, ttft_ratios=ratios, same_high_outputs=same)
     return 0
 
 

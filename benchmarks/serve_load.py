@@ -104,6 +104,20 @@ async def stream_one(client, url: str, prompt: list[int], max_tokens: int) -> di
     return {"sent": sent, "first": first, "last": last, "tokens": tokens, "prompt": len(prompt), "cached": cached}
 
 
+def engine_counters(url: str) -> dict:
+    """The server's prefix, preemption and link figures from /metrics (`name{labels}` -> value): where a workload's
+    prompt tokens came from and what the load-or-recompute choice went by."""
+    import httpx2 as httpx
+
+    keep = ("tierkv_prefix", "tierkv_preemptions", "tierkv_link_bytes")
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(keep) and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def summarize(records: list[dict], wall: float) -> dict:
     ttft = [r["first"] - r["sent"] for r in records]
     tpot = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
@@ -256,6 +270,9 @@ def main() -> int:
                 results.append({"config": config, "rate": rate, "summary": summary, **extra})
                 line = ", ".join(f"{k} {v}" for k, v in summary.items())
                 print(f"{config or 'server'} at {rate:g} req/s: {line}", flush=True)
+                counters = engine_counters(server.url)  # (cumulative over the server's rates so far)
+                results[-1]["engine_counters"] = counters
+                print(f"  engine so far: {json.dumps({k: round(v, 1) for k, v in counters.items()})}", flush=True)
                 for t, turn in enumerate(extra.get("turns", []), start=1):
                     print(
                         f"  turn {t}: TTFT p50 {turn['ttft_p50_ms']} ms, p99 {turn['ttft_p99_ms']} ms, prompt tokens "

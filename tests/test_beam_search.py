@@ -159,6 +159,25 @@ def test_the_unshared_baseline_gives_the_same_beams_from_private_copies(models, 
     assert unshared[3] > shared[3]
 
 
+def test_beams_run_together_where_their_shared_blocks_fit_once(models, tmp_path):
+    """The scheduler counts a request's shared prompt blocks once: 4 beams of a 40-token prompt (10 blocks) fit a
+    24-block GPU tier together (10 + 4 x 3 blocks at most), where charging each beam its whole table (4 x 13) would
+    run them a pair at a time. Every beam then takes a token every step: one step per token after the prompt."""
+    path, hf = models["llama"]
+    prompt = random_prompts(1, 40, 40, hf.config.vocab_size, seed=4)[0]
+    params = BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True)
+    with tierkv.LLM(path, block_size=4, gpu_blocks=200) as llm:
+        roomy = llm.beam_search([prompt], params)[0]
+    with tierkv.LLM(path, block_size=4, gpu_blocks=24, max_num_batched_tokens=64) as llm:
+        out = llm.beam_search([prompt], params)[0]
+        stats = llm.stats()
+    assert [b.tokens for b in out.sequences] == [b.tokens for b in roomy.sequences]
+    assert stats["engine"]["preemptions"] == 0
+    assert (
+        stats["engine"]["steps"] == 1 + params.max_tokens - 1
+    )  # the prompt's step (its first token), then one a token
+
+
 def test_beam_search_params_are_checked(models):
     for bad in (dict(beam_width=0), dict(beam_width=2, max_tokens=0), dict(beam_width=2, early_stopping="soon")):
         with pytest.raises(ConfigError, match="BeamSearchParams"):

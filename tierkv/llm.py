@@ -427,6 +427,10 @@ class LLM:
             "waiting": len(self.scheduler.waiting),
         }
         s["prefix"] = (self.engine.prefix.stats if self.engine.prefix is not None else PrefixStats()).as_dict()
+        if self.engine.prefix is not None:  # what the load-or-recompute choice goes by now
+            chooser = self.engine.prefix.chooser
+            s["prefix"]["choice_prefill_tokens_per_s"] = chooser.prefill_tokens_per_s
+            s["prefix"]["choice_link_bytes_per_s"] = dict(chooser.bandwidth)
         if self._driver is not None:
             per_rank = self._driver.gather_stats(s.copy())
             s["tensor_parallel"] = {"size": len(per_rank), "per_rank": per_rank, "total": total_stats(per_rank)}

@@ -200,16 +200,18 @@ class Scheduler:
         group: list[Sequence] = []
         streaming: Sequence | None = None
         skipped = holding = False
+        # A request's samples and beams share its prompt's full blocks: counted with the first of them only.
+        in_group, in_committed = self._shared_counter(), self._shared_counter()
         # What the begun sequences will want of the GPU tier soon; a new one starts only in room beyond it. Under the
         # priority policy only the begun ones ahead of it in the order count: the lower ones give their room up.
         committed = 0
         if not (self.oversubscribe or self.priority):
-            committed = sum(self.soon(s) for s in order if s.started and not s.finished)
+            committed = sum(self.soon(s) - in_committed(s) for s in order if s.started and not s.finished)
         for seq in order:
             if seq.awaiting_last:
                 continue  # done once the step in flight lands: neither scheduled nor a reason to rotate
             if self.priority and seq.started and not seq.finished and not self.oversubscribe:
-                committed += self.soon(seq)
+                committed += self.soon(seq) - in_committed(seq)
             if not seq.started and not self.oversubscribe:
                 want = self.soon(seq)
                 if holding or (committed + want > self.gpu_blocks and (committed or group)):
@@ -219,9 +221,10 @@ class Scheduler:
             need = self.blocks_for(seq.num_computed + 1)
             if len(group) >= self.max_num_seqs or streaming is not None:
                 skipped = True
-            elif need <= blocks_left:
+            elif need - (shared := in_group(seq, count=False)) <= blocks_left:
+                in_group(seq)
                 group.append(seq)
-                blocks_left -= need
+                blocks_left -= need - shared
             elif not group:
                 group.append(seq)  # longer than the whole GPU tier: runs alone, streaming its older blocks
                 streaming = seq
@@ -229,6 +232,22 @@ class Scheduler:
             else:
                 skipped = True
         return group, streaming, skipped, blocks_left
+
+    def _shared_counter(self):
+        """A function giving, for each sequence offered in turn, the blocks it shares with one offered before it:
+        its prompt's full blocks where another sample or beam of its request came first (0 without sharing). With
+        count=False it only looks (the sequence is not counted as offered)."""
+        seen: set[int] = set()
+
+        def shared(seq: Sequence, count: bool = True) -> int:
+            request = seq.request.arrival
+            if not self.share_blocks or request not in seen:
+                if count:
+                    seen.add(request)
+                return 0
+            return seq.num_prompt // self.block_size
+
+        return shared
 
     def _time_slice(self, entries: list[ScheduledEntry], rotate: bool, waiting_for_room: bool) -> None:
         """While not everything fits on the GPU and `rotate`, let the sequences that have held it longest give way,

@@ -53,9 +53,42 @@ class EngineCollector:
         yield CounterMetricFamily("tierkv_generated_tokens", "Tokens generated", value=engine["generated_tokens"])
         yield GaugeMetricFamily("tierkv_requests_running", "Sequences running", value=engine["running"])
         yield GaugeMetricFamily("tierkv_requests_waiting", "Requests waiting to start", value=engine["waiting"])
+        prefix = s["prefix"]
         yield CounterMetricFamily(
-            "tierkv_prefix_hit_tokens", "Prompt tokens whose KV was reused", value=s["prefix"]["hit_tokens"]
+            "tierkv_prefix_queried_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            value=prefix["queried_tokens"],
         )
+        yield CounterMetricFamily(
+            "tierkv_prefix_hit_tokens", "Prompt tokens whose KV was reused", value=prefix["hit_tokens"]
+        )
+        by_tier = CounterMetricFamily(
+            "tierkv_prefix_hit_tokens_by_tier",
+            "Prompt tokens whose KV was reused, by the tier it was found in",
+            labels=["tier"],
+        )
+        for tier, n in prefix["hit_tokens_by_tier"].items():
+            by_tier.add_metric([tier], n)
+        yield by_tier
+        yield CounterMetricFamily(
+            "tierkv_prefix_recomputed_by_choice_tokens",
+            "Prompt tokens found in a lower tier but recomputed, the load-or-recompute choice judging that faster",
+            value=prefix["recomputed_by_choice"],
+        )
+        if prefix.get("choice_prefill_tokens_per_s") is not None:
+            yield GaugeMetricFamily(
+                "tierkv_prefix_choice_prefill_tokens_per_second",
+                "The prefill rate the load-or-recompute choice goes by",
+                value=prefix["choice_prefill_tokens_per_s"],
+            )
+        links = GaugeMetricFamily(
+            "tierkv_prefix_choice_link_bytes_per_second",
+            "The link rates the load-or-recompute choice goes by",
+            labels=["link"],
+        )
+        for link, rate in prefix.get("choice_link_bytes_per_s", {}).items():
+            links.add_metric([link], rate)
+        yield links
 
 
 class Metrics:
