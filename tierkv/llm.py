@@ -104,7 +104,13 @@ class LLM:
         run also compiles the kernels)."""
         pm, bs = self.pm, self.layout.block_size
         n = min(8, pm.tiers[0].num_blocks - 1, pm.free_blocks() // 2)
-        if n >= 1 and len(pm.kinds) > 1:
+        # Twice, keeping the second: the first round trip also compiles the copy kernels, and a copy timed with
+        # its compile reads as a link a hundred times slower (then every prefix found below the GPU is recomputed,
+        # and with nothing loaded the rate is never measured again).
+        for attempt in range(2 if n >= 1 and len(pm.kinds) > 1 else 0):
+            if attempt:
+                pm.mover.collect()
+                pm.mover.links.clear()
             pm.add_sequence("__probe__")
             pm.append_tokens("__probe__", n * bs)
             pm.acquire(["__probe__"], writes={"__probe__": (0, n * bs)})
