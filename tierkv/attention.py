@@ -27,6 +27,7 @@ from tierkv.kernels.paged_attention import paged_attention
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.partial_merge import merge_partials_into
 from tierkv.kernels.prompt_attention import PromptRows, prompt_attention
+from tierkv.kv.codec import decode_layer
 from tierkv.kv.tiers import MemoryTier, NvmeTier
 
 
@@ -163,7 +164,8 @@ class StepAttention:
                     at = None if contiguous else host_to_device([np.asarray(dst, np.int64)], device)[0]
                     moves.append((tier, None, (src, dst[0], at)))
                     continue
-                runs = copy_engine_runs(src, dst) if self.copy_streams is not None and tier.is_host_memory else None
+                host_copy = self.copy_streams is not None and tier.is_host_memory and tier.layout.codec == "none"
+                runs = copy_engine_runs(src, dst) if host_copy else None
                 as_index = (
                     None
                     if runs
@@ -250,6 +252,8 @@ class StepAttention:
             for tier, _, index in moves:
                 if isinstance(tier, NvmeTier):
                     self._read_disk(*index[1:], buf, None)
+                elif tier.layout.codec != "none":
+                    decode_layer(tier.pool[:, layer], tier.layout, buf, *index)
                 else:
                     copy_blocks(tier.pool[:, layer], buf, *index)
             return buf
@@ -262,6 +266,8 @@ class StepAttention:
             for tier, runs, index in moves:
                 if isinstance(tier, NvmeTier):
                     self._read_disk(*index[1:], buf, stream)
+                elif tier.layout.codec != "none":
+                    decode_layer(tier.pool[:, layer], tier.layout, buf, *index)
                 elif runs:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
@@ -277,13 +283,17 @@ class StepAttention:
         `buf` from `first_row` on, or into rows `rows` (a device index) where they are not consecutive; on CUDA
         copied on the copy stream `stream`."""
         reader, link_of = self._disk
-        (_, slots, layer), host, seconds = reader.take()
+        (tier, slots, layer), host, seconds = reader.take()
         link = link_of()
         link.seconds += seconds
         link.nbytes += host.numel() * host.element_size()
         link.batches += 1
         link.blocks += len(slots) if layer == 0 else 0  # each block counted once per step
-        if rows is None:
+        if tier.layout.codec != "none":  # compressed on disk: decoded from the pinned buffer into the rows
+            n = len(slots)
+            at = rows if rows is not None else torch.arange(first_row, first_row + n, device=buf.device)
+            decode_layer(host, tier.layout, buf, torch.arange(n, device=buf.device), at)
+        elif rows is None:
             buf[first_row : first_row + len(slots)].copy_(host, non_blocking=stream is not None)
         else:
             buf.index_copy_(0, rows, host.to(buf.device, non_blocking=stream is not None))

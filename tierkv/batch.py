@@ -295,7 +295,8 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
     tokenizer = load_tokenizer(cfg.tokenizer or path) if os.path.isdir(cfg.tokenizer or path) else None
     max_model_len = cfg.max_model_len or mspec.max_position_embeddings or 1 << 30
     gpu_known = cfg.gpu_blocks is not None or cfg.gpu_memory is not None or device.type != "cuda"
-    gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device)
+    cold_nbytes = layout.compressed(cfg.cold_kv_dtype or "none").block_nbytes
+    gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device, cold_nbytes=cold_nbytes)
     if gpu_known:
         try:
             check_gpu_tier(gpu, layout.block_nbytes)

@@ -23,18 +23,20 @@ def _ram_bytes() -> int:
 
 
 def resolve_capacities(
-    cfg: EngineConfig, block_nbytes: int, device: torch.device, ranks: int = 1
+    cfg: EngineConfig, block_nbytes: int, device: torch.device, ranks: int = 1, cold_nbytes: int | None = None
 ) -> tuple[int, int, int]:
     """Blocks per tier (gpu, cpu, nvme): as given, or defaults from the machine (see EngineConfig). With `ranks`
-    tensor-parallel ranks on the host, the defaults that share one resource (RAM, the disk) are split between them."""
+    tensor-parallel ranks on the host, the defaults that share one resource (RAM, the disk) are split between them.
+    `cold_nbytes`: a block's bytes in the CPU and NVMe tiers, where they store blocks compressed."""
+    gpu_nbytes, block_nbytes = block_nbytes, cold_nbytes or block_nbytes
     if cfg.gpu_blocks is not None or cfg.gpu_memory is not None:
-        gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, block_nbytes)
+        gpu = resolve_blocks("gpu", cfg.gpu_blocks, cfg.gpu_memory, gpu_nbytes)
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         activations = 2 * 2**30  # room for one step's activations and the streaming staging
-        gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // block_nbytes
+        gpu = max(0, int(free - (1 - cfg.gpu_memory_utilization) * total) - activations) // gpu_nbytes
     else:
-        gpu = min(2**30, _ram_bytes() // 10) // ranks // block_nbytes
+        gpu = min(2**30, _ram_bytes() // 10) // ranks // gpu_nbytes
     if cfg.cpu_blocks is not None or cfg.cpu_memory is not None:
         cpu = resolve_blocks("cpu", cfg.cpu_blocks, cfg.cpu_memory, block_nbytes)
     else:

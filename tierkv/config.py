@@ -79,15 +79,19 @@ class PageManagerConfig:
     # Keyed blocks are copied to NVMe as soon as they are keyed (write-through) instead of only when evicted or
     # at close (write-back): the cache on disk is always complete, at the cost of disk writes.
     write_through: bool = False
+    # How the CPU and NVMe tiers store blocks: "none" (as the GPU tier does) or "fp8" (compressed on the way down,
+    # about half the bytes; lossy: see cold_kv_dtype in EngineConfig).
+    cold_codec: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, KVLayout):
             raise ConfigError(f"layout must be a tierkv.KVLayout, got {type(self.layout).__name__}")
         self.device = resolve_device(self.device)
         nbytes = self.layout.block_nbytes
+        cold = self.cold_layout.block_nbytes
         self.gpu_blocks = resolve_blocks("gpu", self.gpu_blocks, self.gpu_memory, nbytes)
-        self.cpu_blocks = resolve_blocks("cpu", self.cpu_blocks, self.cpu_memory, nbytes)
-        self.nvme_blocks = resolve_blocks("nvme", self.nvme_blocks, self.nvme_memory, nbytes)
+        self.cpu_blocks = resolve_blocks("cpu", self.cpu_blocks, self.cpu_memory, cold)
+        self.nvme_blocks = resolve_blocks("nvme", self.nvme_blocks, self.nvme_memory, cold)
         self.gpu_memory = self.cpu_memory = self.nvme_memory = None
         if self.gpu_blocks < 1:
             raise ConfigError(
@@ -123,6 +127,11 @@ class PageManagerConfig:
     @property
     def total_blocks(self) -> int:
         return self.gpu_blocks + self.cpu_blocks + self.nvme_blocks
+
+    @property
+    def cold_layout(self) -> KVLayout:
+        """The layout of the CPU and NVMe tiers' blocks."""
+        return self.layout.compressed(self.cold_codec)
 
 
 @dataclass
@@ -173,6 +182,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_load: str = "auto"
     write_through: bool = False
+    # The CPU and NVMe tiers' KV: None (the KV's own dtype, exact) or "fp8" (e4m3 with a float32 scale per layer,
+    # keys or values, and head of each block: about half the bytes to store and move; lossy, opt-in; the accuracy
+    # is measured in tests/test_cold_fp8.py).
+    cold_kv_dtype: str | None = None
     # Tensor parallelism: ranks (one process and one GPU each; see tierkv.tp). Tier capacities are per rank.
     tensor_parallel_size: int = 1
     tp_timeout_s: float = 600.0  # a rank that does not answer a collective for this long ends the run
@@ -234,6 +247,8 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cold_kv_dtype not in (None, "fp8"):
+            raise ConfigError(f"cold_kv_dtype {self.cold_kv_dtype!r} is not one of None (the KV's own dtype) or 'fp8'")
         if self.prefix_load not in ("auto", "always"):
             raise ConfigError(
                 f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -57,6 +57,10 @@ class KVLayout:
     head_dim: int
     dtype: torch.dtype = torch.bfloat16
     block_size: int = 16
+    # "fp8": blocks stored compressed (the cold tiers' `cold_kv_dtype="fp8"`): per layer, the keys' and values'
+    # e4m3 codes then their float32 scales per head (tierkv/kernels/kv_quant.py); a block is (num_layers, record)
+    # bytes, about half of bf16. `dtype` stays the KV's own: what the codes decode to.
+    codec: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -68,10 +72,39 @@ class KVLayout:
                 f"KV layout: block_size {self.block_size} tokens is too large; use at most 4096 (16 is usual)"
             )
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.codec not in ("none", "fp8"):
+            raise ConfigError(f"KV layout: codec {self.codec!r} is not one of 'none', 'fp8'")
+        if self.codec == "fp8" and (self.block_size * self.num_kv_heads * self.head_dim) % 2:
+            raise ConfigError(
+                "cold_kv_dtype fp8 needs block_size x num_kv_heads x head_dim to be even (its scales align to 4 "
+                f"bytes); got {self.block_size} x {self.num_kv_heads} x {self.head_dim}: use an even block_size"
+            )
+
+    def compressed(self, codec: str) -> KVLayout:
+        """The same KV stored with `codec` ("none": this layout uncompressed)."""
+        return replace(self, codec=codec)
 
     @property
-    def block_shape(self) -> tuple[int, int, int, int, int]:
+    def kv_shape(self) -> tuple[int, int, int, int, int]:
+        """A block's KV as the model reads it: (num_layers, 2, block_size, num_kv_heads, head_dim)."""
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def record_nbytes(self) -> int:
+        """Bytes of one layer of a block as stored."""
+        if self.codec == "fp8":
+            return 2 * self.block_size * self.num_kv_heads * self.head_dim + 2 * self.num_kv_heads * 4
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The element type of a pool of these blocks."""
+        return torch.uint8 if self.codec != "none" else self.dtype
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """A block as stored: the KV's shape, or (num_layers, record bytes) compressed."""
+        return self.kv_shape if self.codec == "none" else (self.num_layers, self.record_nbytes)
 
     @property
     def token_shape(self) -> tuple[int, int, int, int]:
@@ -84,7 +117,7 @@ class KVLayout:
 
     @property
     def block_nbytes(self) -> int:
-        return self.block_numel * self.dtype.itemsize
+        return self.block_numel * self.storage_dtype.itemsize
 
     @property
     def token_nbytes(self) -> int:
@@ -98,6 +131,8 @@ class KVLayout:
         """JSON-able description; two layouts with equal descriptions store identical bytes per block."""
         d = asdict(self)
         d["dtype"] = str(self.dtype).removeprefix("torch.")
+        if self.codec == "none":
+            del d["codec"]  # (as before codecs existed: stores written then stay readable)
         return d
 
     @classmethod

@@ -77,8 +77,9 @@ class ModelRunner:
         # Streamed blocks left on NVMe are read one layer at a time, ahead of the attention, into host buffers.
         self.disk = None
         if NVME in pm.tiers:
-            layer_shape = (2, layout.block_size, layout.num_kv_heads, layout.head_dim)
-            reader = DiskStream(staging_blocks, layer_shape, layout.dtype, pin=cuda)
+            stored = pm.tiers[NVME].layout  # a layer of a block as the disk holds it (compressed or not)
+            layer_shape = stored.block_shape[1:] if stored.codec == "none" else (stored.record_nbytes,)
+            reader = DiskStream(staging_blocks, layer_shape, stored.storage_dtype, pin=cuda)
             nvme, gpu = pm.tiers[NVME], self.gpu_tier
             self.disk = (reader, lambda: pm.mover.link_stats(nvme, gpu))  # (its record is replaced by a counter reset)
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run

@@ -30,11 +30,11 @@ from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandl
 from tierkv.kernels.block_copy import (
     block_runs,
     copy_block_runs,
-    copy_blocks,
     copy_blocks_triton,
     copy_engine_available,
     copy_engine_runs,
 )
+from tierkv.kv.codec import move_blocks
 from tierkv.kv.tiers import MemoryTier, NvmeTier, Tier
 from tierkv.kv.transfer import Transfer
 
@@ -91,8 +91,9 @@ class Mover:
             self.h2d_stream = torch.cuda.Stream(device)
             self.d2h_stream = torch.cuda.Stream(device)
             self._io = ThreadPoolExecutor(1, thread_name_prefix="tierkv-io")
-            if any(isinstance(t, NvmeTier) for t in self.tiers):
-                layout = self.tiers[0].layout
+            nvme = [t for t in self.tiers if isinstance(t, NvmeTier)]
+            if nvme:
+                layout = nvme[0].layout  # staging holds blocks as the disk stores them
                 self._staging = MemoryTier(1, layout, staging_blocks, staging_blocks, torch.device("cpu"), pin=True)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -140,7 +141,9 @@ class Mover:
             return DONE
         link = self._link(src, dst)
         link.blocks += len(src_slots)
-        link.nbytes += len(src_slots) * src.layout.block_nbytes
+        link.nbytes += len(src_slots) * min(
+            src.layout.block_nbytes, dst.layout.block_nbytes
+        )  # (compressed where either is)
         link.batches += 1
         dep = all_of(deps)
         if isinstance(src, NvmeTier) and isinstance(dst, NvmeTier):
@@ -209,11 +212,42 @@ class Mover:
     def _run_sync(self, src: Tier, src_slots: list[int], dst: Tier, dst_slots: list[int], meta) -> None:
         """Everything in host memory or files: plain copies and file I/O on this thread."""
         if isinstance(dst, NvmeTier):
-            dst.store.write(dst_slots, src.pool, src_slots, *meta)
+            pool, rows = self._as_stored(src, src_slots, dst.layout)
+            dst.store.write(dst_slots, pool, rows, *meta)
         elif isinstance(src, NvmeTier):
-            src.store.read(src_slots, dst.pool, dst_slots)
+            if src.layout.codec == dst.layout.codec:
+                src.store.read(src_slots, dst.pool, dst_slots)
+            else:
+                rows = list(range(len(src_slots)))
+                packed = torch.empty((len(rows), *src.layout.block_shape), dtype=torch.uint8)
+                src.store.read(src_slots, packed, rows)
+                move_blocks(
+                    packed,
+                    src.layout,
+                    _index(rows, packed.device),
+                    dst.pool,
+                    dst.layout,
+                    _index(dst_slots, dst.pool.device),
+                )
         else:
-            copy_blocks(src.pool, dst.pool, _index(src_slots, src.pool.device), _index(dst_slots, dst.pool.device))
+            move_blocks(
+                src.pool,
+                src.layout,
+                _index(src_slots, src.pool.device),
+                dst.pool,
+                dst.layout,
+                _index(dst_slots, dst.pool.device),
+            )
+
+    @staticmethod
+    def _as_stored(src: Tier, slots: list[int], layout) -> tuple[torch.Tensor, list[int]]:
+        """The blocks `slots` of a host pool as `layout` stores them: the pool itself, or compressed copies."""
+        if src.layout.codec == layout.codec:
+            return src.pool, slots
+        rows = list(range(len(slots)))
+        packed = torch.empty((len(rows), *layout.block_shape), dtype=torch.uint8)
+        move_blocks(src.pool, src.layout, _index(slots, src.pool.device), packed, layout, _index(rows, packed.device))
+        return packed, rows
 
     def _stream_for(self, src: Tier, dst: Tier):
         # GPU -> GPU (copy-on-write) shares the h2d stream: consumers wait on the returned handle either way.
@@ -230,9 +264,11 @@ class Mover:
         stream = self._stream_for(src, dst)
         # Host<->GPU batches in long runs of consecutive slots go to the copy engines: one 2D copy per run (and
         # layer group), at the full speed of the link, holding no SM.
-        runs = copy_engine_runs(src_slots, dst_slots) if src.is_cuda != dst.is_cuda else None
+        convert = src.layout.codec != dst.layout.codec  # (compressed on the way down, back on the way up)
+        runs = copy_engine_runs(src_slots, dst_slots) if src.is_cuda != dst.is_cuda and not convert else None
         if (
-            runs is None
+            not convert
+            and runs is None
             and src.is_cuda
             and dst.is_host_memory
             and src.layout.block_nbytes >= self.d2h_engine_block_bytes
@@ -251,11 +287,13 @@ class Mover:
             start.record(stream)
             if runs is None:
                 src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
-            groups = self._layer_groups(src, dst, len(src_slots))
+            groups = [(0, src.layout.num_layers)] if convert else self._layer_groups(src, dst, len(src_slots))
             programs = self.h2d_programs if src.is_host_memory and dst.is_cuda else None
             marks = []
             for lo, hi in groups:
-                if runs is None:
+                if convert:
+                    move_blocks(src.pool, src.layout, src_idx, dst.pool, dst.layout, dst_idx)
+                elif runs is None:
                     copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
                 else:
                     copy_block_runs(src.pool[:, lo:hi], dst.pool[:, lo:hi], runs, stream)
@@ -321,7 +359,8 @@ class Mover:
         for i, j in self._chunks(len(src_slots)):
             rows = list(range(j - i))
             with torch.cuda.stream(self.d2h_stream):
-                copy_blocks(src.pool, staging.pool, _index(src_slots[i:j], self.device), _index(rows, self.device))
+                src_idx, dst_idx = _index(src_slots[i:j], self.device), _index(rows, self.device)
+                move_blocks(src.pool, src.layout, src_idx, staging.pool, staging.layout, dst_idx)
                 done = torch.cuda.Event()
                 done.record(self.d2h_stream)
             done.synchronize()
@@ -338,7 +377,8 @@ class Mover:
             src.store.read(src_slots[i:j], staging.pool, rows)
             with torch.cuda.stream(self.h2d_stream):
                 self.debug_delay(self.h2d_stream)
-                copy_blocks(staging.pool, dst.pool, _index(rows, self.device), _index(dst_slots[i:j], self.device))
+                src_idx, dst_idx = _index(rows, self.device), _index(dst_slots[i:j], self.device)
+                move_blocks(staging.pool, staging.layout, src_idx, dst.pool, dst.layout, dst_idx)
                 self._staging_reader = torch.cuda.Event()
                 self._staging_reader.record(self.h2d_stream)
         return EventHandle(self._staging_reader)

@@ -63,7 +63,7 @@ def build_stats(pm: PageManager) -> dict:
         outbound = [v for k, v in links.items() if k.startswith(f"{name}->")]
         entry = {
             "capacity_blocks": tier.num_blocks,
-            "capacity_bytes": tier.num_blocks * block_nbytes,
+            "capacity_bytes": tier.num_blocks * tier.layout.block_nbytes,
             "used_blocks": pm.resident(kind),
             "pinned_blocks": sum(1 for b in pm.blocks.values() if b.tier == kind and b.pins),
             **asdict(c),

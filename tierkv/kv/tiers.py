@@ -164,9 +164,9 @@ class MemoryTier(Tier):
         self._unpin: weakref.finalize | None = None
         try:  # the pool before the slot list: a size no memory can hold fails here, not in building the list
             if device.type == "cuda":
-                self.pool = torch.empty(shape, dtype=layout.dtype, device=device)
+                self.pool = torch.empty(shape, dtype=layout.storage_dtype, device=device)
             else:
-                self.pool = _host_empty(shape, layout.dtype, populate=pin)
+                self.pool = _host_empty(shape, layout.storage_dtype, populate=pin)
                 if pin:
                     self._unpin = _register_pinned(self, self.pool)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
