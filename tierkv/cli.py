@@ -181,9 +181,7 @@ def _run_run(args) -> int:
         return 0
     run = batch.run
     if spec.cluster is not None:  # replicas on Ray; the single-process path imports no Ray
-        from tierkv.cluster import driver
-
-        run = driver.run
+        from tierkv.cluster.driver import run
     try:
         summary = run(spec, fresh=fresh, show=args.show or demo, progress=not args.no_progress)
     except KeyboardInterrupt:

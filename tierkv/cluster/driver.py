@@ -62,7 +62,7 @@ def connect(ray, spec: RunSpec) -> bool:
     if ray.is_initialized():  # the calling process joined a cluster itself: used as it is
         started = False
     elif cluster.address is None:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)
         started = True
     else:
         ray.init(address=cluster.address)
@@ -114,7 +114,10 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         actor = ray.remote(Replica).options(
             num_cpus=cluster.cpus_per_replica, num_gpus=gpus, max_restarts=cluster.max_restarts, max_task_retries=0
         )
-        replicas = [ReplicaState(i, actor.remote(i, spec.model, spec.engine)) for i in range(cluster.replicas)]
+        replicas = [
+            ReplicaState(i, actor.remote(i, spec.model, spec.engine, cluster.cpus_per_replica))
+            for i in range(cluster.replicas)
+        ]
         for r in replicas:  # every replica loaded before anything is discarded (--fresh), as in one process
             try:
                 _ready(r, ray.get(r.handle.info.remote()))
@@ -185,8 +188,13 @@ def _loop(ray, spec, todo, replicas, out, bar, show, echo) -> tuple[int, int]:
         try:
             answer = ray.get(ref)
         except ray.exceptions.RayActorError as exc:  # its process died (or Ray lost touch with it)
-            if kind == "work" or not isinstance(exc, ray.exceptions.ActorDiedError):
-                r.deaths += 1
+            if kind == "info":  # (asked while Ray restarts it: "unavailable" until it is back, "died" for good)
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    r.retired = True
+                else:
+                    calls[r.handle.info.remote()] = (r, "info")
+                continue
+            r.deaths += 1
             r.kv = {}
             for k in disp.died(r.index):
                 p = todo[k]
@@ -195,13 +203,8 @@ def _loop(ray, spec, todo, replicas, out, bar, show, echo) -> tuple[int, int]:
                 errors += 1
                 if bar is not None:
                     bar.update(1)
-            if (
-                r.deaths > spec.cluster.max_restarts
-                or isinstance(exc, ray.exceptions.ActorDiedError)
-                and kind == "info"
-            ):
+            if r.deaths > spec.cluster.max_restarts:
                 r.retired = True
-                idle.discard(r.index)
             else:
                 calls[r.handle.info.remote()] = (r, "info")  # answers once Ray has restarted it
             for q in replicas:  # the records it held wait for a replica that is free

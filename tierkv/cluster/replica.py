@@ -12,6 +12,8 @@ import os
 import socket
 import time
 
+import torch
+
 from tierkv.batch import PreparedRecord, result_line
 from tierkv.errors import StoreError
 from tierkv.llm import LLM
@@ -20,9 +22,12 @@ LOCK_WAIT_S = 60.0  # how long a new replica waits for its nvme_dir, held by the
 
 
 class Replica:
-    def __init__(self, index: int, model: str, engine: dict) -> None:
-        """Replica `index` of a run: `LLM(model, **engine)`, its NVMe tier (if any) in nvme_dir/replica-<index>."""
+    def __init__(self, index: int, model: str, engine: dict, cpus: float) -> None:
+        """Replica `index` of a run: `LLM(model, **engine)`, its NVMe tier (if any) in nvme_dir/replica-<index>;
+        on the CPU, it computes with as many threads as the `cpus` Ray gives it (more would fight the others)."""
         engine = dict(engine)
+        if engine.get("device") == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))
         if engine.get("nvme_dir"):
             engine["nvme_dir"] = os.path.join(engine["nvme_dir"], f"replica-{index}")
             _wait_for_lock(engine["nvme_dir"])
