@@ -36,6 +36,7 @@ class ReplicaState:
     deaths: int = 0
     tokens: int = 0  # its LLM's generated tokens at its last answer (0 in a new process)
     kv: dict = field(default_factory=dict)
+    ready: bool = False  # answering (False from a death until Ray has restarted it)
     retired: bool = False  # died more than max_restarts times: Ray will not restart it
 
 
@@ -135,12 +136,12 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         summary["wall_s"] = time.perf_counter() - t1
         summary["generated_tokens"] = generated
         summary["errors"] = errors
-        summary["restarts"] = sum(len(r.pids) - 1 for r in replicas)
+        summary["restarts"] = sum(min(r.deaths, cluster.max_restarts) for r in replicas)  # (each one Ray restarted)
         summary["replicas"] = [
             {"replica": r.index, "node": r.node, "pids": r.pids, "records": r.records, "deaths": r.deaths}
             for r in replicas
         ]
-        summary["stats"] = _total_stats(ray, [r for r in replicas if not r.retired])
+        summary["stats"] = _total_stats(ray, replicas)
         return summary
     finally:
         if bar is not None:
@@ -154,7 +155,7 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
 
 
 def _ready(r: ReplicaState, info: dict) -> None:
-    r.node, r.load_s, r.tokens, r.kv = info["node"], info["load_s"], 0, {}
+    r.node, r.load_s, r.tokens, r.kv, r.ready = info["node"], info["load_s"], 0, {}, True
     if not r.pids or r.pids[-1] != info["pid"]:
         r.pids.append(info["pid"])
 
@@ -195,7 +196,7 @@ def _loop(ray, spec, todo, replicas, out, bar, show, echo) -> tuple[int, int]:
                     calls[r.handle.info.remote()] = (r, "info")
                 continue
             r.deaths += 1
-            r.kv = {}
+            r.kv, r.ready = {}, False
             for k in disp.died(r.index):
                 p = todo[k]
                 why = f"the replica running this record died twice with it, the last time with no other record: {_why(exc)}"
@@ -243,14 +244,22 @@ def _postfix(replicas: list[ReplicaState], rate: float) -> str:
     used = sum(tiers.values()) or 1
     share = " ".join(f"{k} {100 * v / used:.0f}%" for k, v in tiers.items())
     alive = sum(not r.retired for r in replicas)
-    restarts = sum(max(0, len(r.pids) - 1) for r in replicas)
-    return f"{rate:.0f} tok/s, KV {share}, {alive} replicas" + (f", {restarts} restarts" if restarts else "")
+    deaths = sum(r.deaths for r in replicas)
+    return f"{rate:.0f} tok/s, KV {share}, {alive} replicas" + (f", {deaths} died" if deaths else "")
 
 
 def _total_stats(ray, replicas: list[ReplicaState]) -> dict:
-    """The replicas' stats added up (tiers, links, engine counters); those of a replica's earlier processes are
-    lost with them."""
-    per_replica = ray.get([r.handle.stats.remote() for r in replicas])
+    """The stats of the replicas answering now, added up (tiers, links, engine counters); those of a replica's
+    earlier processes died with them."""
+    per_replica = []
+    for r in replicas:
+        if r.ready and not r.retired:
+            try:
+                per_replica.append(ray.get(r.handle.stats.remote(), timeout=60))
+            except ray.exceptions.RayError:
+                r.ready = False
+    if not per_replica:
+        return {"tiers": {}, "links": {}, "engine": {"steps": 0, "preemptions": 0}}
     total = total_stats(per_replica)
     total["engine"] = {
         k: sum(s["engine"][k] or 0 for s in per_replica)
@@ -261,11 +270,11 @@ def _total_stats(ray, replicas: list[ReplicaState]) -> dict:
 
 
 def _stop(ray, replicas: list[ReplicaState]) -> None:
-    """Close every replica's LLM (cached prefixes written down to its NVMe tier), then end its process."""
-    alive = [r for r in replicas if not r.retired]
+    """Close the LLM of every replica answering (cached prefixes written down to its NVMe tier), then end every
+    replica's process."""
     try:
-        ray.get([r.handle.close.remote() for r in alive], timeout=120)
-    except Exception:  # noqa: BLE001 (a replica that cannot close now has nothing more to lose)
+        ray.get([r.handle.close.remote() for r in replicas if r.ready and not r.retired], timeout=120)
+    except ray.exceptions.RayError:  # (one that cannot close now loses nothing the output needs)
         pass
     for r in replicas:
         ray.kill(r.handle, no_restart=True)
