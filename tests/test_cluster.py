@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_batch import PROMPTS, cli, lines_in, read_output, write_job
 from tiny_models import make_checkpoint
 
-from tierkv import ConfigError, batch
+from tierkv import ConfigError, TierKVError, batch
 from tierkv.cluster.dispatch import Dispatcher
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -177,6 +177,20 @@ def test_a_record_that_crashes_its_replica_is_an_error_line_and_the_rest_complet
     assert summary["errors"] == 1 and summary["restarts"] >= 2
     # The error line counts as done: a rerun runs nothing.
     assert driver.run(spec, progress=False)["run"] == 0
+
+
+@pytest.mark.slow
+def test_a_replica_that_cannot_start_stops_the_run_with_its_error(model_dir, tmp_path, ray_session):
+    from tierkv.cluster import driver
+
+    spec = batch.load_spec(cluster_job(tmp_path / "job", model_dir, RECORDS[:2]))
+    os.makedirs(os.path.join(spec.engine["nvme_dir"]))
+    Path(spec.engine["nvme_dir"], "replica-1").write_text("in the way")
+    with pytest.raises(TierKVError) as err:
+        driver.run(spec, progress=False)
+    assert str(err.value).startswith("replica 1 could not start: ")
+    assert "replica-1' exists and is not a directory; give a directory path" in str(err.value)
+    assert not os.path.exists(spec.output)  # nothing ran, nothing was written
 
 
 @pytest.mark.slow

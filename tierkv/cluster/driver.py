@@ -94,6 +94,7 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
     out = OutputFile(spec.output)
     started = False
     replicas: list[ReplicaState] = []
+    summary: dict = {}
     bar = None
     try:
         done = set() if fresh else out.finished({p.record.id: p.fingerprint for p in prepared})
@@ -120,10 +121,14 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
             for i in range(cluster.replicas)
         ]
         for r in replicas:  # every replica loaded before anything is discarded (--fresh), as in one process
-            try:
-                _ready(r, ray.get(r.handle.info.remote()))
-            except ray.exceptions.RayError as exc:
-                raise TierKVError(f"replica {r.index} could not start: {_why(exc)}") from None
+            while not r.ready:
+                try:
+                    _ready(r, ray.get(r.handle.info.remote()))
+                except ray.exceptions.ActorUnavailableError:  # it died loading and Ray is restarting it
+                    continue
+                except ray.exceptions.RayError as exc:  # (an error raised building its LLM: its last line)
+                    cause = str(exc).strip().splitlines()[-1]
+                    raise TierKVError(f"replica {r.index} could not start: {cause}") from None
         summary["load_s"] = time.perf_counter() - t0
         if fresh:
             out.discard()
@@ -151,7 +156,7 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
             if started:
                 ray.shutdown()
         finally:
-            out.close(remove_if_empty=not replicas)
+            out.close(remove_if_empty="load_s" not in summary)
 
 
 def _ready(r: ReplicaState, info: dict) -> None:
