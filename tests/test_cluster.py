@@ -285,7 +285,7 @@ def test_cuda_replicas_checked_on_a_driver_without_cuda(model_dir, tmp_path, mon
 
 
 def test_the_dispatcher_hands_out_in_order_and_probes_what_a_dead_replica_held():
-    d = Dispatcher(list("abcdefgh"), records_in_flight=3)
+    d = Dispatcher(list("abcdefgh"), records_in_flight=3, replicas=2)
     assert d.take(0) == ["a", "b", "c"] and d.take(1) == ["d", "e", "f"] and d.take(0) == []
     assert d.finished(0, ["a", "x"]) == ["a"] and d.take(0) == ["g"]
     assert d.died(1) == []  # d, e, f: run again as two probes, each alone on a replica
@@ -297,6 +297,8 @@ def test_the_dispatcher_hands_out_in_order_and_probes_what_a_dead_replica_held()
     assert d.take(1) == ["f"] and d.died(1) == ["f"]  # alone, after an earlier death: given up
     assert d.finished(0, ["b", "c", "g"]) == ["b", "c", "g"] and d.take(0) == ["h"]
     assert d.finished(0, ["h"]) == ["h"] and d.done
+    few = Dispatcher(list("abcde"), records_in_flight=64, replicas=2)  # a short run is spread over the replicas
+    assert few.take(0) == ["a", "b", "c"] and few.take(1) == ["d"] and few.take(1) == ["e"] and few.take(0) == []
 
 
 @settings(max_examples=200, deadline=None)
@@ -312,7 +314,7 @@ def test_every_record_ends_exactly_once_and_only_crashing_ones_fail(n, in_flight
     once, finished or failed, and exactly the poisoned ones fail."""
     rng = random.Random(seed)
     poison = {k for k in poison if k < n}
-    d = Dispatcher(list(range(n)), in_flight)
+    d = Dispatcher(list(range(n)), in_flight, replicas)
     written, failed = [], []
     held = {r: [] for r in range(replicas)}
     for _ in range(100_000):

@@ -2,7 +2,8 @@
 
 Plain bookkeeping (no Ray): the driver asks `take(replica)` for the records to send to a replica that is free,
 reports what came back with `finished`, and a replica's death with `died`. Records are handed out in the order
-given (the driver gives them longest first), up to `records_in_flight` per replica.
+given (the driver gives them longest first), up to `records_in_flight` per replica, and no more at once than a
+replica's share of those waiting (so that a short run, or a run's end, is spread over every replica).
 
 A replica that dies takes no record down with it: its records are run again, but apart from everything else, so
 that a record that kills its replica can be found. They go back as a probe: a group that an empty replica runs on
@@ -18,7 +19,7 @@ from collections import Counter, deque
 
 
 class Dispatcher:
-    def __init__(self, keys: list, records_in_flight: int) -> None:
+    def __init__(self, keys: list, records_in_flight: int, replicas: int) -> None:
         self.order = {key: i for i, key in enumerate(keys)}
         self.waiting = deque(keys)
         self.probes: deque[list] = deque()  # groups a replica died holding, each to run alone on one replica
@@ -27,6 +28,7 @@ class Dispatcher:
         self.deaths: Counter = Counter()  # per record: deaths of the replicas it was on
         self.left = set(keys)  # neither finished nor failed
         self.records_in_flight = records_in_flight
+        self.replicas = replicas
 
     @property
     def done(self) -> bool:
@@ -46,7 +48,8 @@ class Dispatcher:
             self.probing.add(replica)
             held.update(group)
             return group
-        batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.records_in_flight - len(held)))]
+        share = -(-len(self.waiting) // self.replicas)
+        batch = [self.waiting.popleft() for _ in range(min(share, self.records_in_flight - len(held)))]
         held.update(batch)
         return batch
 

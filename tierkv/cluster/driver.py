@@ -66,7 +66,13 @@ def connect(ray, spec: RunSpec) -> bool:
         ray.init(address="local", include_dashboard=False)
         started = True
     else:
-        ray.init(address=cluster.address)
+        try:
+            ray.init(address=cluster.address)
+        except ConnectionError as exc:
+            raise ConfigError(
+                f"cluster.address {cluster.address!r}: cannot join that Ray cluster ({exc}); check the address, or "
+                "leave it out for a local Ray"
+            ) from None
         started = False
     if started:  # a local Ray has what it has: refuse what it can never place, rather than wait forever
         gpus = spec.engine.get("tensor_parallel_size", 1) if spec.engine["device"] == "cuda" else 0
@@ -167,7 +173,7 @@ def _ready(r: ReplicaState, info: dict) -> None:
 
 def _loop(ray, spec, todo, replicas, out, bar, show, echo) -> tuple[int, int]:
     """Hand the records out and write what comes back until every one is written; (tokens generated, errors)."""
-    disp = Dispatcher(work_order(todo), spec.cluster.records_in_flight)
+    disp = Dispatcher(work_order(todo), spec.cluster.records_in_flight, len(replicas))
     calls: dict = {}  # in flight, one per replica: ObjectRef -> (replica, "info" or "work")
     idle: set[int] = set()  # replicas alive with nothing to do (until a death puts records back)
     generated = errors = 0
