@@ -4,6 +4,7 @@ The cluster runs' output must equal the single-process run's record for record (
 killed mid-run, after the driver is killed and started again, and when a record crashes every replica it is on
 (that one becomes an error line). The dispatcher's bookkeeping is checked apart, without Ray."""
 
+import json
 import os
 import random
 import signal
@@ -85,16 +86,21 @@ def assert_same_as_straight(lines, straight, missing=()):
 
 @pytest.mark.slow
 def test_cluster_output_equals_the_single_process_run(model_dir, tmp_path, straight, ray_session, capsys):
+    """Resuming the output of a single-process run that was killed (five lines and half of a sixth)."""
     from tierkv.cluster import driver
 
     spec = batch.load_spec(cluster_job(tmp_path / "job", model_dir))
+    os.makedirs(os.path.dirname(spec.output))
+    before = [json.dumps(straight[r["id"]], ensure_ascii=False) for r in RECORDS[:6]]
+    Path(spec.output).write_text("\n".join(before[:5]) + "\n" + before[5][:40])
     summary = driver.run(spec)
     assert_same_as_straight(read_output(spec.output), straight)
-    assert summary["run"] == len(RECORDS) and summary["errors"] == 0 and summary["restarts"] == 0
+    assert summary["already_done"] == 5 and summary["run"] == len(RECORDS) - 5
+    assert summary["errors"] == 0 and summary["restarts"] == 0
     assert [r["replica"] for r in summary["replicas"]] == [0, 1]
-    assert sum(r["records"] for r in summary["replicas"]) == len(RECORDS)
+    assert sum(r["records"] for r in summary["replicas"]) == summary["run"]
     assert all(r["records"] > 0 for r in summary["replicas"])  # both replicas worked
-    assert summary["generated_tokens"] == SAMPLING["max_tokens"] * len(RECORDS)
+    assert summary["generated_tokens"] == SAMPLING["max_tokens"] * summary["run"]
     assert summary["stats"]["engine"]["generated_tokens"] == summary["generated_tokens"]
     bar = capsys.readouterr().err
     assert f"{len(RECORDS)}/{len(RECORDS)}" in bar and "tok/s, KV gpu" in bar and "2 replicas" in bar
