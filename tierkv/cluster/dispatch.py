@@ -19,6 +19,8 @@ from collections import Counter, deque
 
 
 class Dispatcher:
+    """The records of one run (by key, in hand-out order) across `replicas` replicas (by index)."""
+
     def __init__(self, keys: list, records_in_flight: int, replicas: int) -> None:
         self.order = {key: i for i, key in enumerate(keys)}
         self.waiting = deque(keys)
