@@ -17,7 +17,7 @@ resolve() {  # pip's output goes to a log, shown if it fails
     fi
 }
 resolve install --upgrade pip
-resolve install --dry-run --ignore-installed --report "$work/report.json" "$repo[dev,demo,gpu]" pip setuptools
+resolve install --dry-run --ignore-installed --report "$work/report.json" "$repo[dev,demo,gpu,ray]" pip setuptools
 "$work/resolver/bin/python" - "$work/report.json" "$work/constraints.txt" <<'PY'
 import json, sys
 

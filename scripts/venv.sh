@@ -9,9 +9,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${TIERKV_VENV:-$repo/.venv}"
 constraints="${TIERKV_CONSTRAINTS:-$repo/constraints.txt}"
 py="${PYTHON:-python3}"
-extras="dev,demo"
+extras="dev,demo,ray"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    extras="dev,demo,gpu"
+    extras="dev,demo,ray,gpu"
 fi
 # Reinstall only when the project's metadata, the pinned set or the extras change.
 stamp="$venv/.tierkv-installed"

@@ -8,6 +8,8 @@ The YAML maps onto tierkv's own dataclasses key for key:
                                      # beam_width, of tierkv.BeamSearchParams: a beam search per record)
     input: prompts.jsonl             # one JSON object per line: "id", "prompt" (text) or "messages" (chat), "priority"
     output: out/results.jsonl        # one JSON object per finished record, appended and flushed as it finishes
+    cluster: {...}                   # optional: replicas on a Ray cluster, the fields of tierkv.config.ClusterConfig
+                                     # (run by tierkv.cluster.driver; this module's run() is the single process)
 
 Relative paths are relative to the YAML file. Each input record may override sampling fields. Everything is
 checked before the weights load: unknown keys, wrong types, missing files, capacities that cannot work,
@@ -19,6 +21,7 @@ records share a batch, so the output is the same as an uninterrupted run's.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -31,11 +34,11 @@ from tierkv import inputs
 from tierkv.batch_output import OutputFile, check_output_path, digest, model_signature, peek_finished
 from tierkv.batch_sections import check_section, sampling_params, suggest
 from tierkv.beam import BeamSearchParams
-from tierkv.config import EngineConfig, resolve_device
+from tierkv.config import ClusterConfig, EngineConfig, resolve_device
 from tierkv.errors import ConfigError, TierKVError
 from tierkv.sampling import SamplingParams
 
-TOP_KEYS = ("model", "engine", "sampling", "input", "output")
+TOP_KEYS = ("model", "engine", "sampling", "input", "output", "cluster")
 RECORD_KEYS = ("id", "prompt", "messages", "priority")
 # Sampling fields added after outputs began to carry fingerprints: part of a fingerprint only when set, so that an
 # output written before they existed still resumes.
@@ -70,6 +73,7 @@ class RunSpec:
     input: str
     output: str
     records: list[Record] = field(default_factory=list)
+    cluster: ClusterConfig | None = None  # replicas on Ray (tierkv.cluster.driver), or None: this process
 
 
 # -- reading and checking the YAML -------------------------------------------------------------------------------
@@ -130,7 +134,7 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     for key in ("model", "input", "output"):
         if key not in data:
             raise ConfigError(
-                f"{key}: missing; a run config needs {', '.join(k for k in TOP_KEYS if k not in ('engine', 'sampling'))}"
+                f"{key}: missing; a run config needs {', '.join(k for k in TOP_KEYS if k in ('model', 'input', 'output'))}"
             )
         if not isinstance(data[key], str) or not data[key]:
             raise ConfigError(f"{key}: expected a string, got {data[key]!r}")
@@ -149,8 +153,9 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     if os.sep in model or model.startswith(".") or os.path.exists(local(model)):
         model = local(model)
     spec = RunSpec(path, model, engine, sampling, local(data["input"]), local(data["output"]))
-    try:
-        EngineConfig(model=spec.model, **engine)
+    spec.cluster = cluster_section(data.get("cluster"), engine)
+    try:  # (a cluster's replicas may have the GPUs that this machine, the driver, lacks)
+        EngineConfig(model=spec.model, **{**engine, **({"device": "cpu"} if spec.cluster else {})})
     except ConfigError as exc:
         raise ConfigError(f"engine: {exc}") from None
     sampling_params(sampling, "sampling")
@@ -160,6 +165,24 @@ def load_spec(path: str, overrides: list[str] = ()) -> RunSpec:
     check_output_path(spec.output)
     spec.records = read_records(spec.input)
     return spec
+
+
+def cluster_section(data, engine: dict) -> ClusterConfig | None:
+    """The `cluster:` section checked (None without one), Ray's presence too: before anything loads or starts."""
+    if data is None:
+        return None
+    try:
+        cluster = ClusterConfig(**check_section("cluster", data, ClusterConfig))
+    except ConfigError as exc:
+        raise ConfigError(exc if str(exc).startswith("cluster.") else f"cluster: {exc}") from None
+    if engine.get("device") not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"engine.device: a cluster run needs it set to 'cuda' or 'cpu' (got {engine.get('device')!r}): the "
+            "replicas' device, which this machine cannot tell (Ray gives each replica its GPUs, so not 'cuda:N')"
+        )
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("cluster: needs Ray, which is not installed here; pip install 'tierkv[ray]'")
+    return cluster
 
 
 def check_paths_apart(spec: RunSpec) -> None:
@@ -279,30 +302,36 @@ class PreparedRecord:
 
 def prepare(spec: RunSpec) -> list[PreparedRecord]:
     """Tokenize the records and check that each can run (the model's limits, the tiers' capacity) before the
-    weights load; each comes with the fingerprint its result line will carry."""
+    weights load; each comes with the fingerprint its result line will carry. For a cluster run, the checks are
+    those this machine can make for the replicas' device."""
     from tierkv.capacity import check_gpu_tier, check_request_fits, make_scheduler, resolve_capacities
     from tierkv.layout import KVLayout
     from tierkv.loader import default_dtype, load_hf_config, load_tokenizer, resolve_config_path
     from tierkv.model import ModelSpec
 
-    cfg = EngineConfig(model=spec.model, **spec.engine)
+    remote_cuda = spec.cluster is not None and spec.engine["device"] == "cuda" and not torch.cuda.is_available()
+    cfg = EngineConfig(model=spec.model, **{**spec.engine, **({"device": "cpu"} if remote_cuda else {})})
     path = resolve_config_path(spec.model)
     hf_config = load_hf_config(path)
     mspec = ModelSpec.from_hf_config(hf_config)
-    device = resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = (
+        torch.device("cuda")
+        if remote_cuda
+        else resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
     dtype = cfg.dtype or default_dtype(hf_config, device)
     layout = KVLayout(mspec.num_layers, mspec.num_kv_heads, mspec.head_dim, dtype, cfg.block_size)
     tokenizer = load_tokenizer(cfg.tokenizer or path) if os.path.isdir(cfg.tokenizer or path) else None
     max_model_len = cfg.max_model_len or mspec.max_position_embeddings or 1 << 30
     gpu_known = cfg.gpu_blocks is not None or cfg.gpu_memory is not None or device.type != "cuda"
-    cold_nbytes = layout.compressed(cfg.cold_kv_dtype or "none").block_nbytes
-    gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device, cold_nbytes=cold_nbytes)
-    if gpu_known:
+    if gpu_known:  # (defaults on CUDA are the free memory of a device, found once there)
+        cold_nbytes = layout.compressed(cfg.cold_kv_dtype or "none").block_nbytes
+        gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device, cold_nbytes=cold_nbytes)
         try:
             check_gpu_tier(gpu, layout.block_nbytes)
         except ConfigError as exc:
             raise ConfigError(f"engine.gpu_blocks/gpu_memory: {exc}") from None
-    sched = make_scheduler(cfg, gpu, cpu, nvme)
+        sched = make_scheduler(cfg, gpu, cpu, nvme)
     try:
         inputs.priorities([r.priority for r in spec.records], len(spec.records), cfg.scheduling_policy)
     except ConfigError as exc:
@@ -371,6 +400,8 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
     discard the old output (--fresh) and run."""
     from tierkv.llm import LLM
 
+    if spec.cluster is not None:
+        raise ConfigError(f"{spec.path}: a run with a cluster: section runs through tierkv.cluster.driver.run")
     prepared = prepare(spec)
     out = OutputFile(spec.output)
     llm = bar = None

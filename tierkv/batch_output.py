@@ -1,7 +1,8 @@
 """The output file of a batch run: held by one run at a time, appended record by record, checked on resume.
 
 Each line is one finished record, `{"id", "prompt_tokens", "text", "outputs", "fingerprint"}`, written and
-fsynced before the next is reported. `fingerprint` holds two digests: of the input record the line answers, and of
+fsynced before the next is reported; a record given up (one that crashed the replicas of a cluster run) has
+`"error"` naming why, `"text": null` and no outputs, and counts as done as well. `fingerprint` holds two digests: of the input record the line answers, and of
 the settings that shaped its result (model and weights, dtype, seed, the record's sampling). A run that resumes
 counts a line as done only if both still match; a line from another input or other settings stops the run with a
 message, instead of being reported as done.
@@ -132,6 +133,18 @@ def parse_finished(path: str, data: bytes, expected: dict) -> tuple[set, int]:
             )
         done.add(rid)
     return done, keep
+
+
+def error_line(rid, prompt_tokens: int, fingerprint: dict, error: str) -> dict:
+    """The line of a record given up: the keys of a result line, no outputs, and `error` naming why."""
+    return {
+        "id": rid,
+        "prompt_tokens": prompt_tokens,
+        "text": None,
+        "outputs": [],
+        "fingerprint": fingerprint,
+        "error": error,
+    }
 
 
 def peek_finished(path: str, expected: dict) -> set:

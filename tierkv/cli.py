@@ -179,8 +179,11 @@ def _run_run(args) -> int:
         _, done = batch.check_run(spec, fresh)
         print(f"{spec.path}: ok, {len(spec.records)} records ({len(done)} already in {spec.output})")
         return 0
+    run = batch.run
+    if spec.cluster is not None:  # replicas on Ray; the single-process path imports no Ray
+        from tierkv.cluster.driver import run
     try:
-        summary = batch.run(spec, fresh=fresh, show=args.show or demo, progress=not args.no_progress)
+        summary = run(spec, fresh=fresh, show=args.show or demo, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(
             f"\ntierkv: interrupted; the records finished so far are in {spec.output}; run the same command again to "
@@ -213,6 +216,9 @@ def _run_run(args) -> int:
         f"{summary['generated_tokens'] / max(1e-9, summary['wall_s']):.1f} tok/s, {e['steps']} steps, "
         f"{e['preemptions']} preemptions; results in {spec.output}"
     )
+    if "replicas" in summary:
+        per = ", ".join(f"{r['records']} on replica {r['replica']} ({r['node']})" for r in summary["replicas"])
+        print(f"cluster: {per}; {summary['restarts']} restarts; {summary['errors']} records given up (error lines)")
     return 0
 
 

@@ -253,3 +253,35 @@ class EngineConfig:
             raise ConfigError(
                 f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'"
             )
+
+
+@dataclass
+class ClusterConfig:
+    """A batch run spread over replicas on a Ray cluster (a run YAML's `cluster:` section): each replica is one Ray
+    actor holding one `LLM` built from the run's `engine:` section, on engine.tensor_parallel_size GPUs (with
+    device cuda) and `cpus_per_replica` CPUs."""
+
+    backend: str = "ray"
+    # "auto" (the cluster this machine belongs to), a cluster's address ("host:6379", "ray://host:10001"), or None:
+    # a local Ray that tierkv starts and stops.
+    address: str | None = None
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    records_in_flight: int = 64  # per replica: records sent to it and not yet answered (more ahead of its engine)
+    max_restarts: int = 8  # per replica; one that dies more often is given up, its records go to the others
+
+    def __post_init__(self) -> None:
+        if self.backend != "ray":
+            raise ConfigError(f"backend {self.backend!r} is not supported; the one backend is 'ray'")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+            raise ConfigError(
+                f"address {self.address!r}: give 'auto', a Ray cluster's address (host:6379 or ray://host:10001), or "
+                "leave it out for a local Ray started by tierkv"
+            )
+        for name, low in (("replicas", 1), ("records_in_flight", 1), ("max_restarts", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        value = self.cpus_per_replica
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ConfigError(f"cpus_per_replica must be a number > 0, got {value!r}")

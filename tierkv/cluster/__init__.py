@@ -1,0 +1,1 @@
+"""Batch runs spread over replicas on a Ray cluster."""
