@@ -392,6 +392,25 @@ def check_run(spec: RunSpec, fresh: bool = False) -> tuple[list[PreparedRecord],
     return prepared, done  # (load_spec checked the output path, and that no run holds it)
 
 
+def still_to_run(
+    spec: RunSpec, prepared: list[PreparedRecord], out: OutputFile, fresh: bool
+) -> tuple[list[PreparedRecord], dict]:
+    """The records not yet answered in the (locked) output, and the run's summary so far (complete, with no time
+    spent, when none is left)."""
+    done = set() if fresh else out.finished({p.record.id: p.fingerprint for p in prepared})
+    todo = [p for p in prepared if p.record.id not in done]
+    summary = {
+        "config": spec.path,
+        "records": len(spec.records),
+        "already_done": len(done),
+        "run": len(todo),
+        "output": spec.output,
+    }
+    if not todo:
+        summary.update(wall_s=0.0, generated_tokens=0)
+    return todo, summary
+
+
 def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: bool = True, echo=print) -> dict:
     """Run every record not yet in the output; returns a summary (also when there was nothing left to do).
 
@@ -406,17 +425,8 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
     out = OutputFile(spec.output)
     llm = bar = None
     try:
-        done = set() if fresh else out.finished({p.record.id: p.fingerprint for p in prepared})
-        todo = [p for p in prepared if p.record.id not in done]
-        summary = {
-            "config": spec.path,
-            "records": len(spec.records),
-            "already_done": len(done),
-            "run": len(todo),
-            "output": spec.output,
-        }
+        todo, summary = still_to_run(spec, prepared, out, fresh)
         if not todo:
-            summary.update(wall_s=0.0, generated_tokens=0)
             return summary
         t0 = time.perf_counter()
         llm = LLM(spec.model, **spec.engine)
@@ -433,7 +443,9 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(spec.records), initial=len(done), desc="records", unit="rec", dynamic_ncols=True)
+            bar = tqdm(
+                total=len(spec.records), initial=summary["already_done"], desc="records", unit="rec", dynamic_ncols=True
+            )
         t1 = time.perf_counter()
         tokens0 = llm.engine.counters.generated_tokens
         while llm.has_unfinished():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tierkv.batch import PreparedRecord, RunSpec, prepare
+from tierkv.batch import PreparedRecord, RunSpec, prepare, still_to_run
 from tierkv.batch_output import OutputFile, error_line
 from tierkv.cluster.dispatch import Dispatcher
 from tierkv.cluster.replica import Replica
@@ -103,17 +103,8 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
     summary: dict = {}
     bar = None
     try:
-        done = set() if fresh else out.finished({p.record.id: p.fingerprint for p in prepared})
-        todo = [p for p in prepared if p.record.id not in done]
-        summary = {
-            "config": spec.path,
-            "records": len(spec.records),
-            "already_done": len(done),
-            "run": len(todo),
-            "output": spec.output,
-        }
+        todo, summary = still_to_run(spec, prepared, out, fresh)
         if not todo:
-            summary.update(wall_s=0.0, generated_tokens=0)
             return summary
         cluster = spec.cluster
         started = connect(ray, spec)
@@ -141,7 +132,9 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(spec.records), initial=len(done), desc="records", unit="rec", dynamic_ncols=True)
+            bar = tqdm(
+                total=len(spec.records), initial=summary["already_done"], desc="records", unit="rec", dynamic_ncols=True
+            )
         t1 = time.perf_counter()
         generated, errors = _loop(ray, spec, todo, replicas, out, bar, show, echo)
         summary["wall_s"] = time.perf_counter() - t1
