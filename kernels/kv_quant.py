@@ -100,25 +100,13 @@ if triton is not None:
         return tl.where((c & 0x80) != 0, -a, a)
 
     @triton.jit
-    def _quantize_kernel(
-        pool_ptr,
-        slots_ptr,
-        out_ptr,
-        s_slot,
-        s_layer,
-        s_kv,
-        s_tok,
-        s_head,
-        out_block,
-        out_layer,
-        layers,
-        heads,
-        BS: tl.constexpr,
-        D: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        # One program: one block's (layer, keys or values, head) tile of block_size x head_dim values.
+    def _tile_offsets(
+        slots_ptr, s_slot, s_layer, s_kv, s_tok, s_head, rec_block, layer_rec, heads,
+        BS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """This program's tile, one block's (layer, keys or values, head) block_size x head_dim values: their
+        element offsets in the pool, their codes' byte offsets in the packed records (codes in (2, BS, H, D) order,
+        then the scales in (2, H) order), their scale's byte offset, and the mask of the tile's padding."""
         i = tl.program_id(0)
         tile = tl.program_id(1)
         h = tile % heads
@@ -128,50 +116,37 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (t < BS) & (d < D)
-        src = pool_ptr + slot * s_slot + layer * s_layer + kv * s_kv + h * s_head + t * s_tok + d
-        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        pool = slot * s_slot + layer * s_layer + kv * s_kv + h * s_head + t * s_tok + d
+        rec = i.to(tl.int64) * rec_block + layer * layer_rec
+        codes = rec + ((kv * BS + t) * heads + h) * D + d
+        scale = rec + 2 * BS * heads * D + 4 * (kv * heads + h)
+        return pool, codes, scale, mask
+
+    @triton.jit
+    def _quantize_kernel(
+        pool_ptr, slots_ptr, out_ptr, s_slot, s_layer, s_kv, s_tok, s_head, out_block, out_layer, layers, heads,
+        BS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pool, codes, scale_at, mask = _tile_offsets(
+            slots_ptr, s_slot, s_layer, s_kv, s_tok, s_head, out_block, out_layer, heads, BS, D, BLOCK_T, BLOCK_D
+        )
+        x = tl.load(pool_ptr + pool, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
         scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
-        q = _to_e4m3(tl.math.div_rn(x, scale))
-        rec = out_ptr + i.to(tl.int64) * out_block + layer * out_layer
-        # codes in (2, BS, H, D) order, then the scales in (2, H) order
-        tl.store(rec + ((kv * BS + t) * heads + h) * D + d, q, mask=mask)
-        tl.store((rec + 2 * BS * heads * D).to(tl.pointer_type(tl.float32)) + kv * heads + h, scale)
+        tl.store(out_ptr + codes, _to_e4m3(tl.math.div_rn(x, scale)), mask=mask)
+        tl.store((out_ptr + scale_at).to(tl.pointer_type(tl.float32)), scale)
 
     @triton.jit
     def _dequantize_kernel(
-        packed_ptr,
-        slots_ptr,
-        pool_ptr,
-        s_slot,
-        s_layer,
-        s_kv,
-        s_tok,
-        s_head,
-        in_block,
-        in_layer,
-        layers,
-        heads,
-        BS: tl.constexpr,
-        D: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        i = tl.program_id(0)
-        tile = tl.program_id(1)
-        h = tile % heads
-        kv = (tile // heads) % 2
-        layer = tile // (2 * heads)
-        slot = tl.load(slots_ptr + i).to(tl.int64)
-        t = tl.arange(0, BLOCK_T)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (t < BS) & (d < D)
-        rec = packed_ptr + i.to(tl.int64) * in_block + layer * in_layer
-        codes = tl.load(rec + ((kv * BS + t) * heads + h) * D + d, mask=mask, other=0)
-        scale = tl.load((rec + 2 * BS * heads * D).to(tl.pointer_type(tl.float32)) + kv * heads + h)
-        x = _from_e4m3(codes) * scale
-        dst = pool_ptr + slot * s_slot + layer * s_layer + kv * s_kv + h * s_head + t * s_tok + d
-        tl.store(dst, x.to(pool_ptr.dtype.element_ty), mask=mask)
+        packed_ptr, slots_ptr, pool_ptr, s_slot, s_layer, s_kv, s_tok, s_head, in_block, in_layer, layers, heads,
+        BS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pool, codes, scale_at, mask = _tile_offsets(
+            slots_ptr, s_slot, s_layer, s_kv, s_tok, s_head, in_block, in_layer, heads, BS, D, BLOCK_T, BLOCK_D
+        )
+        scale = tl.load((packed_ptr + scale_at).to(tl.pointer_type(tl.float32)))
+        x = _from_e4m3(tl.load(packed_ptr + codes, mask=mask, other=0)) * scale
+        tl.store(pool_ptr + pool, x.to(pool_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile(n: int) -> int:
