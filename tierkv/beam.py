@@ -97,20 +97,18 @@ class BeamSearch:
         self.improvable = torch.ones((1, 1), dtype=torch.bool)
         self.done = False
 
-    def step(self, log_probs: torch.Tensor, token_ids: torch.Tensor | None = None) -> list[tuple[int, int]]:
-        """log_probs: (k, m) float32, the running beams' next-token log-probabilities (log-softmax of their logits):
-        whole rows (m = the vocabulary), or each row's top m >= `keep` with `token_ids` (k, m) naming their tokens
-        (the same decision: a candidate the search keeps is among its own beam's top `keep`). Returns the next
-        running beams as (parent running index, token); sets `done` when the search is over (then the returned
-        beams are unused)."""
+    def step(self, log_probs: torch.Tensor, token_ids: torch.Tensor) -> list[tuple[int, int]]:
+        """log_probs: (k, m) float32, each running beam's top m >= `keep` next-token log-probabilities (log-softmax
+        of its logits), best first, and `token_ids` (k, m) their tokens: the same decision as over whole rows, since
+        a candidate the search keeps is among its own beam's top `keep`. Returns the next running beams as (parent
+        running index, token); sets `done` when the search is over (then the returned beams are unused)."""
         k, keep, width = self.k, self.keep, log_probs.shape[-1]
         if width * k < keep:  # (a row is cut to its top `keep` only where the vocabulary has more)
             raise ConfigError(f"beam search: beam_width {k} needs a vocabulary of at least {keep // k} tokens")
         acc = (log_probs.float() + self.running_scores.view(k, 1)).reshape(1, -1)
         top_scores, top_index = torch.topk(acc, k=keep)
         parents = (top_index // width)[0].tolist()
-        flat_ids = top_index[0] % width if token_ids is None else token_ids.reshape(-1)[top_index[0]]
-        tokens = flat_ids.tolist()
+        tokens = token_ids.reshape(-1)[top_index[0]].tolist()
         candidates = [self.running[p] + [t] for p, t in zip(parents, tokens)]
         length = self.cur_len + 1
         hits = torch.tensor([[t in self.eos or length >= self.max_len for t in tokens]])
