@@ -231,7 +231,12 @@ stats = llm.stats()
 llm.close()
 # `llm` stays referenced to the end, as in a user's script: close() alone must have ended the process group's
 # threads (left running into the interpreter's teardown, they aborted the process now and then).
-threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+threads = []
+for t in os.listdir("/proc/self/task"):
+    try:
+        threads.append(open(f"/proc/self/task/{t}/comm").read().strip())
+    except OSError:  # the thread ended meanwhile (as gloo_threads() above allows: close() joins the I/O threads)
+        pass
 with open(out, "w") as f:
     json.dump({"outputs": outputs, "ranks": stats["tensor_parallel"]["size"], "gloo_threads": [n for n in threads if "gloo" in n]}, f)
 """.replace("MAX_TOKENS", str(MAX_TOKENS))
