@@ -104,6 +104,24 @@ def bench_block_size(
         mover.move(gpu, dev_slots2, cpu, host_slots2)
 
     batched = three_ways(batched_h2d, batched_d2h)
+    # Which engine moves each direction, as built against the alternatives (both directions at once is what a swap
+    # does): the copy engines or the kernel each way, and the kernel going up on its default grid (2 programs per SM).
+    built = {
+        name: getattr(mover, name) for name in ("h2d_engine_block_bytes", "d2h_engine_block_bytes", "h2d_programs")
+    }
+    variants = {
+        "kernel up, kernel down": dict(d2h_engine_block_bytes=None),
+        "engines up, engines down": dict(h2d_engine_block_bytes=0, d2h_engine_block_bytes=0),
+        "engines up, kernel down": dict(h2d_engine_block_bytes=0, d2h_engine_block_bytes=None),
+        "kernel up (full grid), as built down": dict(h2d_programs=None),
+    }
+    res["by_mover"] = {}
+    for name, settings in variants.items():
+        for attr, value in {**built, **settings}.items():
+            setattr(mover, attr, value)
+        res["by_mover"][name] = three_ways(batched_h2d, batched_d2h)
+    for attr, value in built.items():
+        setattr(mover, attr, value)
     for d in ("h2d", "d2h", "both"):
         res[f"contig_{d}_gbps"] = contig[d]
         res[f"batched_{d}_gbps"] = batched[d]
@@ -198,6 +216,12 @@ def main() -> int:
             f"{p}: {v['h2d_gbps']:.1f}/{v['d2h_gbps']:.1f}/{v['both_gbps']:.1f}" for p, v in r["by_programs"].items()
         )
         print(f"  {r['block_bytes'] // 1024:>5}KiB  {cells}")
+    for r in rows:
+        for name, v in r["by_mover"].items():
+            print(
+                f"  mover {r['block_bytes'] // 1024}KiB {name}: {v['h2d']:.1f} / {v['d2h']:.1f} / {v['both']:.1f} GB/s "
+                f"({v['both'] / r['contig_both_gbps']:.0%} of both contiguous)"
+            )
     for r in rows:
         for name, v in r["by_tile"].items():
             print(

@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--nvme-dir")
     ap.add_argument("--nvme-memory")
     ap.add_argument("--nvme-backend", help="auto, kvikio or posix (default: tierkv's)")
+    ap.add_argument("--cold-kv-dtype", help="fp8: the CPU and NVMe tiers hold blocks compressed (lossy, opt-in)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int)
@@ -84,7 +85,7 @@ def main() -> int:
     for name in ("max_model_len", "block_size", "staging_blocks", "slice_steps"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
-    for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory", "nvme_backend"):
+    for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory", "nvme_backend", "cold_kv_dtype"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     t0 = time.perf_counter()
@@ -132,6 +133,9 @@ def main() -> int:
                 f"; KV {kv_bytes / 2**30:.1f} GiB, GPU tier {gpu_bytes / 2**30:.1f} GiB: {(kv_bytes - gpu_bytes) / 2**30:.1f} GiB "
                 f"cross the link per step, PCIe bound {bound * 1e3:.1f} ms at {link:.1f} GB/s: step = {step / bound:.2f}x the bound"
             )
+            if args.cold_kv_dtype:
+                line += f" (the bound of the KV's own bytes; the {args.cold_kv_dtype} cold tiers send fewer)"
+
         if nvme_bound:
             line += (
                 f"; {nvme_bytes / 2**30:.1f} GiB of it read from NVMe per step, NVMe bound {nvme_bound * 1e3:.1f} ms at "
@@ -157,6 +161,7 @@ def main() -> int:
         decode_steps=len(decode_steps),
         h2d_gbps=link,
         kv_bytes=kv_bytes,
+        cold_kv_dtype=args.cold_kv_dtype,
         pcie_bound_s=bound,
         nvme_bytes_per_step=nvme_bytes if nvme_bound else None,
         nvme_read_gbps=nvme_read,

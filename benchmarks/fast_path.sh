@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU fast-path benchmarks (Llama-3.1-8B shape, dummy bf16 weights), one command, JSON per item in $OUT.
-#   bash benchmarks/fast_path.sh [items...]     items: 1 2 3 3n 4 5 6 1hf 2hf (default: 1 2 3 4 5 6)
+#   bash benchmarks/fast_path.sh [items...]     items: 1 2 3 3q 3n 4 5 6 1hf 2hf (default: 1 2 3 4 5 6)
 # (On the device machine, prefix TIERKV_COMMIT=<the commit> so that the JSON names it: its .git can be stale.)
 # 1 throughput that fits on the GPU   1hf item 1's baseline, transformers' generate_batch() on the same requests (~3
 # minutes; `1hf 1` in one call gives the same-call ratio)   2 throughput beyond the GPU (KV spills to pinned RAM): tierkv on an 8 GiB GPU
 # tier, and the same requests with all KV on the GPU (the compute bound)   2hf item 2's baseline, transformers'
 # offloaded cache on the same requests (a call of its own: ~4 minutes)
 # 3 one sequence longer than the GPU tier   3n one sequence longer than the GPU and CPU tiers together (its oldest KV read
-# from NVMe every step; not in the default set)   4 overlap: prefetch on / off / transfers serialized with compute / all KV on the
+# from NVMe every step; not in the default set)   3q item 3 with fp8 cold tiers (not in the default set)   4 overlap: prefetch on / off / transfers serialized with compute / all KV on the
 # GPU (oversubscribed), and on / off where sequences outgrow the GPU tier under the default scheduling
 # 5 kernels: decode attention vs SDPA, block moves vs the contiguous copy   6 NVMe: kvikio vs O_DIRECT
 # Sized to fit one 10-minute device call together on an H100 (item 2 is scaled down from the 32 x 32k,
@@ -77,6 +77,11 @@ PY
     # / 1.02x the PCIe bound; BENCHMARKS.md).
     3) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 \
            --block-size 64 --out "$out/fp3_long.json" 2>&1 | show ;;
+    # Item 3 with the CPU tier holding blocks in fp8 (per-block, per-layer, per-head scales): about half the bytes
+    # cross the link each step. Its ratio is to the bound of the KV's own (bf16) bytes: 0.5x would be the link moving
+    # half of them at full speed.
+    3q) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 \
+           --block-size 64 --cold-kv-dtype fp8 --out "$out/fp3q_long_fp8.json" 2>&1 | show ;;
     # A context larger than the GPU and CPU tiers together (8 GiB of KV on 2 + 2 GiB): its oldest 4 GiB stay on NVMe
     # and are read every step, layer by layer, ahead of the attention that needs them. POSIX with O_DIRECT: reads come
     # from the disk, not from the page cache that the machine's RAM would otherwise give them (kvikio without GPUDirect

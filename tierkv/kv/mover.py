@@ -63,8 +63,10 @@ class Mover:
     # Programs of a host-to-GPU copy kernel: reads over PCIe reach the link's speed from ~16 programs on (see
     # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
     h2d_programs = 32
-    # Device-to-host batches of blocks at least this large go to the copy engines whatever their slot order.
+    # Batches of blocks at least this large go to the copy engines whatever their slot order, one DMA per run:
+    # device-to-host from 1 MiB; host-to-device never by default (the kernel shares the link with a DMA going down).
     d2h_engine_block_bytes = 1 << 20
+    h2d_engine_block_bytes: int | None = None
 
     def __init__(
         self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False
@@ -266,16 +268,22 @@ class Mover:
         # layer group), at the full speed of the link, holding no SM.
         convert = src.layout.codec != dst.layout.codec  # (compressed on the way down, back on the way up)
         runs = copy_engine_runs(src_slots, dst_slots) if src.is_cuda != dst.is_cuda and not convert else None
+        threshold = (
+            self.d2h_engine_block_bytes
+            if src.is_cuda and dst.is_host_memory
+            else self.h2d_engine_block_bytes
+            if src.is_host_memory and dst.is_cuda
+            else None
+        )
         if (
             not convert
             and runs is None
-            and src.is_cuda
-            and dst.is_host_memory
-            and src.layout.block_nbytes >= self.d2h_engine_block_bytes
+            and threshold is not None
+            and src.layout.block_nbytes >= threshold
             and copy_engine_available()
         ):
-            # Large blocks going down: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the
-            # engine at the link's speed), so that the copy-in of a swap, on the SMs, can share the link with it.
+            # Large blocks: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the engine at the
+            # link's speed); going down, so that the copy-in of a swap, on the SMs, can share the link with it.
             runs = block_runs(src_slots, dst_slots)
         compute = torch.cuda.current_stream(self.device) if self.serialize else None
         if compute is not None:
