@@ -114,6 +114,7 @@ def bench_block_size(
         "engines up, engines down": dict(h2d_engine_block_bytes=0, d2h_engine_block_bytes=0),
         "engines up, kernel down": dict(h2d_engine_block_bytes=0, d2h_engine_block_bytes=None),
         "kernel up (full grid), as built down": dict(h2d_programs=None),
+        "kernel up (full grid), kernel down": dict(h2d_programs=None, d2h_engine_block_bytes=None),
     }
     res["by_mover"] = {}
     for name, settings in variants.items():

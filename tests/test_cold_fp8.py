@@ -53,7 +53,7 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-def test_fp8_cold_tiers_keep_smollm2s_greedy_output_close(tmp_path):
+def test_fp8_cold_tiers_keep_smollm2s_greedy_output_close(tmp_path, smollm2_gguf):
     """50 chat prompts, 16 greedy tokens each, on a GPU tier of 2 blocks beside 1 CPU block and NVMe: every prompt
     is longer than the GPU tier, so every step of every request attends over older KV streamed from the CPU tier
     and the disk, stored in the KV's dtype in one run and as fp8 in the other. Reported and checked: the share of

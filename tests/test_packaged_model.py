@@ -7,17 +7,11 @@ import pytest
 import torch
 
 import tierkv
-from tierkv import packaged
 
 
 @pytest.fixture(scope="module")
-def gguf():
-    try:
-        return packaged.gguf_path("smollm2-135m-instruct")
-    except tierkv.ConfigError as exc:
-        if torch.cuda.is_available():  # the device machine runs the suite without the 93 MB wheel
-            pytest.skip(f"{exc} (not carried to the device machine)")
-        pytest.fail(f"{exc} (scripts/venv.sh installs it)")
+def gguf(smollm2_gguf):
+    return smollm2_gguf
 
 
 def test_greedy_equals_transformers_reading_the_gguf(gguf, tmp_path):

@@ -213,6 +213,29 @@ def test_load_or_recompute_follows_the_measured_rates():
     assert c.choose(["gpu", "gpu", "cpu", "nvme", "nvme"], 200) == 3  # load the fast part, recompute the rest
 
 
+def test_a_prefix_recomputed_by_choice_is_found_in_its_faster_new_copy_next_time(model, tmp_path):
+    """Recomputing a prefix found on NVMe (the choice said disk was slower) gives the same tokens' KV in a faster
+    tier: the key moves there. Left on disk, every later request would find it there and recompute it again."""
+    path, _, prompts, want = model
+    with llm_for(path, tmp_path / "nvme", prefix_load="auto") as llm:
+        check(llm.generate(prompts[:1], GREEDY, use_tqdm=False), want)
+        assert llm.pm.demote_cached("nvme") > 0
+        chooser = llm.engine.prefix.chooser
+        chooser.observe_links = chooser.observe_prefill = lambda *a: None  # these rates, whatever runs measure
+        chooser.prefill_tokens_per_s = 1e6
+        chooser.bandwidth = {"cpu->gpu": 1e12, "nvme->gpu": 1e3, "nvme->cpu": 1e3}  # disk: far slower
+        outs = llm.generate(prompts[1:2], GREEDY, use_tqdm=False)
+        check(outs, want[1:2])
+        prefix = llm.stats()["prefix"]
+        assert outs[0].num_cached_tokens == 0 and prefix["recomputed_by_choice"] >= 96
+        assert llm.stats()["superseded_cached_blocks"] >= 6
+        outs = llm.generate(prompts[2:3], GREEDY, use_tqdm=False)
+        check(outs, want[2:3])
+        assert outs[0].num_cached_tokens >= 96  # found in the GPU or CPU tier this time, and loaded
+        assert llm.stats()["prefix"]["recomputed_by_choice"] == prefix["recomputed_by_choice"]
+        check_invariants(llm.pm)
+
+
 def test_write_through_keeps_the_disk_cache_complete_even_after_kill_9(model, tmp_path):
     """Write-back writes cached blocks down at eviction or close(); write-through writes them as they are keyed,
     so a process killed with SIGKILL (no close) still leaves its prefixes to the next one."""

@@ -212,6 +212,13 @@ class PageManager:
         """Give the sequence's full block `index` its content key; False if another block already has the key
         (then this one stays private) or if the block already has one."""
         block = self.ledger.seq(seq_id).blocks[index]
+        old = self.index.get(key)
+        if old is not None and block.key is None and old.tier > block.tier and old.ref_count == old.pins == 0:
+            # The same tokens' KV, cached in a slower tier (recomputed because that was faster, or computed beside
+            # it): the key moves to this copy. Left on the slower one, every later hit would be found there again,
+            # and this faster copy would be dropped when its sequence ends.
+            self.placement.drop(old)
+            self.placement.superseded += 1
         if not self.index.add(block, key, token_ids):
             return False
         if self.placement.write_through and NVME in self.tiers and block.tier != NVME:

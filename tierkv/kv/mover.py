@@ -48,6 +48,16 @@ class LinkStats:
     seconds: float = 0.0
     batches: int = 0
     engine_batches: int = 0  # of `batches`, moved by the copy engines (runs of consecutive slots), not the kernel
+    # Bytes per second of the recent batches of at least RATE_MIN_BYTES, smoothed: the speed a transfer finds on
+    # this link now. Cumulative bytes over seconds would mostly measure small batches' fixed latency instead.
+    rate: float | None = None
+
+    RATE_MIN_BYTES = 16 << 20
+
+    def note_batch(self, nbytes: int, seconds: float) -> None:
+        self.seconds += seconds
+        if nbytes >= self.RATE_MIN_BYTES and seconds > 0:
+            self.rate = nbytes / seconds if self.rate is None else 0.7 * self.rate + 0.3 * nbytes / seconds
 
 
 class Mover:
@@ -67,6 +77,7 @@ class Mover:
     # device-to-host from 1 MiB; host-to-device never by default (the kernel shares the link with a DMA going down).
     d2h_engine_block_bytes = 1 << 20
     h2d_engine_block_bytes: int | None = None
+    prioritize_h2d = True
 
     def __init__(
         self, tiers: Sequence[Tier], device: torch.device, staging_blocks: int = 64, debug_delays: bool = False
@@ -83,14 +94,18 @@ class Mover:
         # Link times reported by whichever thread ran a transfer, folded into `links` by collect() on the caller's
         # thread. Deques, not a lock: a lock held when Ctrl-C lands between a `with` body and its exit is never
         # released, and every later transfer would wait for it.
-        self._times: deque[tuple[LinkStats, float, int]] = deque()  # (link, host-timed seconds, copy-engine batches)
-        self._timed: deque[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event]] = deque()  # device-timed ones
+        # (link, host-timed seconds, copy-engine batches, bytes), and (link, start, end, bytes) timed on the device
+        self._times: deque[tuple[LinkStats, float, int, int]] = deque()
+        self._timed: deque[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event, int]] = deque()
         self._debug_rng = random.Random(0) if debug_delays else None
         self._io: ThreadPoolExecutor | None = None
         self._staging: MemoryTier | None = None
         self._staging_reader: torch.cuda.Event | None = None  # last device copy out of the staging buffer
         if self.cuda:
-            self.h2d_stream = torch.cuda.Stream(device)
+            # Copies up run at the highest priority: their kernel's programs get SMs ahead of the compute queued
+            # beside them (at the default one, a prefix load waited behind whole prefill kernels), and a step that
+            # needs the blocks waits for them.
+            self.h2d_stream = torch.cuda.Stream(device, priority=-1 if self.prioritize_h2d else 0)
             self.d2h_stream = torch.cuda.Stream(device)
             self._io = ThreadPoolExecutor(1, thread_name_prefix="tierkv-io")
             nvme = [t for t in self.tiers if isinstance(t, NvmeTier)]
@@ -143,9 +158,7 @@ class Mover:
             return DONE
         link = self._link(src, dst)
         link.blocks += len(src_slots)
-        link.nbytes += len(src_slots) * min(
-            src.layout.block_nbytes, dst.layout.block_nbytes
-        )  # (compressed where either is)
+        link.nbytes += _batch_nbytes(src, dst, len(src_slots))
         link.batches += 1
         dep = all_of(deps)
         if isinstance(src, NvmeTier) and isinstance(dst, NvmeTier):
@@ -155,7 +168,7 @@ class Mover:
             dep.wait()
             t0 = time.perf_counter()
             self._run_sync(src, list(src_slots), dst, list(dst_slots), meta)
-            self._add_time(link, time.perf_counter() - t0)
+            self._add_time(link, time.perf_counter() - t0, _batch_nbytes(src, dst, len(src_slots)))
             return DONE
         touches_nvme = isinstance(src, NvmeTier) or isinstance(dst, NvmeTier)
         if touches_nvme or not _device_waitable(dep):
@@ -166,15 +179,15 @@ class Mover:
     def collect(self) -> None:
         """Fold the times of finished transfers into the link stats (cheap; call at step boundaries)."""
         for _ in range(len(self._times)):
-            link, seconds, engine_batches = self._times.popleft()
-            link.seconds += seconds
+            link, seconds, engine_batches, nbytes = self._times.popleft()
+            link.note_batch(nbytes, seconds)
             link.engine_batches += engine_batches
         for _ in range(len(self._timed)):  # others may be appended meanwhile: they wait for the next call
-            link, start, end = self._timed.popleft()
+            link, start, end, nbytes = self._timed.popleft()
             if end.query():
-                link.seconds += start.elapsed_time(end) / 1e3
+                link.note_batch(nbytes, start.elapsed_time(end) / 1e3)
             else:
-                self._timed.append((link, start, end))
+                self._timed.append((link, start, end, nbytes))
 
     def synchronize(self) -> None:
         """Wait for every transfer submitted so far."""
@@ -208,8 +221,8 @@ class Mover:
             link = self.links[key] = LinkStats()
         return link
 
-    def _add_time(self, link: LinkStats, seconds: float) -> None:
-        self._times.append((link, seconds, 0))
+    def _add_time(self, link: LinkStats, seconds: float, nbytes: int) -> None:
+        self._times.append((link, seconds, 0, nbytes))
 
     def _run_sync(self, src: Tier, src_slots: list[int], dst: Tier, dst_slots: list[int], meta) -> None:
         """Everything in host memory or files: plain copies and file I/O on this thread."""
@@ -312,9 +325,9 @@ class Mover:
             handle = LayeredHandle(marks) if len(marks) > 1 and not self.serialize else EventHandle(end)
         if compute is not None:
             compute.wait_event(end)
-        self._timed.append((link, start, end))
+        self._timed.append((link, start, end, _batch_nbytes(src, dst, len(src_slots))))
         if runs is not None:
-            self._times.append((link, 0.0, 1))
+            self._times.append((link, 0.0, 1, 0))
         return handle
 
     def _layer_groups(self, src: MemoryTier, dst: MemoryTier, n: int) -> list[tuple[int, int]]:
@@ -348,7 +361,7 @@ class Mover:
             return handle
         finally:
             if isinstance(src, NvmeTier) or isinstance(dst, NvmeTier):
-                self._add_time(link, time.perf_counter() - t0)
+                self._add_time(link, time.perf_counter() - t0, _batch_nbytes(src, dst, len(src_slots)))
 
     def _chunks(self, n: int):
         step = self._staging.num_slots
@@ -410,3 +423,8 @@ def _index(slots: Sequence[int], device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def _batch_nbytes(src: Tier, dst: Tier, n: int) -> int:
+    """Bytes that cross the link for `n` blocks (compressed where either side stores them so)."""
+    return n * min(src.layout.block_nbytes, dst.layout.block_nbytes)

@@ -59,6 +59,7 @@ class Placement:
         self.kinds = ledger.kinds
         self.cow_copies = 0
         self.dropped_cached = 0
+        self.superseded = 0  # cached blocks dropped because their key moved to a new copy in a faster tier
         # Attention that streams host-tier blocks reads them on the device: host writes into those CPU slots (reads
         # from NVMe) must wait for it. The step's reads are noted as they are planned; at its release one marker
         # for all of them is taken (cheaper than one per block).

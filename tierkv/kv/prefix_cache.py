@@ -111,10 +111,17 @@ class LoadOrRecompute:
         )
 
     def observe_links(self, links: dict) -> None:
-        """Take the bandwidths measured so far from the page manager's link stats ((src, dst) -> LinkStats)."""
+        """Take the bandwidths measured so far from the page manager's link stats ((src, dst) -> LinkStats): each
+        link's recent rate over large batches where it has one; else, where nothing is known yet, its bytes over its
+        seconds. (Small batches measure mostly their fixed latency and their wait for SMs: the few prefix loads of a
+        chat run on the H200, 72 blocks, read as a 0.37 GB/s link; every prefix found in the CPU tier was then
+        recomputed, and the rate never measured again.)"""
         for (src, dst), link in list(links.items()):
-            if link.seconds > 0 and link.nbytes > 0:
-                self.bandwidth[f"{src}->{dst}"] = link.nbytes / link.seconds
+            name = f"{src}->{dst}"
+            if link.rate is not None:
+                self.bandwidth[name] = link.rate
+            elif name not in self.bandwidth and link.seconds > 0 and link.nbytes > 0:
+                self.bandwidth[name] = link.nbytes / link.seconds
 
     def load_seconds(self, tier: str) -> float:
         """Seconds to bring one block from `tier` to the GPU (NVMe via the CPU tier where there is one)."""

@@ -90,6 +90,7 @@ def build_stats(pm: PageManager) -> dict:
         "forks": pm.ledger.forks,
         "cow_copies": pm.placement.cow_copies,
         "dropped_cached_blocks": pm.placement.dropped_cached,  # cached blocks that found no room in any tier
+        "superseded_cached_blocks": pm.placement.superseded,  # cached blocks whose key moved to a faster new copy
         "tiers": tiers,
         "links": links,
     }
