@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,16 +48,23 @@ class LinkStats:
     seconds: float = 0.0
     batches: int = 0
     engine_batches: int = 0  # of `batches`, moved by the copy engines (runs of consecutive slots), not the kernel
-    # Bytes per second of the recent batches of at least RATE_MIN_BYTES, smoothed: the speed a transfer finds on
-    # this link now. Cumulative bytes over seconds would mostly measure small batches' fixed latency instead.
-    rate: float | None = None
+    # Bytes per second of the last few batches of at least RATE_MIN_BYTES (see `rate`).
+    recent_rates: deque = field(default_factory=lambda: deque(maxlen=8))
 
     RATE_MIN_BYTES = 16 << 20
 
     def note_batch(self, nbytes: int, seconds: float) -> None:
         self.seconds += seconds
         if nbytes >= self.RATE_MIN_BYTES and seconds > 0:
-            self.rate = nbytes / seconds if self.rate is None else 0.7 * self.rate + 0.3 * nbytes / seconds
+            self.recent_rates.append(nbytes / seconds)
+
+    @property
+    def rate(self) -> float | None:
+        """The link's speed as recent large batches found it: the fastest of the last few. A batch's time runs from
+        its first copy's start to its last copy's end on the device, so a host thread that stalls between the launches
+        (a server's other threads holding the interpreter) makes it read slower, never faster; bytes over seconds of
+        all batches would mostly measure small batches' fixed latency."""
+        return max(self.recent_rates) if self.recent_rates else None
 
 
 class Mover:
@@ -304,10 +311,10 @@ class Mover:
         with torch.cuda.stream(stream):
             dep.wait_on(stream)
             self.debug_delay(stream)
+            if runs is None:  # (before the start mark: the host's work is not the link's time)
+                src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            if runs is None:
-                src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
             groups = [(0, src.layout.num_layers)] if convert else self._layer_groups(src, dst, len(src_slots))
             programs = self.h2d_programs if src.is_host_memory and dst.is_cuda else None
             marks = []
