@@ -248,6 +248,9 @@ def test_the_choice_goes_by_large_batches_and_keeps_its_calibration():
     link.note_batch(2 * 2**20, 0.005)  # one block in 5 ms
     c.observe_links({("cpu", "gpu"): link})
     assert c.bandwidth["cpu->gpu"] == 43e9
+    link.note_batch(64 * 2**20, 0.35, host_seconds=0.35)  # the device waited for the host to issue it
+    c.observe_links({("cpu", "gpu"): link})
+    assert c.bandwidth["cpu->gpu"] == 43e9
     link.note_batch(64 * 2**20, 0.1)  # stalled: 0.67 GB/s
     link.note_batch(64 * 2**20, 64 * 2**20 / 50e9)
     link.note_batch(64 * 2**20, 0.2)

@@ -53,9 +53,12 @@ class LinkStats:
 
     RATE_MIN_BYTES = 16 << 20
 
-    def note_batch(self, nbytes: int, seconds: float) -> None:
+    def note_batch(self, nbytes: int, seconds: float, host_seconds: float = 0.0) -> None:
+        """A finished batch: its bytes, its time, and how long the host took to issue it (inside that time where the
+        device timed it). Where issuing took about as long as the batch, the device waited for the host (a first
+        launch from a new thread took 0.35 s on the H200): the batch says nothing about the link's speed."""
         self.seconds += seconds
-        if nbytes >= self.RATE_MIN_BYTES and seconds > 0:
+        if nbytes >= self.RATE_MIN_BYTES and seconds > 0 and host_seconds < 0.9 * seconds:
             self.recent_rates.append(nbytes / seconds)
 
     @property
@@ -103,7 +106,7 @@ class Mover:
         # released, and every later transfer would wait for it.
         # (link, host-timed seconds, copy-engine batches, bytes), and (link, start, end, bytes) timed on the device
         self._times: deque[tuple[LinkStats, float, int, int]] = deque()
-        self._timed: deque[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event, int]] = deque()
+        self._timed: deque[tuple[LinkStats, torch.cuda.Event, torch.cuda.Event, int, float]] = deque()  # (+ host s)
         self._debug_rng = random.Random(0) if debug_delays else None
         self._io: ThreadPoolExecutor | None = None
         self._staging: MemoryTier | None = None
@@ -190,11 +193,11 @@ class Mover:
             link.note_batch(nbytes, seconds)
             link.engine_batches += engine_batches
         for _ in range(len(self._timed)):  # others may be appended meanwhile: they wait for the next call
-            link, start, end, nbytes = self._timed.popleft()
+            link, start, end, nbytes, host_seconds = self._timed.popleft()
             if end.query():
-                link.note_batch(nbytes, start.elapsed_time(end) / 1e3)
+                link.note_batch(nbytes, start.elapsed_time(end) / 1e3, host_seconds)
             else:
-                self._timed.append((link, start, end, nbytes))
+                self._timed.append((link, start, end, nbytes, host_seconds))
 
     def synchronize(self) -> None:
         """Wait for every transfer submitted so far."""
@@ -315,6 +318,7 @@ class Mover:
                 src_idx, dst_idx = _index(src_slots, self.device), _index(dst_slots, self.device)
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
+            issue_t0 = time.perf_counter()  # (the host's time issuing the batch, inside the device's timing of it)
             groups = [(0, src.layout.num_layers)] if convert else self._layer_groups(src, dst, len(src_slots))
             programs = self.h2d_programs if src.is_host_memory and dst.is_cuda else None
             marks = []
@@ -332,7 +336,8 @@ class Mover:
             handle = LayeredHandle(marks) if len(marks) > 1 and not self.serialize else EventHandle(end)
         if compute is not None:
             compute.wait_event(end)
-        self._timed.append((link, start, end, _batch_nbytes(src, dst, len(src_slots))))
+        issue_s = time.perf_counter() - issue_t0
+        self._timed.append((link, start, end, _batch_nbytes(src, dst, len(src_slots)), issue_s))
         if runs is not None:
             self._times.append((link, 0.0, 1, 0))
         return handle
