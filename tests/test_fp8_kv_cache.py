@@ -267,7 +267,7 @@ def test_on_cuda_the_fp8_tier_moves_exactly_and_stays_close_to_bf16(tmp_path):
             return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)], llm.stats()
 
     tiered, stats = run("float32", "fp8", **small)
-    on_gpu, _ = run("float32", "fp8", gpu_blocks=400)
+    on_gpu, _ = run("float32", "fp8", gpu_blocks=400, max_num_batched_tokens=64)  # (the same chunks)
     assert [o.token_ids for o in tiered] == [o.token_ids for o in on_gpu]
     engine = stats["engine"]
     assert engine["streamed_steps"] > 0 and stats["tiers"]["cpu"]["blocks_in"] > 0
