@@ -1,7 +1,9 @@
 """Paged decode attention (tierkv's Triton kernel) against SDPA over contiguous KV, on the same data.
 
 bf16, 32 query / 8 KV heads, head_dim 128, block_size 16, blocks scattered at random over the pool (the worst
-case for a paged kernel). Effective bandwidth = bytes of K and V read / time. Median of do_bench.
+case for a paged kernel). Effective bandwidth = bytes of K and V read / time. Median of do_bench. Beside it, the
+same kernel over the same KV in an fp8 pool (`kv_cache_dtype="fp8"`: e4m3 codes decoded in registers, half the
+bytes), checked against SDPA over the KV as that pool stores it.
 
     python benchmarks/attention_decode.py --out attn.json --record BENCHMARKS.md
 """
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from common import append_rows, require_cuda, run_meta, write_json
 
+from tierkv.kernels.kv_fp8 import layer_caches, write_kv_fp8
 from tierkv.kernels.paged_attention import paged_attention_triton
 from tierkv.kernels.paged_batch import PagedBatch
 
@@ -61,6 +64,21 @@ def case(batch: int, length: int, args) -> dict:
     t_sdpa = do_bench(sdpa, warmup=25, rep=200, return_mode="median") / 1e3
     t_paged = do_bench(paged, warmup=25, rep=200, return_mode="median") / 1e3
     nbytes = 2 * k.numel() * k.element_size()
+    # The same KV written into an fp8 pool token by token (write_kv_fp8 leaves k8/v8 holding the values as stored).
+    record = 2 * bs * hkv * d + 2 * hkv * 4
+    pool8 = torch.zeros(batch * nb, 1, record, dtype=torch.uint8, device=dev)
+    k8, v8 = (x.permute(0, 2, 1, 3).reshape(batch * length, hkv, d).contiguous() for x in (k, v))
+    pos = torch.arange(length, device=dev)
+    flat = (slots[:, pos // bs] * bs + pos % bs).reshape(-1)
+    caches = layer_caches(pool8, 0, bs, hkv, d)
+    write_kv_fp8(k8, v8, *caches, flat)
+    as_stored = [x.view(batch, length, hkv, d).transpose(1, 2) for x in (k8, v8)]
+    want8 = F.scaled_dot_product_attention(q, *as_stored, scale=scale, enable_gqa=True)[:, :, 0].float()
+    err8 = ((paged_attention_triton(qp, *caches, meta, scale).float() - want8).norm() / want8.norm()).item()
+    if err8 > 1e-2:
+        raise AssertionError(f"paged decode over the fp8 pool differs from SDPA over its KV: {err8:.2e}")
+    t_fp8 = do_bench(lambda: paged_attention_triton(qp, *caches, meta, scale), warmup=25, rep=200, return_mode="median")
+    t_fp8 /= 1e3
     sweep = []
     if args.sweep:
         for partition in (256, 512, 1024):
@@ -88,6 +106,10 @@ def case(batch: int, length: int, args) -> dict:
         "sdpa_tbps": nbytes / t_sdpa / 1e12,
         "paged_tbps": nbytes / t_paged / 1e12,
         "ratio": t_sdpa / t_paged,
+        "fp8_ms": t_fp8 * 1e3,
+        "fp8_tbps": batch * nb * record / t_fp8 / 1e12,
+        "fp8_rel_error": err8,
+        "fp8_speedup": t_paged / t_fp8,
     }
 
 
@@ -111,7 +133,8 @@ def main() -> int:
         r = rows[-1]
         print(
             f"B={b:>3} L={length:>7}: SDPA {r['sdpa_ms']:.3f} ms ({r['sdpa_tbps']:.2f} TB/s)  paged {r['paged_ms']:.3f} ms "
-            f"({r['paged_tbps']:.2f} TB/s)  paged/SDPA bandwidth {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}"
+            f"({r['paged_tbps']:.2f} TB/s)  paged/SDPA bandwidth {r['ratio']:.0%}  rel.err {r['rel_error']:.1e}; fp8 pool "
+            f"{r['fp8_ms']:.3f} ms ({r['fp8_tbps']:.2f} TB/s of its bytes, {r['fp8_speedup']:.2f}x bf16's paged)"
         )
     meta = run_meta()
     write_json(args.out, meta, rows=rows)

@@ -46,6 +46,10 @@ def main() -> int:
     ap.add_argument("--nvme-dir")
     ap.add_argument("--nvme-memory")
     ap.add_argument("--nvme-backend", help="auto, kvikio or posix (default: tierkv's)")
+    ap.add_argument(
+        "--kv-cache-dtype",
+        help="fp8: the GPU tier holds blocks compressed (about twice the tokens; the cold tiers too; lossy, opt-in)",
+    )
     ap.add_argument("--cold-kv-dtype", help="fp8: the CPU and NVMe tiers hold blocks compressed (lossy, opt-in)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -85,7 +89,15 @@ def main() -> int:
     for name in ("max_model_len", "block_size", "staging_blocks", "slice_steps"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
-    for name in ("gpu_memory", "cpu_memory", "nvme_dir", "nvme_memory", "nvme_backend", "cold_kv_dtype"):
+    for name in (
+        "gpu_memory",
+        "cpu_memory",
+        "nvme_dir",
+        "nvme_memory",
+        "nvme_backend",
+        "kv_cache_dtype",
+        "cold_kv_dtype",
+    ):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     t0 = time.perf_counter()
@@ -104,6 +116,7 @@ def main() -> int:
     stats = llm.stats()
     print(format_stats(stats))
     step = statistics.median(decode_steps) if decode_steps else None
+    # (As the GPU tier stores it: fp8 bytes under --kv-cache-dtype fp8.)
     kv_bytes = sum(len(p) + args.output_len for p in prompts) * llm.layout.block_nbytes // llm.layout.block_size
     gpu_bytes = stats["tiers"]["gpu"]["capacity_bytes"]
     # The per-step PCIe bound holds where one sequence streams its older KV every step (item 3). Where groups of
@@ -124,7 +137,8 @@ def main() -> int:
         f"{generated / wall:.1f} output tok/s (load {load_s:.1f} s; {stats['engine']['steps']} steps, "
         f"{stats['engine']['preemptions']} preemptions, prefetch {'off' if args.no_prefetch else 'on'}, "
         f"{'transfers serialized with compute, ' if args.serial_transfers else ''}"
-        f"{stats['engine']['deferred_steps']} steps overlapped by asynchronous scheduling)"
+        f"{stats['engine']['deferred_steps']} steps overlapped by asynchronous scheduling"
+        f"{', KV in fp8 on the GPU: ' + str(stats['tiers']['gpu']['capacity_blocks']) + ' blocks' if args.kv_cache_dtype else ''})"
     )
     if step is not None:
         line = f"median decode step {step * 1e3:.1f} ms over {len(decode_steps)} steps"
@@ -133,7 +147,7 @@ def main() -> int:
                 f"; KV {kv_bytes / 2**30:.1f} GiB, GPU tier {gpu_bytes / 2**30:.1f} GiB: {(kv_bytes - gpu_bytes) / 2**30:.1f} GiB "
                 f"cross the link per step, PCIe bound {bound * 1e3:.1f} ms at {link:.1f} GB/s: step = {step / bound:.2f}x the bound"
             )
-            if args.cold_kv_dtype:
+            if args.cold_kv_dtype and not args.kv_cache_dtype:
                 line += f" (the bound of the KV's own bytes; the {args.cold_kv_dtype} cold tiers send fewer)"
 
         if nvme_bound:
@@ -161,6 +175,7 @@ def main() -> int:
         decode_steps=len(decode_steps),
         h2d_gbps=link,
         kv_bytes=kv_bytes,
+        kv_cache_dtype=args.kv_cache_dtype,
         cold_kv_dtype=args.cold_kv_dtype,
         pcie_bound_s=bound,
         nvme_bytes_per_step=nvme_bytes if nvme_bound else None,

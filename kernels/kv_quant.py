@@ -83,12 +83,12 @@ if triton is not None:
     @triton.jit
     def _to_e4m3(x):
         """The e4m3 (fn) code of float32 x, |x| <= 448, rounded to nearest even: (exponent + 7) << 3 | mantissa,
-        the sign in bit 7; below 2^-6 the subnormal steps of 2^-9 (code 8 = 2^-6 continues them)."""
+        x's sign bit in bit 7; below 2^-6 the subnormal steps of 2^-9 (code 8 = 2^-6 continues them)."""
         a = tl.abs(x)
         e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(a)) for normal a
         normal = _round_even(a * _pow2(3 - tl.maximum(e, -6))) + (8 * tl.maximum(e, -6) + 48).to(tl.float32)
         code = tl.where(a < 0.015625, _round_even(a * 512.0), normal).to(tl.int32)
-        return (code | tl.where(x < 0, 0x80, 0)).to(tl.uint8)
+        return (code | tl.where(x.to(tl.int32, bitcast=True) < 0, 0x80, 0)).to(tl.uint8)  # (-0.0 too, as torch)
 
     @triton.jit
     def _from_e4m3(code):

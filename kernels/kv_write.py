@@ -1,12 +1,15 @@
 """Write new keys and values into their cache slots (one layer): `cache[slot // block_size, slot % block_size] = kv`.
 
 `slot_mapping[t]` is the flat slot (block slot * block_size + offset) of token t; the caches are one layer's
-views of shape (num_slots, block_size, num_kv_heads, head_dim). Negative slots are skipped.
+views of shape (num_slots, block_size, num_kv_heads, head_dim), or two `kv_fp8.Fp8Cache`s (an fp8 GPU tier: the
+keys and values quantized into its blocks by `kv_fp8.write_kv_fp8`). Negative slots are skipped.
 """
 
 from __future__ import annotations
 
 import torch
+
+from tierkv.kernels.kv_fp8 import Fp8Cache, write_kv_fp8
 
 try:
     import triton
@@ -88,8 +91,11 @@ def write_kv_triton(
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """The Triton kernel on CUDA, the reference elsewhere."""
-    if k.is_cuda:
+    """The Triton kernel on CUDA, the reference elsewhere. Into fp8 caches, k and v are overwritten with the
+    values as stored (`kv_fp8.write_kv_fp8`)."""
+    if isinstance(k_cache, Fp8Cache):
+        write_kv_fp8(k, v, k_cache, v_cache, slot_mapping)
+    elif k.is_cuda:
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_reference(k, v, k_cache, v_cache, slot_mapping)

@@ -1,10 +1,11 @@
 """Attention over a paged KV cache, for prefill (chunked, causal) and decode, with GQA and sliding windows: the
 entry points (`paged_attention` and the two implementations it chooses between).
 
-One layer's cache is two views `k_cache`, `v_cache` of shape (num_slots, block_size, num_kv_heads, head_dim); a
-batch is described by a `PagedBatch` (`paged_batch`). Every function returns the attention output and, when asked,
-the log-sum-exp of the scores per (row, head), which is what partial results over disjoint key sets need to be
-merged exactly (`partial_merge`).
+One layer's cache is two views `k_cache`, `v_cache` of shape (num_slots, block_size, num_kv_heads, head_dim), or
+two `kv_fp8.Fp8Cache`s (e4m3 codes of that shape and each block's scale per head: the kernels decode them in
+registers, the reference decodes the blocks it gathers); a batch is described by a `PagedBatch` (`paged_batch`).
+Every function returns the attention output and, when asked, the log-sum-exp of the scores per (row, head), which
+is what partial results over disjoint key sets need to be merged exactly (`partial_merge`).
 
 `paged_attention_reference` is plain PyTorch (it is what runs on CPU); `paged_attention_triton` is the Triton
 implementation: it launches the split-K kernel (`paged_decode`) for decode and short chunks, and the
@@ -18,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tierkv.kernels.kv_fp8 import Fp8Cache, dequantize, native_fp8
 from tierkv.kernels.paged_batch import PagedBatch, _pow2
 from tierkv.kernels.paged_decode import DECODE_CONFIG, SPLIT_MAX_Q, _leading_short
 from tierkv.kernels.paged_prefill import PREFILL_CONFIG, PREFILL_CONFIG_SMALL, _prefill_tiles
@@ -72,10 +74,14 @@ def attention_reference(
     return out.transpose(0, 1).to(q.dtype), lse.transpose(0, 1)
 
 
-def gather_keys(cache: torch.Tensor, table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The first `num_tokens` tokens of the blocks `table` of one layer's cache, as (num_tokens, Hkv, D)."""
-    blocks = cache[table.long()]  # (nb, bs, Hkv, D)
-    return blocks.reshape(-1, *cache.shape[2:])[:num_tokens]
+def gather_keys(cache: torch.Tensor | Fp8Cache, table: torch.Tensor, num_tokens: int, dtype=None) -> torch.Tensor:
+    """The first `num_tokens` tokens of the blocks `table` of one layer's cache, as (num_tokens, Hkv, D); an fp8
+    cache's decoded to `dtype`."""
+    if isinstance(cache, Fp8Cache):
+        blocks = dequantize(cache, table.long(), dtype)
+    else:
+        blocks = cache[table.long()]  # (nb, bs, Hkv, D)
+    return blocks.reshape(-1, *blocks.shape[2:])[:num_tokens]
 
 
 def paged_attention_reference(
@@ -90,7 +96,7 @@ def paged_attention_reference(
 ):
     """Plain PyTorch, one entry at a time. Returns out (T, Hq, D) [, lse (T, Hq) float32]; `out`: where the output
     goes (a (T, Hq, D) tensor, such as a graph's static buffer), else a new tensor."""
-    bs = k_cache.shape[1]
+    bs = _codes(k_cache).shape[1]
     out = torch.empty_like(q) if out is None else out
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device) if need_lse else None
     starts = batch.q_starts.tolist()
@@ -104,8 +110,8 @@ def paged_attention_reference(
         kv0 = first * bs
         nblocks = -(-(ctx - kv0) // bs)
         table = batch.block_tables[i, :nblocks]
-        k = gather_keys(k_cache, table, ctx - kv0)
-        v = gather_keys(v_cache, table, ctx - kv0)
+        k = gather_keys(k_cache, table, ctx - kv0, q.dtype)
+        v = gather_keys(v_cache, table, ctx - kv0, q.dtype)
         q_pos = torch.arange(p0, p0 + r1 - r0, device=q.device)
         k_pos = torch.arange(kv0, ctx, device=q.device)
         res = attention_reference(q[r0:r1], k, v, q_pos, k_pos, scale, sliding_window, need_lse)
@@ -114,6 +120,10 @@ def paged_attention_reference(
         else:
             out[r0:r1] = res
     return (out, lse) if need_lse else out
+
+
+def _codes(cache: torch.Tensor | Fp8Cache) -> torch.Tensor:
+    return cache.codes if isinstance(cache, Fp8Cache) else cache
 
 
 # -- Triton -----------------------------------------------------------------------------------------------------
@@ -142,6 +152,12 @@ def paged_attention_triton(
     `decode_config` overrides DECODE_CONFIG (tokens per split-K partition, keys per iteration, warps, stages);
     `prefill_config` overrides PREFILL_CONFIG (PREFILL_CONFIG_SMALL for float32 inputs or head_dim over 128)."""
     T, num_heads, head_dim = q.shape
+    fp8 = isinstance(k_cache, Fp8Cache)
+    # fp8: the codes in place of the KV, the scales beside them; else the scale arguments are unread placeholders.
+    k_scales, v_scales = (k_cache.scales, v_cache.scales) if fp8 else (q, q)
+    k_cache, v_cache = _codes(k_cache), _codes(v_cache)
+    scale_args = (k_scales, v_scales, k_scales.stride(0) if fp8 else 0, v_scales.stride(0) if fp8 else 0)
+    fp8_args = {"KV_FP8": fp8, "FP8_NATIVE": fp8 and native_fp8()}
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     bs = k_cache.shape[1]
@@ -194,6 +210,7 @@ def paged_attention_triton(
             scale,
             sliding_window,
             partition,
+            *scale_args,
             GROUP=group,
             ROWS=_pow2(short_q * group),
             BS=bs,
@@ -202,6 +219,7 @@ def paged_attention_triton(
             BLOCK_D=block_d,
             PRECISION=precision,
             CAUSAL=short_q > 1,
+            **fp8_args,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -271,6 +289,7 @@ def paged_attention_triton(
             scale * _LOG2_E,
             sliding_window,
             head_programs,
+            *scale_args,
             GROUP=group,
             HEADS=heads,
             TOKENS=tile_tokens,
@@ -280,6 +299,7 @@ def paged_attention_triton(
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             PRECISION=precision,
+            **fp8_args,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -287,16 +307,20 @@ def paged_attention_triton(
 
 
 def compile_variants(
-    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device, caches=None
 ) -> int:
     """Compile every variant of the split-K kernel a run can need (one per row bucket and causality: a short chunk
     of 2-16 query tokens, such as the tail of a prompt beside decodes, needs its own), the prefill kernel and the
     merge kernels, on tiny inputs, so that no compilation (0.8-1.2 s each on an H100) lands in the middle of a run.
-    Returns the number of calls made; compiled kernels stay in Triton's cache (memory and disk)."""
+    `caches`: one layer's (keys, values) to compile for (an fp8 pool's views: their strides pick the variants; at
+    least 4 slots, read, never written), else 4 zero slots in `dtype`. Returns the number of calls made; compiled
+    kernels stay in Triton's cache (memory and disk)."""
     device = torch.device(device)
     group = num_heads // num_kv_heads
-    kc = torch.zeros((4, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
-    vc = torch.zeros_like(kc)
+    if caches is None:
+        kc = torch.zeros((4, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+        caches = (kc, torch.zeros_like(kc))
+    kc, vc = caches
     seen, calls = set(), 0
 
     def call(q_lens: list[int]) -> None:

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover
 
 
 if triton is not None:
+    from tierkv.kernels.kv_fp8 import decode_tile
 
     @triton.jit
     def _attend_keys(
@@ -42,15 +43,24 @@ if triton is not None:
         stride_vs,
         stride_vt,
         stride_vh,
+        KS,
+        VS,
+        stride_kss,
+        stride_vss,
         CAUSAL: tl.constexpr,
         BS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
+        KV_FP8: tl.constexpr,
+        FP8_NATIVE: tl.constexpr,
     ):
         """Online softmax of the query rows `q` over keys [lo, hi) of one sequence, whose block table row is
-        BT_ROW (logical block 0 of the table is at position kv0). Returns the updated (m_i, l_i, acc)."""
+        BT_ROW (logical block 0 of the table is at position kv0). Returns the updated (m_i, l_i, acc).
+
+        KV_FP8: K and V hold e4m3 codes (uint8) and KS, VS each block's scale per head (kernels/kv_fp8.py): the
+        tiles are decoded in registers, in q's dtype; FP8_NATIVE as in kv_fp8.decode_tile."""
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         for start in range(lo, hi, BLOCK_N):
@@ -60,11 +70,12 @@ if triton is not None:
             slot = tl.load(BT_ROW + rel // BS, mask=n_mask, other=0).to(tl.int64)
             tok = rel % BS
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(
-                K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
+            k_ptrs = K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+            if KV_FP8:
+                k_codes = tl.load(k_ptrs, mask=kv_mask, other=0)
+                k = decode_tile(k_codes, tl.load(KS + slot * stride_kss + kvh), FP8_NATIVE).to(q.dtype)
+            else:
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             valid = n_mask[None, :]
             if CAUSAL:
@@ -77,11 +88,12 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
+            v_ptrs = V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
+            if KV_FP8:
+                v_codes = tl.load(v_ptrs, mask=kv_mask, other=0)
+                v = decode_tile(v_codes, tl.load(VS + slot * stride_vss + kvh), FP8_NATIVE).to(q.dtype)
+            else:
+                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         return m_i, l_i, acc
@@ -123,6 +135,10 @@ if triton is not None:
         scale,
         window,
         partition,
+        KS,
+        VS,
+        stride_kss,
+        stride_vss,
         GROUP: tl.constexpr,
         ROWS: tl.constexpr,
         BS: tl.constexpr,
@@ -131,6 +147,8 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
         CAUSAL: tl.constexpr,
+        KV_FP8: tl.constexpr,
+        FP8_NATIVE: tl.constexpr,
     ):
         # One program: one entry, one KV head, one partition of the keys; its rows are every (query token, query
         # head of this KV head) pair of the entry, so the keys are read once for all of them.
@@ -183,12 +201,18 @@ if triton is not None:
             stride_vs,
             stride_vt,
             stride_vh,
+            KS,
+            VS,
+            stride_kss,
+            stride_vss,
             CAUSAL=CAUSAL,
             BS=BS,
             HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
             PRECISION=PRECISION,
+            KV_FP8=KV_FP8,
+            FP8_NATIVE=FP8_NATIVE,
         )
         out, lse = _normalise(acc, m_i, l_i)
         o_ptr = O_PART + rows[:, None] * stride_oe + part * stride_op + heads[:, None] * stride_oh + offs_d[None, :]

@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 
 
 if triton is not None:
+    from tierkv.kernels.kv_fp8 import decode_tile
 
     @triton.jit
     def _prefill_keys(
@@ -44,19 +45,27 @@ if triton is not None:
         stride_vs,
         stride_vt,
         stride_vh,
+        KS,
+        VS,
+        stride_kss,
+        stride_vss,
         MASKED: tl.constexpr,
         BS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
+        KV_FP8: tl.constexpr,
+        FP8_NATIVE: tl.constexpr,
     ):
         """Online softmax in base 2 (scores times qk_scale = scale * log2(e)) of the rows `q` at positions `q_pos`
         over keys [lo, hi) of one sequence (block table row BT_ROW, whose block 0 starts at position kv0).
 
         MASKED=True masks per key and row: keys at or past hi, after the row (causal), outside its window.
         MASKED=False masks nothing, so it is only for ranges that every row sees in full (keys that exist, precede
-        the first row and lie in the last row's window) and that are whole BLOCK_N steps long."""
+        the first row and lie in the last row's window) and that are whole BLOCK_N steps long.
+
+        KV_FP8: K and V hold e4m3 codes and KS, VS the blocks' scales, decoded in registers (as in paged_decode)."""
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
         for start in range(lo, hi, BLOCK_N):
@@ -70,6 +79,8 @@ if triton is not None:
             k_rows = slot * stride_ks + (rel % BS) * stride_kt + kvh * stride_kh
             v_rows = slot * stride_vs + (rel % BS) * stride_vt + kvh * stride_vh
             k = _load_keys(K + k_rows[:, None] + offs_d[None, :], n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+            if KV_FP8:
+                k = decode_tile(k, tl.load(KS + slot * stride_kss + kvh), FP8_NATIVE).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if MASKED:
                 valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
@@ -88,6 +99,8 @@ if triton is not None:
                 alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_keys(V + v_rows[:, None] + offs_d[None, :], n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
+            if KV_FP8:
+                v = decode_tile(v, tl.load(VS + slot * stride_vss + kvh), FP8_NATIVE).to(q.dtype)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
             m_i = m_new
@@ -136,6 +149,10 @@ if triton is not None:
         qk_scale,
         window,
         head_programs,
+        KS,
+        VS,
+        stride_kss,
+        stride_vss,
         GROUP: tl.constexpr,
         HEADS: tl.constexpr,
         TOKENS: tl.constexpr,
@@ -145,6 +162,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
+        KV_FP8: tl.constexpr,
+        FP8_NATIVE: tl.constexpr,
     ):
         # One program: TOKENS query tokens of one entry (a tile) times HEADS query heads of one KV head, as BLOCK_M
         # rows, token-major. HEADS = 1 is one head per program; HEADS = GROUP packs the KV head's whole group, which
@@ -209,12 +228,18 @@ if triton is not None:
             stride_vs,
             stride_vt,
             stride_vh,
+            KS,
+            VS,
+            stride_kss,
+            stride_vss,
             MASKED=True,
             BS=BS,
             HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
             PRECISION=PRECISION,
+            KV_FP8=KV_FP8,
+            FP8_NATIVE=FP8_NATIVE,
         )
         m_i, l_i, acc = _prefill_keys(
             q,
@@ -237,12 +262,18 @@ if triton is not None:
             stride_vs,
             stride_vt,
             stride_vh,
+            KS,
+            VS,
+            stride_kss,
+            stride_vss,
             MASKED=False,
             BS=BS,
             HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
             PRECISION=PRECISION,
+            KV_FP8=KV_FP8,
+            FP8_NATIVE=FP8_NATIVE,
         )
         m_i, l_i, acc = _prefill_keys(
             q,
@@ -265,12 +296,18 @@ if triton is not None:
             stride_vs,
             stride_vt,
             stride_vh,
+            KS,
+            VS,
+            stride_kss,
+            stride_vss,
             MASKED=True,
             BS=BS,
             HEAD_DIM=HEAD_DIM,
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
             PRECISION=PRECISION,
+            KV_FP8=KV_FP8,
+            FP8_NATIVE=FP8_NATIVE,
         )
         # Rows that saw no key (a window past every key of a streamed chunk) get output 0 and lse -inf.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -56,7 +56,7 @@ def read_block(pm: PageManager, block: Block) -> torch.Tensor:
     block.ready.wait()
     tier = pm.tiers[block.tier]
     if isinstance(tier, NvmeTier):
-        out = torch.empty((1, *pm.layout.block_shape), dtype=pm.layout.dtype)
+        out = torch.empty((1, *tier.layout.block_shape), dtype=tier.layout.storage_dtype)
         tier.store.read([block.slot], out, [0])
         return out[0]
     if tier.is_cuda:

@@ -210,6 +210,20 @@ def test_check_and_overrides(model_dir, tmp_path):
     assert code == 2 and "engine: eviction 'fifo' is not one of lru, clock" in err
 
 
+def test_lossy_kv_storage_is_part_of_the_settings_fingerprint(model_dir, tmp_path):
+    """A resume under another kv_cache_dtype or cold_kv_dtype would mix outputs of two precisions: the settings
+    digest names them where set (and only there, so that earlier outputs keep their fingerprints)."""
+    spec = batch.load_spec(write_job(tmp_path / "job", model_dir))
+    digest = lambda: batch.prepare(spec)[0].fingerprint["settings"]  # noqa: E731
+    exact = digest()
+    spec.engine["kv_cache_dtype"] = "auto"
+    assert digest() == exact
+    spec.engine["kv_cache_dtype"] = "fp8"
+    fp8 = digest()
+    spec.engine.update(kv_cache_dtype="auto", cold_kv_dtype="fp8")
+    assert len({exact, fp8, digest()}) == 3
+
+
 @pytest.mark.parametrize(
     "change, records, message",
     [
@@ -230,6 +244,7 @@ def test_check_and_overrides(model_dir, tmp_path):
         (dict(input="missing.jsonl"), None, "input: file"),
         (dict(model=None), None, "model: expected a string"),
         (dict(engine={"gpu_blocks": 1}), None, "engine.gpu_blocks/gpu_memory: the GPU tier holds 1 blocks"),
+        (dict(engine={"kv_cache_dtype": "int3"}), None, "engine: kv_cache_dtype 'int3' is not one of 'auto'"),
         (
             dict(engine={"cpu_blocks": 0, "nvme_blocks": 2}, sampling={"max_tokens": 200}),
             None,

@@ -131,7 +131,7 @@ class StepAttention:
         """Per chunk: its copies (source tier, source slots, staging rows) and its attention metadata, prebuilt."""
         device = self.gpu.pool.device
         chunk = self.staging.shape[1]
-        bs = self.gpu.pool.shape[3]
+        bs = self.gpu.layout.block_size
         rows = s.rows[1] - s.rows[0]
         firsts = range(0, len(s.slots), chunk)
         # The chunks' attention metadata is the same for every layer: built once per step, in one host-to-device copy.
@@ -213,7 +213,8 @@ class StepAttention:
     ) -> torch.Tensor:
         """Attention of q over the layer's cache, whose new keys and values are already written (after wait()).
         `out`: where the output goes (T, Hq, D), else a new tensor; `new_kv`: this step's keys and values (T, Hkv, D),
-        which the whole prompts among the entries attend over (required when there are any)."""
+        which the whole prompts among the entries attend over (required when there are any; into an fp8 GPU tier,
+        write_kv left them as stored, so that a prompt reads its keys as its later chunks and tokens do)."""
         k_cache, v_cache = self.caches(layer)
         window = self.windows[layer]
         if self.prompts is not None:

@@ -320,12 +320,12 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
         else resolve_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     )
     dtype = cfg.dtype or default_dtype(hf_config, device)
-    layout = KVLayout(mspec.num_layers, mspec.num_kv_heads, mspec.head_dim, dtype, cfg.block_size)
+    layout = KVLayout(mspec.num_layers, mspec.num_kv_heads, mspec.head_dim, dtype, cfg.block_size, cfg.gpu_codec)
     tokenizer = load_tokenizer(cfg.tokenizer or path) if os.path.isdir(cfg.tokenizer or path) else None
     max_model_len = cfg.max_model_len or mspec.max_position_embeddings or 1 << 30
     gpu_known = cfg.gpu_blocks is not None or cfg.gpu_memory is not None or device.type != "cuda"
     if gpu_known:  # (defaults on CUDA are the free memory of a device, found once there)
-        cold_nbytes = layout.compressed(cfg.cold_kv_dtype or "none").block_nbytes
+        cold_nbytes = layout.compressed(cfg.cold_codec).block_nbytes
         gpu, cpu, nvme = resolve_capacities(cfg, layout.block_nbytes, device, cold_nbytes=cold_nbytes)
         try:
             check_gpu_tier(gpu, layout.block_nbytes)
@@ -345,6 +345,8 @@ def prepare(spec: RunSpec) -> list[PreparedRecord]:
         "seed": cfg.seed,
         "device": device.type,
     }
+    # Lossy KV storage shapes results too; named only where set, so that earlier results keep their fingerprints.
+    shared.update({k: v for k in ("kv_cache_dtype", "cold_kv_dtype") if (v := getattr(cfg, k)) not in ("auto", None)})
     prepared = []
     for r in spec.records:
         where = f"input line {r.line} (id {r.id!r})"

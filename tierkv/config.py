@@ -51,7 +51,8 @@ class PageManagerConfig:
 
     Capacities are in blocks (`*_blocks`) or in bytes (`*_memory`, e.g. "20GiB"); a tier of 0 blocks is absent,
     except the GPU tier, which needs at least one block. On a machine without CUDA the "gpu" tier lives in
-    ordinary memory and everything runs synchronously through the same code.
+    ordinary memory and everything runs synchronously through the same code. The GPU tier stores blocks as
+    `layout` says (its codec "fp8": compressed, `kv_cache_dtype="fp8"`).
     """
 
     layout: KVLayout
@@ -79,14 +80,21 @@ class PageManagerConfig:
     # Keyed blocks are copied to NVMe as soon as they are keyed (write-through) instead of only when evicted or
     # at close (write-back): the cache on disk is always complete, at the cost of disk writes.
     write_through: bool = False
-    # How the CPU and NVMe tiers store blocks: "none" (as the GPU tier does) or "fp8" (compressed on the way down,
-    # about half the bytes; lossy: see cold_kv_dtype in EngineConfig).
-    cold_codec: str = "none"
+    # How the CPU and NVMe tiers store blocks: None (as the GPU tier does), "none" or "fp8" (compressed on the way
+    # down, about half the bytes; lossy: see cold_kv_dtype in EngineConfig). Below an fp8 GPU tier: fp8.
+    cold_codec: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.layout, KVLayout):
             raise ConfigError(f"layout must be a tierkv.KVLayout, got {type(self.layout).__name__}")
         self.device = resolve_device(self.device)
+        if self.cold_codec is None:
+            self.cold_codec = self.layout.codec
+        if self.layout.codec == "fp8" and self.cold_codec != "fp8":
+            raise ConfigError(
+                f"cold_codec {self.cold_codec!r} below an fp8 GPU tier: the cold tiers would hold twice the bytes and "
+                "no more accuracy; leave cold_codec unset (the cold tiers then store fp8 too)"
+            )
         nbytes = self.layout.block_nbytes
         cold = self.cold_layout.block_nbytes
         self.gpu_blocks = resolve_blocks("gpu", self.gpu_blocks, self.gpu_memory, nbytes)
@@ -182,9 +190,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_load: str = "auto"
     write_through: bool = False
-    # The CPU and NVMe tiers' KV: None (the KV's own dtype, exact) or "fp8" (e4m3 with a float32 scale per layer,
-    # keys or values, and head of each block: about half the bytes to store and move; lossy, opt-in; the accuracy
-    # is measured in tests/test_cold_fp8.py).
+    # The GPU tier's KV: "auto" (the model's dtype) or "fp8" (e4m3 codes with a power-of-two float32 scale per
+    # layer, keys or values, and head of each block: about half the bytes, so about twice the tokens in the same
+    # gpu_memory; lossy, opt-in; the accuracy is measured in tests/test_fp8_kv_cache.py). The cold tiers then
+    # store fp8 too, and blocks move between the tiers as they are.
+    kv_cache_dtype: str = "auto"
+    # The CPU and NVMe tiers' KV: None (as the GPU tier stores it: exact) or "fp8" (e4m3 with a float32 scale per
+    # layer, keys or values, and head of each block: about half the bytes to store and move; lossy, opt-in; the
+    # accuracy is measured in tests/test_cold_fp8.py).
     cold_kv_dtype: str | None = None
     # Tensor parallelism: ranks (one process and one GPU each; see tierkv.tp). Tier capacities are per rank.
     tensor_parallel_size: int = 1
@@ -247,12 +260,29 @@ class EngineConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of 'auto' (the model's dtype) or 'fp8' (e4m3 "
+                "codes with a scale per block, layer and head: about twice the tokens on the GPU, lossy)"
+            )
         if self.cold_kv_dtype not in (None, "fp8"):
-            raise ConfigError(f"cold_kv_dtype {self.cold_kv_dtype!r} is not one of None (the KV's own dtype) or 'fp8'")
+            raise ConfigError(
+                f"cold_kv_dtype {self.cold_kv_dtype!r} is not one of None (as the GPU tier stores the KV) or 'fp8'"
+            )
         if self.prefix_load not in ("auto", "always"):
             raise ConfigError(
                 f"prefix_load {self.prefix_load!r} is not one of 'auto' (load or recompute, whichever is faster) or 'always'"
             )
+
+    @property
+    def gpu_codec(self) -> str:
+        """How the GPU tier stores blocks: "none" (the model's dtype) or "fp8" (KVLayout.codec)."""
+        return "fp8" if self.kv_cache_dtype == "fp8" else "none"
+
+    @property
+    def cold_codec(self) -> str:
+        """How the CPU and NVMe tiers store blocks: as the GPU tier, or "fp8" where cold_kv_dtype says so."""
+        return self.cold_kv_dtype or self.gpu_codec
 
 
 @dataclass

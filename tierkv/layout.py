@@ -57,9 +57,10 @@ class KVLayout:
     head_dim: int
     dtype: torch.dtype = torch.bfloat16
     block_size: int = 16
-    # "fp8": blocks stored compressed (the cold tiers' `cold_kv_dtype="fp8"`): per layer, the keys' and values'
-    # e4m3 codes then their float32 scales per head (tierkv/kernels/kv_quant.py); a block is (num_layers, record)
-    # bytes, about half of bf16. `dtype` stays the KV's own: what the codes decode to.
+    # "fp8": blocks stored compressed (`kv_cache_dtype="fp8"` on the GPU tier, `cold_kv_dtype="fp8"` on the cold
+    # tiers): per layer, the keys' and values' e4m3 codes then their float32 scales per head
+    # (tierkv/kernels/kv_quant.py, kv_fp8.py); a block is (num_layers, record) bytes, about half of bf16. `dtype`
+    # stays the KV's own: what the codes decode to.
     codec: str = "none"
 
     def __post_init__(self) -> None:
@@ -76,8 +77,9 @@ class KVLayout:
             raise ConfigError(f"KV layout: codec {self.codec!r} is not one of 'none', 'fp8'")
         if self.codec == "fp8" and (self.block_size * self.num_kv_heads * self.head_dim) % 2:
             raise ConfigError(
-                "cold_kv_dtype fp8 needs block_size x num_kv_heads x head_dim to be even (its scales align to 4 "
-                f"bytes); got {self.block_size} x {self.num_kv_heads} x {self.head_dim}: use an even block_size"
+                "fp8 KV (kv_cache_dtype or cold_kv_dtype) needs block_size x num_kv_heads x head_dim to be even (its "
+                f"scales align to 4 bytes); got {self.block_size} x {self.num_kv_heads} x {self.head_dim}: use an even "
+                "block_size"
             )
 
     def compressed(self, codec: str) -> KVLayout:

@@ -25,11 +25,10 @@ def setup_rank(cfg: EngineConfig, device: torch.device, tp=None) -> tuple:
     loaded = load_model(cfg.model, device, _dtype(cfg.dtype), cfg.load_format, cfg.seed, tp=tp)
     spec = loaded.spec
     dtype = next(loaded.model.parameters()).dtype
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size)
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, cfg.block_size, cfg.gpu_codec)
     nvme_dir = cfg.nvme_dir if tp is None or cfg.nvme_dir is None else os.path.join(cfg.nvme_dir, f"rank-{tp.rank}")
     ranks = 1 if tp is None else tp.world
-    cold_codec = cfg.cold_kv_dtype or "none"
-    cold_nbytes = layout.compressed(cold_codec).block_nbytes
+    cold_nbytes = layout.compressed(cfg.cold_codec).block_nbytes
     caps = resolve_capacities(
         dataclasses.replace(cfg, nvme_dir=nvme_dir), layout.block_nbytes, device, ranks, cold_nbytes
     )
@@ -57,7 +56,7 @@ def setup_rank(cfg: EngineConfig, device: torch.device, tp=None) -> tuple:
             # have to agree on which of them every rank still holds intact (not built yet).
             adopt_stored=cfg.enable_prefix_caching and tp is None,
             write_through=cfg.write_through,
-            cold_codec=cold_codec,
+            cold_codec=cfg.cold_codec,
         )
     )
     return loaded, pm

@@ -15,6 +15,7 @@ import torch
 from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
 from tierkv.disk_stream import DiskStream
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
+from tierkv.kernels.kv_fp8 import caches_per_alignment
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.prompt_attention import PromptRows
@@ -83,9 +84,12 @@ class ModelRunner:
             nvme, gpu = pm.tiers[NVME], self.gpu_tier
             self.disk = (reader, lambda: pm.mover.link_stats(nvme, gpu))  # (its record is replaced by a counter reset)
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run
-            compile_variants(
-                self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype, self.device
-            )
+            dims = (self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype)
+            compile_variants(*dims, self.device)  # (the staging buffers of streamed KV hold it in the KV's dtype)
+            if layout.codec == "fp8":  # over 4 slots shaped as the GPU tier's (its strides, its layers' alignments)
+                spare = torch.zeros((4, *layout.block_shape), dtype=torch.uint8, device=self.device)
+                for caches in caches_per_alignment(spare, layout.block_size, layout.num_kv_heads, layout.head_dim):
+                    compile_variants(*dims, self.device, caches=caches)
         self.scale = self.spec.head_dim**-0.5
         graphs = cuda_graphs and cuda
         self.graphs = DecodeGraphs(self, max_batch) if graphs else None  # decode steps replayed as CUDA graphs

@@ -1,7 +1,7 @@
 """Moving blocks between pools that store them differently: the GPU tier holds the KV as the model reads it, the
 cold tiers may hold it compressed (`cold_kv_dtype="fp8"`: tierkv/kernels/kv_quant.py). Where both sides store alike
-a move is a copy; otherwise it is quantized on the way down and dequantized on the way up, on the device that
-holds the KV, one batch at a time.
+a move is a copy (always, under `kv_cache_dtype="fp8"`: every tier holds the same fp8 records); otherwise it is
+quantized on the way down and dequantized on the way up, on the device that holds the KV, one batch at a time.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tierkv.errors import CapacityError
+from tierkv.kernels.kv_fp8 import layer_caches
 from tierkv.kv.block import NVME, TIER_NAMES
 from tierkv.kv.nvme_store import NvmeStore
 from tierkv.kv.slots import SlotAllocator
@@ -174,11 +175,16 @@ class MemoryTier(Tier):
         super().__init__(kind, layout, num_blocks, num_slots)
         self._layer_views: list | None = None
 
-    def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_views(self, layer: int) -> tuple:
         """(keys, values) of one layer, each (slots, block_size, Hkv, D), strided views of the pool, made once (a
-        step's attention asks for them in every layer)."""
+        step's attention asks for them in every layer); in an fp8 pool, two `Fp8Cache`s (codes and scales)."""
         if self._layer_views is None:
-            self._layer_views = [(self.pool[:, i, 0], self.pool[:, i, 1]) for i in range(self.pool.shape[1])]
+            layout = self.layout
+            if layout.codec == "fp8":
+                dims = (layout.block_size, layout.num_kv_heads, layout.head_dim)
+                self._layer_views = [layer_caches(self.pool, i, *dims) for i in range(layout.num_layers)]
+            else:
+                self._layer_views = [(self.pool[:, i, 0], self.pool[:, i, 1]) for i in range(layout.num_layers)]
         return self._layer_views[layer]
 
     @property
