@@ -88,6 +88,8 @@ def test_fp8_cold_tiers_keep_smollm2s_greedy_output_close(tmp_path, smollm2_gguf
             ]
             outs = llm.generate(prompts, params, use_tqdm=False)
             stats = llm.stats()
+            # streamed as stored: fp8 records staged, decoded by the attention as it reads them
+            assert llm.engine.runner.staging.dtype == (torch.uint8 if cold else torch.float32)
         assert stats["engine"]["streamed_steps"] >= len(PROMPTS) * 12 and stats["tiers"]["nvme"]["blocks_in"] > 0
         runs[cold] = [o.outputs[0] for o in outs]
     equal = total = whole = 0

@@ -22,13 +22,14 @@ import torch
 
 from tierkv.disk_stream import DiskStream
 from tierkv.kernels.block_copy import copy_block_runs, copy_blocks, copy_blocks_triton, copy_engine_runs
+from tierkv.kernels.kv_fp8 import layer_caches
 from tierkv.kernels.kv_write import write_kv
 from tierkv.kernels.paged_attention import paged_attention
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.partial_merge import merge_partials_into
 from tierkv.kernels.prompt_attention import PromptRows, prompt_attention
-from tierkv.kv.codec import decode_layer
 from tierkv.kv.tiers import MemoryTier, NvmeTier
+from tierkv.layout import KVLayout
 
 
 def padded_tables(tables: list[list[int]], width: int) -> np.ndarray:
@@ -60,6 +61,14 @@ def host_to_device(parts: list[np.ndarray], device: torch.device) -> list[torch.
     return [buf[a : a + len(p)] for p, a in zip(parts, starts)]
 
 
+def staging_views(buf: torch.Tensor, layout: KVLayout) -> tuple:
+    """The (keys, values) the attention reads from a staging buffer (blocks, *one layer of a block as `layout`
+    stores it): two views of the KV, or two Fp8Caches over fp8 records (decoded as the kernels read them)."""
+    if layout.codec == "none":
+        return buf[:, 0], buf[:, 1]
+    return layer_caches(buf.unsqueeze(1), 0, layout.block_size, layout.num_kv_heads, layout.head_dim)
+
+
 @dataclass
 class StreamedEntry:
     """Blocks [0, len(slots)) of one entry that are not in its GPU window, grouped by the tier that holds them."""
@@ -87,13 +96,16 @@ class StepAttention:
         delay=None,
         prompts: PromptRows | None = None,
         disk: tuple[DiskStream, object] | None = None,
+        staging_layout: KVLayout | None = None,
     ) -> None:
         self.gpu = gpu
         self.batch = batch  # the entries of rows [0, prompts.row0), or of every row when `prompts` is None
         self.prompts = prompts  # the step's last entries, whole prompts: attended over their own new keys
         self.slot_mapping = slot_mapping
         self.streamed = streamed
-        self.staging = staging  # (buffers, staging_blocks, 2, block_size, Hkv, D) on the compute device
+        # (buffers, staging_blocks, *a layer of a block as the lower tiers store it) on the compute device
+        self.staging = staging
+        self.staging_layout = staging_layout if staging_layout is not None else gpu.layout
         self.scale = scale
         self.windows = sliding_windows
         self.copy_streams = copy_streams if streamed and copy_streams else None
@@ -164,7 +176,7 @@ class StepAttention:
                     at = None if contiguous else host_to_device([np.asarray(dst, np.int64)], device)[0]
                     moves.append((tier, None, (src, dst[0], at)))
                     continue
-                host_copy = self.copy_streams is not None and tier.is_host_memory and tier.layout.codec == "none"
+                host_copy = self.copy_streams is not None and tier.is_host_memory
                 runs = copy_engine_runs(src, dst) if host_copy else None
                 as_index = (
                     None
@@ -237,15 +249,17 @@ class StepAttention:
             q_rows = q[r0:r1]
             for moves, chunk in plan:
                 buf = self._fill(layer, moves)
-                part = paged_attention(q_rows, buf[:, 0], buf[:, 1], chunk, self.scale, window, need_lse=True)
+                k, v = staging_views(buf, self.staging_layout)
+                part = paged_attention(q_rows, k, v, chunk, self.scale, window, need_lse=True)
                 merge_partials_into(out[r0:r1], lse[r0:r1], *part)
                 if self.copy_streams is not None:
                     self._drained[(self._chunks - 1) % len(self._drained)].record(torch.cuda.current_stream(q.device))
         return out
 
     def _fill(self, layer: int, moves) -> torch.Tensor:
-        """Copy one chunk's blocks of `layer` into the next staging buffer; returns the buffer, ready to read on the
-        current stream (on CUDA the copy runs on the copy stream, after the buffer's previous reader)."""
+        """Copy one chunk's blocks of `layer` into the next staging buffer, as their tier stores them; returns the
+        buffer, ready to read on the current stream (on CUDA the copy runs on the copy stream, after the buffer's
+        previous reader)."""
         b = self._chunks % self.staging.shape[0]
         self._chunks += 1
         buf = self.staging[b]
@@ -253,8 +267,6 @@ class StepAttention:
             for tier, _, index in moves:
                 if isinstance(tier, NvmeTier):
                     self._read_disk(*index[1:], buf, None)
-                elif tier.layout.codec != "none":
-                    decode_layer(tier.pool[:, layer], tier.layout, buf, *index)
                 else:
                     copy_blocks(tier.pool[:, layer], buf, *index)
             return buf
@@ -267,8 +279,6 @@ class StepAttention:
             for tier, runs, index in moves:
                 if isinstance(tier, NvmeTier):
                     self._read_disk(*index[1:], buf, stream)
-                elif tier.layout.codec != "none":
-                    decode_layer(tier.pool[:, layer], tier.layout, buf, *index)
                 elif runs:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
@@ -290,11 +300,7 @@ class StepAttention:
         link.nbytes += host.numel() * host.element_size()
         link.batches += 1
         link.blocks += len(slots) if layer == 0 else 0  # each block counted once per step
-        if tier.layout.codec != "none":  # compressed on disk: decoded from the pinned buffer into the rows
-            n = len(slots)
-            at = rows if rows is not None else torch.arange(first_row, first_row + n, device=buf.device)
-            decode_layer(host, tier.layout, buf, torch.arange(n, device=buf.device), at)
-        elif rows is None:
+        if rows is None:
             buf[first_row : first_row + len(slots)].copy_(host, non_blocking=stream is not None)
         else:
             buf.index_copy_(0, rows, host.to(buf.device, non_blocking=stream is not None))

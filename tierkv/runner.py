@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables
+from tierkv.attention import StepAttention, StreamedEntry, host_to_device, padded_tables, staging_views
 from tierkv.disk_stream import DiskStream
 from tierkv.graphs import DecodeGraphs, PiecewiseGraphs
 from tierkv.kernels.kv_fp8 import caches_per_alignment
 from tierkv.kernels.paged_attention import compile_variants
 from tierkv.kernels.paged_batch import PagedBatch
 from tierkv.kernels.prompt_attention import PromptRows
-from tierkv.kv.block import GPU, NVME
+from tierkv.kv.block import CPU, GPU, NVME
 from tierkv.kv.manager import PageManager
 from tierkv.loader import LoadedModel
 
@@ -61,17 +61,13 @@ class ModelRunner:
         self.dtype = layout.dtype
         self.gpu_tier = pm.tiers[GPU]
         cuda = self.device.type == "cuda"
-        # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read).
+        # Streaming through staging: two buffers on CUDA (one fills on the copy stream while the other is read). They
+        # hold a layer of each streamed block as the tiers below the GPU store it (fp8 records: the attention decodes
+        # them as it reads, and only the compressed bytes are copied).
+        self.staging_layout = next((pm.tiers[k].layout for k in (CPU, NVME) if k in pm.tiers), layout)
         self.staging = torch.empty(
-            (
-                self.staging_buffers if cuda else 1,
-                staging_blocks,
-                2,
-                layout.block_size,
-                layout.num_kv_heads,
-                layout.head_dim,
-            ),
-            dtype=layout.dtype,
+            (self.staging_buffers if cuda else 1, staging_blocks, *self.staging_layout.block_shape[1:]),
+            dtype=self.staging_layout.storage_dtype,
             device=self.device,
         )
         self.copy_streams = [torch.cuda.Stream(self.device) for _ in range(self.staging_copy_streams)] if cuda else None
@@ -85,11 +81,16 @@ class ModelRunner:
             self.disk = (reader, lambda: pm.mover.link_stats(nvme, gpu))  # (its record is replaced by a counter reset)
         if cuda:  # every attention kernel variant compiled now, not in the middle of a run
             dims = (self.spec.num_heads, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype)
-            compile_variants(*dims, self.device)  # (the staging buffers of streamed KV hold it in the KV's dtype)
-            if layout.codec == "fp8":  # over 4 slots shaped as the GPU tier's (its strides, its layers' alignments)
+            if layout.codec == "none":
+                compile_variants(*dims, self.device)
+            else:  # over 4 slots shaped as the GPU tier's (its strides, its layers' alignments)
                 spare = torch.zeros((4, *layout.block_shape), dtype=torch.uint8, device=self.device)
                 for caches in caches_per_alignment(spare, layout.block_size, layout.num_kv_heads, layout.head_dim):
                     compile_variants(*dims, self.device, caches=caches)
+            if (
+                self.staging_layout.codec != "none"
+            ):  # and over the staging buffers' records, as streamed chunks read them
+                compile_variants(*dims, self.device, caches=staging_views(self.staging[0], self.staging_layout))
         self.scale = self.spec.head_dim**-0.5
         graphs = cuda_graphs and cuda
         self.graphs = DecodeGraphs(self, max_batch) if graphs else None  # decode steps replayed as CUDA graphs
@@ -184,6 +185,7 @@ class ModelRunner:
             self.pm.mover.debug_delay,
             prompts,
             self.disk,
+            self.staging_layout,
         )
         attend.layer_waits = self.pm.take_layer_waits()  # blocks still arriving, layer group by layer group
         if self.pieces is not None and self.pieces.eligible(len(input_ids)):

@@ -35,16 +35,3 @@ def move_blocks(
         packed = torch.empty((n, *src_layout.block_shape), dtype=torch.uint8, device=dst.device)
         copy_blocks(src, packed, src_idx, rows)
         dequantize_blocks(packed, dst, dst_idx)
-
-
-def decode_layer(
-    src: torch.Tensor, layout: KVLayout, buf: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
-) -> None:
-    """One layer of compressed blocks into KV rows: buf[dst_idx[i]] (2, block_size, heads, head_dim) = the layer
-    record src[src_idx[i]] (src: rows of record bytes: a tier's `pool[:, layer]`, or records read from disk; on
-    the host, pinned where buf is on CUDA)."""
-    n = len(src_idx)
-    packed = torch.empty((n, 1, layout.record_nbytes), dtype=torch.uint8, device=buf.device)
-    rows = torch.arange(n, dtype=torch.int64, device=src_idx.device)
-    copy_blocks(src, packed.view(n, layout.record_nbytes), src_idx, rows)
-    dequantize_blocks(packed, buf.unsqueeze(1), dst_idx)
