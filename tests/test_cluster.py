@@ -245,6 +245,17 @@ def test_the_single_process_path_imports_no_ray(model_dir, tmp_path):
         ({"address": ""}, {}, "cluster: address '': give 'auto', a Ray cluster's address"),
         ({"cpus_per_replica": 0}, {}, "cluster: cpus_per_replica must be a number > 0"),
         ({"records_in_flight": 0}, {}, "cluster: records_in_flight must be an integer >= 1"),
+        ({"gpus_per_replica": 0}, {}, "cluster: gpus_per_replica must be a number > 0"),
+        (
+            {"gpus_per_replica": 0.5},
+            {"device": "cuda", "gpu_blocks": None},
+            "cluster.gpus_per_replica 0.5: replicas sharing a GPU each need engine.gpu_memory",
+        ),
+        (
+            {"gpus_per_replica": 0.5},
+            {"device": "cuda", "tensor_parallel_size": 2, "gpu_memory": "4GiB"},
+            "a fraction below 1 with tensor_parallel_size 1",
+        ),
         ({}, {"device": None}, "engine.device: a cluster run needs it set to 'cuda' or 'cpu' (got None)"),
         ({}, {"device": "cuda:1"}, "engine.device: a cluster run needs it set to 'cuda' or 'cpu' (got 'cuda:1')"),
         ("ray", {}, "cluster: expected a mapping of ClusterConfig fields, got str"),
@@ -256,6 +267,14 @@ def test_cluster_section_errors_name_the_key_and_the_fix(model_dir, tmp_path, cl
         batch.load_spec(job)
     assert message in str(err.value), str(err.value)
     assert not os.path.exists(tmp_path / "job" / "out")
+
+
+def test_replicas_reserve_their_gpus_or_a_share_of_one():
+    from tierkv.config import ClusterConfig
+
+    assert ClusterConfig(replicas=2).gpus({"device": "cpu"}) == 0
+    assert ClusterConfig(replicas=2).gpus({"device": "cuda", "tensor_parallel_size": 2}) == 2
+    assert ClusterConfig(replicas=2, gpus_per_replica=0.5).gpus({"device": "cuda", "gpu_memory": "20GiB"}) == 0.5
 
 
 def test_without_ray_installed_the_message_says_how_to_install_it(model_dir, tmp_path, monkeypatch):

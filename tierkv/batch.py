@@ -180,6 +180,7 @@ def cluster_section(data, engine: dict) -> ClusterConfig | None:
             f"engine.device: a cluster run needs it set to 'cuda' or 'cpu' (got {engine.get('device')!r}): the "
             "replicas' device, which this machine cannot tell (Ray gives each replica its GPUs, so not 'cuda:N')"
         )
+    cluster.gpus(engine)  # (checked: replicas sharing a GPU, tensor parallelism)
     if importlib.util.find_spec("ray") is None:
         raise ConfigError("cluster: needs Ray, which is not installed here; pip install 'tierkv[ray]'")
     return cluster

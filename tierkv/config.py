@@ -297,6 +297,9 @@ class ClusterConfig:
     address: str | None = None
     replicas: int = 1
     cpus_per_replica: float = 1.0
+    # GPUs Ray reserves per replica (with engine.device cuda): None, engine.tensor_parallel_size; a fraction below 1
+    # lets replicas share a GPU (each then needs its own engine.gpu_memory or gpu_blocks).
+    gpus_per_replica: float | None = None
     records_in_flight: int = 64  # per replica: records sent to it and not yet answered (more ahead of its engine)
     max_restarts: int = 8  # per replica; one that dies more often is given up, its records go to the others
 
@@ -315,3 +318,30 @@ class ClusterConfig:
         value = self.cpus_per_replica
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ConfigError(f"cpus_per_replica must be a number > 0, got {value!r}")
+        value = self.gpus_per_replica
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value):
+            raise ConfigError(
+                f"gpus_per_replica must be a number > 0 (a fraction: replicas share a GPU), got {value!r}"
+            )
+
+    def gpus(self, engine: dict) -> float:
+        """GPUs Ray reserves for each replica of a run with this `engine:` section: none on the CPU; gpus_per_replica
+        where given (a fraction: replicas share a GPU); else engine.tensor_parallel_size."""
+        if engine.get("device") != "cuda":
+            return 0
+        tp = engine.get("tensor_parallel_size", 1)
+        given = self.gpus_per_replica
+        if given is None or given == tp:
+            return tp
+        if given > 1 or tp > 1:
+            raise ConfigError(
+                f"cluster.gpus_per_replica {given:g} with engine.tensor_parallel_size {tp}: a replica runs on "
+                "tensor_parallel_size GPUs; leave gpus_per_replica out, or give a fraction below 1 with "
+                "tensor_parallel_size 1 for replicas sharing a GPU"
+            )
+        if engine.get("gpu_memory") is None and engine.get("gpu_blocks") is None:
+            raise ConfigError(
+                f"cluster.gpus_per_replica {given:g}: replicas sharing a GPU each need engine.gpu_memory (or "
+                "gpu_blocks), else the first one's GPU tier takes the GPU's free memory and the next finds none"
+            )
+        return given

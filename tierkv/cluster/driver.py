@@ -75,7 +75,7 @@ def connect(ray, spec: RunSpec) -> bool:
             ) from None
         started = False
     if started:  # a local Ray has what it has: refuse what it can never place, rather than wait forever
-        gpus = spec.engine.get("tensor_parallel_size", 1) if spec.engine["device"] == "cuda" else 0
+        gpus = spec.cluster.gpus(spec.engine)
         have = ray.cluster_resources()
         for what, need in (("CPU", cluster.cpus_per_replica), ("GPU", gpus)):
             if need * cluster.replicas > have.get(what, 0):
@@ -109,7 +109,7 @@ def run(spec: RunSpec, *, fresh: bool = False, show: bool = False, progress: boo
         cluster = spec.cluster
         started = connect(ray, spec)
         t0 = time.perf_counter()
-        gpus = spec.engine.get("tensor_parallel_size", 1) if spec.engine["device"] == "cuda" else 0
+        gpus = spec.cluster.gpus(spec.engine)
         actor = ray.remote(Replica).options(
             num_cpus=cluster.cpus_per_replica, num_gpus=gpus, max_restarts=cluster.max_restarts, max_task_retries=0
         )

@@ -17,6 +17,7 @@ import torch
 from tierkv.batch import PreparedRecord, result_line
 from tierkv.errors import StoreError
 from tierkv.llm import LLM
+from tierkv.tp.group import SAFE_ENV
 
 LOCK_WAIT_S = 60.0  # how long a new replica waits for its nvme_dir, held by the replica it replaces
 
@@ -25,6 +26,7 @@ class Replica:
     def __init__(self, index: int, model: str, engine: dict, cpus: float) -> None:
         """Replica `index` of a run: `LLM(model, **engine)`, its NVMe tier (if any) in nvme_dir/replica-<index>;
         on the CPU, it computes with as many threads as the `cpus` Ray gives it (more would fight the others)."""
+        os.environ.update(SAFE_ENV)  # (NVLink multicast off in every process: tierkv/tp/group.py says why)
         engine = dict(engine)
         if engine.get("device") == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
