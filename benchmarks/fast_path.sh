@@ -165,7 +165,9 @@ PY
     5) timeout 150 $py benchmarks/attention_decode.py --out "$out/fp5_attention.json" 2>&1 | tail -6
        # No grid sweep here (`--programs` with no sizes; run block_moves.py alone for it): the suite must fit one call.
        timeout 150 $py benchmarks/block_moves.py --programs --out "$out/fp5_block_moves.json" 2>&1 | tail -5 ;;
-    6) timeout 120 $py benchmarks/nvme_io.py --dir /tmp/tierkv-nvme-bench --blocks 1024 --batch 64 --out "$out/fp6_nvme.json" 2>&1 | tail -5 ;;
+    # (--slices: item 3n's reads, a 256 KiB layer slice of each 8 MiB block, over 8 and 32 threads, and 1 MiB pieces)
+    6) timeout 120 $py benchmarks/nvme_io.py --dir /tmp/tierkv-nvme-bench --blocks 1024 --batch 64 \
+           --slices 256:8192:8 256:8192:32 1024:8192:8 --out "$out/fp6_nvme.json" 2>&1 | tail -8 ;;
     esac
     echo "fast_path item $item: $((SECONDS - start)) s (whole suite so far: $SECONDS s; a device call allows 600)"
 done

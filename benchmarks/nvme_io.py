@@ -25,8 +25,12 @@ from tierkv.layout import KVLayout
 LAYOUTS = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 
 
-def raw_direct(path: str, nbytes: int, chunk: int = 16 << 20) -> tuple[float, float]:
-    """Sequential O_DIRECT write then read of `nbytes` in `chunk` pieces: (write GB/s, read GB/s)."""
+def raw_direct(
+    path: str, nbytes: int, chunk: int = 16 << 20, slices: list[tuple[int, int, int]] = ()
+) -> tuple[float, float] | tuple[float, float, dict]:
+    """Sequential O_DIRECT write then read of `nbytes` in `chunk` pieces: (write GB/s, read GB/s). With `slices`
+    ((piece bytes, stride bytes, threads) each), also the read GB/s of every piece-sized read at that stride, spread
+    over that many threads (a streamed step's pattern: one layer's slice of every block), as a third item."""
     buf = mmap.mmap(-1, chunk)
     buf.write(os.urandom(1024) * (chunk // 1024))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o644)
@@ -40,10 +44,29 @@ def raw_direct(path: str, nbytes: int, chunk: int = 16 << 20) -> tuple[float, fl
         for off in range(0, nbytes, chunk):
             os.preadv(fd, [buf], off)
         r = nbytes / (time.perf_counter() - t) / 1e9
+        strided = {f"{p >> 10}KiB/{s >> 10}KiB/{n}": strided_read(fd, nbytes, p, s, n) for p, s, n in slices}
     finally:
         os.close(fd)
         os.unlink(path)
-    return w, r
+    return (w, r, strided) if slices else (w, r)
+
+
+def strided_read(fd: int, nbytes: int, piece: int, stride: int, threads: int) -> float:
+    """GB/s of O_DIRECT reads of `piece` bytes at every `stride` over the first `nbytes` of the file, in `threads`
+    interleaved shares at once (as the POSIX backend spreads a batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    offsets = list(range(0, nbytes - piece + 1, stride))
+    bufs = [mmap.mmap(-1, piece) for _ in range(threads)]
+
+    def share(i: int) -> None:
+        for off in offsets[i::threads]:
+            os.preadv(fd, [bufs[i]], off)
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(share, range(threads)))
+    return len(offsets) * piece / (time.perf_counter() - t) / 1e9
 
 
 def run_backend(name: str, args, layout: KVLayout, pool: torch.Tensor) -> dict:
@@ -81,6 +104,13 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64, help="blocks per write/read call (one page-manager batch)")
     ap.add_argument("--backends", nargs="+", default=["kvikio", "posix"])
+    ap.add_argument(
+        "--slices",
+        nargs="*",
+        default=[],
+        metavar="KIB:STRIDE_KIB:THREADS",
+        help="also time reads of KIB at every STRIDE_KIB over THREADS threads (a streamed layer slice of each block)",
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -90,11 +120,17 @@ def main() -> int:
     if torch.cuda.is_available():
         pool = pool.pin_memory()
     nbytes = args.blocks * layout.block_nbytes
-    ceiling_w, ceiling_r = raw_direct(os.path.join(args.dir, "raw.bin"), nbytes)
+    slices = [tuple(int(x) << (10 if i < 2 else 0) for i, x in enumerate(s.split(":"))) for s in args.slices]
+    ceiling_w, ceiling_r, *strided = raw_direct(os.path.join(args.dir, "raw.bin"), nbytes, slices=slices)
+    strided = strided[0] if strided else {}
     print(
         f"{args.blocks} blocks of {layout.block_nbytes / 2**20:.1f} MiB ({nbytes / 2**30:.2f} GiB), batches of {args.batch}"
     )
     print(f"  raw O_DIRECT sequential 16 MiB: write {ceiling_w:.2f} GB/s, read {ceiling_r:.2f} GB/s")
+    for name, gbps in strided.items():
+        print(
+            f"  raw O_DIRECT reads (piece/stride/threads) {name}: {gbps:.2f} GB/s ({gbps / ceiling_r:.0%} of sequential)"
+        )
     rows = {}
     for name in args.backends:
         try:
@@ -111,7 +147,8 @@ def main() -> int:
         print(
             f"  kvikio / posix: write {k['write_gbps'] / p['write_gbps']:.0%}, read {k['read_gbps'] / p['read_gbps']:.0%}"
         )
-    write_json(args.out, run_meta(), raw={"write_gbps": ceiling_w, "read_gbps": ceiling_r}, backends=rows)
+    raw = {"write_gbps": ceiling_w, "read_gbps": ceiling_r, "strided_read_gbps": strided}
+    write_json(args.out, run_meta(), raw=raw, backends=rows)
     return 0
 
 
