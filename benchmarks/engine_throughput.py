@@ -130,7 +130,11 @@ def main() -> int:
     if bound and args.nvme_dir and nvme_bytes:
         from nvme_io import raw_direct
 
-        nvme_read = raw_direct(os.path.join(args.nvme_dir, "read-rate.bin"), min(nvme_bytes, 4 << 30))[1]
+        # The disk's best: 16 MiB reads one at a time, or eight in flight (a virtio disk reads faster with several).
+        _, alone, parallel = raw_direct(
+            os.path.join(args.nvme_dir, "read-rate.bin"), min(nvme_bytes, 4 << 30), slices=[(16 << 20, 16 << 20, 8)]
+        )
+        nvme_read = max(alone, *parallel.values())
         nvme_bound = nvme_bytes / (nvme_read * 1e9)
     print(
         f"{args.num_requests} x ({args.prompt_len} + {args.output_len}) on {args.model}: {wall:.1f} s, "
@@ -153,7 +157,8 @@ def main() -> int:
         if nvme_bound:
             line += (
                 f"; {nvme_bytes / 2**30:.1f} GiB of it read from NVMe per step, NVMe bound {nvme_bound * 1e3:.1f} ms at "
-                f"{nvme_read:.2f} GB/s (sequential O_DIRECT reads, this run): step = {step / max(bound, nvme_bound):.2f}x "
+                f"{nvme_read:.2f} GB/s (sequential O_DIRECT 16 MiB reads, the faster of one or eight in flight, this run): "
+                f"step = {step / max(bound, nvme_bound):.2f}x "
                 "the larger bound"
             )
         print(line)
