@@ -237,6 +237,7 @@ def test_errors_have_openais_shape_and_the_server_goes_on(server):
     cases = [
         ({"model": NAME, "prompt": "x", "temperature": -1}, auth, 400, "temperature"),
         ({"model": NAME, "prompt": "x", "max_tokens": 10**6}, auth, 400, "max_model_len"),
+        ({"model": NAME, "prompt": [5] * 1500, "max_tokens": 1}, auth, 400, "all tiers together hold"),  # 1,208 tokens
         ({"model": "gpt-9", "prompt": "x"}, auth, 404, "does not exist"),
         ({"model": NAME, "prompt": "x"}, {"Authorization": "Bearer wrong"}, 401, "API key"),
         ({"model": NAME, "prompt": "x" * (70 << 10)}, auth, 413, "limit"),
