@@ -3,10 +3,13 @@ their quantized copies, and on the packaged SmolLM2 model greedy output stays cl
 measures reported with thresholds (the accuracy of a lossy option, measured)."""
 
 import math
+import random
 
+import pytest
 import torch
 from kv_tools import check_invariants
 from test_page_manager import LAYOUT, add, tiers_of
+from tiny_models import make_checkpoint, random_prompts
 
 import tierkv
 from tierkv import PageManager, PageManagerConfig
@@ -108,3 +111,36 @@ def test_fp8_cold_tiers_keep_smollm2s_greedy_output_close(tmp_path, smollm2_gguf
           f"mean |d logprob| {mean_diff:.4f} over {len(diffs)} tokens")  # fmt: skip
     assert math.isfinite(mean_diff)
     assert share >= 0.8 and whole_share >= 0.5 and mean_diff < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_streamed_fp8_chunks_on_the_copy_stream_are_exact_with_delays(tmp_path, kv_cache_dtype):
+    """On CUDA, sequences longer than the GPU tier stream their older KV from fp8 cold tiers (pinned RAM and disk)
+    as records, copied raw into the staging buffers on the copy streams and decoded by the attention kernels as they
+    read them. With the copy streams held back by random sleeps, the tokens are those of the same run without the
+    sleeps: a missing event between a buffer's copy and its attention would show as other tokens."""
+    hf = make_checkpoint(tmp_path / "m", "llama")
+    prompts = random_prompts(3, 300, 600, hf.config.vocab_size, seed=5)
+    opts = dict(
+        device="cuda",
+        dtype="float32",
+        gpu_blocks=12,
+        cpu_blocks=24,
+        staging_blocks=5,
+        max_num_batched_tokens=64,
+        kv_cache_dtype=kv_cache_dtype,
+        cold_kv_dtype="fp8",
+        enable_prefix_caching=False,
+    )
+    runs = []
+    for delays in (False, True):
+        with tierkv.LLM(str(tmp_path / "m"), nvme_dir=str(tmp_path / f"nvme-{delays}"), nvme_blocks=400, **opts) as llm:
+            if delays:
+                llm.pm.mover._debug_rng = random.Random(2)
+            outs = llm.generate(prompts, tierkv.SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+            stats = llm.stats()
+            assert llm.engine.runner.staging.dtype == torch.uint8
+        assert stats["engine"]["streamed_steps"] > 0 and stats["links"]["nvme->gpu"]["bytes"] > 0
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert runs[0] == runs[1]
