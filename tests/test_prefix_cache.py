@@ -258,6 +258,20 @@ def test_the_choice_goes_by_large_batches_and_keeps_its_calibration():
     assert c.bandwidth["cpu->gpu"] == pytest.approx(50e9)
 
 
+def test_a_full_gpu_tier_evicts_a_cached_prefix_from_its_tail(model):
+    """With no tier below the GPU, a cached prefix that must give up room loses its last blocks first: its first
+    ones still serve the next request with that prefix (a prefix missing its first block serves nothing, however
+    many of its later blocks stay)."""
+    path, _, prompts, want = model
+    with tierkv.LLM(path, device="cpu", gpu_blocks=12, enable_prefix_caching=True) as llm:
+        check(llm.generate(prompts[:1], GREEDY, use_tqdm=False), want[:1])  # 105 + 12 tokens: 7 blocks, 6 keyed
+        other = torch.randint(2, 100, (90,), generator=torch.Generator().manual_seed(9)).tolist()
+        llm.generate([other], GREEDY, use_tqdm=False)  # 7 blocks: 2 of the cached ones give way
+        outs = llm.generate(prompts[1:2], GREEDY, use_tqdm=False)
+        check(outs, want[1:2])
+        assert outs[0].num_cached_tokens >= 3 * 16, outs[0].num_cached_tokens
+
+
 def test_write_through_keeps_the_disk_cache_complete_even_after_kill_9(model, tmp_path):
     """Write-back writes cached blocks down at eviction or close(); write-through writes them as they are keyed,
     so a process killed with SIGKILL (no close) still leaves its prefixes to the next one."""

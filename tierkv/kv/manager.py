@@ -332,7 +332,10 @@ class PageManager:
                     block.has_data = True
                     self.placement.unkey(block)
                     self.spares.drop_host(block)  # its bytes on the GPU are about to change
-        self.policies[GPU].touch_many(needed)
+        # Each sequence's last block touched first, its first last: a cached prefix that must give up room then loses
+        # its tail first, and its head still serves the next request with that prefix (without its first block, a
+        # prefix serves nothing, however many of its later blocks stay).
+        self.policies[GPU].touch_many(reversed(needed))
         waits = []
         for block in needed.values():
             if block.ready is not DONE:
