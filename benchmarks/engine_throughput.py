@@ -22,6 +22,7 @@ import torch
 from common import add_workload_args, log_compiles, run_meta, timed_generation, warm_up, workload_prompts, write_json
 
 import tierkv
+import tierkv.kv.mover
 from tierkv.kv.stats import format_stats
 
 
@@ -74,8 +75,15 @@ def main() -> int:
         action="store_true",
         help="baseline: every GPU<->CPU transfer waits for the compute before it and compute waits for it (no overlap)",
     )
+    ap.add_argument(
+        "--h2d-priority",
+        choices=["high", "default"],
+        default="high",
+        help="the host-to-GPU copy stream's priority (comparison: tierkv's is high)",
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
+    tierkv.kv.mover.Mover.prioritize_h2d = args.h2d_priority == "high"
     opts = dict(
         load_format="dummy",
         max_num_batched_tokens=args.max_num_batched_tokens,
