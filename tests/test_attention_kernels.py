@@ -1,6 +1,8 @@
 """Paged attention and KV-write kernels: reference against dense attention, Triton (interpreter on CPU,
 compiled on CUDA) against the reference, exact merging of partial results."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -247,19 +249,11 @@ def test_merge_in_place_triton_matches_reference(dtype):
     assert torch.equal(ref[1 : T + 1], want) and torch.equal(ref_lse[1 : T + 1], want_lse)
 
 
-@pytest.mark.gpu
-def test_compile_variants_leaves_nothing_to_compile_mid_run():
-    """A prompt's tail of a few tokens beside decodes needs split-K kernel variants that decode-only steps never
-    compile; in the middle of a run each cost ~1 s on the H100. After compile_variants(), calls with every short
-    chunk length from 1 to SPLIT_MAX_Q, alone and before a prefill entry, compile nothing."""
-    if DEVICE != "cuda":
-        pytest.skip("needs CUDA (compiled kernels)")
+@contextlib.contextmanager
+def kernel_compiles():
+    """The names of the Triton kernels compiled inside the `with` block (a list, filled as they compile)."""
     from triton.runtime.jit import JITFunction
 
-    from tierkv.kernels.paged_attention import compile_variants
-    from tierkv.kernels.paged_decode import SPLIT_MAX_Q
-
-    compile_variants(8, 2, 64, 4, torch.bfloat16, DEVICE)
     compiled = []
     real = JITFunction._do_compile
 
@@ -269,6 +263,23 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run():
 
     JITFunction._do_compile = counting
     try:
+        yield compiled
+    finally:
+        JITFunction._do_compile = real
+
+
+@pytest.mark.gpu
+def test_compile_variants_leaves_nothing_to_compile_mid_run():
+    """A prompt's tail of a few tokens beside decodes needs split-K kernel variants that decode-only steps never
+    compile; in the middle of a run each cost ~1 s on the H100. After compile_variants(), calls with every short
+    chunk length from 1 to SPLIT_MAX_Q, alone and before a prefill entry, compile nothing."""
+    if DEVICE != "cuda":
+        pytest.skip("needs CUDA (compiled kernels)")
+    from tierkv.kernels.paged_attention import compile_variants
+    from tierkv.kernels.paged_decode import SPLIT_MAX_Q
+
+    compile_variants(8, 2, 64, 4, torch.bfloat16, DEVICE)
+    with kernel_compiles() as compiled:
         for n in range(1, SPLIT_MAX_Q + 1):
             for entries in ([(30, 1, 0), (7, n, 1)], [(12, 1, 0), (9, n, 1), (0, 40, 0)]):
                 q, kc, vc, batch = make_case(n, entries, num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
@@ -276,6 +287,4 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run():
                     q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), to(batch, DEVICE), 0.125, need_lse=True
                 )
         torch.cuda.synchronize()
-    finally:
-        JITFunction._do_compile = real
     assert compiled == [], f"compiled mid-run: {compiled}"

@@ -26,6 +26,25 @@ def quantized_copy(kv: torch.Tensor) -> torch.Tensor:
     return torch.cat(list(back), dim=2)
 
 
+def greedy_agreement(ref: list, other: list) -> tuple[float, float, float, int]:
+    """How close the greedy outputs `other` (CompletionOutputs with logprobs, one per prompt) are to `ref`: the share
+    of generated tokens equal at the same position, the share of outputs equal whole, and the mean absolute
+    difference of the chosen tokens' log-probabilities while both runs share their context (up to each output's
+    first difference), over how many tokens."""
+    equal = total = whole = 0
+    diffs = []
+    for a, b in zip(ref, other):
+        pairs = list(zip(a.token_ids, b.token_ids))
+        equal += sum(x == y for x, y in pairs)
+        total += len(pairs)
+        whole += a.token_ids == b.token_ids
+        for j, (x, y) in enumerate(pairs):
+            diffs.append(abs(a.logprobs[j][x].logprob - b.logprobs[j][y].logprob))
+            if x != y:
+                break
+    return equal / total, whole / len(ref), sum(diffs) / len(diffs), len(diffs)
+
+
 def test_blocks_come_back_from_fp8_cold_tiers_as_their_quantized_copies(nvme_dir):
     config = PageManagerConfig(LAYOUT, gpu_blocks=2, cpu_blocks=2, nvme_dir=nvme_dir, nvme_blocks=4, cold_codec="fp8")
     with PageManager(config) as pm:
@@ -95,20 +114,9 @@ def test_fp8_cold_tiers_keep_smollm2s_greedy_output_close(tmp_path, smollm2_gguf
             assert llm.engine.runner.staging.dtype == (torch.uint8 if cold else torch.float32)
         assert stats["engine"]["streamed_steps"] >= len(PROMPTS) * 12 and stats["tiers"]["nvme"]["blocks_in"] > 0
         runs[cold] = [o.outputs[0] for o in outs]
-    equal = total = whole = 0
-    diffs = []
-    for ref, fp8 in zip(runs[None], runs["fp8"]):
-        pairs = list(zip(ref.token_ids, fp8.token_ids))
-        equal += sum(a == b for a, b in pairs)
-        total += len(pairs)
-        whole += ref.token_ids == fp8.token_ids
-        for j, (a, b) in enumerate(pairs):
-            diffs.append(abs(ref.logprobs[j][a].logprob - fp8.logprobs[j][b].logprob))
-            if a != b:
-                break
-    share, whole_share, mean_diff = equal / total, whole / len(PROMPTS), sum(diffs) / len(diffs)
+    share, whole_share, mean_diff, compared = greedy_agreement(runs[None], runs["fp8"])
     print(f"fp8 cold tiers: {share:.1%} of tokens equal, {whole_share:.0%} of outputs equal whole, "
-          f"mean |d logprob| {mean_diff:.4f} over {len(diffs)} tokens")  # fmt: skip
+          f"mean |d logprob| {mean_diff:.4f} over {compared} tokens")  # fmt: skip
     assert math.isfinite(mean_diff)
     assert share >= 0.8 and whole_share >= 0.5 and mean_diff < 0.05
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from kv_tools import check_invariants
-from test_cold_fp8 import PROMPTS
+from test_cold_fp8 import PROMPTS, greedy_agreement
 from test_tensor_parallel import tiers, workload
 from tiny_models import make_checkpoint, random_prompts
 
@@ -226,20 +226,9 @@ def test_fp8_gpu_tier_keeps_smollm2s_greedy_output_close(smollm2_gguf):
             ]  # fmt: skip
             runs[dtype] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
             assert llm.stats()["tiers"]["gpu"]["used_blocks"] == 0  # (all freed; nothing went below the GPU)
-    equal = total = whole = 0
-    diffs = []
-    for ref, fp8 in zip(runs["auto"], runs["fp8"]):
-        pairs = list(zip(ref.token_ids, fp8.token_ids))
-        equal += sum(a == b for a, b in pairs)
-        total += len(pairs)
-        whole += ref.token_ids == fp8.token_ids
-        for j, (a, b) in enumerate(pairs):
-            diffs.append(abs(ref.logprobs[j][a].logprob - fp8.logprobs[j][b].logprob))
-            if a != b:
-                break
-    share, whole_share, mean_diff = equal / total, whole / len(PROMPTS), sum(diffs) / len(diffs)
+    share, whole_share, mean_diff, compared = greedy_agreement(runs["auto"], runs["fp8"])
     print(f"fp8 GPU tier: {share:.1%} of tokens equal, {whole_share:.0%} of outputs equal whole, "
-          f"mean |d logprob| {mean_diff:.4f} over {len(diffs)} tokens")  # fmt: skip
+          f"mean |d logprob| {mean_diff:.4f} over {compared} tokens")  # fmt: skip
     assert math.isfinite(mean_diff)
     assert share >= 0.6 and whole_share >= 0.3 and mean_diff < 0.08
 
@@ -275,11 +264,6 @@ def test_on_cuda_the_fp8_tier_moves_exactly_and_stays_close_to_bf16(tmp_path):
     fp8, _ = run("bfloat16", "fp8", **small)
     bf16, _ = run("bfloat16", "auto", **small)
     first = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp8, bf16))
-    diffs = []
-    for a, b in zip(fp8, bf16):
-        for j, (s, t) in enumerate(zip(a.token_ids, b.token_ids)):
-            diffs.append(abs(a.logprobs[j][s].logprob - b.logprobs[j][t].logprob))
-            if s != t:
-                break
-    print(f"fp8 vs bf16 on CUDA: {first}/16 first tokens equal, mean |d logprob| {sum(diffs) / len(diffs):.4f}")
-    assert first >= 12 and sum(diffs) / len(diffs) < 0.06
+    mean_diff = greedy_agreement(fp8, bf16)[2]
+    print(f"fp8 vs bf16 on CUDA: {first}/16 first tokens equal, mean |d logprob| {mean_diff:.4f}")
+    assert first >= 12 and mean_diff < 0.06

@@ -7,7 +7,17 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from test_attention_kernels import DECODE, DECODES_FIRST, LONG, MIXED, PREFILL, PREFILL_CONFIGS, make_case, to
+from test_attention_kernels import (
+    DECODE,
+    DECODES_FIRST,
+    LONG,
+    MIXED,
+    PREFILL,
+    PREFILL_CONFIGS,
+    kernel_compiles,
+    make_case,
+    to,
+)
 
 from tierkv.kernels.kv_fp8 import (
     _pow2_scale,
@@ -292,8 +302,6 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run_over_an_fp8_pool():
     larger pool, decode, short chunks and prefill."""
     if DEVICE != "cuda":
         pytest.skip("needs CUDA (compiled kernels)")
-    from triton.runtime.jit import JITFunction
-
     from tierkv.kernels.paged_attention import compile_variants
     from tierkv.kernels.paged_decode import SPLIT_MAX_Q
 
@@ -301,15 +309,7 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run_over_an_fp8_pool():
     for caches in caches_per_alignment(torch.zeros((4, *shape), dtype=torch.uint8, device="cuda"), 16, 3, 64):
         compile_variants(6, 3, 64, 16, torch.bfloat16, "cuda", caches=caches)
     pool = torch.zeros((64, *shape), dtype=torch.uint8, device="cuda")
-    compiled = []
-    real = JITFunction._do_compile
-
-    def counting(self, *a, **k):
-        compiled.append(getattr(self.fn, "__name__", str(self)))
-        return real(self, *a, **k)
-
-    JITFunction._do_compile = counting
-    try:
+    with kernel_compiles() as compiled:
         for layer in range(5):
             caches = layer_caches(pool, layer, 16, 3, 64)
             for n in (1, 2, 7, SPLIT_MAX_Q):
@@ -317,6 +317,4 @@ def test_compile_variants_leaves_nothing_to_compile_mid_run_over_an_fp8_pool():
                     q, _, _, batch = make_case(n, entries, num_heads=6, num_kv_heads=3, head_dim=64, bs=16)
                     paged_attention_triton(q.to("cuda", torch.bfloat16), *caches, to(batch, "cuda"), 0.125)
         torch.cuda.synchronize()
-    finally:
-        JITFunction._do_compile = real
     assert compiled == [], f"compiled mid-run: {compiled}"
