@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, help="for prompts beyond the model's default (item 3's 256k tokens)")
     ap.add_argument("--start-step", type=int, default=8, help="steps run before the window")
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="the step budget (item 1's: 16,384)")
     ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument(
@@ -101,7 +102,7 @@ def main() -> int:
         args.model,
         load_format="dummy",
         cpu_memory=args.cpu_memory,
-        max_num_batched_tokens=8192,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         **tiers,
         enable_prefix_caching=False,
         async_scheduling=not args.no_async_scheduling,
