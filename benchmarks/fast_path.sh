@@ -115,9 +115,11 @@ PY
            --block-size 64 --out "$out/fp3_long.json" 2>&1 | show ;;
     # Item 3 with the CPU tier holding blocks in fp8 (per-block, per-layer, per-head scales): about half the bytes
     # cross the link each step. Its ratio is to the bound of the KV's own (bf16) bytes: 0.5x would be the link moving
-    # half of them at full speed.
+    # half of them at full speed. 128-token blocks: each piece crossing the link (a layer of a block) is then as large
+    # as item 3's bf16 pieces of 64-token blocks, 256 KiB (at 64 tokens the fp8 pieces, 128 KiB, ran at 1.16x their
+    # own bytes' bound, as bf16 pieces of that size did: BENCHMARKS.md, item 3).
     3q) timeout 200 $py $et --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB --cpu-memory 40GiB --max-model-len 270000 \
-           --block-size 64 --cold-kv-dtype fp8 --out "$out/fp3q_long_fp8.json" 2>&1 | show ;;
+           --block-size 128 --cold-kv-dtype fp8 --out "$out/fp3q_long_fp8.json" 2>&1 | show ;;
     # A context larger than the GPU and CPU tiers together (8 GiB of KV on 2 + 2 GiB): its oldest 4 GiB stay on NVMe
     # and are read every step, layer by layer, ahead of the attention that needs them. POSIX with O_DIRECT: reads come
     # from the disk, not from the page cache that the machine's RAM would otherwise give them (kvikio without GPUDirect

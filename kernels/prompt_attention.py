@@ -10,6 +10,13 @@ variable-length flash attention (FA2), which takes all prompts in one call whate
 than the paged kernel there (0.33 ms, 1.72 ms): it serves sliding windows, which cuDNN's kernel does not take.
 Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the paged kernels.
 
+cuDNN plans each shape it meets (prompts, length, heads) on its first call: 50-55 ms of host time on the H200 for
+every new count or length (2026-12-04, 16 x 1024, 15 x 1024, 1 x 1001, ...), during which the GPU can run dry; in
+item 1's profile, 34 ms gaps with the host inside the forward pass. So a shape met for the first time goes through
+varlen flash attention (no plan; about half cuDNN's speed), and a shape met again is planned and runs on cuDNN from
+then on: a batch job's few repeated shapes get cuDNN's kernel after one plan each, and a server's prompts of
+ever-new lengths never wait for a plan.
+
 `prompt_attention_reference` (SDPA, one prompt at a time) is what runs on CPU, in float32, and for sliding windows
 where torch lacks the varlen function's window argument (torch < 2.11).
 """
@@ -137,6 +144,20 @@ def prompt_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+# The shapes (prompts, length, heads, kv heads, head size, dtype, device) of runs met so far in this process: met
+# again, a run goes through cuDNN (see the module's docstring).
+_shapes_met: set[tuple] = set()
+
+
+def _met_before(q: torch.Tensor, k: torch.Tensor, count: int, length: int) -> bool:
+    """Whether a run of this shape was met before (and note that it now has)."""
+    shape = (count, length, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device)
+    if shape in _shapes_met:
+        return True
+    _shapes_met.add(shape)
+    return False
+
+
 def prompt_attention_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -146,11 +167,19 @@ def prompt_attention_sdpa(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """No sliding window: one batched, causal SDPA call per run of equal-length prompts, over (prompts, heads,
-    length, head_dim) views of the rows (no copy in; one copy of the output into `out`)."""
+    length, head_dim) views of the rows (no copy in; one copy of the output into `out`). On CUDA a run whose shape
+    is met for the first time goes through varlen flash attention instead, where torch has it (no cuDNN plan)."""
     out = torch.empty_like(q) if out is None else out
     gqa = q.shape[1] != k.shape[1]
+    first = 0  # the run's first prompt
     for r0, count, length in prompt_runs(prompts.cu_seq_host):
         r1 = r0 + count * length
+        first += count
+        if q.is_cuda and flash_supported(q, k.shape[1]) and not _met_before(q, k, count, length):
+            cu = prompts.cu_seq[first - count : first + 1] - r0  # the run's bounds, from 0 (on the device)
+            run = PromptRows(0, cu, [b - r0 for b in prompts.cu_seq_host[first - count : first + 1]], length)
+            prompt_attention_flash(q[r0:r1], k[r0:r1], v[r0:r1], run, scale, out=out[r0:r1])
+            continue
 
         def heads_first(x: torch.Tensor) -> torch.Tensor:
             return x[r0:r1].view(count, length, x.shape[1], x.shape[2]).transpose(1, 2)

@@ -144,8 +144,35 @@ def test_cuda_paths_equal_the_reference(lengths, heads, window, dtype):
     assert flash_supported(q, num_kv_heads)
     scale = head_dim**-0.5
     want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, scale, window)
-    for impl in (prompt_attention, prompt_attention_flash):
+    # prompt_attention twice: shapes met for the first time go through varlen flash, then through cuDNN.
+    for impl in (prompt_attention, prompt_attention, prompt_attention_flash):
         out = torch.full_like(q, float("nan"))
         got = impl(q, k, v, rows, scale, window, out=out)
         assert got is out
         torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2, msg=lambda m: f"{impl.__name__}: {m}")
+
+
+@pytest.mark.gpu
+def test_a_shape_goes_to_cudnn_only_when_met_again(monkeypatch):
+    """cuDNN plans every new shape (~50 ms of host time): a run of a shape met for the first time takes varlen flash
+    attention, a shape met before takes SDPA (cuDNN); a step of three runs, two of them new, then the same again."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (runs on the device machine)")
+    sdpa_runs = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        sdpa_runs.append(tuple(q.shape[:3:2]))  # (prompts, length)
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v, rows = make_prompts([77, 77, 77, 9, 200], 8, 2, 64, torch.bfloat16, "cuda", seed=9)
+    first3 = PromptRows(0, rows.cu_seq[:4], rows.cu_seq_host[:4], 77)
+    prompt_attention(q[:231], k[:231], v[:231], first3, 0.125)  # meets (3, 77)
+    sdpa_runs.clear()
+    want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, 0.125)
+    for expected in ([(3, 77)], [(3, 77), (1, 9), (1, 200)]):
+        got = prompt_attention(q, k, v, rows, 0.125)
+        assert sdpa_runs == expected
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
+        sdpa_runs.clear()

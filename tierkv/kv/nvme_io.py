@@ -7,7 +7,7 @@ with O_DIRECT for runs whose buffer, offset and length allow it. Neither knows w
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -15,6 +15,17 @@ import torch
 from tierkv.errors import StoreError
 
 ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and lengths
+
+
+def _done() -> None:
+    pass
+
+
+def _raiser(exc: Exception) -> Callable[[], None]:
+    def wait() -> None:
+        raise exc
+
+    return wait
 
 
 class PosixBackend:
@@ -42,22 +53,34 @@ class PosixBackend:
         return self.fd
 
     def read(self, runs: Sequence[tuple[int, object]]) -> None:
-        self._spread(self._read_runs, runs)
+        self.start_read(runs)()
+
+    def start_read(self, runs: Sequence[tuple[int, object]]) -> Callable[[], None]:
+        """Start reading the runs; returns the wait for them (which raises what a read raised). Reads started one
+        after another queue behind each other on the threads, so that the disk never waits between them."""
+        return self._spread(self._read_runs, runs)
 
     def write(self, runs: Sequence[tuple[int, object]]) -> None:
-        self._spread(self._write_runs, runs)
+        self._spread(self._write_runs, runs)()
 
-    def _spread(self, do, runs: Sequence[tuple[int, object]]) -> None:
-        """`do` over the runs, in up to `threads` interleaved shares at once; returns when every share has ended
-        (none still writes into a caller's buffer), raising the first error."""
+    def _spread(self, do, runs: Sequence[tuple[int, object]]) -> Callable[[], None]:
+        """`do` over the runs, in up to `threads` interleaved shares at once; returns the wait for every share to
+        end (after it, none still writes into a caller's buffer), which raises the first error."""
         if self._pool is None or len(runs) < 2:
-            do(runs)
-            return
+            try:
+                do(runs)
+            except Exception as exc:  # noqa: BLE001 - raised by the wait, as from a thread
+                return _raiser(exc)
+            return _done
         shares = [runs[i :: self.threads] for i in range(min(self.threads, len(runs)))]
         futures = [self._pool.submit(do, share) for share in shares]
-        wait(futures)
-        for f in futures:
-            f.result()
+
+        def wait_all() -> None:
+            wait(futures)
+            for f in futures:
+                f.result()
+
+        return wait_all
 
     def _read_runs(self, runs: Sequence[tuple[int, object]]) -> None:
         for offset, buf in runs:
@@ -105,11 +128,19 @@ class KvikioBackend:
         self.name = f"kvikio ({mode}, {threads} threads)"
 
     def read(self, runs: Sequence[tuple[int, object]]) -> None:
+        self.start_read(runs)()
+
+    def start_read(self, runs: Sequence[tuple[int, object]]) -> Callable[[], None]:
+        """Submit every run to kvikio's pool; returns the wait for them."""
         futures = [(self._file.pread(buf, buf.nbytes, offset), buf.nbytes, offset) for offset, buf in runs]
-        for fut, nbytes, offset in futures:
-            got = fut.get()
-            if got != nbytes:
-                raise StoreError(f"NVMe tier: kvikio read {got} of {nbytes} bytes at offset {offset}")
+
+        def wait_all() -> None:
+            for fut, nbytes, offset in futures:
+                got = fut.get()
+                if got != nbytes:
+                    raise StoreError(f"NVMe tier: kvikio read {got} of {nbytes} bytes at offset {offset}")
+
+        return wait_all
 
     def write(self, runs: Sequence[tuple[int, object]]) -> None:
         futures = [(self._file.pwrite(buf, buf.nbytes, offset), buf.nbytes, offset) for offset, buf in runs]

@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +55,7 @@ def block_checksum(data, key: bytes = b"", tokens: bytes = b"") -> int:
     """64-bit checksum (xxh3) of a block's content key, its token ids (int32 bytes) and its bytes; `data` is a
     buffer or a contiguous CPU tensor. Unkeyed blocks (swap) have neither key nor tokens."""
     h = _checksum_start(key, tokens)
-    h.update(_host_bytes(data) if isinstance(data, torch.Tensor) else data)
+    h.update(host_bytes(data) if isinstance(data, torch.Tensor) else data)
     return h.intdigest()
 
 
@@ -86,7 +86,7 @@ def _token_bytes(token_ids) -> bytes:
     return np.asarray(list(token_ids), dtype=np.int32).tobytes()
 
 
-def _host_bytes(t: torch.Tensor):
+def host_bytes(t: torch.Tensor):
     """A writable numpy uint8 view of a contiguous CPU tensor (shares memory)."""
     return t.reshape(-1).view(torch.uint8).numpy()
 
@@ -289,7 +289,7 @@ class NvmeStore:
                 while j < len(pairs) and pairs[j][0] == pairs[j - 1][0] + 1 and pairs[j][1] == pairs[j - 1][1] + 1:
                     j += 1
             slot0, row0 = pairs[i]
-            runs.append((self._offset(slot0), _host_bytes(pool[row0 : row0 + (j - i)])))
+            runs.append((self._offset(slot0), host_bytes(pool[row0 : row0 + (j - i)])))
             i = j
         return runs
 
@@ -316,7 +316,7 @@ class NvmeStore:
         keyed = [i for i in range(len(slots)) if keys and keys[i]]
         toks = {i: _token_bytes(token_ids[i]) for i in keyed}
         checksums = [
-            block_checksum(_host_bytes(pool[r]), _key_field(keys[i]) if i in toks else b"", toks.get(i, b""))
+            block_checksum(host_bytes(pool[r]), _key_field(keys[i]) if i in toks else b"", toks.get(i, b""))
             for i, r in enumerate(rows)
         ]
         blank = bytes(RECORD_NBYTES)
@@ -394,9 +394,7 @@ class NvmeStore:
         try:
             self._backend.read(self._runs(slots, pool, rows))
         except OSError as exc:
-            raise StoreError(
-                f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk"
-            ) from None
+            raise self._read_error(exc) from None
         bad = [s for s, r in zip(slots, rows) if self._checksum_of(s, pool[r]) != self._records[s].checksum]
         if bad:
             raise CorruptBlockError(
@@ -407,32 +405,46 @@ class NvmeStore:
 
     def _checksum_of(self, slot: int, block: torch.Tensor) -> int:
         """The checksum of `block` (just read from `slot`) with the key and tokens the store holds for that slot."""
-        h = self._checksum_state(slot)
-        h.update(_host_bytes(block))
+        h = self.checksum_state(slot)
+        h.update(host_bytes(block))
         return h.intdigest()
 
-    def _checksum_state(self, slot: int):
+    @property
+    def data_path(self) -> str:
+        return self._data_path
+
+    def checksum_state(self, slot: int):
+        """The checksum's state of the block in `slot` before its bytes (its key and tokens fed in)."""
         rec = self._records[slot]
         if not any(rec.key):
             return _checksum_start(b"", b"")
         tokens = os.pread(self._tok_fd, self._tok_nbytes, slot * self._tok_nbytes)[: 4 * rec.num_tokens]
         return _checksum_start(rec.key, tokens)
 
-    def read_layer(self, slots: Sequence[int], layer: int, out: torch.Tensor, check: LayerChecks | None = None) -> None:
-        """Layer `layer` of the blocks in `slots` into out[i] (a contiguous host tensor (len(slots), 2, block_size,
-        num_kv_heads, head_dim)): what attention over blocks left on disk reads, one layer at a time. `check`
-        verifies each block's checksum once its last layer has been read (the layers must come in order)."""
+    def start_layer_read(self, slots: Sequence[int], layer: int, out: torch.Tensor) -> Callable[[], None]:
+        """Start reading layer `layer` of the blocks in `slots` into out[i] (a contiguous host tensor (len(slots),
+        *one layer of a block as stored)): what attention over blocks left on disk reads, one layer at a time.
+        Returns the wait for the reads, which raises StoreError if one failed; reads started one after another
+        queue behind each other, so that the disk never waits between them. The caller checks the checksums
+        (`checksum_state`: fed every layer in order, a block's digest must equal its record's)."""
         self._check_slots(slots)
         nbytes = self.layout.block_nbytes // self.layout.num_layers
-        runs = [(self._offset(s) + layer * nbytes, _host_bytes(out[i])) for i, s in enumerate(slots)]
+        runs = [(self._offset(s) + layer * nbytes, host_bytes(out[i])) for i, s in enumerate(slots)]
         try:
-            self._backend.read(runs)
+            wait = self._backend.start_read(runs)
         except OSError as exc:
-            raise StoreError(
-                f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk"
-            ) from None
-        if check is not None:
-            check.update(self, slots, layer, out)
+            raise self._read_error(exc) from None
+
+        def wait_checked() -> None:
+            try:
+                wait()
+            except OSError as exc:
+                raise self._read_error(exc) from None
+
+        return wait_checked
+
+    def _read_error(self, exc: OSError) -> StoreError:
+        return StoreError(f"NVMe tier: read from {self._data_path} failed: {exc.strerror or exc}; check the disk")
 
     def record(self, slot: int) -> SlotRecord | None:
         """What the index says slot `slot` holds (None: nothing written since the store was created)."""
@@ -458,31 +470,3 @@ class NvmeStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-class LayerChecks:
-    """Checksums of blocks read layer by layer (`NvmeStore.read_layer`): each block's state is fed its layers in
-    order and compared with the store's record after the last one, so that a block damaged on disk fails the step
-    that reads it instead of feeding its bytes to attention unnoticed in later steps."""
-
-    def __init__(self) -> None:
-        self._states: dict[int, object] = {}
-
-    def update(self, store: NvmeStore, slots: Sequence[int], layer: int, out: torch.Tensor) -> None:
-        last = layer == store.layout.num_layers - 1
-        bad = []
-        for i, s in enumerate(slots):
-            if layer == 0:
-                self._states[s] = store._checksum_state(s)
-            h = self._states[s]
-            h.update(_host_bytes(out[i]))
-            if last:
-                del self._states[s]
-                if h.intdigest() != store.record(s).checksum:
-                    bad.append(s)
-        if bad:
-            raise CorruptBlockError(
-                f"NVMe tier: {len(bad)} block(s) in {store._data_path} (slots {bad[:8]}) do not match their "
-                "checksums: the file was changed or damaged on disk",
-                slots=bad,
-            )
