@@ -86,6 +86,7 @@ def main() -> int:
     )
     ap.add_argument("--trace", help="also write a chrome trace here")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by GPU time")
+    ap.add_argument("--gap-ops", type=int, default=4, help="gaps whose host ops are listed (the longest)")
     ap.add_argument(
         "--host-profile",
         action="store_true",
@@ -161,6 +162,20 @@ def main() -> int:
         )
         print(
             f"  gap {(e - s) / 1e3:7.2f} ms at +{(s - first) / 1e3:8.1f} ms, host in: {' > '.join(h.name for h in active) or '(between calls)'}"
+        )
+    # The host's own events (torch ops, CUDA and cuBLAS calls) during the longest gaps: what kept it from queueing
+    # work while the GPU ran dry.
+    ops = [e for e in events if e.device_type.name == "CPU" and not e.name.startswith(HOST)]
+    for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[: args.gap_ops]:
+        inside = {}
+        for op in ops:
+            o = min(e, op.time_range.end) - max(s, op.time_range.start)
+            if o > 0:
+                inside[op.name] = inside.get(op.name, 0.0) + o
+        top = sorted(inside.items(), key=lambda kv: -kv[1])[:8]
+        print(
+            f"  host ops in the {(e - s) / 1e3:.2f} ms gap at +{(s - first) / 1e3:.1f} ms: "
+            + ", ".join(f"{name[:48]} {ms / 1e3:.2f}" for name, ms in top)
         )
     print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
     # CUDA runtime calls by host time: a synchronising call (cudaStreamSynchronize, cudaEventSynchronize, a

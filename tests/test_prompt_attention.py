@@ -158,6 +158,8 @@ def test_a_shape_goes_to_cudnn_only_when_met_again(monkeypatch):
     attention, a shape met before takes SDPA (cuDNN); a step of three runs, two of them new, then the same again."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (runs on the device machine)")
+    q, k, v, rows = make_prompts([77, 77, 77, 9, 200], 8, 2, 64, torch.bfloat16, "cuda", seed=9)
+    want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, 0.125)  # (SDPA, before the spy)
     sdpa_runs = []
     real = torch.nn.functional.scaled_dot_product_attention
 
@@ -166,11 +168,9 @@ def test_a_shape_goes_to_cudnn_only_when_met_again(monkeypatch):
         return real(q, *a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    q, k, v, rows = make_prompts([77, 77, 77, 9, 200], 8, 2, 64, torch.bfloat16, "cuda", seed=9)
     first3 = PromptRows(0, rows.cu_seq[:4], rows.cu_seq_host[:4], 77)
     prompt_attention(q[:231], k[:231], v[:231], first3, 0.125)  # meets (3, 77)
     sdpa_runs.clear()
-    want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, 0.125)
     for expected in ([(3, 77)], [(3, 77), (1, 9), (1, 200)]):
         got = prompt_attention(q, k, v, rows, 0.125)
         assert sdpa_runs == expected
