@@ -10,12 +10,14 @@ variable-length flash attention (FA2), which takes all prompts in one call whate
 than the paged kernel there (0.33 ms, 1.72 ms): it serves sliding windows, which cuDNN's kernel does not take.
 Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the paged kernels.
 
-cuDNN plans each shape it meets (prompts, length, heads) on its first call: 50-55 ms of host time on the H200 for
-every new count or length (2026-12-04, 16 x 1024, 15 x 1024, 1 x 1001, ...), during which the GPU can run dry; in
-item 1's profile, 34 ms gaps with the host inside the forward pass. So a shape met for the first time goes through
-varlen flash attention (no plan; about half cuDNN's speed), and a shape met again is planned and runs on cuDNN from
-then on: a batch job's few repeated shapes get cuDNN's kernel after one plan each, and a server's prompts of
-ever-new lengths never wait for a plan.
+cuDNN plans each shape it meets (prompts, length, heads) on its first call: 40-66 ms of host time on the H200 for
+every new count or length (2026-12-04, `benchmarks/cudnn_plans.py`), during which the GPU can run dry. In item 1's
+profile (256 x 1024-token prompts) three of four prefill steps stalled 58-71 ms inside such a call: the count of
+whole prompts per step drifts (16, 15, 14, ...) as decodes take budget, and each count is a new shape. Varlen flash
+attention builds no plan and is slower only where prompts are long: 1.4x cuDNN's time at 16 x 1024, faster at
+1 x 1000, 1.7-1.9x at 1-2 x 8192. So prompts shorter than `CUDNN_MIN_LENGTH` always take varlen flash, and longer
+ones take cuDNN from the second time their shape is met (the first goes through flash): a plan then pays for itself
+within a step or two, and a server's prompts of ever-new lengths never wait for one.
 
 `prompt_attention_reference` (SDPA, one prompt at a time) is what runs on CPU, in float32, and for sliding windows
 where torch lacks the varlen function's window argument (torch < 2.11).
@@ -144,13 +146,16 @@ def prompt_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-# The shapes (prompts, length, heads, kv heads, head size, dtype, device) of runs met so far in this process: met
-# again, a run goes through cuDNN (see the module's docstring).
+# Prompts at least this long go through cuDNN once their shape is met again (see the module's docstring).
+CUDNN_MIN_LENGTH = 2048
+# The shapes (prompts, length, heads, kv heads, head size, dtype, device) of long runs met so far in this process.
 _shapes_met: set[tuple] = set()
 
 
-def _met_before(q: torch.Tensor, k: torch.Tensor, count: int, length: int) -> bool:
-    """Whether a run of this shape was met before (and note that it now has)."""
+def _cudnn_planned(q: torch.Tensor, k: torch.Tensor, count: int, length: int) -> bool:
+    """Whether a run of this shape goes through cuDNN: met before, and long (and note that it now has been met)."""
+    if length < CUDNN_MIN_LENGTH:
+        return False  # always varlen flash: a plan would not pay for itself
     shape = (count, length, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device)
     if shape in _shapes_met:
         return True
@@ -168,14 +173,15 @@ def prompt_attention_sdpa(
 ) -> torch.Tensor:
     """No sliding window: one batched, causal SDPA call per run of equal-length prompts, over (prompts, heads,
     length, head_dim) views of the rows (no copy in; one copy of the output into `out`). On CUDA a run whose shape
-    is met for the first time goes through varlen flash attention instead, where torch has it (no cuDNN plan)."""
+    is met for the first time, or whose prompts are short, goes through varlen flash attention instead, where torch
+    has it (no cuDNN plan)."""
     out = torch.empty_like(q) if out is None else out
     gqa = q.shape[1] != k.shape[1]
     first = 0  # the run's first prompt
     for r0, count, length in prompt_runs(prompts.cu_seq_host):
         r1 = r0 + count * length
         first += count
-        if q.is_cuda and flash_supported(q, k.shape[1]) and not _met_before(q, k, count, length):
+        if q.is_cuda and flash_supported(q, k.shape[1]) and not _cudnn_planned(q, k, count, length):
             cu = prompts.cu_seq[first - count : first + 1] - r0  # the run's bounds, from 0 (on the device)
             run = PromptRows(0, cu, [b - r0 for b in prompts.cu_seq_host[first - count : first + 1]], length)
             prompt_attention_flash(q[r0:r1], k[r0:r1], v[r0:r1], run, scale, out=out[r0:r1])

@@ -8,6 +8,7 @@ from tiny_models import hf_greedy, make_checkpoint, random_prompts
 
 import tierkv
 import tierkv.attention
+import tierkv.kernels.prompt_attention as prompt_attention_module
 from tierkv import SamplingParams
 from tierkv.kernels.paged_attention import attention_reference
 from tierkv.kernels.prompt_attention import (
@@ -153,12 +154,14 @@ def test_cuda_paths_equal_the_reference(lengths, heads, window, dtype):
 
 
 @pytest.mark.gpu
-def test_a_shape_goes_to_cudnn_only_when_met_again(monkeypatch):
-    """cuDNN plans every new shape (~50 ms of host time): a run of a shape met for the first time takes varlen flash
-    attention, a shape met before takes SDPA (cuDNN); a step of three runs, two of them new, then the same again."""
+def test_long_prompts_go_to_cudnn_only_when_their_shape_is_met_again(monkeypatch):
+    """cuDNN plans every new shape (~50 ms of host time): short prompts always take varlen flash attention; long
+    ones take it the first time their shape is met and SDPA (cuDNN) after. A step of three runs, two of them new
+    and one short, then the same again."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (runs on the device machine)")
-    q, k, v, rows = make_prompts([77, 77, 77, 9, 200], 8, 2, 64, torch.bfloat16, "cuda", seed=9)
+    long = prompt_attention_module.CUDNN_MIN_LENGTH
+    q, k, v, rows = make_prompts([long, long, long, 9, long + 3], 8, 2, 64, torch.bfloat16, "cuda", seed=9)
     want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, 0.125)  # (SDPA, before the spy)
     sdpa_runs = []
     real = torch.nn.functional.scaled_dot_product_attention
@@ -168,10 +171,10 @@ def test_a_shape_goes_to_cudnn_only_when_met_again(monkeypatch):
         return real(q, *a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    first3 = PromptRows(0, rows.cu_seq[:4], rows.cu_seq_host[:4], 77)
-    prompt_attention(q[:231], k[:231], v[:231], first3, 0.125)  # meets (3, 77)
-    sdpa_runs.clear()
-    for expected in ([(3, 77)], [(3, 77), (1, 9), (1, 200)]):
+    first3 = PromptRows(0, rows.cu_seq[:4], rows.cu_seq_host[:4], long)
+    prompt_attention(q[: 3 * long], k[: 3 * long], v[: 3 * long], first3, 0.125)  # meets (3, long)
+    assert sdpa_runs == []
+    for expected in ([(3, long)], [(3, long), (1, long + 3)]):
         got = prompt_attention(q, k, v, rows, 0.125)
         assert sdpa_runs == expected
         torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
