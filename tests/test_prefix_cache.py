@@ -310,3 +310,28 @@ def test_requests_arriving_together_share_one_load_of_a_cached_prefix(model, tmp
         links = llm.stats()["links"]
         read = sum(v["blocks"] for k, v in links.items() if k.startswith("nvme->"))
         assert read <= 8, f"the shared prefix was read {read} blocks' worth from disk: more than once"
+
+
+@pytest.mark.parametrize("lookahead", [0, 64])
+def test_eviction_passes_over_prefixes_that_waiting_requests_will_reuse(model, lookahead):
+    """The same prompts twice, each pass submitted at once, on a GPU tier that holds a few of them and a CPU tier
+    that holds all. In pass 2, plain LRU (lookahead 0) evicts each cached prompt from the GPU just before its
+    request comes back for it: every hit is loaded from the CPU tier. Passing over what waiting requests will reuse,
+    the last prompts of pass 1 are still on the GPU when their requests start, and the blocks of pass-2 requests
+    just finished (which nothing queued needs) give way instead. Same tokens either way."""
+    path, hf, _, _ = model
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, hf.config.vocab_size, (50,), generator=g).tolist() for _ in range(8)]
+    with tierkv.LLM(path, device="cpu", gpu_blocks=14, cpu_blocks=80, prefix_load="always", max_num_seqs=2) as llm:
+        llm.engine.prefix.queued_lookahead = lookahead
+        first = llm.generate(prompts, GREEDY, use_tqdm=False)
+        before = dict(llm.stats()["prefix"]["hit_tokens_by_tier"])
+        second = llm.generate(prompts, GREEDY, use_tqdm=False)
+        hits = {k: v - before[k] for k, v in llm.stats()["prefix"]["hit_tokens_by_tier"].items()}
+        check_invariants(llm.pm)
+    assert [o.outputs[0].token_ids for o in second] == [o.outputs[0].token_ids for o in first]
+    assert hits["gpu"] + hits["cpu"] == 8 * 3 * 16  # every prompt's 3 full blocks found again, in one tier or other
+    if lookahead:
+        assert hits["gpu"] >= 2 * 3 * 16, hits  # at least the last two prompts of pass 1, from the GPU
+    else:
+        assert hits["gpu"] == 0, hits  # LRU under a cyclic reread: each evicted just before its reuse

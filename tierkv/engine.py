@@ -93,6 +93,8 @@ class Engine:
         self.runner = ModelRunner(loaded, pm, staging_blocks, scheduler.max_num_seqs, cuda_graphs)
         # None: no prefix caching
         self.prefix = PrefixReuse(pm, hasher, prefix_load, prefetch) if hasher is not None else None
+        if self.prefix is not None:  # eviction passes over the cached prefixes that waiting requests will reuse
+            pm.placement.wanted_soon = self._wanted_soon
         self.tp_driver = None  # tensor parallelism: sends each step's plan to the other ranks (tierkv.tp.driver)
         self.async_scheduling = async_scheduling
         self._inflight: LaunchedStep | None = None  # a deferred step: its tokens are read during the next step
@@ -154,6 +156,8 @@ class Engine:
             req.aborted = True
             if req in self.scheduler.waiting:
                 self.scheduler.waiting.remove(req)
+                if self.prefix is not None:
+                    self.prefix.forget(req)
             for seq in req.sequences:
                 seq.pending.clear()
                 if not seq.finished:
@@ -198,6 +202,10 @@ class Engine:
         if self.prefix is not None:
             self.prefix.start(req, seq)
         return seq
+
+    def _wanted_soon(self) -> set[int]:
+        waiting = self.scheduler.waiting
+        return self.prefix.wanted_by(waiting, self.pm.ledger.step) if waiting else set()
 
     @property
     def has_unfinished(self) -> bool:

@@ -21,6 +21,7 @@ import workloads  # noqa: E402
 from common import run_meta, warm_up  # noqa: E402
 
 import tierkv  # noqa: E402
+from tierkv.kv.prefix_reuse import PrefixReuse  # noqa: E402
 from tierkv.runner import ModelRunner  # noqa: E402
 
 
@@ -86,16 +87,26 @@ def main() -> int:
         default=workloads.MAX_BATCHED_TOKENS,
         help="tierkv's step budget (A/B runs; vLLM's side keeps workloads.MAX_BATCHED_TOKENS)",
     )
+    ap.add_argument(
+        "--queued-lookahead",
+        type=int,
+        default=PrefixReuse.queued_lookahead,
+        help="waiting requests whose cached prefixes eviction passes over (A/B runs: 0 is plain LRU)",
+    )
     args = ap.parse_args()
     ModelRunner.prompts_apart = not args.no_prompts_apart
+    default_lookahead = PrefixReuse.queued_lookahead
+    PrefixReuse.queued_lookahead = args.queued_lookahead
     os.makedirs(args.out_dir, exist_ok=True)
     for name in args.workloads:
         result = {
             "meta": run_meta(),
             **run_one(workloads.WORKLOADS[name], max_batched_tokens=args.max_num_batched_tokens),
         }
-        suffix = ("" if ModelRunner.prompts_apart else "_paged") + (
-            "" if args.max_num_batched_tokens == workloads.MAX_BATCHED_TOKENS else f"_{args.max_num_batched_tokens}"
+        suffix = (
+            ("" if ModelRunner.prompts_apart else "_paged")
+            + ("" if args.max_num_batched_tokens == workloads.MAX_BATCHED_TOKENS else f"_{args.max_num_batched_tokens}")
+            + ("" if args.queued_lookahead == default_lookahead else f"_lookahead{args.queued_lookahead}")
         )
         with open(os.path.join(args.out_dir, f"tierkv_{name}{suffix}.json"), "w") as f:
             json.dump(result, f, indent=1)
@@ -103,7 +114,9 @@ def main() -> int:
         print(
             f"tierkv {name}{suffix}: {t['elapsed_s']:.2f} s, {t['output_tok_per_s']:.1f} output tok/s ("
             + ", ".join(f"{r['label']} {r['elapsed_s']:.2f} s" for r in result["passes"])
-            + f"; {result['counters']['preemptions']} preemptions)",
+            + f"; {result['counters']['preemptions']} preemptions; prefix tokens found by tier "
+            + str((result["counters"]["prefix"] or {}).get("hit_tokens_by_tier"))
+            + ")",
             flush=True,
         )
     return 0

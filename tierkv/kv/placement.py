@@ -11,7 +11,7 @@ blocks in use never are.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from tierkv.errors import CapacityError, CorruptBlockError
 from tierkv.handles import DONE, Handle, all_of, settled
@@ -53,6 +53,8 @@ class Placement:
         write_through: bool,
     ) -> None:
         self.ledger, self.index, self.spares, self.tiers = ledger, index, spares, tiers
+        # The ids of cached blocks that requests waiting to start will reuse (the engine's; see `pop_victims`).
+        self.wanted_soon: Callable[[], Collection[int]] = lambda: ()
         self.run, self.compute_marker, self.counters = run, compute_marker, counters
         self.block_size = block_size
         self.write_through = write_through
@@ -135,8 +137,8 @@ class Placement:
                 break
             if not self.ledger.cached[kind]:
                 continue
-            victims = self.ledger.policies[kind].pop_victims(
-                n, lambda bid: blocks[bid].ref_count == 0 and blocks[bid].pins == 0 and bid not in protect
+            victims = self.pop_victims(
+                kind, n, lambda bid: blocks[bid].ref_count == 0 and blocks[bid].pins == 0 and bid not in protect
             )
             for bid in victims:
                 self._discard(blocks[bid])
@@ -144,6 +146,20 @@ class Placement:
             if victims:
                 where = kind
         return where
+
+    def pop_victims(self, kind: int, n: int, evictable: Callable[[int], bool]) -> list[int]:
+        """Up to `n` evictable blocks of tier `kind`, taken out of its policy in its eviction order, passing over
+        cached blocks that requests waiting to start will reuse (`wanted_soon`) while others can go. Prompts re-read
+        in a cycle are why: LRU alone evicts each prefix just before its request comes back for it, while the blocks
+        of requests just finished, which nothing queued needs, stay (issue 25's reread workload)."""
+        policy = self.ledger.policies[kind]
+        wanted = self.wanted_soon() if self.ledger.cached[kind] else ()
+        if not wanted:
+            return policy.pop_victims(n, evictable)
+        victims = policy.pop_victims(n, lambda bid: bid not in wanted and evictable(bid))
+        if len(victims) < n:
+            victims += policy.pop_victims(n - len(victims), evictable)
+        return victims
 
     def _discard(self, block: Block) -> None:
         """Drop a cached block already taken out of its policy."""
@@ -164,14 +180,14 @@ class Placement:
         policy = self.ledger.policies[kind]
         blocks = self.ledger.blocks
         evictable = self.ledger.evictable(protect, allow_reserved)
-        victims = [blocks[v] for v in policy.pop_victims(n - free, evictable)]
+        victims = [blocks[v] for v in self.pop_victims(kind, n - free, evictable)]
         live = [b for b in victims if b.ref_count > 0]
         cached = [b for b in victims if b.ref_count == 0]
         if len(live) > room_below:  # only cached blocks may leave without a place to go: take more of those
             excess = live[room_below:]
             policy.restore([b.block_id for b in excess])
             live = live[:room_below]
-            more = policy.pop_victims(len(excess), lambda bid: blocks[bid].ref_count == 0 and evictable(bid))
+            more = self.pop_victims(kind, len(excess), lambda bid: blocks[bid].ref_count == 0 and evictable(bid))
             cached += [blocks[v] for v in more]
         stayed = []
         if below:
@@ -271,7 +287,7 @@ class Placement:
             if over > 0:
                 blocks_by_id = self.ledger.blocks
                 evictable = self.ledger.evictable(protect, allow_reserved)
-                victims = [blocks_by_id[v] for v in policies[GPU].pop_victims(over, evictable)]
+                victims = [blocks_by_id[v] for v in self.pop_victims(GPU, over, evictable)]
                 stayed = self.place_below(
                     [b for b in victims if b.ref_count] + [b for b in victims if not b.ref_count],
                     self.kinds[1],

@@ -15,6 +15,8 @@ class PrefixReuse:
     # A long prompt is looked up in two parts: the first `early_blocks` blocks, whose promotion starts at once where
     # it is sure to be used, then the rest (hashing 2,048 blocks takes milliseconds the link can already use).
     early_blocks = 128
+    # Eviction passes over the cached prefixes of at most this many waiting requests (`wanted_by`).
+    queued_lookahead = 64
 
     def __init__(self, pm: PageManager, hasher: PrefixHasher, load: str = "auto", prefetch: bool = True) -> None:
         self.pm, self.hasher, self.load, self.prefetch = pm, hasher, load, prefetch
@@ -22,6 +24,36 @@ class PrefixReuse:
         self.chooser = LoadOrRecompute(pm.layout.block_nbytes, self.block_size)
         self.stats = PrefixStats()
         self.register_blocks = True  # False while calibrating: the throwaway prompts leave no keys
+        self._queued_keys: dict[int, list[bytes]] = {}  # a waiting request's (arrival's) block keys, made once
+        self._wanted: tuple[int, set[int]] = (-1, set())  # (the step it was found in, the blocks)
+
+    def wanted_by(self, waiting, step: int) -> set[int]:
+        """The ids of cached blocks that the first `queued_lookahead` waiting requests would start from (their
+        prompts' longest cached prefixes), found once per step: eviction passes over them while other blocks can
+        go. Each request's keys are made once and kept for its start."""
+        if self._wanted[0] == step:
+            return self._wanted[1]
+        bs, pm = self.block_size, self.pm
+        wanted: set[int] = set()
+        for req in list(waiting)[: self.queued_lookahead]:
+            if req.params.prompt_logprobs is not None:
+                continue  # computed whole, whatever is cached
+            keys = self._queued_keys.get(req.arrival)
+            if keys is None:
+                full = (len(req.prompt_ids) - 1) // bs
+                keys = self.hasher.keys(self.hasher.root(req.params.cache_salt), req.prompt_ids, full)
+                self._queued_keys[req.arrival] = keys
+            for key in keys:
+                block = pm.index.get(key)
+                if block is None:
+                    break
+                wanted.add(block.block_id)
+        self._wanted = (step, wanted)
+        return wanted
+
+    def forget(self, req) -> None:
+        """Drop what was kept for a request that leaves the queue without starting (aborted)."""
+        self._queued_keys.pop(req.arrival, None)
 
     def start(self, req, seq) -> None:
         """Start the sequence with the longest prefix of its prompt whose KV is stored in any tier (at least the
@@ -35,13 +67,14 @@ class PrefixReuse:
         head = min(full, self.early_blocks)
         if self.load == "auto":
             self.chooser.observe_links(pm.mover.links)  # the rates the early promotion and the choice go by
-        keys = self.hasher.keys(seq.root, prompt, head)
+        saved = self._queued_keys.pop(req.arrival, None)  # made while it waited, if eviction asked for them
+        keys = saved[:head] if saved is not None else self.hasher.keys(seq.root, prompt, head)
         hits = pm.lookup(keys, (prompt[j * bs : (j + 1) * bs] for j in range(head)))  # sliced only up to a miss
         tiers = [TIER_NAMES[b.tier] for b in hits]  # where each was found (before any promotion)
         if self.prefetch:
             self._promote_early(hits, tiers)
         if len(hits) == head < full:
-            more = self.hasher.keys(keys[-1], prompt[head * bs :], full - head)
+            more = saved[head:] if saved is not None else self.hasher.keys(keys[-1], prompt[head * bs :], full - head)
             keys += more
             found = pm.lookup(more, (prompt[j * bs : (j + 1) * bs] for j in range(head, full)))
             hits += found
