@@ -148,15 +148,17 @@ class Placement:
         return where
 
     def pop_victims(self, kind: int, n: int, evictable: Callable[[int], bool]) -> list[int]:
-        """Up to `n` evictable blocks of tier `kind`, taken out of its policy in its eviction order, passing over
-        cached blocks that requests waiting to start will reuse (`wanted_soon`) while others can go. Prompts re-read
-        in a cycle are why: LRU alone evicts each prefix just before its request comes back for it, while the blocks
-        of requests just finished, which nothing queued needs, stay (issue 25's reread workload)."""
+        """Up to `n` evictable blocks of tier `kind`, taken out of its policy in its eviction order. Where requests
+        waiting to start will reuse some cached blocks (`wanted_soon`), the cached blocks they will not reuse go
+        first, then the eviction order as usual. Prompts re-read in a cycle are why: LRU alone evicts each prefix
+        just before its request comes back for it, while the blocks of requests just finished, which nothing queued
+        needs, stay. (Blocks in use are not put before the wanted ones: evicting them means a swap back.)"""
         policy = self.ledger.policies[kind]
         wanted = self.wanted_soon() if self.ledger.cached[kind] else ()
         if not wanted:
             return policy.pop_victims(n, evictable)
-        victims = policy.pop_victims(n, lambda bid: bid not in wanted and evictable(bid))
+        blocks = self.ledger.blocks
+        victims = policy.pop_victims(n, lambda bid: bid not in wanted and blocks[bid].ref_count == 0 and evictable(bid))
         if len(victims) < n:
             victims += policy.pop_victims(n - len(victims), evictable)
         return victims
