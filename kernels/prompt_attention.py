@@ -177,11 +177,12 @@ def prompt_attention_sdpa(
     has it (no cuDNN plan)."""
     out = torch.empty_like(q) if out is None else out
     gqa = q.shape[1] != k.shape[1]
+    flash = flash_supported(q, k.shape[1])
     first = 0  # the run's first prompt
     for r0, count, length in prompt_runs(prompts.cu_seq_host):
         r1 = r0 + count * length
         first += count
-        if q.is_cuda and flash_supported(q, k.shape[1]) and not _cudnn_planned(q, k, count, length):
+        if flash and not _cudnn_planned(q, k, count, length):
             cu = prompts.cu_seq[first - count : first + 1] - r0  # the run's bounds, from 0 (on the device)
             run = PromptRows(0, cu, [b - r0 for b in prompts.cu_seq_host[first - count : first + 1]], length)
             prompt_attention_flash(q[r0:r1], k[r0:r1], v[r0:r1], run, scale, out=out[r0:r1])

@@ -17,17 +17,6 @@ from tierkv.errors import StoreError
 ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and lengths
 
 
-def _done() -> None:
-    pass
-
-
-def _raiser(exc: Exception) -> Callable[[], None]:
-    def wait() -> None:
-        raise exc
-
-    return wait
-
-
 class PosixBackend:
     """os.preadv/os.pwritev; O_DIRECT for runs whose buffer, offset and length are 4 KiB-aligned. A batch's runs are
     spread over `threads` threads (the calls release the GIL): a disk reaches its bandwidth only with several
@@ -56,8 +45,9 @@ class PosixBackend:
         self.start_read(runs)()
 
     def start_read(self, runs: Sequence[tuple[int, object]]) -> Callable[[], None]:
-        """Start reading the runs; returns the wait for them (which raises what a read raised). Reads started one
-        after another queue behind each other on the threads, so that the disk never waits between them."""
+        """Start reading the runs; returns the wait for them (which raises what a read on a thread raised; a
+        read done here, with no threads to spread over, raises at once). Reads started one after another queue
+        behind each other on the threads, so that the disk never waits between them."""
         return self._spread(self._read_runs, runs)
 
     def write(self, runs: Sequence[tuple[int, object]]) -> None:
@@ -65,13 +55,11 @@ class PosixBackend:
 
     def _spread(self, do, runs: Sequence[tuple[int, object]]) -> Callable[[], None]:
         """`do` over the runs, in up to `threads` interleaved shares at once; returns the wait for every share to
-        end (after it, none still writes into a caller's buffer), which raises the first error."""
+        end (after it, none still writes into a caller's buffer), which raises the first error. With one run or no
+        threads, `do` runs here, and the wait has nothing left to wait for."""
         if self._pool is None or len(runs) < 2:
-            try:
-                do(runs)
-            except Exception as exc:  # noqa: BLE001 - raised by the wait, as from a thread
-                return _raiser(exc)
-            return _done
+            do(runs)
+            return lambda: None
         shares = [runs[i :: self.threads] for i in range(min(self.threads, len(runs)))]
         futures = [self._pool.submit(do, share) for share in shares]
 

@@ -3,6 +3,8 @@ it or recompute it (whichever is faster), and key each newly completed block for
 
 from __future__ import annotations
 
+from itertools import islice
+
 from tierkv.kv.block import GPU, NVME, TIER_NAMES
 from tierkv.kv.manager import PageManager
 from tierkv.kv.prefix_cache import LoadOrRecompute, PrefixHasher, PrefixStats
@@ -35,7 +37,7 @@ class PrefixReuse:
             return self._wanted[1]
         bs, pm = self.block_size, self.pm
         wanted: set[int] = set()
-        for req in list(waiting)[: self.queued_lookahead]:
+        for req in islice(waiting, self.queued_lookahead):
             if req.params.prompt_logprobs is not None:
                 continue  # computed whole, whatever is cached
             keys = self._queued_keys.get(req.arrival)
