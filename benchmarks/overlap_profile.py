@@ -5,10 +5,15 @@ which no kernel or copy ran, each with the host work that was going on when it b
     python benchmarks/overlap_profile.py --model llama-3.1-8b --num-requests 256 --prompt-len 1024 --output-len 128 \
         --start-step 8 --steps 6
 
-Item 3's streamed decode (one 256k-token sequence over an 8 GiB GPU tier; its runs took 35 prompt steps):
+Item 3's streamed decode (one 256k-token sequence over an 8 GiB GPU tier; its runs took 35 prompt steps), and
+item 3q's (the same with fp8 cold tiers and 128-token blocks):
 
     python benchmarks/overlap_profile.py --num-requests 1 --prompt-len 262144 --output-len 16 --gpu-memory 8GiB \
         --cpu-memory 40GiB --max-model-len 270000 --start-step 40 --steps 3
+    ... --block-size 128 --cold-kv-dtype fp8
+
+Where host-to-GPU copies run in the window (a streamed decode), it also reports the link: the share of the window in
+which some copy ran, and its longest idle stretches with the GPU work that ran in them.
 """
 
 from __future__ import annotations
@@ -70,6 +75,34 @@ def host_profile(llm, steps: int, top: int) -> None:
         stats.sort_stats(key).print_stats(top)
 
 
+def is_copy_up(name: str) -> bool:
+    """A host-to-GPU copy: a DMA from host memory, or the block-copy kernel (which also moves within the GPU)."""
+    return name.startswith("Memcpy HtoD") or name.startswith("Memcpy2D HtoD") or "_copy_blocks_kernel" in name
+
+
+def link_report(gpu_events, first: float, top: int = 6) -> None:
+    """The host-to-GPU link in the window: busy share, and its longest idle stretches with the GPU work in them."""
+    copies = [(e.time_range.start, e.time_range.end) for e in gpu_events if is_copy_up(e.name)]
+    if not copies:
+        return
+    busy, gaps = union(copies)
+    span = max(e for _, e in copies) - min(s for s, _ in copies)
+    names = {e.name[:40] for e in gpu_events if is_copy_up(e.name)}
+    print(
+        f"link up: copies busy {busy / 1e3:.1f} ms of the {span / 1e3:.1f} ms from the first to the last copy "
+        f"({busy / span:.0%}), idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps; copies seen: {sorted(names)}"
+    )
+    others = [e for e in gpu_events if not is_copy_up(e.name)]
+    for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        inside = {}
+        for ev in others:
+            o = min(e, ev.time_range.end) - max(s, ev.time_range.start)
+            if o > 0:
+                inside[ev.name[:40]] = inside.get(ev.name[:40], 0.0) + o
+        work = ", ".join(f"{n} {ms / 1e3:.2f}" for n, ms in sorted(inside.items(), key=lambda kv: -kv[1])[:5])
+        print(f"  link idle {(e - s) / 1e3:6.2f} ms at +{(s - first) / 1e3:8.1f} ms; GPU ran: {work or 'nothing'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
@@ -79,6 +112,9 @@ def main() -> int:
     ap.add_argument("--start-step", type=int, default=8, help="steps run before the window")
     ap.add_argument("--steps", type=int, default=6, help="steps in the window")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384, help="the step budget (item 1's: 16,384)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--cold-kv-dtype", help="the cold tiers' KV dtype (fp8: item 3q)")
+    ap.add_argument("--staging-blocks", type=int, help="blocks per streamed chunk (the engine's default if unset)")
     ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument(
@@ -99,11 +135,16 @@ def main() -> int:
     tiers = {"gpu_memory": args.gpu_memory} if args.gpu_memory else {}
     if args.max_model_len:
         tiers["max_model_len"] = args.max_model_len
+    if args.cold_kv_dtype:
+        tiers["cold_kv_dtype"] = args.cold_kv_dtype
+    if args.staging_blocks:
+        tiers["staging_blocks"] = args.staging_blocks
     llm = tierkv.LLM(
         args.model,
         load_format="dummy",
         cpu_memory=args.cpu_memory,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
         **tiers,
         enable_prefix_caching=False,
         async_scheduling=not args.no_async_scheduling,
@@ -177,6 +218,7 @@ def main() -> int:
             f"  host ops in the {(e - s) / 1e3:.2f} ms gap at +{(s - first) / 1e3:.1f} ms: "
             + ", ".join(f"{name[:48]} {ms / 1e3:.2f}" for name, ms in top)
         )
+    link_report([e for e in events if e.device_type.name == "CUDA" and e.time_range.end >= first], first)
     print("host per step (ms): " + ", ".join(f"{k} {v / args.steps:.2f}" for k, v in ms_by_name(host).items()))
     # CUDA runtime calls by host time: a synchronising call (cudaStreamSynchronize, cudaEventSynchronize, a
     # cudaMemcpy that waits, cudaHostAlloc, cudaMalloc) holds the host while the GPU drains.

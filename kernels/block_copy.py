@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tierkv.kernels import dma_batch
+
 try:
     import triton
     import triton.language as tl
@@ -176,34 +178,64 @@ def copy_engine_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[i
 _cupy_runtime = None
 
 
-def copy_engine_available() -> bool:
-    """True where 2D copies can be queued on the GPU's copy engines (CuPy's CUDA runtime bindings import)."""
+def copy_2d_available() -> bool:
+    """True where 2D copies can be queued on the copy engines (CuPy's CUDA runtime bindings import)."""
     global _cupy_runtime
     if _cupy_runtime is None:
         try:
             from cupy.cuda import runtime
 
             _cupy_runtime = runtime
-        except Exception:  # noqa: BLE001 - no cupy, or no usable CUDA for it: the Triton kernel is used instead
+        except Exception:  # noqa: BLE001 - no cupy, or no usable CUDA for it
             _cupy_runtime = False
     return _cupy_runtime is not False
 
 
+def copy_engine_available() -> bool:
+    """True where copies can be queued on the GPU's copy engines: batches through the driver (`dma_batch`), or 2D
+    copies through CuPy's runtime bindings."""
+    return dma_batch.available() or copy_2d_available()
+
+
+def run_pieces(
+    runs: list[tuple[int, int, int]], row_bytes: int, src_pitch: int, dst_pitch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs as 1D pieces (destination offset, source offset, bytes): one per run where the rows are contiguous on
+    both sides, else one per row."""
+    r = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    s, d, n = r[:, 0], r[:, 1], r[:, 2]
+    if src_pitch == row_bytes and dst_pitch == row_bytes:
+        return d * dst_pitch, s * src_pitch, n * row_bytes
+    run_of = np.repeat(np.arange(len(r)), n)
+    within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    sizes = np.full(len(run_of), row_bytes, dtype=np.int64)
+    return (d[run_of] + within) * dst_pitch, (s[run_of] + within) * src_pitch, sizes
+
+
 def copy_block_runs(
-    src: torch.Tensor, dst: torch.Tensor, runs: list[tuple[int, int, int]], stream: torch.cuda.Stream
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+    stream: torch.cuda.Stream,
+    batch: bool | None = None,
 ) -> None:
-    """`dst[d:d+n] = src[s:s+n]` for every run (s, d, n), one 2D copy-engine transfer per run, queued on `stream`.
+    """`dst[d:d+n] = src[s:s+n]` for every run (s, d, n) on the copy engines, queued on `stream`.
 
     Same pools as `copy_blocks_triton` (device or pinned host memory; rows may be strided, e.g. one layer of
-    every block, each row contiguous). A run of rows is a 2D copy (row bytes wide, rows high, each side with its
-    own row pitch), which the DMA engines move at the link's speed without holding any SM. Needs
-    `copy_engine_available()`; the reference is `copy_blocks_reference` with the runs expanded."""
+    every block, each row contiguous). The DMA engines move them at the link's speed without holding any SM.
+    `batch`: True queues every piece (a run, or each row of a strided run) in one driver call (`dma_batch`); False
+    one 2D copy per run (row bytes wide, rows high, each side with its own pitch) through CuPy; None (default) puts
+    single rows and contiguous runs in one batch and long strided runs in 2D copies, where both are available.
+    Needs `copy_engine_available()`; the reference is `copy_blocks_reference` with the runs expanded."""
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(
             f"copy_block_runs: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}"
         )
     if not copy_engine_available():
-        raise RuntimeError("copy_block_runs needs CuPy (pip install 'tierkv[gpu]'); use copy_blocks_triton instead")
+        raise RuntimeError(
+            "copy_block_runs needs a CUDA driver of 12.8 or later, or CuPy (pip install 'tierkv[gpu]'); "
+            "use copy_blocks_triton instead"
+        )
     row_bytes, src_pitch = _row_layout(src)
     _, dst_pitch = _row_layout(dst)
     for s, d, n in runs:
@@ -211,9 +243,26 @@ def copy_block_runs(
             raise IndexError(
                 f"copy_block_runs: run {(s, d, n)} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)"
             )
+    can_batch, can_2d = dma_batch.available(), copy_2d_available()
+    if batch is None:
+        contiguous = src_pitch == row_bytes and dst_pitch == row_bytes
+        in_batch = [can_batch and (contiguous or n == 1 or not can_2d) for _, _, n in runs]
+        batched = [r for r, b in zip(runs, in_batch) if b]
+        as_2d = [r for r, b in zip(runs, in_batch) if not b]
+    elif batch:
+        if not can_batch:
+            raise RuntimeError("copy_block_runs(batch=True) needs a CUDA driver of 12.8 or later (cuMemcpyBatchAsync)")
+        batched, as_2d = runs, []
+    else:
+        if not can_2d:
+            raise RuntimeError("copy_block_runs(batch=False) needs CuPy (pip install 'tierkv[gpu]')")
+        batched, as_2d = [], runs
+    if batched:
+        dst_off, src_off, sizes = run_pieces(batched, row_bytes, src_pitch, dst_pitch)
+        dma_batch.copy_pieces(dst.data_ptr() + dst_off, src.data_ptr() + src_off, sizes, stream)
     rt, handle = _cupy_runtime, stream.cuda_stream
     src_ptr, dst_ptr = src.data_ptr(), dst.data_ptr()
-    for s, d, n in runs:
+    for s, d, n in as_2d:
         rt.memcpy2DAsync(
             dst_ptr + d * dst_pitch,
             dst_pitch,

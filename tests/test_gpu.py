@@ -5,8 +5,10 @@ import torch
 from kv_tools import read_tokens, write_tokens
 
 from tierkv import KVLayout, PageManager, PageManagerConfig
+from tierkv.kernels import dma_batch
 from tierkv.kernels.block_copy import (
     block_runs,
+    copy_2d_available,
     copy_block_runs,
     copy_blocks_reference,
     copy_blocks_triton,
@@ -135,12 +137,27 @@ def test_identical_results_alone_and_in_a_crowd(tmp_path):
             assert torch.equal(read_tokens(pm, i), kv), f"sequence {i}"
 
 
-needs_copy_engine = pytest.mark.skipif(not copy_engine_available(), reason="needs CuPy (the gpu extra) for 2D copies")
+needs_copy_engine = pytest.mark.skipif(
+    not copy_engine_available(), reason="needs a CUDA driver of 12.8 or later, or CuPy (the gpu extra)"
+)
+BATCH_MODES = [
+    pytest.param(None, id="auto"),
+    pytest.param(
+        True,
+        id="one-driver-call",
+        marks=pytest.mark.skipif(not dma_batch.available(), reason="needs cuMemcpyBatchAsync (a 12.8+ driver)"),
+    ),
+    pytest.param(
+        False, id="2d-per-run", marks=pytest.mark.skipif(not copy_2d_available(), reason="needs CuPy (the gpu extra)")
+    ),
+]
 
 
 @needs_copy_engine
-def test_copy_engine_runs_match_the_reference_both_directions():
-    """One 2D copy per run of consecutive slots, whole blocks and strided rows (one layer, a layer group)."""
+@pytest.mark.parametrize("batch", BATCH_MODES)
+def test_copy_engine_runs_match_the_reference_both_directions(batch):
+    """Runs of consecutive slots on the copy engines (one driver call for all, a 2D copy per run, or the mix),
+    whole blocks and strided rows (one layer, a layer group)."""
     torch.manual_seed(0)
     shape = (4, 2, 8, 2, 32)
     src_slots, dst_slots = [3, 4, 5, 6, 10, 12, 13], [0, 1, 2, 3, 9, 14, 15]
@@ -153,16 +170,21 @@ def test_copy_engine_runs_match_the_reference_both_directions():
         dev = torch.randn((16, *shape)).to(torch.bfloat16).cuda()
         want = view(dev).cpu()
         copy_blocks_reference(view(host), want, s_idx, d_idx)
-        copy_block_runs(view(host), view(dev), runs, stream)
+        copy_block_runs(view(host), view(dev), runs, stream, batch=batch)
         stream.synchronize()
         assert torch.equal(view(dev).cpu(), want)
         back = view(host).clone()
-        copy_blocks_reference(view(dev).cpu(), back, d_idx, s_idx)
-        copy_block_runs(view(dev), view(host), [(d, s, n) for s, d, n in runs], stream)
+        # Queued behind a sleep and a fill on the copy stream: a copy that read its source when queued, not in
+        # stream order, would carry the values from before the fill.
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(2_000_000)
+            view(dev).fill_(7)
+        copy_blocks_reference(torch.full_like(view(dev).cpu(), 7), back, d_idx, s_idx)
+        copy_block_runs(view(dev), view(host), [(d, s, n) for s, d, n in runs], stream, batch=batch)
         stream.synchronize()
         assert torch.equal(view(host), back)
     with pytest.raises(IndexError):
-        copy_block_runs(host, dev, [(18, 15, 2)], stream)
+        copy_block_runs(host, dev, [(18, 15, 2)], stream, batch=batch)
 
 
 @needs_copy_engine

@@ -87,6 +87,9 @@ class Mover:
     # device-to-host from 1 MiB; host-to-device never by default (the kernel shares the link with a DMA going down).
     d2h_engine_block_bytes = 1 << 20
     h2d_engine_block_bytes: int | None = None
+    # Copy-engine pieces queued in one driver call per batch where the driver has one (True), or one 2D copy per run
+    # through CuPy (False); None: the batch for single blocks, 2D copies for long runs (copy_block_runs).
+    dma_batches: bool | None = None
     prioritize_h2d = True
 
     def __init__(
@@ -328,7 +331,7 @@ class Mover:
                 elif runs is None:
                     copy_blocks_triton(src.pool[:, lo:hi], dst.pool[:, lo:hi], src_idx, dst_idx, max_programs=programs)
                 else:
-                    copy_block_runs(src.pool[:, lo:hi], dst.pool[:, lo:hi], runs, stream)
+                    copy_block_runs(src.pool[:, lo:hi], dst.pool[:, lo:hi], runs, stream, batch=self.dma_batches)
                 event = torch.cuda.Event(enable_timing=(hi == groups[-1][1]))  # the last one times the transfer
                 event.record(stream)
                 marks.append((lo, hi, event))
