@@ -243,7 +243,8 @@ def copy_block_runs(
             raise IndexError(
                 f"copy_block_runs: run {(s, d, n)} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)"
             )
-    can_batch, can_2d = dma_batch.available(), copy_2d_available()
+    # (never on the legacy default stream, which the driver rejects for batches)
+    can_batch, can_2d = dma_batch.available() and stream.cuda_stream != 0, copy_2d_available()
     if batch is None:
         contiguous = src_pitch == row_bytes and dst_pitch == row_bytes
         in_batch = [can_batch and (contiguous or n == 1 or not can_2d) for _, _, n in runs]
@@ -251,12 +252,20 @@ def copy_block_runs(
         as_2d = [r for r, b in zip(runs, in_batch) if not b]
     elif batch:
         if not can_batch:
-            raise RuntimeError("copy_block_runs(batch=True) needs a CUDA driver of 12.8 or later (cuMemcpyBatchAsync)")
+            raise RuntimeError(
+                "copy_block_runs(batch=True) needs a CUDA driver of 12.8 or later (cuMemcpyBatchAsync) and a stream "
+                "other than the legacy default one"
+            )
         batched, as_2d = runs, []
     else:
         if not can_2d:
             raise RuntimeError("copy_block_runs(batch=False) needs CuPy (pip install 'tierkv[gpu]')")
         batched, as_2d = [], runs
+    if as_2d and not can_2d:
+        raise RuntimeError(
+            "copy_block_runs: these runs need CuPy for 2D copies (pip install 'tierkv[gpu]'), or a stream other than "
+            "the legacy default one for the driver's batches"
+        )
     if batched:
         dst_off, src_off, sizes = run_pieces(batched, row_bytes, src_pitch, dst_pitch)
         dma_batch.copy_pieces(dst.data_ptr() + dst_off, src.data_ptr() + src_off, sizes, stream)

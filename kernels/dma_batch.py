@@ -82,7 +82,8 @@ def _self_test() -> bool:
     host = torch.arange(4096, dtype=torch.int32).pin_memory()
     dev = torch.zeros(4096, dtype=torch.int32, device="cuda")
     back = torch.zeros(4096, dtype=torch.int32).pin_memory()
-    stream = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()  # (not the legacy default stream: the batch call rejects it)
+    stream.wait_stream(torch.cuda.current_stream())
     pieces = [(0, 1024, 256), (2048, 0, 512), (3000, 3500, 96)]  # (src word, dst word, words)
     up = [(dev.data_ptr() + 4 * d, host.data_ptr() + 4 * s, 4 * n) for s, d, n in pieces]
     down = [(back.data_ptr() + 4 * s, dev.data_ptr() + 4 * d, 4 * n) for s, d, n in pieces]
@@ -98,9 +99,14 @@ def _self_test() -> bool:
 def copy_pieces(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: torch.cuda.Stream) -> None:
     """Queue `dsts[i] <- srcs[i]` (`sizes[i]` bytes, addresses as integers: device or pinned host memory) for every
     i on `stream` in one driver call, in stream order as a whole (pieces in any order among themselves, so they must
-    not overlap)."""
+    not overlap). `stream` must not be the legacy default stream, which the driver rejects for batches."""
     if _fn is None or _fn is False:
         raise RuntimeError("dma_batch.copy_pieces: cuMemcpyBatchAsync is not available here; check available() first")
+    if not stream.cuda_stream:
+        raise ValueError(
+            "dma_batch.copy_pieces: the driver rejects batches on the legacy default stream; queue them on a "
+            "torch.cuda.Stream() of your own"
+        )
     count = len(sizes)
     if count == 0:
         return

@@ -247,6 +247,22 @@ def test_host_copies_give_way_when_the_cpu_tier_needs_room():
         assert torch.equal(read_tokens(pm, "c"), c) and torch.equal(read_tokens(pm, "a"), a)
 
 
+def test_a_sequence_demoted_tail_first_lands_in_consecutive_slots_in_its_own_order():
+    """The GPU evicts a sequence's last block first (acquire touches it first, so that a cached prefix keeps its
+    head); its blocks must still land below in ascending slots in logical order, the runs that a streamed decode
+    moves up on the copy engines in one piece each (in descending slots, every block was a run of its own)."""
+    with make(gpu=8, cpu=16) as pm:
+        a = add(pm, "a", 32, 1)  # 8 blocks: fills the GPU
+        pm.acquire(["a"])
+        pm.release(["a"])
+        add(pm, "b", 32, 2)  # pushes all of a down, tail first
+        assert tiers_of(pm, "a") == ["cpu"] * 8
+        slots = [b.slot for b in pm.block_table("a")]
+        assert slots == list(range(slots[0], slots[0] + 8))
+        assert torch.equal(read_tokens(pm, "a"), a)
+        check_invariants(pm)
+
+
 def test_long_write_goes_through_a_gpu_smaller_than_the_sequence(nvme_dir):
     with make(nvme_dir, gpu=2, cpu=2, nvme=8) as pm:
         a = add(pm, "a", 40, 1)  # 10 blocks through a 2-block GPU tier

@@ -22,6 +22,10 @@ from tierkv.kv.spares import SpareCopies
 from tierkv.kv.transfer import Transfer
 
 
+def _block_id(block: Block) -> int:
+    return block.block_id
+
+
 class Placement:
     """The moves between tiers of the blocks in `ledger`. `tiers[kind]` gives each tier's `num_blocks` and `slots`;
     `run(transfer)` starts a transfer and returns its handle; `compute_marker()` is a handle for the compute work
@@ -331,7 +335,10 @@ class Placement:
             return
         dst = self.tiers[dst_kind]
         by_src: dict[int, list[Block]] = {}
-        for block in blocks:
+        # Oldest block first (ids count up as sequences grow, so a sequence's blocks in logical order), onto slots
+        # handed out in ascending order: a sequence demoted tail first (the GPU's eviction order) still lands in runs
+        # of consecutive slots, which a streamed decode moves up on the copy engines in one piece per run.
+        for block in sorted(blocks, key=_block_id):
             by_src.setdefault(block.tier, []).append(block)
             self.spares.drop_host(block)  # leaving the GPU other than onto it (to NVMe), the copy is no use
         for src_kind, group in by_src.items():
