@@ -147,15 +147,16 @@ def _run_starts(src_slots, dst_slots) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return s, d, np.concatenate(([0], np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1))
 
 
-def _runs(s: np.ndarray, d: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, int]]:
+def _runs(s: np.ndarray, d: np.ndarray, starts: np.ndarray) -> np.ndarray:
     lengths = np.diff(np.append(starts, len(s)))
-    return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
+    return np.stack([s[starts], d[starts], lengths], axis=1) if len(s) else np.zeros((0, 3), dtype=np.int64)
 
 
-def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs (first source slot, first destination slot, length) where both slot lists count up by one."""
+def block_runs(src_slots: list[int], dst_slots: list[int]) -> np.ndarray:
+    """Maximal runs where both slot lists count up by one, as a (runs, 3) int64 array of (first source slot, first
+    destination slot, length): what `copy_block_runs` takes, with no per-run Python objects."""
     if len(src_slots) == 0:
-        return []
+        return np.zeros((0, 3), dtype=np.int64)
     return _runs(*_run_starts(src_slots, dst_slots))
 
 
@@ -165,7 +166,7 @@ def block_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, in
 COPY_ENGINE_MIN_RUN = 8
 
 
-def copy_engine_runs(src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, int, int]] | None:
+def copy_engine_runs(src_slots: list[int], dst_slots: list[int]) -> np.ndarray | None:
     """The batch as runs for `copy_block_runs` where the copy engines should move it, else None (use the kernel).
     The runs are counted before they are listed: listing 16,384 scattered blocks' runs took 3 ms of the host."""
     n = len(src_slots)
@@ -197,16 +198,15 @@ def copy_engine_available() -> bool:
     return dma_batch.available() or copy_2d_available()
 
 
-def run_pieces(
-    runs: list[tuple[int, int, int]], row_bytes: int, src_pitch: int, dst_pitch: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The runs as 1D pieces (destination offset, source offset, bytes): one per run where the rows are contiguous on
-    both sides, else one per row."""
-    r = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
-    s, d, n = r[:, 0], r[:, 1], r[:, 2]
+def run_pieces(runs: np.ndarray, row_bytes: int, src_pitch: int, dst_pitch: int) -> tuple[np.ndarray, ...]:
+    """Runs ((k, 3) int64: source row, destination row, rows) as 1D pieces (destination offset, source offset,
+    bytes): one per run where the rows are contiguous on both sides, else one per row."""
+    s, d, n = runs[:, 0], runs[:, 1], runs[:, 2]
     if src_pitch == row_bytes and dst_pitch == row_bytes:
         return d * dst_pitch, s * src_pitch, n * row_bytes
-    run_of = np.repeat(np.arange(len(r)), n)
+    if bool((n == 1).all()):
+        return d * dst_pitch, s * src_pitch, np.full(len(n), row_bytes, dtype=np.int64)
+    run_of = np.repeat(np.arange(len(runs)), n)
     within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
     sizes = np.full(len(run_of), row_bytes, dtype=np.int64)
     return (d[run_of] + within) * dst_pitch, (s[run_of] + within) * src_pitch, sizes
@@ -215,7 +215,7 @@ def run_pieces(
 def copy_block_runs(
     src: torch.Tensor,
     dst: torch.Tensor,
-    runs: list[tuple[int, int, int]],
+    runs: list[tuple[int, int, int]] | np.ndarray,
     stream: torch.cuda.Stream,
     batch: bool | None = None,
 ) -> None:
@@ -226,7 +226,10 @@ def copy_block_runs(
     `batch`: True queues every piece (a run, or each row of a strided run) in one driver call (`dma_batch`); False
     one 2D copy per run (row bytes wide, rows high, each side with its own pitch) through CuPy; None (default) puts
     single rows and contiguous runs in one batch and long strided runs in 2D copies, where both are available.
-    Needs `copy_engine_available()`; the reference is `copy_blocks_reference` with the runs expanded."""
+    Needs `copy_engine_available()`; the reference is `copy_blocks_reference` with the runs expanded.
+
+    The host's time here is on the critical path of a swap (both directions at once): the second direction's
+    copies start only when the first's are queued. So the runs are handled as arrays, never row by row in Python."""
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(
             f"copy_block_runs: pools differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}"
@@ -238,40 +241,38 @@ def copy_block_runs(
         )
     row_bytes, src_pitch = _row_layout(src)
     _, dst_pitch = _row_layout(dst)
-    for s, d, n in runs:
-        if s < 0 or d < 0 or s + n > src.shape[0] or d + n > dst.shape[0]:
-            raise IndexError(
-                f"copy_block_runs: run {(s, d, n)} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)"
-            )
+    r = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    bad = (r[:, 0] < 0) | (r[:, 1] < 0) | (r[:, 0] + r[:, 2] > src.shape[0]) | (r[:, 1] + r[:, 2] > dst.shape[0])
+    if bad.any():
+        raise IndexError(
+            f"copy_block_runs: run {tuple(r[bad][0].tolist())} outside the pools ({src.shape[0]} / {dst.shape[0]} rows)"
+        )
     # (never on the legacy default stream, which the driver rejects for batches)
     can_batch, can_2d = dma_batch.available() and stream.cuda_stream != 0, copy_2d_available()
     if batch is None:
         contiguous = src_pitch == row_bytes and dst_pitch == row_bytes
-        in_batch = [can_batch and (contiguous or n == 1 or not can_2d) for _, _, n in runs]
-        batched = [r for r, b in zip(runs, in_batch) if b]
-        as_2d = [r for r, b in zip(runs, in_batch) if not b]
+        in_batch = np.full(len(r), can_batch) & (contiguous | (r[:, 2] == 1) | (not can_2d))
     elif batch:
         if not can_batch:
             raise RuntimeError(
                 "copy_block_runs(batch=True) needs a CUDA driver of 12.8 or later (cuMemcpyBatchAsync) and a stream "
                 "other than the legacy default one"
             )
-        batched, as_2d = runs, []
+        in_batch = np.ones(len(r), dtype=bool)
     else:
-        if not can_2d:
-            raise RuntimeError("copy_block_runs(batch=False) needs CuPy (pip install 'tierkv[gpu]')")
-        batched, as_2d = [], runs
-    if as_2d and not can_2d:
+        in_batch = np.zeros(len(r), dtype=bool)
+    as_2d = r[~in_batch]
+    if len(as_2d) and not can_2d:
         raise RuntimeError(
             "copy_block_runs: these runs need CuPy for 2D copies (pip install 'tierkv[gpu]'), or a stream other than "
             "the legacy default one for the driver's batches"
         )
-    if batched:
-        dst_off, src_off, sizes = run_pieces(batched, row_bytes, src_pitch, dst_pitch)
+    if in_batch.any():
+        dst_off, src_off, sizes = run_pieces(r[in_batch], row_bytes, src_pitch, dst_pitch)
         dma_batch.copy_pieces(dst.data_ptr() + dst_off, src.data_ptr() + src_off, sizes, stream)
     rt, handle = _cupy_runtime, stream.cuda_stream
     src_ptr, dst_ptr = src.data_ptr(), dst.data_ptr()
-    for s, d, n in as_2d:
+    for s, d, n in as_2d.tolist():
         rt.memcpy2DAsync(
             dst_ptr + d * dst_pitch,
             dst_pitch,

@@ -74,6 +74,11 @@ def test_strided_rows_copy_one_layer_of_each_block():
 def test_block_runs_split_where_either_side_stops_counting_up():
     from tierkv.kernels.block_copy import block_runs
 
-    assert block_runs([], []) == []
-    assert block_runs([4], [9]) == [(4, 9, 1)]
-    assert block_runs([1, 2, 3, 7, 8, 2], [5, 6, 9, 10, 11, 0]) == [(1, 5, 2), (3, 9, 1), (7, 10, 2), (2, 0, 1)]
+    assert block_runs([], []).tolist() == []
+    assert block_runs([4], [9]).tolist() == [[4, 9, 1]]
+    assert block_runs([1, 2, 3, 7, 8, 2], [5, 6, 9, 10, 11, 0]).tolist() == [
+        [1, 5, 2],
+        [3, 9, 1],
+        [7, 10, 2],
+        [2, 0, 1],
+    ]

@@ -180,7 +180,7 @@ class StepAttention:
                 runs = copy_engine_runs(src, dst) if host_copy else None
                 as_index = (
                     None
-                    if runs
+                    if runs is not None
                     else tuple(host_to_device([np.asarray(src, np.int64), np.asarray(dst, np.int64)], device))
                 )
                 moves.append((tier, runs, as_index))
@@ -279,7 +279,7 @@ class StepAttention:
             for tier, runs, index in moves:
                 if isinstance(tier, NvmeTier):
                     self._read_disk(*index[1:], buf, stream)
-                elif runs:
+                elif runs is not None:
                     copy_block_runs(tier.pool[:, layer], buf, runs, stream)
                 else:
                     copy_blocks_triton(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierkv.handles import DONE, EventHandle, FutureHandle, Handle, LayeredHandle, Settled, all_of
+from tierkv.kernels import dma_batch
 from tierkv.kernels.block_copy import (
     block_runs,
     copy_block_runs,
@@ -84,9 +85,12 @@ class Mover:
     # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
     h2d_programs = 32
     # Batches of blocks at least this large go to the copy engines whatever their slot order, one DMA per run:
-    # device-to-host from 1 MiB; host-to-device never by default (the kernel shares the link with a DMA going down).
+    # from 1 MiB each way. Host-to-device only where the driver queues a batch in one call (dma_batch): queued one
+    # DMA per block, a swap's copies up took so long to queue that its copies down started late, and the kernel
+    # going up was faster (H200, 2026-12-04, 2 MiB blocks both ways: 57% of two contiguous copies queued one by one,
+    # 87% batched; BENCHMARKS.md, block moves).
     d2h_engine_block_bytes = 1 << 20
-    h2d_engine_block_bytes: int | None = None
+    h2d_engine_block_bytes: int | None = 1 << 20
     # Copy-engine pieces queued in one driver call per batch where the driver has one (True), or one 2D copy per run
     # through CuPy (False); None: the batch for single blocks, 2D copies for long runs (copy_block_runs).
     dma_batches: bool | None = None
@@ -298,7 +302,7 @@ class Mover:
             self.d2h_engine_block_bytes
             if src.is_cuda and dst.is_host_memory
             else self.h2d_engine_block_bytes
-            if src.is_host_memory and dst.is_cuda
+            if src.is_host_memory and dst.is_cuda and (dma_batch.available() or self.dma_batches is False)
             else None
         )
         if (
