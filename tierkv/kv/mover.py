@@ -85,12 +85,13 @@ class Mover:
     # BENCHMARKS.md); more would only hold SMs that the step's compute needs while the copy runs beside it.
     h2d_programs = 32
     # Batches of blocks at least this large go to the copy engines whatever their slot order, one DMA per run:
-    # from 1 MiB each way. Host-to-device only where the driver queues a batch in one call (dma_batch): queued one
+    # from 512 KiB each way. Host-to-device only where the driver queues a batch in one call (dma_batch): queued one
     # DMA per block, a swap's copies up took so long to queue that its copies down started late, and the kernel
-    # going up was faster (H200, 2026-12-04, 2 MiB blocks both ways: 57% of two contiguous copies queued one by one,
-    # 87% batched; BENCHMARKS.md, block moves).
-    d2h_engine_block_bytes = 1 << 20
-    h2d_engine_block_bytes: int | None = 1 << 20
+    # going up was faster. H200, 2026-12-04, both ways at once against two contiguous copies: 2 MiB blocks 91% on
+    # the engines (58% queued one by one, 56% kernel both ways), 512 KiB 89% (50%, 54%); at 64 KiB the engines
+    # move one way slower than the kernel (38 against 44 GB/s), so smaller blocks stay on it (BENCHMARKS.md).
+    d2h_engine_block_bytes = 1 << 19
+    h2d_engine_block_bytes: int | None = 1 << 19
     # Copy-engine pieces queued in one driver call per batch where the driver has one (True), or one 2D copy per run
     # through CuPy (False); None: the batch for single blocks, 2D copies for long runs (copy_block_runs).
     dma_batches: bool | None = None
