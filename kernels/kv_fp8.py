@@ -144,6 +144,14 @@ if triton is not None:
         return x * scales[:, None]
 
     @triton.jit
+    def kv_tile(tile, scale_ptrs, like, KV_FP8: tl.constexpr, NATIVE: tl.constexpr):
+        """A loaded (rows, D) tile of keys or values as attention reads it: where KV_FP8, e4m3 codes decoded with the
+        scales at `scale_ptrs` (rows,) into `like`'s dtype (the queries'); else the tile as loaded."""
+        if KV_FP8:
+            tile = decode_tile(tile, tl.load(scale_ptrs), NATIVE).to(like.dtype)
+        return tile
+
+    @triton.jit
     def _write_block(
         X, t0, stride_xt, stride_xh, h, C, S, blk, first, n, stride_cs, stride_ct, stride_ch, stride_ss,
         D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,

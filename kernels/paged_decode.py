@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 
 
 if triton is not None:
-    from tierkv.kernels.kv_fp8 import decode_tile
+    from tierkv.kernels.kv_fp8 import kv_tile
 
     @triton.jit
     def _attend_keys(
@@ -71,11 +71,7 @@ if triton is not None:
             tok = rel % BS
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k_ptrs = K + slot[:, None] * stride_ks + tok[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-            if KV_FP8:
-                k_codes = tl.load(k_ptrs, mask=kv_mask, other=0)
-                k = decode_tile(k_codes, tl.load(KS + slot * stride_kss + kvh), FP8_NATIVE).to(q.dtype)
-            else:
-                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            k = kv_tile(tl.load(k_ptrs, mask=kv_mask, other=0), KS + slot * stride_kss + kvh, q, KV_FP8, FP8_NATIVE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             valid = n_mask[None, :]
             if CAUSAL:
@@ -89,11 +85,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v_ptrs = V + slot[:, None] * stride_vs + tok[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
-            if KV_FP8:
-                v_codes = tl.load(v_ptrs, mask=kv_mask, other=0)
-                v = decode_tile(v_codes, tl.load(VS + slot * stride_vss + kvh), FP8_NATIVE).to(q.dtype)
-            else:
-                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            v = kv_tile(tl.load(v_ptrs, mask=kv_mask, other=0), VS + slot * stride_vss + kvh, q, KV_FP8, FP8_NATIVE)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         return m_i, l_i, acc

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover
 
 
 if triton is not None:
-    from tierkv.kernels.kv_fp8 import decode_tile
+    from tierkv.kernels.kv_fp8 import kv_tile
 
     @triton.jit
     def _prefill_keys(
@@ -79,8 +79,7 @@ if triton is not None:
             k_rows = slot * stride_ks + (rel % BS) * stride_kt + kvh * stride_kh
             v_rows = slot * stride_vs + (rel % BS) * stride_vt + kvh * stride_vh
             k = _load_keys(K + k_rows[:, None] + offs_d[None, :], n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
-            if KV_FP8:
-                k = decode_tile(k, tl.load(KS + slot * stride_kss + kvh), FP8_NATIVE).to(q.dtype)
+            k = kv_tile(k, KS + slot * stride_kss + kvh, q, KV_FP8, FP8_NATIVE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if MASKED:
                 valid = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
@@ -99,8 +98,7 @@ if triton is not None:
                 alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_keys(V + v_rows[:, None] + offs_d[None, :], n_mask, d_mask, MASKED, HEAD_DIM != BLOCK_D)
-            if KV_FP8:
-                v = decode_tile(v, tl.load(VS + slot * stride_vss + kvh), FP8_NATIVE).to(q.dtype)
+            v = kv_tile(v, VS + slot * stride_vss + kvh, q, KV_FP8, FP8_NATIVE)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
             m_i = m_new
