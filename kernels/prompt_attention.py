@@ -148,8 +148,11 @@ def prompt_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
 
 # Prompts at least this long go through cuDNN once their shape is met again (see the module's docstring).
 CUDNN_MIN_LENGTH = 2048
-# The shapes (prompts, length, heads, kv heads, head size, dtype, device) of long runs met so far in this process.
+# The shapes (prompts, length, heads, kv heads, head size, dtype, device) of long runs met so far in this process,
+# forgotten all at once past a bound: a server meets new lengths for as long as it runs, and a forgotten shape only
+# costs one more call through flash attention.
 _shapes_met: set[tuple] = set()
+_SHAPES_KEPT = 4096
 
 
 def _cudnn_planned(q: torch.Tensor, k: torch.Tensor, count: int, length: int) -> bool:
@@ -159,6 +162,8 @@ def _cudnn_planned(q: torch.Tensor, k: torch.Tensor, count: int, length: int) ->
     shape = (count, length, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device)
     if shape in _shapes_met:
         return True
+    if len(_shapes_met) >= _SHAPES_KEPT:
+        _shapes_met.clear()
     _shapes_met.add(shape)
     return False
 

@@ -179,3 +179,19 @@ def test_long_prompts_go_to_cudnn_only_when_their_shape_is_met_again(monkeypatch
         assert sdpa_runs == expected
         torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
         sdpa_runs.clear()
+
+
+def test_the_shapes_met_are_forgotten_past_a_bound(monkeypatch):
+    """A server meets new prompt lengths for as long as it runs: the memory of long shapes met stays bounded, and a
+    shape forgotten goes through flash attention once more before cuDNN again."""
+    monkeypatch.setattr(prompt_attention_module, "_shapes_met", set())
+    monkeypatch.setattr(prompt_attention_module, "_SHAPES_KEPT", 2)
+    planned = prompt_attention_module._cudnn_planned
+    q = k = torch.zeros((1, 4, 8))
+    long = prompt_attention_module.CUDNN_MIN_LENGTH
+    assert [planned(q, k, 1, long), planned(q, k, 1, long)] == [False, True]
+    assert not planned(q, k, 1, long + 1)  # two shapes kept
+    assert not planned(q, k, 1, long + 2)  # a third: the first two are forgotten
+    assert len(prompt_attention_module._shapes_met) == 1
+    assert [planned(q, k, 1, long), planned(q, k, 1, long)] == [False, True]
+    assert not planned(q, k, 1, long - 1) and not planned(q, k, 1, long - 1)  # short: never cuDNN
