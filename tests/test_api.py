@@ -71,3 +71,24 @@ def test_abort_request_stops_it_and_frees_its_blocks(chat_model):
         assert llm.pm.sequences
         assert llm.abort_request(rid) == 1
         assert not llm.pm.sequences and not llm.has_unfinished() and llm.step() == []
+
+
+def test_warm_up_counts_nothing_keeps_nothing_and_changes_no_output(chat_model):
+    """What `tierkv serve` runs before its first connection: the engine's stats read as if nothing ran, no block is
+    held or cached, the load-or-recompute choice keeps its calibration, and outputs are those of a cold engine."""
+    prompts = [list(range(7, 18)), [20, 21, 22]]  # the first: the warm-up's own prompt at block size 4
+    with small_llm(chat_model) as cold:
+        want = tokens(cold.generate(prompts, GREEDY, use_tqdm=False))
+    with small_llm(chat_model) as llm:
+        chooser = llm.engine.prefix.chooser
+        calibrated = chooser.prefill_tokens_per_s
+        llm.warm_up()
+        stats = llm.stats()
+        assert {
+            k: stats["engine"][k] for k in ("steps", "prompt_tokens", "generated_tokens", "running")
+        } == dict.fromkeys(("steps", "prompt_tokens", "generated_tokens", "running"), 0)
+        assert stats["prefix"]["queried_tokens"] == 0
+        assert all(t["used_blocks"] == 0 and t["cached_blocks"] == 0 for t in stats["tiers"].values())
+        assert chooser.prefill_tokens_per_s == calibrated
+        assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
+        assert llm.stats()["prefix"]["hit_tokens"] == 0  # the warm-up's prompt left no prefix to find

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 import torch
 
-from tierkv import inputs
+from tierkv import inputs, start_up
 from tierkv.beam import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from tierkv.capacity import check_request_fits, make_scheduler, tier_blocks
 from tierkv.config import EngineConfig, resolve_device
@@ -92,59 +92,18 @@ class LLM:
         )
         self.engine.tp_driver = self._driver
         if hasher is not None and cfg.prefix_load == "auto":
-            self._calibrate()
+            start_up.calibrate(self)
         # Everything tracked so far (the model, the tiers, and the ~400k objects of the imported libraries) leaves
         # the cyclic collector's view: a full collection over them took 0.2-0.3 s and, landing between two steps,
         # stalled the GPU that long (H100, item 1 of the fast-path benchmarks). close() gives them back.
         gc.freeze()
 
-    def _calibrate(self) -> None:
-        """Measure what the load-or-recompute choice needs: each lower tier's time to bring blocks to the GPU
-        (through the page manager's own paths) and the prefill speed (a throwaway prompt, run twice: the first
-        run also compiles the kernels)."""
-        pm, bs = self.pm, self.layout.block_size
-        n = min(8, pm.tiers[0].num_blocks - 1, pm.free_blocks() // 2)
-        # Twice, keeping the second: the first round trip also compiles the copy kernels, and a copy timed with
-        # its compile reads as a link a hundred times slower (then every prefix found below the GPU is recomputed,
-        # and with nothing loaded the rate is never measured again).
-        for attempt in range(2 if n >= 1 and len(pm.kinds) > 1 else 0):
-            if attempt:
-                pm.mover.collect()
-                pm.mover.links.clear()
-            pm.add_sequence("__probe__")
-            pm.append_tokens("__probe__", n * bs)
-            pm.acquire(["__probe__"], writes={"__probe__": (0, n * bs)})
-            pm.release(["__probe__"])
-            for kind in pm.kinds[1:]:
-                pm.evict(["__probe__"], to=pm.tiers[kind].name)
-                pm.synchronize()
-                if kind == 2:
-                    pm.tiers[kind].store.drop_page_cache()
-                pm.acquire(["__probe__"])
-                pm.release(["__probe__"])
-                pm.synchronize()
-            pm.free("__probe__")
-        engine = self.engine
-        engine.prefix.register_blocks = False
-        try:
-            gpu, cpu = pm.tiers[0].num_blocks, pm.tiers[1].num_blocks if 1 in pm.tiers else 0
-            fits = min(gpu + cpu, pm.free_blocks() // 2) * bs - 1  # a probe that needs no more than the tiers give
-            length = min(
-                max(4 * bs, 2 * engine.prefix.chooser.MIN_OBSERVED_TOKENS),
-                self.max_model_len - 1,
-                fits,
-                self.config.max_num_batched_tokens,
-            )
-            if length >= 2:
-                probe = [int(t) % self.loaded.spec.vocab_size for t in range(7, 7 + length)]
-                for _ in range(2):
-                    self.generate([probe], SamplingParams(max_tokens=1, cache_salt="__calibration__"), use_tqdm=False)
-        finally:
-            engine.prefix.register_blocks = True
-            engine.prefix.stats = PrefixStats()
-            engine.counters = type(engine.counters)()
-            engine.prefix.chooser.observe_links(pm.mover.links)  # keep the measured bandwidths, not the traffic
-            self.pm.reset_counters()
+    def warm_up(self) -> None:
+        """Do now what the first requests would otherwise wait for: compile the kernels of a prefill step and of
+        decode steps and capture every CUDA graph the engine uses (seconds on a GPU). `tierkv serve` calls it before
+        it accepts connections. The throwaway request it runs is not counted and leaves no cached prefix."""
+        self._usable()
+        start_up.warm_up(self)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (in memory and in the NVMe store's index); returns the blocks dropped."""

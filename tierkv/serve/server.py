@@ -3,6 +3,9 @@ requests finish, new ones are refused, up to `drain_s`), then the engine closes 
 
 from __future__ import annotations
 
+import sys
+import time
+
 import yaml
 
 from tierkv.config import EngineConfig
@@ -50,6 +53,10 @@ def serve(
     from tierkv.serve.engine_loop import EngineLoop
 
     llm = LLM(model, **options)
+    # Kernels compiled and CUDA graphs captured before the first connection, not inside the first requests' time.
+    t0 = time.perf_counter()
+    llm.warm_up()
+    print(f"tierkv serve: warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     engine = EngineLoop(llm, max_waiting=max_waiting)
     # On SIGTERM uvicorn stops accepting connections and lets open ones finish (up to drain_s); then the engine
     # finishes what it still runs (up to drain_s again), aborts the rest and closes the LLM (the prefix store kept).
