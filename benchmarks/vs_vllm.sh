@@ -7,6 +7,8 @@
 #   bash benchmarks/vs_vllm.sh tierkv-paged W...  the same with whole prompts through the paged prefill kernel
 #   (tierkv options after the workloads pass through: --max-num-batched-tokens N)
 #   bash benchmarks/vs_vllm.sh vllm W...          vLLM's side: workloads that share an engine in one call
+#   (either side with --profile after the workloads: the first pass under torch.profiler, where the GPU time went,
+#   summarised the same way for both: benchmarks/peers/gpu_time.py)
 # vLLM comes as ../shared/peers/README.md says: `bash ../shared/peers/prepare.sh .peers` once on the CPU machine,
 # then the four chunk stages in back-to-back calls (`run` with carry [".peers/cN"]); an engine starts in ~90 s.
 # Workloads and their engines: fits | spill outgrow | reread chat (vLLM: three engine starts).
@@ -29,14 +31,16 @@ case "$stage" in
         extra=""; [ "$stage" = tierkv-paged ] && extra="--no-prompts-apart"
         # One process per workload: an engine that sized its GPU tier by the free memory leaves none to the next.
         opts=(); names=(); for a in "$@"; do case "$a" in --*|[0-9]*) opts+=("$a") ;; *) names+=("$a") ;; esac; done
+        shown='^tierkv|Error|error'; [[ " ${opts[*]} " == *" --profile "* ]] && shown='^[^ ]|^  '  # (the summary whole)
         for w in "${names[@]}"; do
-            python3 benchmarks/peers/tierkv_side.py "$w" "${opts[@]}" --out-dir "$vs" $extra 2>&1 | grep -E "^tierkv|Error|error"
+            python3 benchmarks/peers/tierkv_side.py "$w" "${opts[@]}" --out-dir "$vs" $extra 2>&1 | grep -E "$shown" | grep -v Warning
         done ;;
     vllm)
         [ -d /tmp/vsite/vllm ] || { echo "vLLM is not installed here: run the four chunk stages first"; exit 1; }
         PYTHONPATH=/tmp/vsite python3 benchmarks/peers/vllm_side.py "$@" --model /tmp/vch/c4/llama31_8b_dummy \
             --out-dir "$vs" > "$vs/vllm_$1.log" 2>&1
-        grep -E "^vllm|^vLLM engine|Error" "$vs/vllm_$1.log" | tail -8 ;;
+        if [[ " $* " == *" --profile "* ]]; then grep -A40 "under the profiler" "$vs/vllm_$1.log"
+        else grep -E "^vllm|^vLLM engine|Error" "$vs/vllm_$1.log" | tail -8; fi ;;
     *) echo "unknown stage $stage"; exit 2 ;;
 esac
 cp "$vs"/vllm_*.log "$out/" 2>/dev/null

@@ -4,7 +4,8 @@
 
 Writes tierkv_<workload>.json (per pass or turn: seconds, tokens, output tok/s; the engine's stats) per workload.
 `--no-prompts-apart`: whole prompts go through the paged prefill kernel too (the A/B of kernels/prompt_attention);
-`--max-num-batched-tokens N`: another step budget than vLLM's side gets (an A/B of tierkv alone).
+`--max-num-batched-tokens N`: another step budget than vLLM's side gets (an A/B of tierkv alone). `--profile`: the
+first pass under torch.profiler instead, summarised as vLLM's side's `--profile` summarises its own (gpu_time.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/, for common
 
+import gpu_time  # noqa: E402
 import workloads  # noqa: E402
 from common import run_meta, warm_up  # noqa: E402
 
@@ -42,8 +44,13 @@ def open_engine(w: workloads.Workload, model: str, max_batched_tokens: int) -> t
 
 
 def run_one(
-    w: workloads.Workload, model: str = "llama-3.1-8b", max_batched_tokens: int = workloads.MAX_BATCHED_TOKENS
-) -> dict:
+    w: workloads.Workload,
+    model: str = "llama-3.1-8b",
+    max_batched_tokens: int = workloads.MAX_BATCHED_TOKENS,
+    profile: bool = False,
+) -> dict | str:
+    """The workload's timed passes and the engine's counters; or, with `profile`, its first pass under the profiler
+    (gpu_time.summary, as vLLM's side prints it)."""
     t0 = time.perf_counter()
     llm = open_engine(w, model, max_batched_tokens)
     init_s = time.perf_counter() - t0
@@ -55,6 +62,11 @@ def run_one(
         sp = params.setdefault(max_tokens, tierkv.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
         return [o.outputs[0].token_ids for o in llm.generate(sent, sp, use_tqdm=False)]
 
+    if profile:
+        try:
+            return gpu_time.profiled(w, generate)
+        finally:
+            llm.close()
     records = workloads.run(w, generate)
     stats = llm.stats()
     llm.close()
@@ -93,8 +105,18 @@ def main() -> int:
         default=PrefixReuse.queued_lookahead,
         help="waiting requests whose cached prefixes eviction passes over (A/B runs: 0 is plain LRU)",
     )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the timed runs: each workload's first pass under torch.profiler, and where the GPU time went "
+        "(gpu_time.py; vLLM's side: vllm_side.py --profile)",
+    )
     args = ap.parse_args()
     ModelRunner.prompts_apart = not args.no_prompts_apart
+    if args.profile:
+        for name in args.workloads:
+            print(run_one(workloads.WORKLOADS[name], max_batched_tokens=args.max_num_batched_tokens, profile=True))
+        return 0
     default_lookahead = PrefixReuse.queued_lookahead
     PrefixReuse.queued_lookahead = args.queued_lookahead
     os.makedirs(args.out_dir, exist_ok=True)

@@ -33,6 +33,7 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+import gpu_time  # noqa: E402
 import workloads  # noqa: E402
 
 
@@ -80,7 +81,16 @@ def main() -> int:
     ap.add_argument("workloads", nargs="+", choices=sorted(workloads.WORKLOADS))
     ap.add_argument("--model", required=True, help="the Llama-3.1-8B config folder (from ../shared/peers)")
     ap.add_argument("--out-dir", default=".")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the timed runs: the first workload's first pass once under torch.profiler, vLLM's engine in "
+        "this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), and where the GPU time went (gpu_time.py; tierkv's side: "
+        "tierkv_side.py --profile)",
+    )
     args = ap.parse_args()
+    if args.profile:  # (before vLLM is imported: the engine core must run in this process for the profiler to see it)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     chosen = [workloads.WORKLOADS[n] for n in args.workloads]
     if len({engine_key(w) for w in chosen}) != 1:
         raise SystemExit(f"these workloads need different vLLM engines: {[(w.name, engine_key(w)) for w in chosen]}")
@@ -106,6 +116,10 @@ def main() -> int:
         outs = llm.generate([{"prompt_token_ids": p} for p in sent], sp, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
+    if args.profile:
+        generate(workloads.warmup_prompts(chosen[0]), 4)
+        print(gpu_time.profiled(chosen[0], generate), flush=True)
+        return 0
     os.makedirs(args.out_dir, exist_ok=True)
     for i, w in enumerate(chosen):
         if i == 0:  # warm-up as tierkv's side does: other random ids, then short decodes
