@@ -6,6 +6,10 @@ A pool is a tensor whose first axis indexes block slots and whose other axes are
 Where either pool is on a CUDA device, one Triton kernel does the whole batch, reading or writing pinned
 host memory in place through unified virtual addressing (zero-copy), so scattered blocks move at close to
 the speed of one contiguous copy instead of paying one DMA setup per block (BENCHMARKS.md: block moves vs a contiguous copy).
+
+`copy_block_runs` moves runs of blocks on the copy engines instead, holding no SM: a 2D copy per long run, and the
+rest of a batch's pieces queued in one driver call (`dma_batch`). The mover and the streamed attention pick which
+(tierkv/kv/mover.py, tierkv/attention.py): large blocks and runs go to the engines, small scattered ones to the kernel.
 """
 
 from __future__ import annotations
