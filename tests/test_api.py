@@ -92,3 +92,14 @@ def test_warm_up_counts_nothing_keeps_nothing_and_changes_no_output(chat_model):
         assert chooser.prefill_tokens_per_s == calibrated
         assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
         assert llm.stats()["prefix"]["hit_tokens"] == 0  # the warm-up's prompt left no prefix to find
+
+
+@pytest.mark.parametrize("limits", [dict(max_model_len=4), dict(gpu_blocks=2, cpu_blocks=0)])
+def test_warm_up_fits_its_request_within_the_engines_limits(chat_model, limits):
+    """A server with a tiny context or tier still starts: the warm-up's request is sized to fit, not refused."""
+    opts = dict(device="cpu", block_size=4, gpu_blocks=4, cpu_blocks=32) | limits
+    with tierkv.LLM(chat_model, **opts) as llm:
+        llm.warm_up()
+        assert llm.stats()["engine"]["steps"] == 0
+        out = llm.generate([[5, 6]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 2

@@ -77,13 +77,17 @@ def warm_up(llm) -> None:
     and decode-attention kernels compile, and the decode graph of one row is captured), then every token bucket's
     piecewise graphs."""
     bs = llm.layout.block_size
-    length = max(2, min(2 * bs + 3, llm.max_model_len - 4, llm.config.max_num_batched_tokens))
-    with throwaway(llm):
-        llm.generate(
-            [_probe(llm, length)],
-            SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, cache_salt="__warm_up__"),
-            use_tqdm=False,
-        )
+    # Within every limit a request has (a server may run a tiny max_model_len or tiers): start-up must not fail here.
+    room = min(llm.max_model_len, llm.pm.free_blocks() * bs)
+    max_tokens = min(3, room - 1)
+    length = min(2 * bs + 3, room - max_tokens, llm.config.max_num_batched_tokens)
+    if max_tokens >= 1 and length >= 1:
+        with throwaway(llm):
+            llm.generate(
+                [_probe(llm, length)],
+                SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, cache_salt="__warm_up__"),
+                use_tqdm=False,
+            )
     pieces = llm.engine.runner.pieces
     if pieces is not None:
         pieces.capture_all()
