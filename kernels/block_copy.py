@@ -208,8 +208,6 @@ def run_pieces(runs: np.ndarray, row_bytes: int, src_pitch: int, dst_pitch: int)
     s, d, n = runs[:, 0], runs[:, 1], runs[:, 2]
     if src_pitch == row_bytes and dst_pitch == row_bytes:
         return d * dst_pitch, s * src_pitch, n * row_bytes
-    if bool((n == 1).all()):
-        return d * dst_pitch, s * src_pitch, np.full(len(n), row_bytes, dtype=np.int64)
     run_of = np.repeat(np.arange(len(runs)), n)
     within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
     sizes = np.full(len(run_of), row_bytes, dtype=np.int64)

@@ -1,6 +1,6 @@
 """Many copies on the copy engines from one host call: the CUDA driver's `cuMemcpyBatchAsync` (CUDA 12.8 and later).
 
-Why: one `cudaMemcpy2DAsync` per run of blocks costs ~5 us of host time (H200, 2026-12-04: 64 KiB pieces both ways
+Why: one `cudaMemcpy2DAsync` per run of blocks costs 4-7 us of host time (H200, 2026-12-04: 64 KiB pieces both ways
 moved at 14% of the link, the rate at which one thread could queue them). A mover that queues one direction's
 scattered blocks and then the other's therefore starts the second direction only when the first is nearly done,
 and "both at once" becomes one after the other (57-62% of two contiguous copies at 2 MiB). One batch call queues

@@ -82,3 +82,16 @@ def test_block_runs_split_where_either_side_stops_counting_up():
         [7, 10, 2],
         [2, 0, 1],
     ]
+
+
+def test_run_pieces_are_one_per_run_where_rows_are_contiguous_else_one_per_row():
+    """The byte pieces a driver batch queues: a strided run becomes its rows, each at its own pitch on each side."""
+    import numpy as np
+
+    from tierkv.kernels.block_copy import run_pieces
+
+    runs = np.array([(5, 0, 3), (1, 3, 1)])
+    dst, src, sizes = run_pieces(runs, 10, 40, 10)  # rows of 10 bytes; source pitch 40, destination 10
+    assert (dst.tolist(), src.tolist(), sizes.tolist()) == ([0, 10, 20, 30], [200, 240, 280, 40], [10] * 4)
+    dst, src, sizes = run_pieces(runs, 10, 10, 10)  # contiguous both sides: one piece per run
+    assert (dst.tolist(), src.tolist(), sizes.tolist()) == ([0, 30], [50, 10], [30, 10])

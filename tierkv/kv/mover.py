@@ -125,6 +125,9 @@ class Mover:
             # needs the blocks waits for them.
             self.h2d_stream = torch.cuda.Stream(device, priority=-1 if self.prioritize_h2d else 0)
             self.d2h_stream = torch.cuda.Stream(device)
+            # Which copy-engine paths this machine has, found now: the driver batches' self-test waits for the
+            # device, which the first transfer (inside a step) must not.
+            copy_engine_available()
             self._io = ThreadPoolExecutor(1, thread_name_prefix="tierkv-io")
             nvme = [t for t in self.tiers if isinstance(t, NvmeTier)]
             if nvme:
