@@ -75,6 +75,17 @@ def host_profile(llm, steps: int, top: int) -> None:
         stats.sort_stats(key).print_stats(top)
 
 
+def time_inside(events, start: float, end: float, name=lambda ev: ev.name) -> list[tuple[str, float]]:
+    """(name, time within [start, end)) of the events that overlap that stretch, summed by `name(event)`, longest
+    first."""
+    inside: dict[str, float] = {}
+    for ev in events:
+        o = min(end, ev.time_range.end) - max(start, ev.time_range.start)
+        if o > 0:
+            inside[name(ev)] = inside.get(name(ev), 0.0) + o
+    return sorted(inside.items(), key=lambda kv: -kv[1])
+
+
 def is_copy_up(name: str) -> bool:
     """A host-to-GPU copy: a DMA from host memory, or the block-copy kernel (which also moves within the GPU)."""
     return name.startswith("Memcpy HtoD") or name.startswith("Memcpy2D HtoD") or "_copy_blocks_kernel" in name
@@ -94,12 +105,8 @@ def link_report(gpu_events, first: float, top: int = 6) -> None:
     )
     others = [e for e in gpu_events if not is_copy_up(e.name)]
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
-        inside = {}
-        for ev in others:
-            o = min(e, ev.time_range.end) - max(s, ev.time_range.start)
-            if o > 0:
-                inside[ev.name[:40]] = inside.get(ev.name[:40], 0.0) + o
-        work = ", ".join(f"{n} {ms / 1e3:.2f}" for n, ms in sorted(inside.items(), key=lambda kv: -kv[1])[:5])
+        short = time_inside(others, s, e, name=lambda ev: ev.name[:40])
+        work = ", ".join(f"{n} {ms / 1e3:.2f}" for n, ms in short[:5])
         print(f"  link idle {(e - s) / 1e3:6.2f} ms at +{(s - first) / 1e3:8.1f} ms; GPU ran: {work or 'nothing'}")
 
 
@@ -208,12 +215,7 @@ def main() -> int:
     # work while the GPU ran dry.
     ops = [e for e in events if e.device_type.name == "CPU" and not e.name.startswith(HOST)]
     for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[: args.gap_ops]:
-        inside = {}
-        for op in ops:
-            o = min(e, op.time_range.end) - max(s, op.time_range.start)
-            if o > 0:
-                inside[op.name] = inside.get(op.name, 0.0) + o
-        top = sorted(inside.items(), key=lambda kv: -kv[1])[:8]
+        top = time_inside(ops, s, e)[:8]
         print(
             f"  host ops in the {(e - s) / 1e3:.2f} ms gap at +{(s - first) / 1e3:.1f} ms: "
             + ", ".join(f"{name[:48]} {ms / 1e3:.2f}" for name, ms in top)

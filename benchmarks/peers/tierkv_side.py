@@ -43,14 +43,9 @@ def open_engine(w: workloads.Workload, model: str, max_batched_tokens: int) -> t
     return tierkv.LLM(model, **opts)
 
 
-def run_one(
-    w: workloads.Workload,
-    model: str = "llama-3.1-8b",
-    max_batched_tokens: int = workloads.MAX_BATCHED_TOKENS,
-    profile: bool = False,
-) -> dict | str:
-    """The workload's timed passes and the engine's counters; or, with `profile`, its first pass under the profiler
-    (gpu_time.summary, as vLLM's side prints it)."""
+def ready_engine(w: workloads.Workload, model: str, max_batched_tokens: int):
+    """(the engine for `w`, warmed up on other ids, its start-up seconds, and the `generate` that workloads.run and
+    gpu_time.profiled take)."""
     t0 = time.perf_counter()
     llm = open_engine(w, model, max_batched_tokens)
     init_s = time.perf_counter() - t0
@@ -62,11 +57,22 @@ def run_one(
         sp = params.setdefault(max_tokens, tierkv.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
         return [o.outputs[0].token_ids for o in llm.generate(sent, sp, use_tqdm=False)]
 
-    if profile:
-        try:
-            return gpu_time.profiled(w, generate)
-        finally:
-            llm.close()
+    return llm, init_s, generate
+
+
+def profile_one(w: workloads.Workload, model: str, max_batched_tokens: int) -> str:
+    """The workload's first pass under the profiler (gpu_time.summary, as vLLM's side prints it)."""
+    llm, _, generate = ready_engine(w, model, max_batched_tokens)
+    try:
+        return gpu_time.profiled(w, generate)
+    finally:
+        llm.close()
+
+
+def run_one(
+    w: workloads.Workload, model: str = "llama-3.1-8b", max_batched_tokens: int = workloads.MAX_BATCHED_TOKENS
+) -> dict:
+    llm, init_s, generate = ready_engine(w, model, max_batched_tokens)
     records = workloads.run(w, generate)
     stats = llm.stats()
     llm.close()
@@ -113,12 +119,12 @@ def main() -> int:
     )
     args = ap.parse_args()
     ModelRunner.prompts_apart = not args.no_prompts_apart
-    if args.profile:
-        for name in args.workloads:
-            print(run_one(workloads.WORKLOADS[name], max_batched_tokens=args.max_num_batched_tokens, profile=True))
-        return 0
     default_lookahead = PrefixReuse.queued_lookahead
     PrefixReuse.queued_lookahead = args.queued_lookahead
+    if args.profile:
+        for name in args.workloads:
+            print(profile_one(workloads.WORKLOADS[name], "llama-3.1-8b", args.max_num_batched_tokens))
+        return 0
     os.makedirs(args.out_dir, exist_ok=True)
     for name in args.workloads:
         result = {
