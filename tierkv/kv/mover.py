@@ -316,8 +316,8 @@ class Mover:
             and src.layout.block_nbytes >= threshold
             and copy_engine_available()
         ):
-            # Large blocks: one DMA per run even where runs are single blocks (a 2 MiB copy keeps the engine at the
-            # link's speed); going down, so that the copy-in of a swap, on the SMs, can share the link with it.
+            # Large blocks: one DMA per run even where runs are single blocks (a 512 KiB piece keeps the engine at
+            # the link's speed), a direction's pieces queued in one driver call (see the thresholds above).
             runs = block_runs(src_slots, dst_slots)
         compute = torch.cuda.current_stream(self.device) if self.serialize else None
         if compute is not None:
