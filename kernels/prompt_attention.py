@@ -2,22 +2,22 @@
 so that every key they attend to is written in this same step and is still at hand, contiguous, as the step's
 k and v. No page table is needed for them.
 
-Prompt prefill is where a serving engine spends most of its attention time. On CUDA, in half precision, each run of
-consecutive prompts of one length is one call of SDPA over strided views of the step's q, k and v (torch picks
-cuDNN's fused attention on Hopper): on an H200 it took 0.16 ms against 0.33 ms for tierkv's paged prefill kernel at
+Prompt prefill is where a serving engine spends most of its attention time. On CUDA, in half precision, prompts of one
+length go through SDPA together, one batched call over (prompts, heads, length, head_dim) views of the step's q, k
+and v (torch picks cuDNN's fused attention on Hopper): on an H200 it took 0.16 ms against 0.33 ms for tierkv's paged prefill kernel at
 8 x 1024 tokens, and 1.01 against 1.64 ms at 1 x 8192 (2026-12-04, `benchmarks/attention_prefill.py`). torch's
 variable-length flash attention (FA2), which takes all prompts in one call whatever their lengths, was no faster
 than the paged kernel there (0.33 ms, 1.72 ms): it serves sliding windows, which cuDNN's kernel does not take.
 Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the paged kernels.
 
-cuDNN plans each shape it meets (prompts, length, heads) on its first call: 40-66 ms of host time on the H200 for
-every new count or length (2026-12-04, `benchmarks/cudnn_plans.py`), during which the GPU can run dry. In item 1's
-profile (256 x 1024-token prompts) three of four prefill steps stalled 58-71 ms inside such a call: the count of
-whole prompts per step drifts (16, 15, 14, ...) as decodes take budget, and each count is a new shape. Varlen flash
-attention builds no plan and is slower only where prompts are long: 1.4x cuDNN's time at 16 x 1024, faster at
-1 x 1000, 1.7-1.9x at 1-2 x 8192. So prompts shorter than `CUDNN_MIN_LENGTH` always take varlen flash, and longer
-ones take cuDNN from the second time their shape is met (the first goes through flash): a plan then pays for itself
-within a step or two, and a server's prompts of ever-new lengths never wait for one.
+cuDNN plans each shape it meets (prompts, length, heads, strides) on its first call: 40-66 ms of host time on the
+H200 for every new count or length (2026-12-04, `benchmarks/cudnn_plans.py`), during which the GPU can run dry; in
+item 1's profile (256 x 1024-token prompts) three of four prefill steps stalled 58-71 ms inside such a call. Varlen
+flash attention builds no plan but is slower where prompts are long: 1.4x cuDNN's time at 16 x 1024, 1.7-1.9x at
+1-2 x 8192, faster at 1 x 1000. So a step's prompts are cut into parts of a few dozen shapes (`prompt_shapes`:
+lengths padded to a bucket, power-of-two counts), which `plan_ahead` plans at start-up; a part's shape that is not
+planned yet goes through flash the first time this thread meets it and through cuDNN from the second, and short
+prompts and small parts always take flash. cuDNN keeps its plans per thread, and so does the memory of shapes met.
 
 `prompt_attention_reference` (SDPA, one prompt at a time) is what runs on CPU, in float32, and for sliding windows
 where torch lacks the varlen function's window argument (torch < 2.11).
@@ -26,11 +26,17 @@ where torch lacks the varlen function's window argument (torch < 2.11).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tierkv.kernels import prompt_shapes
 
 
 @dataclass
@@ -44,6 +50,13 @@ class PromptRows:
     cu_seq: torch.Tensor
     cu_seq_host: list[int]
     max_len: int
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key, make: Callable):
+        """What every layer of the step needs alike (how the prompts are cut, their gather indices), made once."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
 
 @cache
@@ -146,26 +159,121 @@ def prompt_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-# Prompts at least this long go through cuDNN once their shape is met again (see the module's docstring).
-CUDNN_MIN_LENGTH = 2048
-# The shapes (prompts, length, heads, kv heads, head size, dtype, device) of long runs met so far in this process,
-# forgotten all at once past a bound: a server meets new lengths for as long as it runs, and a forgotten shape only
-# costs one more call through flash attention.
-_shapes_met: set[tuple] = set()
-_SHAPES_KEPT = 4096
+# The cuDNN shapes met on each thread (cuDNN's plans are kept per thread, so is this): a part whose shape is not in
+# it goes through flash attention and is noted, one whose shape is goes through SDPA (cuDNN), which plans it then if
+# `plan_ahead` did not. Bounded by the shapes `prompt_shapes.cut` can make, a few dozen per model layout.
+_met = threading.local()
+# The (q, k, v) layouts met where flash attention runs (where cuDNN's plans matter), for plan_ahead: row strides, heads, head size, dtype, device.
+_layouts: set[tuple] = set()
 
 
-def _cudnn_planned(q: torch.Tensor, k: torch.Tensor, count: int, length: int) -> bool:
-    """Whether a run of this shape goes through cuDNN: met before, and long (and note that it now has been met)."""
-    if length < CUDNN_MIN_LENGTH:
-        return False  # always varlen flash: a plan would not pay for itself
-    shape = (count, length, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device)
-    if shape in _shapes_met:
-        return True
-    if len(_shapes_met) >= _SHAPES_KEPT:
-        _shapes_met.clear()
-    _shapes_met.add(shape)
-    return False
+def _shapes_met() -> set[tuple]:
+    if not hasattr(_met, "shapes"):
+        _met.shapes = set()
+    return _met.shapes
+
+
+def _layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, strides: tuple[int, int, int]) -> tuple:
+    return (*strides, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device)
+
+
+@dataclass
+class _Gather:
+    """A part's rows on the device: `rows` (count * length) the prompt rows each padded row reads (a prompt's last
+    row repeated as padding); `src`, `dst` the padded rows that are real and the prompt rows they belong to."""
+
+    rows: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+
+
+def _gather_index(bounds: list[int], part: prompt_shapes.Part, device) -> _Gather:
+    rows, src, dst = [], [], []
+    for slot, i in enumerate(part.prompts):
+        r0, n = bounds[i], bounds[i + 1] - bounds[i]
+        at = np.arange(part.length)
+        rows.append(r0 + np.minimum(at, n - 1))
+        src.append(slot * part.length + at[:n])
+        dst.append(r0 + at[:n])
+    parts = [torch.from_numpy(np.concatenate(x)).to(device, non_blocking=True) for x in (rows, src, dst)]
+    return _Gather(*parts)
+
+
+def _shared_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | None:
+    """(first element, width) of the one row span holding q's, k's and v's rows, where they are views of one buffer
+    with one row stride (a step's fused projection): then one gather moves all three and keeps their strides."""
+    xs = (q, k, v)
+    if len({x.untyped_storage().data_ptr() for x in xs}) != 1 or len({x.stride(0) for x in xs}) != 1:
+        return None
+    if any(x.stride()[1:] != (x.shape[2], 1) for x in xs):
+        return None
+    lo = min(x.storage_offset() for x in xs)
+    hi = max(x.storage_offset() + x.shape[1] * x.shape[2] for x in xs)
+    return (lo, hi - lo) if hi - lo <= q.stride(0) else None
+
+
+def _gathered(q, k, v, index: _Gather):
+    """q, k and v of the part's padded rows: one gather of their shared rows (their strides kept), else three."""
+    shared = _shared_rows(q, k, v)
+    if shared is None:
+        return tuple(x.index_select(0, index.rows) for x in (q, k, v))
+    lo, width = shared
+    span = torch.as_strided(q, (q.shape[0], width), (q.stride(0), 1), lo).index_select(0, index.rows)
+    n = index.rows.numel()
+    return tuple(
+        span[:, x.storage_offset() - lo :][:, : x.shape[1] * x.shape[2]].view(n, *x.shape[1:]) for x in (q, k, v)
+    )
+
+
+def _gathered_strides(q, k, v) -> tuple[int, int, int]:
+    shared = _shared_rows(q, k, v)
+    if shared is None:
+        return tuple(x.shape[1] * x.shape[2] for x in (q, k, v))
+    return (shared[1],) * 3
+
+
+def batched_sdpa(q, k, v, count: int, length: int, scale: float) -> torch.Tensor:
+    """Causal SDPA of `count` prompts of `length` rows, over (prompts, heads, length, head_dim) views of the rows;
+    returns (count, length, heads, head_dim)."""
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        return x.view(count, length, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    gqa = q.shape[1] != k.shape[1]
+    res = F.scaled_dot_product_attention(
+        heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale, enable_gqa=gqa
+    )
+    return res.transpose(1, 2)
+
+
+def _attend_part(q, k, v, prompts: PromptRows, part: prompt_shapes.Part, view: bool, scale, out) -> None:
+    bounds = prompts.cu_seq_host
+    count, length = part.count, part.length
+    if view:  # consecutive prompts that fill their bucket: views of the rows, no copy
+        r0 = bounds[part.prompts[0]]
+        r1 = r0 + count * length
+        res = batched_sdpa(q[r0:r1], k[r0:r1], v[r0:r1], count, length, scale)
+        out[r0:r1].view(count, length, *out.shape[1:]).copy_(res)
+        return
+    index = prompts.cached(("gather", part), lambda: _gather_index(bounds, part, q.device))
+    res = batched_sdpa(*_gathered(q, k, v, index), count, length, scale)
+    out.index_copy_(0, index.dst, res.reshape(count * length, *out.shape[1:]).index_select(0, index.src))
+
+
+def _fills_its_bucket(bounds: list[int], part: prompt_shapes.Part) -> bool:
+    first, last = part.prompts[0], part.prompts[-1]
+    return last - first + 1 == part.count and all(bounds[i + 1] - bounds[i] == part.length for i in part.prompts)
+
+
+def _segments(indices: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive prompt indices, as [first, end)."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def prompt_attention_sdpa(
@@ -176,31 +284,70 @@ def prompt_attention_sdpa(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """No sliding window: one batched, causal SDPA call per run of equal-length prompts, over (prompts, heads,
-    length, head_dim) views of the rows (no copy in; one copy of the output into `out`). On CUDA a run whose shape
-    is met for the first time, or whose prompts are short, goes through varlen flash attention instead, where torch
-    has it (no cuDNN plan)."""
+    """No sliding window: the prompts cut into parts of bounded shapes (`prompt_shapes.cut`), each one batched,
+    causal SDPA call; the prompts left over, and the parts whose shape is met for the first time on this thread,
+    through varlen flash attention where torch has it (no cuDNN plan), else SDPA over runs of equal lengths."""
     out = torch.empty_like(q) if out is None else out
-    gqa = q.shape[1] != k.shape[1]
     flash = flash_supported(q, k.shape[1])
-    first = 0  # the run's first prompt
-    for r0, count, length in prompt_runs(prompts.cu_seq_host):
-        r1 = r0 + count * length
-        first += count
-        if flash and not _cudnn_planned(q, k, count, length):
-            cu = prompts.cu_seq[first - count : first + 1] - r0  # the run's bounds, from 0 (on the device)
-            run = PromptRows(0, cu, [b - r0 for b in prompts.cu_seq_host[first - count : first + 1]], length)
-            prompt_attention_flash(q[r0:r1], k[r0:r1], v[r0:r1], run, scale, out=out[r0:r1])
+    bounds = prompts.cu_seq_host
+    parts, rest = prompts.cached("cut", lambda: prompt_shapes.cut([b - a for a, b in zip(bounds, bounds[1:])]))
+    met = _shapes_met()
+    rest = list(rest)
+    for part in parts:
+        view = _fills_its_bucket(bounds, part)
+        strides = (q.stride(0), k.stride(0), v.stride(0)) if view else _gathered_strides(q, k, v)
+        if flash:
+            _layouts.add(_layout(q, k, v, strides))
+        shape = (part.count, part.length, *_layout(q, k, v, strides))
+        if flash and shape not in met:
+            met.add(shape)
+            rest += part.prompts
             continue
-
-        def heads_first(x: torch.Tensor) -> torch.Tensor:
-            return x[r0:r1].view(count, length, x.shape[1], x.shape[2]).transpose(1, 2)
-
-        res = F.scaled_dot_product_attention(
-            heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale, enable_gqa=gqa
-        )
-        out[r0:r1].view(count, length, q.shape[1], q.shape[2]).copy_(res.transpose(1, 2))
+        _attend_part(q, k, v, prompts, part, view, scale, out)
+    for first, end in _segments(sorted(rest)):
+        r0, r1 = bounds[first], bounds[end]
+        if flash:
+            cu = prompts.cu_seq[first : end + 1] - r0  # the segment's bounds, from 0 (on the device)
+            seg = PromptRows(
+                0,
+                cu,
+                [b - r0 for b in bounds[first : end + 1]],
+                max(bounds[i + 1] - bounds[i] for i in range(first, end)),
+            )
+            prompt_attention_flash(q[r0:r1], k[r0:r1], v[r0:r1], seg, scale, out=out[r0:r1])
+            continue
+        for s0, count, length in prompt_runs(bounds[first : end + 1]):
+            s1 = s0 + count * length
+            out[s0:s1].view(count, length, *out.shape[1:]).copy_(
+                batched_sdpa(q[s0:s1], k[s0:s1], v[s0:s1], count, length, scale)
+            )
     return out
+
+
+def plan_ahead(budget: int, max_length: int) -> tuple[int, float]:
+    """Plan now, on this thread, every cuDNN shape `prompt_shapes.cut` can make from steps of at most `budget` prompt
+    tokens, for each (q, k, v) layout met so far (run a prefill step first): one SDPA call on zeros per shape, so
+    that no step waits for a plan later. Returns (shapes planned, seconds)."""
+    t0 = time.perf_counter()
+    met = _shapes_met()
+    planned = 0
+    for layout in list(_layouts):
+        *strides, heads, kv_heads, head_dim, dtype, device = layout
+        for count, length in prompt_shapes.shapes_within(budget, max_length):
+            shape = (count, length, *layout)
+            if shape in met:
+                continue
+            n = count * length
+            buf = torch.zeros(n * max(strides), dtype=dtype, device=device)
+            q, k, v = (
+                torch.as_strided(buf, (n, h, head_dim), (s, head_dim, 1))
+                for h, s in zip((heads, kv_heads, kv_heads), strides)
+            )
+            with torch.inference_mode():
+                batched_sdpa(q, k, v, count, length, head_dim**-0.5)
+            met.add(shape)
+            planned += 1
+    return planned, time.perf_counter() - t0
 
 
 def prompt_attention(

@@ -2,6 +2,9 @@
 torch's varlen flash kernel against the reference (CUDA), and the engine, whose steps put whole prompts last and
 attend them apart, against the same steps attended by the paged kernels alone."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from tiny_models import hf_greedy, make_checkpoint, random_prompts
@@ -10,6 +13,7 @@ import tierkv
 import tierkv.attention
 import tierkv.kernels.prompt_attention as prompt_attention_module
 from tierkv import SamplingParams
+from tierkv.kernels import prompt_shapes
 from tierkv.kernels.paged_attention import attention_reference
 from tierkv.kernels.prompt_attention import (
     PromptRows,
@@ -154,14 +158,16 @@ def test_cuda_paths_equal_the_reference(lengths, heads, window, dtype):
 
 
 @pytest.mark.gpu
-def test_long_prompts_go_to_cudnn_only_when_their_shape_is_met_again(monkeypatch):
-    """cuDNN plans every new shape (~50 ms of host time): short prompts always take varlen flash attention; long
-    ones take it the first time their shape is met and SDPA (cuDNN) after. A step of three runs, two of them new
-    and one short, then the same again."""
+def test_parts_go_to_cudnn_from_their_second_meeting_or_at_once_when_planned_ahead(monkeypatch):
+    """cuDNN plans every new shape (~50 ms of host time): a part whose shape is new to the thread takes varlen flash
+    attention, then SDPA (cuDNN) from the next meeting; on a thread that ran plan_ahead, SDPA at once. A step with a
+    part viewed in place (4 x 1024), two gathered and padded (4 prompts of 1,100-1,280 -> 1,280; 5,000 -> 5,120)
+    and two prompts left over (9 and 2,000 tokens: too few for a part)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (runs on the device machine)")
-    long = prompt_attention_module.CUDNN_MIN_LENGTH
-    q, k, v, rows = make_prompts([long, long, long, 9, long + 3], 8, 2, 64, torch.bfloat16, "cuda", seed=9)
+    monkeypatch.setattr(prompt_attention_module, "_met", threading.local())
+    lengths = [1024] * 4 + [9, 1100, 1280, 1200, 1250, 2000, 5000]
+    q, k, v, rows = make_prompts(lengths, 32, 8, 128, torch.bfloat16, "cuda", seed=9)
     want = prompt_attention_reference(q.float(), k.float(), v.float(), rows, 0.125)  # (SDPA, before the spy)
     sdpa_runs = []
     real = torch.nn.functional.scaled_dot_product_attention
@@ -171,27 +177,100 @@ def test_long_prompts_go_to_cudnn_only_when_their_shape_is_met_again(monkeypatch
         return real(q, *a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    first3 = PromptRows(0, rows.cu_seq[:4], rows.cu_seq_host[:4], long)
-    prompt_attention(q[: 3 * long], k[: 3 * long], v[: 3 * long], first3, 0.125)  # meets (3, long)
-    assert sdpa_runs == []
-    for expected in ([(3, long)], [(3, long), (1, long + 3)]):
+    parts = [(4, 1024), (4, 1280), (1, 5120)]
+    for expected in ([], parts):
         got = prompt_attention(q, k, v, rows, 0.125)
         assert sdpa_runs == expected
         torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
         sdpa_runs.clear()
 
+    def planned_then_step():
+        planned, _ = prompt_attention_module.plan_ahead(budget=16384, max_length=8192)
+        assert planned >= len(prompt_shapes.shapes_within(16384, 8192))  # (every shape: this thread had met none)
+        sdpa_runs.clear()
+        torch.testing.assert_close(prompt_attention(q, k, v, rows, 0.125).float(), want, rtol=0, atol=2e-2)
 
-def test_the_shapes_met_are_forgotten_past_a_bound(monkeypatch):
-    """A server meets new prompt lengths for as long as it runs: the memory of long shapes met stays bounded, and a
-    shape forgotten goes through flash attention once more before cuDNN again."""
-    monkeypatch.setattr(prompt_attention_module, "_shapes_met", set())
-    monkeypatch.setattr(prompt_attention_module, "_SHAPES_KEPT", 2)
-    planned = prompt_attention_module._cudnn_planned
-    q = k = torch.zeros((1, 4, 8))
-    long = prompt_attention_module.CUDNN_MIN_LENGTH
-    assert [planned(q, k, 1, long), planned(q, k, 1, long)] == [False, True]
-    assert not planned(q, k, 1, long + 1)  # two shapes kept
-    assert not planned(q, k, 1, long + 2)  # a third: the first two are forgotten
-    assert len(prompt_attention_module._shapes_met) == 1
-    assert [planned(q, k, 1, long), planned(q, k, 1, long)] == [False, True]
-    assert not planned(q, k, 1, long - 1) and not planned(q, k, 1, long - 1)  # short: never cuDNN
+    with ThreadPoolExecutor(1) as other_thread:
+        other_thread.submit(planned_then_step).result()
+    assert sdpa_runs == parts
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Thresholds small enough for CPU-sized prompts to make parts, and a clean memory of shapes and layouts."""
+    monkeypatch.setattr(prompt_shapes, "CUDNN_MIN_LENGTH", 4)
+    monkeypatch.setattr(prompt_shapes, "CUDNN_MIN_TOKENS", 8)
+    monkeypatch.setattr(prompt_attention_module, "_met", threading.local())
+    monkeypatch.setattr(prompt_attention_module, "_layouts", set())
+
+
+# Buckets: 9 -> 10 (with a 10: a part of two, gathered, padded), 12 (alone: a view), four 16s (a view), 3 (short:
+# left over), 20 and 17 -> 20 (a part of two, gathered, padded), 14 (alone: a view).
+MIXED = [9, 10, 12, 16, 16, 16, 16, 3, 20, 17, 14]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_parts_padded_to_their_bucket_equal_the_reference(small_parts, fused):
+    """Right padding is exact under the causal mask: parts gathered and padded to their bucket, parts viewed in
+    place, and the prompts left over, against the reference; q, k and v as views of one projection (one gather keeps
+    their strides) or as tensors of their own (three gathers)."""
+    q, k, v, rows = make_prompts(MIXED, num_heads=4, num_kv_heads=2, head_dim=8, seed=11)
+    if not fused:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    parts, rest = prompt_shapes.cut(MIXED)
+    assert [(p.length, p.count) for p in parts] == [(10, 2), (12, 1), (16, 4), (20, 2), (14, 1)] and rest == [7]
+    want = prompt_attention_reference(q, k, v, rows, 0.4)
+    out = torch.full_like(q, float("nan"))
+    assert prompt_attention_sdpa(q, k, v, rows, 0.4, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+class _FlashSpy:
+    """Flash attention where it cannot run (CPU): the reference in its place, noting the prompt lengths it got."""
+
+    def __init__(self, monkeypatch):
+        self.lengths = []
+        monkeypatch.setattr(prompt_attention_module, "flash_supported", lambda q, kv_heads: True)
+
+        def flash(q, k, v, prompts, scale, sliding_window=0, out=None):
+            b = prompts.cu_seq_host
+            self.lengths += [y - x for x, y in zip(b, b[1:])]
+            return prompt_attention_reference(q, k, v, prompts, scale, sliding_window, out)
+
+        monkeypatch.setattr(prompt_attention_module, "prompt_attention_flash", flash)
+
+    def take(self):
+        got, self.lengths = sorted(self.lengths), []
+        return got
+
+
+def test_a_parts_shape_goes_to_cudnn_from_its_second_meeting_on_each_thread(small_parts, monkeypatch):
+    """Where flash attention runs, a part whose shape this thread has not met goes through flash (no cuDNN plan
+    waited for), and through SDPA from the next meeting; the prompts left over always take flash."""
+    spy = _FlashSpy(monkeypatch)
+    q, k, v, rows = make_prompts(MIXED, num_heads=4, num_kv_heads=2, head_dim=8, seed=12)
+    want = prompt_attention_reference(q, k, v, rows, 0.4)
+    for expected in (sorted(MIXED), [3]):
+        torch.testing.assert_close(prompt_attention_sdpa(q, k, v, rows, 0.4), want, rtol=1e-5, atol=1e-5)
+        assert spy.take() == expected
+    # cuDNN keeps its plans per thread: on another thread every shape is new again.
+    with ThreadPoolExecutor(1) as other_thread:
+        other_thread.submit(prompt_attention_sdpa, q, k, v, rows, 0.4).result()
+    assert spy.take() == sorted(MIXED)
+
+
+def test_shapes_planned_ahead_go_to_cudnn_at_their_first_meeting(small_parts, monkeypatch):
+    """plan_ahead plans every shape a step budget allows, for the layouts met (here: the fused projection's, met by
+    one short step): then a step of new lengths sends its parts straight to SDPA, exactly."""
+    spy = _FlashSpy(monkeypatch)
+    q, k, v, rows = make_prompts([16, 16, 5], num_heads=4, num_kv_heads=2, head_dim=8, seed=13)
+    prompt_attention_sdpa(q, k, v, rows, 0.4)  # the layout is met
+    spy.take()
+    planned, seconds = prompt_attention_module.plan_ahead(budget=64, max_length=64)
+    assert planned == len(prompt_shapes.shapes_within(64, 64)) - 1  # (2, 16) was met already
+    assert seconds >= 0
+    assert prompt_attention_module.plan_ahead(budget=64, max_length=64)[0] == 0  # nothing left to plan
+    q, k, v, rows = make_prompts(MIXED[:7], num_heads=4, num_kv_heads=2, head_dim=8, seed=14)
+    want = prompt_attention_reference(q, k, v, rows, 0.4)
+    torch.testing.assert_close(prompt_attention_sdpa(q, k, v, rows, 0.4), want, rtol=1e-5, atol=1e-5)
+    assert spy.take() == []

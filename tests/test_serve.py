@@ -17,6 +17,7 @@ import tierkv
 from tierkv import SamplingParams
 from tierkv.serve.app import build_app
 from tierkv.serve.engine_loop import EngineLoop
+from tierkv.serve.server import start_engine
 
 NAME = "tiny"
 
@@ -38,7 +39,7 @@ def server(model_path, tmp_path_factory):
     import uvicorn
 
     llm = tierkv.LLM(model_path, **engine_options(tmp_path_factory.mktemp("nvme")))
-    engine = EngineLoop(llm, max_waiting=512)
+    engine = start_engine(llm, max_waiting=512)
     app = build_app(engine, NAME, api_key="secret", max_body_bytes=64 << 10)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -336,6 +337,22 @@ def test_concurrent_streams_with_disconnects_get_their_own_answers(server, refer
     assert server.held_sequences() == 0
     links = server.engine.call(lambda llm: llm.stats()["links"]).result(timeout=30)
     assert links["gpu->cpu"]["bytes"] and links["cpu->nvme"]["bytes"]  # the KV went through all three tiers
+
+
+def test_the_server_warms_up_on_the_engines_thread_before_taking_requests(model_path, monkeypatch):
+    """cuDNN keeps its attention plans per thread: the warm-up that plans them runs where the steps will run."""
+    import tierkv.start_up
+
+    threads = []
+    real = tierkv.start_up.warm_up
+    monkeypatch.setattr(tierkv.start_up, "warm_up", lambda llm: (threads.append(threading.current_thread()), real(llm)))
+    engine = start_engine(tierkv.LLM(model_path, device="cpu", gpu_blocks=8, cpu_blocks=8))
+    try:
+        assert threads == [engine.thread]
+        steps = engine.call(lambda llm: llm.stats()["engine"]["steps"]).result(timeout=30)
+        assert steps == 0  # the warm-up's steps are not counted
+    finally:
+        engine.close(0)
 
 
 def test_a_full_queue_is_refused_with_503(model_path, tmp_path):

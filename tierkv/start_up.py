@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+from tierkv.kernels import prompt_attention
 from tierkv.kv.prefix_cache import PrefixStats
 from tierkv.sampling import SamplingParams
 
@@ -75,7 +76,8 @@ def calibrate(llm) -> None:
 def warm_up(llm) -> None:
     """A throwaway prompt of two blocks and a bit through a prefill step and decode steps (the KV write, fused, GEMV
     and decode-attention kernels compile, and the decode graph of one row is captured), then every token bucket's
-    piecewise graphs."""
+    piecewise graphs, and the cuDNN plans of the prompt-attention shapes the step budget allows (cuDNN keeps its plans
+    per thread: call this on the thread that will run the engine's steps)."""
     bs = llm.layout.block_size
     # Within every limit a request has (a server may run a tiny max_model_len or tiers): start-up must not fail here.
     room = min(llm.max_model_len, llm.pm.free_blocks() * bs)
@@ -91,3 +93,5 @@ def warm_up(llm) -> None:
     pieces = llm.engine.runner.pieces
     if pieces is not None:
         pieces.capture_all()
+    # The throwaway prompt's step met the model's q, k and v layout (where flash attention runs: CUDA, half precision).
+    prompt_attention.plan_ahead(llm.config.max_num_batched_tokens, llm.max_model_len)

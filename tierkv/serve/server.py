@@ -36,6 +36,22 @@ def engine_options(config_path: str | None, overrides: list[str]) -> dict:
     return options
 
 
+def start_engine(llm, max_waiting: int = 1024):
+    """The engine's own thread for `llm`, warmed up on it before it takes a request: kernels compiled, CUDA graphs
+    captured and cuDNN's prompt-attention shapes planned, not inside the first requests' time (cuDNN looks for its
+    plans on the thread that runs the steps, so that is where they are made)."""
+    from tierkv.llm import LLM
+    from tierkv.serve.engine_loop import EngineLoop
+
+    engine = EngineLoop(llm, max_waiting=max_waiting)
+    try:
+        engine.call(LLM.warm_up).result()
+    except BaseException:
+        engine.close(0)
+        raise
+    return engine
+
+
 def serve(
     model: str,
     options: dict,
@@ -50,14 +66,10 @@ def serve(
 
     from tierkv.llm import LLM
     from tierkv.serve.app import build_app
-    from tierkv.serve.engine_loop import EngineLoop
 
-    llm = LLM(model, **options)
-    # Kernels compiled and CUDA graphs captured before the first connection, not inside the first requests' time.
     t0 = time.perf_counter()
-    llm.warm_up()
-    print(f"tierkv serve: warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    engine = EngineLoop(llm, max_waiting=max_waiting)
+    engine = start_engine(LLM(model, **options), max_waiting)
+    print(f"tierkv serve: started and warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     # On SIGTERM uvicorn stops accepting connections and lets open ones finish (up to drain_s); then the engine
     # finishes what it still runs (up to drain_s again), aborts the rest and closes the LLM (the prefix store kept).
     app = build_app(engine, served_name or model, api_key, on_shutdown=lambda: engine.close(drain_s))
