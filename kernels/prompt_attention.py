@@ -291,13 +291,15 @@ def prompt_attention_sdpa(
     flash = flash_supported(q, k.shape[1])
     bounds = prompts.cu_seq_host
     parts, rest = prompts.cached("cut", lambda: prompt_shapes.cut([b - a for a, b in zip(bounds, bounds[1:])]))
+    if flash:  # the layout parts will have (as views, or gathered), for plan_ahead: met by any step, parts or not
+        _layouts.update(
+            _layout(q, k, v, s) for s in {(q.stride(0), k.stride(0), v.stride(0)), _gathered_strides(q, k, v)}
+        )
     met = _shapes_met()
     rest = list(rest)
     for part in parts:
         view = _fills_its_bucket(bounds, part)
         strides = (q.stride(0), k.stride(0), v.stride(0)) if view else _gathered_strides(q, k, v)
-        if flash:
-            _layouts.add(_layout(q, k, v, strides))
         shape = (part.count, part.length, *_layout(q, k, v, strides))
         if flash and shape not in met:
             met.add(shape)

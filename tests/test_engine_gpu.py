@@ -399,3 +399,35 @@ def test_asynchronous_steps_on_gpu_match_synchronous_ones(gpu_blocks, tmp_path):
     assert stats[True]["deferred_steps"] > 10 and stats[True]["graph_steps"] > 0
     if gpu_blocks == 24:
         assert stats[True]["preemptions"] > 0
+
+
+def test_warm_up_plans_the_prompt_shapes_so_that_parts_skip_flash_at_their_first_meeting(tmp_path, monkeypatch):
+    """LLM.warm_up plans every cuDNN shape the step budget allows (on this thread); a step of eight 600-token prompts
+    (a part of 8 x 640 after padding) then sends them to cuDNN at once: flash attention sees no prompt of theirs."""
+    import threading
+
+    import tierkv.kernels.prompt_attention as prompt_attention_module
+    from tierkv.kernels import prompt_shapes
+
+    monkeypatch.setattr(prompt_attention_module, "_met", threading.local())
+    make_checkpoint(tmp_path / "m", "llama")
+    flashed = []
+    real = prompt_attention_module.prompt_attention_flash
+
+    def spy(q, k, v, prompts, *a, **kw):
+        b = prompts.cu_seq_host
+        flashed.extend(y - x for x, y in zip(b, b[1:]))
+        return real(q, k, v, prompts, *a, **kw)
+
+    monkeypatch.setattr(prompt_attention_module, "prompt_attention_flash", spy)
+    prompts = random_prompts(8, 600, 600, 512, seed=4)
+    with tierkv.LLM(
+        str(tmp_path / "m"), device="cuda", dtype="bfloat16", gpu_blocks=512, max_num_batched_tokens=8192
+    ) as llm:
+        llm.warm_up()
+        planned = prompt_attention_module._shapes_met()
+        assert {s[:2] for s in planned} >= set(prompt_shapes.shapes_within(8192, llm.max_model_len))
+        flashed.clear()
+        outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert 600 not in flashed
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
