@@ -431,3 +431,24 @@ def test_warm_up_plans_the_prompt_shapes_so_that_parts_skip_flash_at_their_first
         outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     assert 600 not in flashed
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+
+
+def test_warm_up_captures_every_decode_graph_so_that_no_request_waits_for_a_capture(tmp_path):
+    """LLM.warm_up's first decode step captures the graph of every batch bucket (max_num_seqs 8: 1, 2, 4, 8 rows) and
+    table-width bucket up to max_model_len (2,048 tokens: 16 to 128 blocks), padded from its one row; a run of six
+    requests whose batch drains from 6 to 1 row then captures nothing and gives transformers' greedy tokens."""
+    hf = make_checkpoint(tmp_path / "m", "llama").cuda()
+    prompts = random_prompts(6, 5, 120, hf.config.vocab_size, seed=8)
+    lens = [8, 30, 12, 20, 5, 26]
+    with tierkv.LLM(
+        str(tmp_path / "m"), device="cuda", dtype="float32", gpu_blocks=200, max_num_seqs=8, cuda_graphs=True
+    ) as llm:
+        graphs = llm.engine.runner.graphs
+        assert graphs.batch_buckets == [1, 2, 4, 8] and llm.max_model_len == 2048
+        llm.warm_up()
+        assert {(b, w) for b, w, gated in graphs.graphs} == {(b, w) for b in (1, 2, 4, 8) for w in (16, 32, 64, 128)}
+        captured = graphs.captures
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in lens], use_tqdm=False)
+        assert graphs.captures == captured and llm.stats()["engine"]["graph_steps"] >= 20
+    for out, p, n in zip(outs, prompts, lens):
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, n)

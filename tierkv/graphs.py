@@ -3,12 +3,13 @@ final norm and the LM head) replayed as one graph, so that Python and kernel-lau
 critical path.
 
 A step is replayed from a graph when every entry decodes one token over KV that is all in its GPU window (nothing
-streamed from lower tiers) and tensor parallelism is off. Graphs are captured on first use, one per (batch bucket,
-block-table width bucket); the step's inputs are copied into the graph's static buffers; the rows beyond the
-batch take its first entry's token and position, slot -1 (the KV write skips it: padding never touches a cache
-slot) and a context of 0 keys (their attention reads nothing; their outputs are dropped). The
-attention kernels are the eager ones over the bucket's table width (partitions past an entry's context hold nothing
-and weigh nothing), so a replay computes what the eager step computes.
+streamed from lower tiers) and tensor parallelism is off. Graphs are captured one per (batch bucket, block-table
+width bucket): all of them at start-up (`LLM.warm_up`, from its first decode step, padded), else on first use.
+The step's inputs are copied into the graph's static buffers; the rows beyond the batch take its first entry's
+token and position, slot -1 (the KV write skips it: padding never touches a cache slot) and a context of 0 keys
+(their attention reads nothing; their outputs are dropped). The attention kernels are the eager ones over the
+bucket's table width (partitions past an entry's context hold nothing and weigh nothing), so a replay computes what
+the eager step computes.
 
 Blocks still arriving (a swapped-in sequence's KV, coming over in layer groups) are waited for layer by layer inside
 the replay: such a step replays a graph captured with a wait node before each layer's KV write, on gate i, an
@@ -19,8 +20,10 @@ no external events, a step with blocks arriving waits for the transfers as a who
 
 A step whose buckets have no graph yet replays a captured one for up to 4x the rows or 4x the table width if there
 is one (the extra rows cost their share of the GEMMs, which read the same weights either way, and no attention),
-instead of capturing: a capture runs the forward three times (100-450 ms at an 8B shape), and as a batch drains at
-the end of a run each new bucket would pay it for a few steps.
+instead of capturing: a capture runs the forward three times (100-450 ms at an 8B shape, with its kernels' first
+compiles), and as a batch drains at the end of a run each new bucket would pay it for a few steps. A process that
+warmed up has every bucket's graph without wait nodes before its first request (those with them are still captured
+on first use).
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ class DecodeGraphs:
         self.logits_out: torch.Tensor | None = None  # one output buffer shared by every graph (max batch x vocab)
         self.replays = 0
         self.captures = 0
+        self._capture_every_bucket_up_to = 0  # blocks: the next step captures every bucket's graph (0: none)
         layers = runner.spec.num_layers
         self.gates = LayerGates(layers, runner.device) if self.layer_gates and external_events_supported() else None
 
@@ -145,16 +149,10 @@ class DecodeGraphs:
             self.gates.arm(arriving)
         elif arriving:
             all_of(arriving).wait_on(torch.cuda.current_stream(self.runner.device))
+        if self._capture_every_bucket_up_to and not gated:
+            self._capture_every_bucket(ids, positions, slots, tables)
         B, W = self._pick(n, max(len(t) for t in tables), gated)
-        pad = B - n
-        first = np.zeros(pad, dtype=np.int64)  # padded rows: entry 0's token and position, no slot, no keys
-        live = np.concatenate([np.ones(n, dtype=np.int64), first])
-        host_vec = [
-            np.concatenate([positions, first + positions[0]]).astype(np.int64),
-            np.concatenate([slots, first - 1]).astype(np.int64),
-            live,
-        ]
-        host_tab = padded_tables(tables + [tables[0]] * pad, W)
+        host_vec, host_tab = self._padded(positions, slots, tables, B, W)
         g = self.graphs.get((B, W, gated))
         if g is None:
             g = self._capture(B, W, gated, ids, host_vec, host_tab)
@@ -163,6 +161,37 @@ class DecodeGraphs:
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
+
+    def capture_every_bucket_at_next_step(self, max_blocks: int) -> None:
+        """Capture, at the next decode step a graph replays, the graph of every (rows, table width) bucket for
+        tables of up to `max_blocks` blocks that it can pad to (as a server does at start-up): the steps that follow,
+        whatever their batch and context, replay a graph of their own bucket and none waits for a capture."""
+        self._capture_every_bucket_up_to = max_blocks
+
+    def _capture_every_bucket(self, ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray, tables) -> None:
+        """Every bucket's graph from this step's inputs, padded (the rows past the step's attend to no keys and write
+        no KV, so each capture computes this step; the replay that follows writes the same bytes again)."""
+        widest = _bucket(min(self._capture_every_bucket_up_to, self.width_buckets[-1]), self.width_buckets)
+        self._capture_every_bucket_up_to = 0
+        n, width = len(tables), max(len(t) for t in tables)
+        for B in (b for b in self.batch_buckets if b >= n):
+            for W in (w for w in self.width_buckets if width <= w <= widest):
+                if (B, W, False) not in self.graphs:
+                    self._capture(B, W, False, ids, *self._padded(positions, slots, tables, B, W))
+
+    @staticmethod
+    def _padded(positions: np.ndarray, slots: np.ndarray, tables, B: int, W: int):
+        """The graph's host inputs for a step of len(tables) rows padded to B rows and W blocks: (positions, slots,
+        live flags) and the (B, W) tables. Padded rows: entry 0's token and position, no slot, no keys."""
+        n = len(tables)
+        first = np.zeros(B - n, dtype=np.int64)
+        live = np.concatenate([np.ones(n, dtype=np.int64), first])
+        host_vec = [
+            np.concatenate([positions, first + positions[0]]).astype(np.int64),
+            np.concatenate([slots, first - 1]).astype(np.int64),
+            live,
+        ]
+        return host_vec, padded_tables(tables + [tables[0]] * (B - n), W)
 
     def _pick(self, n: int, width: int, gated: bool) -> tuple[int, int]:
         """The (rows, table width) buckets of the graph for a step of n rows and this table width: its own, or a
@@ -291,6 +320,7 @@ class PiecewiseGraphs:
         self.pool = None
         self.replays = 0
         self.captures = 0
+        self._capture_every_bucket_up_to = 0  # blocks: the next step captures every bucket's graph (0: none)
         spec, dev, top = runner.spec, runner.device, self.buckets[-1]
         self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self._positions = torch.zeros(top, dtype=torch.int64, device=dev)

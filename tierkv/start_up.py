@@ -75,21 +75,26 @@ def calibrate(llm) -> None:
 
 def warm_up(llm) -> None:
     """A throwaway prompt of two blocks and a bit through a prefill step and decode steps (the KV write, fused, GEMV
-    and decode-attention kernels compile, and the decode graph of one row is captured), then every token bucket's
-    piecewise graphs, and the cuDNN plans of the prompt-attention shapes the step budget allows (cuDNN keeps its plans
+    and decode-attention kernels compile, and the first decode step captures the decode graph of every batch and
+    table-width bucket, as vLLM captures its graphs at start-up), then every token bucket's piecewise graphs, and the cuDNN plans of the prompt-attention shapes the step budget allows (cuDNN keeps its plans
     per thread: call this on the thread that will run the engine's steps)."""
     bs = llm.layout.block_size
     # Within every limit a request has (a server may run a tiny max_model_len or tiers): start-up must not fail here.
     room = min(llm.max_model_len, llm.pm.free_blocks() * bs)
     max_tokens = min(3, room - 1)
     length = min(2 * bs + 3, room - max_tokens, llm.config.max_num_batched_tokens)
+    graphs = llm.engine.runner.graphs
     if max_tokens >= 1 and length >= 1:
+        if graphs is not None:  # its first decode step captures every decode graph a step can replay
+            graphs.capture_every_bucket_at_next_step(-(-llm.max_model_len // bs))
         with throwaway(llm):
             llm.generate(
                 [_probe(llm, length)],
                 SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, cache_salt="__warm_up__"),
                 use_tqdm=False,
             )
+        if graphs is not None:
+            graphs.capture_every_bucket_at_next_step(0)  # (a request of one token made no decode step: not later)
     pieces = llm.engine.runner.pieces
     if pieces is not None:
         pieces.capture_all()

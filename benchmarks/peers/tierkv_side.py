@@ -44,12 +44,13 @@ def open_engine(w: workloads.Workload, model: str, max_batched_tokens: int) -> t
 
 
 def ready_engine(w: workloads.Workload, model: str, max_batched_tokens: int):
-    """(the engine for `w`, warmed up on other ids, its start-up seconds, and the `generate` that workloads.run and
-    gpu_time.profiled take)."""
+    """(the engine for `w`, warmed up on other ids, its start-up seconds (opening, then warming up), and the
+    `generate` that workloads.run and gpu_time.profiled take)."""
     t0 = time.perf_counter()
     llm = open_engine(w, model, max_batched_tokens)
     init_s = time.perf_counter() - t0
     warm_up(llm, workloads.warmup_prompts(w))
+    warm_s = time.perf_counter() - t0 - init_s
     llm.pm.reset_counters()
     params = {}
 
@@ -57,7 +58,7 @@ def ready_engine(w: workloads.Workload, model: str, max_batched_tokens: int):
         sp = params.setdefault(max_tokens, tierkv.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
         return [o.outputs[0].token_ids for o in llm.generate(sent, sp, use_tqdm=False)]
 
-    return llm, init_s, generate
+    return llm, (init_s, warm_s), generate
 
 
 def profile_one(w: workloads.Workload, model: str, max_batched_tokens: int) -> str:
@@ -72,9 +73,12 @@ def profile_one(w: workloads.Workload, model: str, max_batched_tokens: int) -> s
 def run_one(
     w: workloads.Workload, model: str = "llama-3.1-8b", max_batched_tokens: int = workloads.MAX_BATCHED_TOKENS
 ) -> dict:
-    llm, init_s, generate = ready_engine(w, model, max_batched_tokens)
+    llm, (init_s, warm_s), generate = ready_engine(w, model, max_batched_tokens)
+    graphs = llm.engine.runner.graphs
+    captures0 = graphs.captures if graphs else 0
     records = workloads.run(w, generate)
     stats = llm.stats()
+    captured = (graphs.captures if graphs else 0) - captures0
     llm.close()
     engine = stats["engine"]
     return {
@@ -82,6 +86,8 @@ def run_one(
         "workload": w.name,
         "what": w.what,
         "init_s": round(init_s, 1),
+        "warm_up_s": round(warm_s, 1),
+        "decode_graphs_captured_in_timed_passes": captured,
         "prompts_apart": ModelRunner.prompts_apart,
         "max_batched_tokens": max_batched_tokens,
         "passes": records,
