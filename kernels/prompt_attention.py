@@ -4,8 +4,8 @@ k and v. No page table is needed for them.
 
 Prompt prefill is where a serving engine spends most of its attention time. On CUDA, in half precision, prompts of one
 length go through SDPA together, one batched call over (prompts, heads, length, head_dim) views of the step's q, k
-and v (torch picks cuDNN's fused attention on Hopper): on an H200 it took 0.16 ms against 0.33 ms for tierkv's paged prefill kernel at
-8 x 1024 tokens, and 1.01 against 1.64 ms at 1 x 8192 (2026-12-04, `benchmarks/attention_prefill.py`). torch's
+and v (torch picks cuDNN's fused attention on Hopper): on an H200 it took 0.16 ms against 0.33 ms for tierkv's
+paged prefill kernel at 8 x 1024 tokens, and 1.01 against 1.64 ms at 1 x 8192 (2026-12-04, `benchmarks/attention_prefill.py`). torch's
 variable-length flash attention (FA2), which takes all prompts in one call whatever their lengths, was no faster
 than the paged kernel there (0.33 ms, 1.72 ms): it serves sliding windows, which cuDNN's kernel does not take.
 Rows with cached keys (a prompt's later chunk, a prefix hit, decode) keep the paged kernels.
@@ -212,9 +212,9 @@ def _shared_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int
     return (lo, hi - lo) if hi - lo <= q.stride(0) else None
 
 
-def _gathered(q, k, v, index: _Gather):
-    """q, k and v of the part's padded rows: one gather of their shared rows (their strides kept), else three."""
-    shared = _shared_rows(q, k, v)
+def _gathered(q, k, v, shared: tuple[int, int] | None, index: _Gather):
+    """q, k and v of the part's padded rows: one gather of their shared rows (`_shared_rows`: their strides kept),
+    else three."""
     if shared is None:
         return tuple(x.index_select(0, index.rows) for x in (q, k, v))
     lo, width = shared
@@ -225,8 +225,7 @@ def _gathered(q, k, v, index: _Gather):
     )
 
 
-def _gathered_strides(q, k, v) -> tuple[int, int, int]:
-    shared = _shared_rows(q, k, v)
+def _gathered_strides(q, k, v, shared: tuple[int, int] | None) -> tuple[int, int, int]:
     if shared is None:
         return tuple(x.shape[1] * x.shape[2] for x in (q, k, v))
     return (shared[1],) * 3
@@ -246,17 +245,22 @@ def batched_sdpa(q, k, v, count: int, length: int, scale: float) -> torch.Tensor
     return res.transpose(1, 2)
 
 
-def _attend_part(q, k, v, prompts: PromptRows, part: prompt_shapes.Part, view: bool, scale, out) -> None:
+def _attend_in_place(q, k, v, r0: int, count: int, length: int, scale: float, out) -> None:
+    """`count` consecutive prompts of `length` rows from row r0: views of the rows, no copy in."""
+    r1 = r0 + count * length
+    out[r0:r1].view(count, length, *out.shape[1:]).copy_(
+        batched_sdpa(q[r0:r1], k[r0:r1], v[r0:r1], count, length, scale)
+    )
+
+
+def _attend_part(q, k, v, shared, prompts: PromptRows, part: prompt_shapes.Part, view: bool, scale, out) -> None:
     bounds = prompts.cu_seq_host
     count, length = part.count, part.length
-    if view:  # consecutive prompts that fill their bucket: views of the rows, no copy
-        r0 = bounds[part.prompts[0]]
-        r1 = r0 + count * length
-        res = batched_sdpa(q[r0:r1], k[r0:r1], v[r0:r1], count, length, scale)
-        out[r0:r1].view(count, length, *out.shape[1:]).copy_(res)
+    if view:  # consecutive prompts that fill their bucket
+        _attend_in_place(q, k, v, bounds[part.prompts[0]], count, length, scale, out)
         return
     index = prompts.cached(("gather", part), lambda: _gather_index(bounds, part, q.device))
-    res = batched_sdpa(*_gathered(q, k, v, index), count, length, scale)
+    res = batched_sdpa(*_gathered(q, k, v, shared, index), count, length, scale)
     out.index_copy_(0, index.dst, res.reshape(count * length, *out.shape[1:]).index_select(0, index.src))
 
 
@@ -291,21 +295,20 @@ def prompt_attention_sdpa(
     flash = flash_supported(q, k.shape[1])
     bounds = prompts.cu_seq_host
     parts, rest = prompts.cached("cut", lambda: prompt_shapes.cut([b - a for a, b in zip(bounds, bounds[1:])]))
-    if flash:  # the layout parts will have (as views, or gathered), for plan_ahead: met by any step, parts or not
-        _layouts.update(
-            _layout(q, k, v, s) for s in {(q.stride(0), k.stride(0), v.stride(0)), _gathered_strides(q, k, v)}
-        )
+    shared = _shared_rows(q, k, v)
+    in_place, gathered = (q.stride(0), k.stride(0), v.stride(0)), _gathered_strides(q, k, v, shared)
+    if flash:  # the layouts parts will have (as views, or gathered), for plan_ahead: met by any step, parts or not
+        _layouts.update(_layout(q, k, v, s) for s in {in_place, gathered})
     met = _shapes_met()
     rest = list(rest)
     for part in parts:
         view = _fills_its_bucket(bounds, part)
-        strides = (q.stride(0), k.stride(0), v.stride(0)) if view else _gathered_strides(q, k, v)
-        shape = (part.count, part.length, *_layout(q, k, v, strides))
+        shape = (part.count, part.length, *_layout(q, k, v, in_place if view else gathered))
         if flash and shape not in met:
             met.add(shape)
             rest += part.prompts
             continue
-        _attend_part(q, k, v, prompts, part, view, scale, out)
+        _attend_part(q, k, v, shared, prompts, part, view, scale, out)
     for first, end in _segments(sorted(rest)):
         r0, r1 = bounds[first], bounds[end]
         if flash:
@@ -319,10 +322,7 @@ def prompt_attention_sdpa(
             prompt_attention_flash(q[r0:r1], k[r0:r1], v[r0:r1], seg, scale, out=out[r0:r1])
             continue
         for s0, count, length in prompt_runs(bounds[first : end + 1]):
-            s1 = s0 + count * length
-            out[s0:s1].view(count, length, *out.shape[1:]).copy_(
-                batched_sdpa(q[s0:s1], k[s0:s1], v[s0:s1], count, length, scale)
-            )
+            _attend_in_place(q, k, v, s0, count, length, scale, out)
     return out
 
 
@@ -333,14 +333,17 @@ def plan_ahead(budget: int, max_length: int) -> tuple[int, float]:
     t0 = time.perf_counter()
     met = _shapes_met()
     planned = 0
+    shapes = prompt_shapes.shapes_within(budget, max_length)
     for layout in list(_layouts):
         *strides, heads, kv_heads, head_dim, dtype, device = layout
-        for count, length in prompt_shapes.shapes_within(budget, max_length):
+        todo = [(count, length) for count, length in shapes if (count, length, *layout) not in met]
+        if not todo:
+            continue
+        # One buffer of zeros for the largest shape; every shape's q, k and v are views of it (read only).
+        buf = torch.zeros(max(c * n for c, n in todo) * max(strides), dtype=dtype, device=device)
+        for count, length in todo:
             shape = (count, length, *layout)
-            if shape in met:
-                continue
             n = count * length
-            buf = torch.zeros(n * max(strides), dtype=dtype, device=device)
             q, k, v = (
                 torch.as_strided(buf, (n, h, head_dim), (s, head_dim, 1))
                 for h, s in zip((heads, kv_heads, kv_heads), strides)

@@ -320,7 +320,6 @@ class PiecewiseGraphs:
         self.pool = None
         self.replays = 0
         self.captures = 0
-        self._capture_every_bucket_up_to = 0  # blocks: the next step captures every bucket's graph (0: none)
         spec, dev, top = runner.spec, runner.device, self.buckets[-1]
         self._ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self._positions = torch.zeros(top, dtype=torch.int64, device=dev)

@@ -76,8 +76,9 @@ def calibrate(llm) -> None:
 def warm_up(llm) -> None:
     """A throwaway prompt of two blocks and a bit through a prefill step and decode steps (the KV write, fused, GEMV
     and decode-attention kernels compile, and the first decode step captures the decode graph of every batch and
-    table-width bucket, as vLLM captures its graphs at start-up), then every token bucket's piecewise graphs, and the cuDNN plans of the prompt-attention shapes the step budget allows (cuDNN keeps its plans
-    per thread: call this on the thread that will run the engine's steps)."""
+    table-width bucket, as vLLM captures its graphs at start-up), then every token bucket's piecewise graphs, and the
+    cuDNN plans of the prompt-attention shapes the step budget allows (cuDNN keeps its plans per thread: call this
+    on the thread that will run the engine's steps)."""
     bs = llm.layout.block_size
     # Within every limit a request has (a server may run a tiny max_model_len or tiers): start-up must not fail here.
     room = min(llm.max_model_len, llm.pm.free_blocks() * bs)
